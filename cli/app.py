@@ -1,0 +1,211 @@
+"""The ``kvpipe`` command line: parse, call library functions, print.
+
+Thin on purpose: every command maps its options onto one library call. Errors the user can
+cause are ``KvpipeError``s, caught once in ``main`` and printed as one line (exit code 2).
+Model code is imported only by the commands that need a model, so probing a store never
+loads torch models or transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvpipe.errors import KvpipeError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Extract image keys/values of multimodal LMs into a Zarr store; probe them.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.command()
+def extract(
+    model: str = typer.Option(..., help="registry name (see `kvpipe models`), hub id or checkpoint directory"),
+    dataset: str = typer.Option(..., help="registry name (see `kvpipe datasets`)"),
+    out: Path = typer.Option(..., help="store directory (created, or resumed if it holds this feature set)"),
+    data_root: Optional[str] = typer.Option(None, help="dataset directory in the dataset's official layout"),
+    split: Optional[str] = typer.Option(None, help="dataset split (default: the adapter's)"),
+    limit: Optional[int] = typer.Option(None, help="use only the first N images"),
+    init: str = typer.Option("pretrained", help="pretrained | random (full-size architecture, random weights)"),
+    revision: Optional[str] = typer.Option(None, help="hub revision (branch, tag or commit)"),
+    dtype: str = typer.Option("float32", help="compute dtype: float32 | bfloat16 | float16"),
+    device: str = typer.Option("cpu", help="torch device, e.g. cuda:0"),
+    prefix: str = typer.Option("", help="text placed right before the image"),
+    template: str = typer.Option("chat", help="chat (the model's own template) | none (prefix + image only)"),
+    keys: str = typer.Option("post-rope", help="post-rope (as cached) | pre-rope (k_proj output)"),
+    layers: str = typer.Option("all", help="layers to store: all | 0-13,20 | -1"),
+    heads: str = typer.Option("all", help="KV heads to store: all | 0,2"),
+    kinds: str = typer.Option("keys,values,post_proj", help="comma list of keys, values, post_proj"),
+    store_dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: --dtype)"),
+    batch_size: int = typer.Option(4, help="images per forward pass"),
+    part_size: int = typer.Option(32, help="images per store part (the unit of commit and resume)"),
+    strict: bool = typer.Option(False, help="stop at the first unreadable image instead of recording it"),
+    seed: int = typer.Option(0, help="seed for --init random and tiny models"),
+) -> None:
+    """Run the model once per image and store every layer's and head's image K/V."""
+    from kvpipe.cli.progress import extraction_progress
+    from kvpipe.pipeline.extract import ExtractConfig, extract as run_extract
+
+    cfg = ExtractConfig(model=model, dataset=dataset, out=str(out), data_root=data_root, split=split,
+                        limit=limit, init=init, revision=revision, dtype=dtype, device=device,
+                        prefix=prefix, template=template, keys=keys, layers=layers, heads=heads,
+                        kinds=kinds, store_dtype=store_dtype, batch_size=batch_size,
+                        part_size=part_size, strict=strict, seed=seed,
+                        command="kvpipe " + " ".join(sys.argv[1:]))
+    with extraction_progress(console) as (on_start, advance):
+        res = run_extract(cfg, progress=advance, on_start=on_start)
+    console.print(f"[bold]stored[/] {res.images_ok} images ({res.images_failed} failed) in "
+                  f"{res.parts_done} new parts, {res.parts_skipped} already committed, "
+                  f"{res.seconds:.1f} s -> {res.store}")
+    for image_id, why in res.failures[:10]:
+        console.print(f"  [yellow]failed[/] {image_id}: {why}")
+
+
+@app.command()
+def probe(
+    task: str = typer.Option(..., help="probe name (see `kvpipe tasks`) or all"),
+    store: Path = typer.Option(..., help="a store made by kvpipe extract"),
+    out: Optional[Path] = typer.Option(None, help="results directory (default: STORE/probes/TASK)"),
+    param: list[str] = typer.Option([], help="probe parameter KEY=VALUE (repeatable)"),
+    no_cache: bool = typer.Option(False, help="recompute even if cached results exist"),
+) -> None:
+    """Sweep a probe over every (layer, head, kind) + post-proj; write table and plots."""
+    from kvpipe.cli.progress import probe_progress
+    from kvpipe.cli.render import print_probe_run
+    from kvpipe.probes import PROBES, run_probe
+    from kvpipe.store import FeatureStore
+
+    params = _parse_params(param)
+    tasks = [task]
+    if task == "all":
+        supported = FeatureStore.open(store).meta.dataset.get("tasks", [])
+        tasks = [t for t in PROBES.names() if t in supported]
+        if not tasks:
+            raise UsageError(f"the dataset of {store} supports none of the registered tasks")
+    elif task in PROBES:
+        supported = FeatureStore.open(store).meta.dataset.get("tasks")
+        if supported is not None and task not in supported:
+            raise UsageError(f"task {task} needs annotations the dataset "
+                             f"{FeatureStore.open(store).meta.dataset.get('name')} does not have; "
+                             f"it supports: {', '.join(supported)}")
+    for name in tasks:
+        with probe_progress(console, name) as advance:
+            run = run_probe(store, name, params, out / name if (out and len(tasks) > 1) else out,
+                            use_cache=not no_cache, progress=advance)
+        print_probe_run(console, run)
+
+
+@app.command()
+def info(store: Path = typer.Argument(..., help="store directory")) -> None:
+    """Describe a store: model, dataset, layers, heads, kinds, encoding, size."""
+    from kvpipe.store import FeatureStore
+
+    table = Table(show_header=False, box=None)
+    for k, v in FeatureStore.open(store).describe().items():
+        table.add_row(f"[bold]{k}[/]", str(v))
+    console.print(table)
+
+
+@app.command()
+def verify(store: Path = typer.Argument(..., help="store directory")) -> None:
+    """Check every committed part's checksums and arrays; exit 1 if anything is damaged."""
+    from kvpipe.store.verify import verify_store
+
+    report = verify_store(store)
+    for part, problems in sorted(report.problems.items()):
+        for p in problems:
+            console.print(f"[red]part p{part:06d}[/]: {p}")
+    if report.ok:
+        console.print(f"[green]ok[/]: {report.parts_checked} parts verified")
+        return
+    console.print(f"[red]damaged[/]: {len(report.problems)} of {report.parts_checked} parts; "
+                  f"rerun the same kvpipe extract with --repair to redo them")
+    raise typer.Exit(1)
+
+
+@app.command()
+def models(pattern: str = typer.Argument("*", help="wildcard filter")) -> None:
+    """List registered models."""
+    from kvpipe.pipeline.models import MODELS
+
+    table = Table("name", "family", "checkpoint", "description")
+    for name, e in MODELS.items(pattern):
+        table.add_row(name, e.adapter.family, e.checkpoint or "(built in code)", e.description)
+    console.print(table)
+
+
+@app.command()
+def datasets(pattern: str = typer.Argument("*", help="wildcard filter")) -> None:
+    """List registered datasets and the tasks their annotations support."""
+    from kvpipe.pipeline.datasets import DATASETS
+
+    table = Table("name", "tasks", "needs --data-root")
+    for name, cls in DATASETS.items(pattern):
+        table.add_row(name, ", ".join(cls.tasks), "yes" if cls.needs_root else "no")
+    console.print(table)
+
+
+@app.command()
+def tasks(pattern: str = typer.Argument("*", help="wildcard filter")) -> None:
+    """List registered probes."""
+    from kvpipe.probes import PROBES
+
+    table = Table("name", "metric", "parameters", "description")
+    for name, cls in PROBES.items(pattern):
+        table.add_row(name, cls.primary_metric, ", ".join(f"{k}={v}" for k, v in cls.defaults.items()),
+                      cls.description)
+    console.print(table)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo-out"), help="where the store and results go")) -> None:
+    """The embedded default: tiny Qwen2.5-VL on synthetic videos, then both probes."""
+    store = out / "store"
+    extract(model="tiny-qwen25vl", dataset="synthetic", out=store, data_root=None, split=None,
+            limit=None, init="pretrained", revision=None, dtype="float32", device="cpu", prefix="",
+            template="chat", keys="post-rope", layers="all", heads="all",
+            kinds="keys,values,post_proj", store_dtype=None, batch_size=4, part_size=8,
+            strict=False, seed=0)
+    for name in ("temporal-corr", "input-agnostic"):
+        probe(task=name, store=store, out=out / "results" / name, param=[], no_cache=False)
+
+
+def _parse_params(items: list[str]) -> dict[str, object]:
+    import json
+
+    params: dict[str, object] = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--param {item!r} must look like KEY=VALUE")
+        k, v = item.split("=", 1)
+        try:
+            params[k] = json.loads(v)
+        except ValueError:
+            params[k] = v
+    return params
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except KvpipeError as err:
+        err_console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; rerun the same command to resume")
+        sys.exit(130)
+    except Exception as err:  # click's own usage errors
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(2)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(130)
+        raise

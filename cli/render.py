@@ -1,0 +1,40 @@
+"""Result tables for the terminal: best (layer, head) per kind against the post-proj baseline."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+from kvpipe.probes import PROBES, ProbeRun
+
+
+def print_probe_run(console: Console, run: ProbeRun) -> None:
+    probe = PROBES.get(run.task)
+    rows = run.table.to_pylist()
+    metrics = sorted({r["metric"] for r in rows if r["layer"] >= 0})
+    table = Table(title=f"{run.task} ({'cached, ' if run.cached else ''}{run.seconds:.1f} s)")
+    for col in ("representation", "best layer", "best head", *metrics):
+        table.add_column(col)
+    for kind in (*probe.kinds, "post_proj"):
+        kind_rows = [r for r in rows if r["kind"] == kind and r["layer"] >= 0 or
+                     (kind == "post_proj" and r["kind"] == "post_proj")]
+        if not kind_rows:
+            continue
+        primary = [r for r in kind_rows if r["metric"] == probe.primary_metric and not math.isnan(r["value"])]
+        if not primary:
+            continue
+        best = max(primary, key=lambda r: r["value"])
+        at = {r["metric"]: r["value"] for r in kind_rows if r["layer"] == best["layer"] and r["head"] == best["head"]}
+        label = "post-proj (baseline)" if kind == "post_proj" else f"image {kind} (max)"
+        table.add_row(label, "-" if kind == "post_proj" else str(best["layer"]),
+                      "-" if kind == "post_proj" else str(best["head"]),
+                      *(f"{at[m]:.4g}" if m in at else "" for m in metrics))
+    console.print(table)
+    for r in rows:
+        if r["layer"] < 0 and r["kind"] != "post_proj":
+            console.print(f"  {r['metric']}: {r['value']:.4g}")
+    console.print(f"  table: {run.out_dir / 'results.parquet'} (+ .csv)")
+    for p in run.plots:
+        console.print(f"  plot: {p}")

@@ -1,0 +1,113 @@
+"""Capture image K/V (and post-projector features) during one forward pass.
+
+Why the cache: the keys a text query attends to are the cached, post-RoPE keys, so kvpipe
+reads them from the model's own ``DynamicCache`` (bit-identical by construction) and slices
+the image positions on the model's device. Pre-RoPE keys come from a forward hook on
+``k_proj``; the post-projector features are the LM's ``inputs_embeds`` at image positions,
+read by a pre-hook on the language model. Hook code lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from kvpipe.pipeline.models.base import Batch, ModelAdapter
+from kvpipe.store.schema import POST_PROJ
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to capture: model layer indices, KV head indices, kinds, key convention."""
+
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    kinds: tuple[str, ...]
+    keys_rope: str = "post-rope"
+
+
+@contextmanager
+def _hooks(adapter: ModelAdapter, sel: Selection) -> Iterator[dict[str, Any]]:
+    seen: dict[str, Any] = {"k_proj": {}}
+    handles = []
+    if POST_PROJ in sel.kinds:
+        def grab_embeds(_mod, args, kwargs):
+            seen[POST_PROJ] = kwargs.get("inputs_embeds")
+        handles.append(adapter.language_model().register_forward_pre_hook(grab_embeds, with_kwargs=True))
+    if "keys" in sel.kinds and sel.keys_rope == "pre-rope":
+        layers = adapter.decoder_layers()
+        for li in sel.layers:
+            def grab_k(_mod, _inp, out, li=li):
+                seen["k_proj"][li] = out
+            handles.append(layers[li].self_attn.k_proj.register_forward_hook(grab_k))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+@torch.inference_mode()
+def run_capture(adapter: ModelAdapter, batch: Batch, sel: Selection) -> list[dict[str, torch.Tensor]]:
+    """Per image of the batch: {"keys"/"values": [L, H, n, D], "post_proj": [n, hidden]} (float32, CPU)."""
+    inputs = _to_device(batch.inputs, adapter.device)
+    with _hooks(adapter, sel) as seen:
+        out = adapter.model.model(**inputs, use_cache=True)  # the base model: no LM head, no logits
+    cache = out.past_key_values
+    heads = torch.tensor(sel.heads, device=adapter.device)
+    stacked: dict[str, torch.Tensor] = {}
+    if "values" in sel.kinds:
+        stacked["values"] = torch.stack([cache.layers[l].values.index_select(1, heads) for l in sel.layers])
+    if "keys" in sel.kinds:
+        if sel.keys_rope == "post-rope":
+            stacked["keys"] = torch.stack([cache.layers[l].keys.index_select(1, heads) for l in sel.layers])
+        else:
+            b, s = inputs["input_ids"].shape
+            stacked["keys"] = torch.stack([
+                seen["k_proj"][l].view(b, s, adapter.n_kv_heads, adapter.head_dim).transpose(1, 2)
+                .index_select(1, heads) for l in sel.layers])
+    results = []
+    for i, lay in enumerate(batch.layouts):
+        pos = lay.positions.to(adapter.device)
+        item = {k: v[:, i].index_select(2, pos).float().cpu() for k, v in stacked.items()}  # [L, H, n, D]
+        if POST_PROJ in sel.kinds:
+            item[POST_PROJ] = seen[POST_PROJ][i].index_select(0, pos).float().cpu()
+        results.append(item)
+    return results
+
+
+@torch.inference_mode()
+def run_text_capture(adapter: ModelAdapter, texts: list[str], sel: Selection,
+                     template: str) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+    """Final-token K/V of each text from a text-only pass: {"keys"/"values": [L, H, Q, D]}."""
+    enc, last = adapter.text_batch(texts, template)
+    inputs = _to_device(enc, adapter.device)
+    with _hooks(adapter, Selection(sel.layers, sel.heads, tuple(k for k in sel.kinds if k != POST_PROJ),
+                                    sel.keys_rope)) as seen:
+        out = adapter.model.model(**inputs, use_cache=True)
+    cache = out.past_key_values
+    heads = torch.tensor(sel.heads, device=adapter.device)
+    rows = torch.arange(len(texts), device=adapter.device)
+    idx = torch.tensor(last, device=adapter.device)
+    result: dict[str, torch.Tensor] = {}
+    for kind in ("keys", "values"):
+        if kind not in sel.kinds:
+            continue
+        per_layer = []
+        for l in sel.layers:
+            if kind == "keys" and sel.keys_rope == "pre-rope":
+                b, s = inputs["input_ids"].shape
+                full = seen["k_proj"][l].view(b, s, adapter.n_kv_heads, adapter.head_dim).transpose(1, 2)
+            else:
+                full = getattr(cache.layers[l], kind)
+            per_layer.append(full[rows, :, idx].index_select(1, heads).transpose(0, 1))  # [H, Q, D]
+        result[kind] = torch.stack(per_layer).float().cpu()
+    ids = [enc["input_ids"][q, : last[q] + 1].tolist() for q in range(len(texts))]
+    return result, ids

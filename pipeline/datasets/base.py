@@ -1,0 +1,110 @@
+"""What a dataset adapter gives the extractor: image records with lazy loaders.
+
+Why this shape: the extractor needs images in a stable order with stable ids (so a killed
+run resumes onto the same parts), and the store keeps each image's annotation (label mask +
+JSON metadata) beside its features, so probes never need the dataset again. This module
+must not import torch or transformers: probes may import annotation code from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+from PIL import Image
+
+from kvpipe.errors import DataError
+from kvpipe.registry import Registry
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """Ground truth for one image.
+
+    mask: HxW uint8 label map at the annotation's own resolution (0 = background,
+        1..K = objects / classes, 255 = ignore), or None when the dataset has no masks.
+    meta: JSON-serialisable extras (keypoints, class names, object ids, ...).
+    """
+
+    mask: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a dataset, loaded only when asked.
+
+    image_id: unique and stable within the dataset (e.g. "bear/00003").
+    source: where the pixels come from (a path, or "synthetic:<id>"), for provenance.
+    group / frame: video or image-set id and position inside it ("" / -1 when none).
+    """
+
+    image_id: str
+    source: str
+    load_image: Callable[[], Image.Image] = field(repr=False, compare=False)
+    load_annotation: Callable[[], Annotation] = field(
+        default=lambda: Annotation(), repr=False, compare=False
+    )
+    group: str = ""
+    frame: int = -1
+
+    def image(self) -> Image.Image:
+        """The image as RGB; a file that cannot be decoded raises DataError naming it."""
+        try:
+            img = self.load_image()
+            img.load()
+        except DataError:
+            raise
+        except Exception as err:  # PIL raises many types for broken files
+            raise DataError(f"cannot read image {self.source}: {err}") from None
+        return img.convert("RGB")
+
+    def annotation(self) -> Annotation:
+        return self.load_annotation()
+
+
+class DatasetAdapter:
+    """Base class of dataset adapters; subclasses register with ``@DATASETS.register``.
+
+    Subclasses set ``tasks`` (the probes their annotations support) and implement
+    ``records`` and, where they have text queries, ``text_queries``.
+    """
+
+    name: ClassVar[str] = ""
+    tasks: ClassVar[tuple[str, ...]] = ()
+    needs_root: ClassVar[bool] = True
+
+    def __init__(self, root: str | None = None, split: str | None = None, limit: int | None = None):
+        self.root = root
+        self.split = split
+        self.limit = limit
+
+    def records(self) -> list[ImageRecord]:
+        raise NotImplementedError
+
+    def text_queries(self) -> list[str]:
+        """Strings whose final-token K/V are stored (class names, referring expressions)."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable provenance written into the store's metadata."""
+        return {"name": self.name, "root": self.root, "split": self.split, "limit": self.limit}
+
+
+DATASETS: Registry[type[DatasetAdapter]] = Registry("dataset", "--dataset")
+
+
+def load_palette_mask(path: str) -> np.ndarray:
+    """Read a palette (mode "P") or grey PNG mask as its uint8 index map."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L", "1"):
+                raise DataError(f"mask {path} is mode {img.mode}; expected a palette or grey PNG")
+            return np.array(img, dtype=np.uint8)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"mask file {path} does not exist") from None
+    except Exception as err:
+        raise DataError(f"cannot read mask {path}: {err}") from None

@@ -1,0 +1,112 @@
+"""Qwen2-VL adapter (and the base of Qwen2.5-VL's): dynamic-resolution images, one token grid.
+
+Qwen2-VL merges 2x2 patches into one LM token, so an image of (h, w) patches gives a
+(h/2) x (w/2) row-major token grid between <|vision_start|> and <|vision_end|>.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+
+from kvpipe.pipeline.models.base import MODELS, ModelAdapter, ModelEntry, Segment
+from kvpipe.pipeline.models.tokenizer import build_word_tokenizer
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+
+# The structure of Qwen2-VL's own chat template (default system prompt, images in place).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY_VOCAB = 256
+
+
+def qwen_tokenizer():
+    return build_word_tokenizer(QWEN_SPECIALS[1:], unk="<unk>", pad="<|endoftext|>")
+
+
+def special_ids(tok) -> dict[str, int]:
+    ids = tok.convert_tokens_to_ids
+    return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+            "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
+
+
+def tiny_text_config(mrope: bool) -> dict[str, Any]:
+    """2 layers, hidden 64, 4 query heads sharing 2 KV heads (GQA), head_dim 16."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    return {"vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 4096, "rope_parameters": rope, "tie_word_embeddings": False,
+            "bos_token_id": 2, "eos_token_id": 3, "pad_token_id": 1}
+
+
+def qwen7b_text_config() -> dict[str, Any]:
+    """The language model of the 7B checkpoints (Qwen2-7B shape): 28 layers, 28 q / 4 kv heads."""
+    return {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+            "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+            "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
+
+
+def tiny_qwen2vl_config() -> Qwen2VLConfig:
+    vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    return Qwen2VLConfig(text_config=tiny_text_config(True), vision_config=vision,
+                         **special_ids(qwen_tokenizer()))
+
+
+def qwen2vl_7b_config() -> Qwen2VLConfig:
+    vision = {"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_heads": 16, "mlp_ratio": 4,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    return Qwen2VLConfig(text_config=qwen7b_text_config(), vision_config=vision,
+                         **special_ids(qwen_tokenizer()))
+
+
+class Qwen2VLAdapter(ModelAdapter):
+    family = "qwen2vl"
+    model_types = ("qwen2_vl",)
+    image_placeholder = "<|vision_start|><|image_pad|>"
+
+    @classmethod
+    def model_class(cls) -> type:
+        return Qwen2VLForConditionalGeneration
+
+    @classmethod
+    def processor_class(cls) -> type:
+        from transformers import Qwen2VLProcessor
+
+        return Qwen2VLProcessor
+
+    @classmethod
+    def build_processor(cls, config: Any, tiny: bool = False) -> Any:
+        from transformers import Qwen2VLVideoProcessor
+
+        # Tiny models see small images (<= 256 tokens) so the demo runs in seconds on a CPU.
+        kw = {"min_pixels": 4 * 28 * 28, "max_pixels": 256 * 28 * 28} if tiny else {}
+        return cls.processor_class()(image_processor=Qwen2VLImageProcessor(**kw),
+                                     tokenizer=qwen_tokenizer(),
+                                     video_processor=Qwen2VLVideoProcessor(),
+                                     chat_template=QWEN_CHAT_TEMPLATE)
+
+    def _image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def segments(self, inputs: dict[str, Any], index: int, n_tokens: int) -> tuple[Segment, ...]:
+        t, h, w = (int(x) for x in inputs["image_grid_thw"][index])
+        merge = int(self.processor.image_processor.merge_size)
+        return (Segment("base", 0, t * h // merge, w // merge),)
+
+
+MODELS.add("qwen2vl", ModelEntry(Qwen2VLAdapter, "Qwen/Qwen2-VL-7B-Instruct", qwen2vl_7b_config,
+                                 "Qwen2-VL 7B Instruct"))
+MODELS.add("tiny-qwen2vl", ModelEntry(Qwen2VLAdapter, None, tiny_qwen2vl_config,
+                                      "2-layer random Qwen2-VL for tests and the demo", tiny=True))

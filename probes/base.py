@@ -1,0 +1,67 @@
+"""The probe contract and registry.
+
+Why: a probe is a small declarative unit (lm-evaluation-harness style): it says which
+annotations it needs, scores one (layer, head, kind) of a store, and may add summary rows
+and plots after the sweep. The runner owns the sweep, caching, tables and plots, so a new
+probe is one file with one decorator. Probes read the store only, never a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kvpipe.errors import UsageError
+from kvpipe.registry import Registry
+from kvpipe.store import FeatureStore
+
+
+@dataclass(frozen=True)
+class Target:
+    """One representation to score: (kind, layer, head); post_proj has layer = head = -1."""
+
+    kind: str
+    layer: int = -1
+    head: int = -1
+
+
+class Probe:
+    """Base class; subclasses register with ``@PROBES.register(name)``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    kinds: ClassVar[tuple[str, ...]] = ("keys", "values")  # swept per (layer, head)
+    baseline: ClassVar[bool] = True  # also score the post-projector features
+    primary_metric: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    version: ClassVar[int] = 1  # bump when scores change, to invalidate cached results
+
+    def __init__(self, store: FeatureStore, params: dict[str, Any]):
+        unknown = set(params) - set(self.defaults)
+        if unknown:
+            raise UsageError(f"task {self.name} has no parameter {', '.join(sorted(unknown))}; "
+                             f"its parameters: {', '.join(self.defaults) or 'none'}")
+        self.store = store
+        self.params = {**self.defaults, **params}
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Load and check the annotations once; raise a one-line error if they are missing."""
+
+    def score(self, target: Target) -> dict[str, float]:
+        raise NotImplementedError
+
+    def targets(self) -> list[Target]:
+        meta = self.store.meta
+        out = [Target(k, l, h) for k in self.kinds if k in meta.kinds for l in meta.layers for h in meta.heads]
+        if self.baseline and "post_proj" in meta.kinds:
+            out.append(Target("post_proj"))
+        return out
+
+    def summarize(self, rows: list[dict[str, Any]], out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+        """Extra rows and plots after the sweep (default: none; the runner draws Figure-2 plots)."""
+        return [], []
+
+
+PROBES: Registry[type[Probe]] = Registry("task", "--task")

@@ -1,0 +1,1 @@
+"""Metric functions, each checked against hand-computed cases."""

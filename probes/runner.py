@@ -1,0 +1,131 @@
+"""Sweep a probe over every (layer, head, kind) of a store, cache, tabulate, plot.
+
+Why: the expensive part (the model) ran once; this loop must be cheap, repeatable and
+instant when repeated. Results are cached under the store by a key made of the feature set's
+fingerprint, its committed parts, the probe, its version and its parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from kvpipe.probes.base import PROBES, Probe, Target
+from kvpipe.store import FeatureStore
+
+COLUMNS = ["model", "dataset", "task", "layer", "head", "kind", "metric", "value"]
+
+
+@dataclass
+class ProbeRun:
+    task: str
+    table: pa.Table
+    out_dir: Path
+    plots: list[Path]
+    cached: bool
+    seconds: float
+
+    def best(self, metric: str, kind: str = "values") -> dict[str, Any] | None:
+        rows = [r for r in self.table.to_pylist() if r["metric"] == metric and r["kind"] == kind
+                and not np.isnan(r["value"])]
+        return max(rows, key=lambda r: r["value"]) if rows else None
+
+
+def cache_key(store: FeatureStore, task: str, version: int, params: dict[str, Any]) -> str:
+    blob = json.dumps({"fs": store.meta.fingerprint(), "parts": store.committed_parts, "task": task,
+                       "version": version, "params": params}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None = None,
+              out_dir: str | Path | None = None, use_cache: bool = True,
+              progress: Callable[[int, int], None] | None = None) -> ProbeRun:
+    """Run ``task`` on the store; ``progress(done, total)`` after each target."""
+    t0 = time.perf_counter()
+    store = FeatureStore.open(store_path)
+    probe_cls = PROBES.get(task)
+    params = params or {}
+    out = Path(out_dir) if out_dir else store.root / "probes" / task
+    out.mkdir(parents=True, exist_ok=True)
+    key = cache_key(store, task, probe_cls.version, {**probe_cls.defaults, **params})
+    cached_file = store.root / "probes" / ".cache" / f"{task}-{key}.parquet"
+    if use_cache and cached_file.exists():
+        table = pq.read_table(cached_file)
+        plots = sorted(out.glob("*.png"))
+        if not plots:
+            plots = _plots(probe_cls, store, params, table, out)
+        _write_table(table, out)
+        return ProbeRun(task, table, out, plots, True, time.perf_counter() - t0)
+    probe = probe_cls(store, params)
+    targets = probe.targets()
+    rows: list[dict[str, Any]] = []
+    base = {"model": store.meta.model.get("name"), "dataset": store.meta.dataset.get("name"), "task": task}
+    for i, tgt in enumerate(targets):
+        for metric, value in probe.score(tgt).items():
+            rows.append({**base, "layer": tgt.layer, "head": tgt.head, "kind": tgt.kind,
+                         "metric": metric, "value": float(value)})
+        if progress:
+            progress(i + 1, len(targets))
+    extra, extra_plots = probe.summarize(rows, out)
+    rows.extend({**base, **r} for r in extra)
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("model", pa.string()), ("dataset", pa.string()), ("task", pa.string()), ("layer", pa.int64()),
+        ("head", pa.int64()), ("kind", pa.string()), ("metric", pa.string()), ("value", pa.float64())]))
+    cached_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached_file.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.rename(cached_file)
+    _write_table(table, out)
+    plots = extra_plots + _figure2(probe, store, table, out)
+    return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0)
+
+
+def _write_table(table: pa.Table, out: Path) -> None:
+    pq.write_table(table, out / "results.parquet")
+    pacsv.write_csv(table, out / "results.csv")
+
+
+def _plots(probe_cls: type[Probe], store: FeatureStore, params: dict[str, Any], table: pa.Table,
+           out: Path) -> list[Path]:
+    probe = probe_cls.__new__(probe_cls)
+    probe.store, probe.params = store, {**probe_cls.defaults, **params}
+    return _figure2(probe, store, table, out)
+
+
+def layer_head_matrix(table: pa.Table, metric: str, kind: str, layers: tuple[int, ...],
+                      heads: tuple[int, ...]) -> np.ndarray:
+    m = np.full((len(layers), len(heads)), np.nan)
+    li = {l: i for i, l in enumerate(layers)}
+    hi = {h: i for i, h in enumerate(heads)}
+    for r in table.to_pylist():
+        if r["metric"] == metric and r["kind"] == kind and r["layer"] in li and r["head"] in hi:
+            m[li[r["layer"]], hi[r["head"]]] = r["value"]
+    return m
+
+
+def _figure2(probe: Probe, store: FeatureStore, table: pa.Table, out: Path) -> list[Path]:
+    """Per-head heatmap + per-layer max line for each swept kind (the paper's Figure 2)."""
+    from kvpipe.probes.plots import plot_layer_head
+
+    metric = probe.primary_metric
+    if not metric:
+        return []
+    base_rows = [r["value"] for r in table.to_pylist() if r["kind"] == "post_proj" and r["metric"] == metric]
+    baseline = base_rows[0] if base_rows else None
+    paths = []
+    for kind in probe.kinds:
+        if kind not in store.meta.kinds:
+            continue
+        m = layer_head_matrix(table, metric, kind, store.meta.layers, store.meta.heads)
+        title = f"{probe.name}: image {kind} of {store.meta.model.get('name')} on {store.meta.dataset.get('name')}"
+        paths.append(Path(plot_layer_head(m, title, metric, out / f"{probe.name}-{kind}-{metric}.png", baseline)))
+    return paths

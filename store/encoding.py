@@ -1,0 +1,51 @@
+"""Array encodings of the store: dtypes on disk and the lossless default codec.
+
+Why: bfloat16 is what 7B models compute in, and Zarr v3 has no bfloat16 type, so bf16 is
+stored as its raw 16-bit pattern (uint16) and converted back on read: lossless and fast.
+Blosc with byte shuffle + zstd is the default compressor (numcodecs' Blosc, via Zarr).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from zarr.codecs import BloscCodec
+
+DISK_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+
+
+def compressor(store_dtype: str, clevel: int = 3) -> BloscCodec:
+    itemsize = np.dtype(DISK_DTYPE[store_dtype]).itemsize
+    return BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle", typesize=itemsize)
+
+
+def compressor_meta(store_dtype: str, clevel: int = 3) -> dict:
+    return {"codec": "blosc", "cname": "zstd", "clevel": clevel, "shuffle": "byte"}
+
+
+def encode(x: np.ndarray, store_dtype: str) -> np.ndarray:
+    """float32 (or float16) array -> the on-disk array for ``store_dtype``."""
+    if store_dtype == "bfloat16":
+        return float32_to_bf16_bits(np.asarray(x, dtype=np.float32))
+    return np.asarray(x, dtype=store_dtype)
+
+
+def decode(raw: np.ndarray, store_dtype: str) -> np.ndarray:
+    """On-disk array -> float32."""
+    if store_dtype == "bfloat16":
+        return bf16_bits_to_float32(raw)
+    return raw.astype(np.float32, copy=False)
+
+
+def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bit patterns (as torch does)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    out = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def bf16_bits_to_float32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)

@@ -1,0 +1,38 @@
+"""Paths inside a feature store, in one place.
+
+    <store>/zarr.json                 root Zarr v3 group; attribute "kvpipe" = FeatureSetMeta
+    <store>/parts/p000042/            one Zarr group per part (keys, values, post_proj, masks)
+    <store>/manifest/p000042.parquet  the part's commit record: one row per image + checksums
+    <store>/text/                     final-token K/V of the dataset's text queries
+    <store>/text.parquet              commit record of text/
+    <store>/.staging/                 parts being written (never read)
+
+A part exists for readers only once its manifest file exists; both the part directory and
+the manifest file appear by an atomic rename, so a reader never sees half a part.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARTS = "parts"
+MANIFEST = "manifest"
+STAGING = ".staging"
+TEXT = "text"
+TEXT_RECORD = "text.parquet"
+
+
+def part_name(part: int) -> str:
+    return f"p{part:06d}"
+
+
+def part_dir(root: Path, part: int) -> Path:
+    return root / PARTS / part_name(part)
+
+
+def manifest_file(root: Path, part: int) -> Path:
+    return root / MANIFEST / f"{part_name(part)}.parquet"
+
+
+def part_of_manifest(path: Path) -> int:
+    return int(path.stem[1:])
