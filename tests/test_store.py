@@ -1,0 +1,166 @@
+"""Store: round trip, encodings, atomic commits, foreign/newer stores, verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from kvpipe.errors import StoreError
+from kvpipe.store import FeatureStore, FeatureSetMeta
+from kvpipe.store import layout
+from kvpipe.store.encoding import bf16_bits_to_float32, float32_to_bf16_bits
+from kvpipe.store.manifest import FAILED, ImageRow
+from kvpipe.store.verify import verify_store
+from kvpipe.store.writer import StoreWriter
+
+L, H, D, HID = 3, 2, 4, 8
+
+
+def make_meta(**kw) -> FeatureSetMeta:
+    base = dict(model={"name": "m"}, dataset={"name": "d", "tasks": []}, layers=(0, 1, 2), heads=(0, 1),
+                kinds=("keys", "values", "post_proj"), keys_rope="post-rope", n_layers=L, n_kv_heads=H,
+                head_dim=D, hidden_size=HID, compute_dtype="float32", store_dtype="float32",
+                template="chat", prefix="", prefix_token_ids=(1, 2, 3), image_token_id=9,
+                part_size=2, n_images=3, image_ids_sha256="x")
+    base.update(kw)
+    return FeatureSetMeta(**base)
+
+
+def part_arrays(tokens: list[int], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = sum(tokens)
+    return {"keys": rng.standard_normal((L, H, n, D)).astype(np.float32),
+            "values": rng.standard_normal((L, H, n, D)).astype(np.float32),
+            "post_proj": rng.standard_normal((n, HID)).astype(np.float32),
+            "masks": np.arange(12, dtype=np.uint8)}
+
+
+def rows_for(part: int, first: int, tokens: list[int], grid=(2, 3)) -> list[ImageRow]:
+    rows, off = [], 0
+    seg = json.dumps([{"name": "base", "offset": 0, "rows": grid[0], "cols": grid[1], "newline": False}])
+    for i, n in enumerate(tokens):
+        rows.append(ImageRow(index=first + i, image_id=f"img{first + i}", part=part, token_offset=off,
+                             n_tokens=n, grid_h=grid[0], grid_w=grid[1], segments=seg,
+                             mask_offset=0 if i == 0 else -1, mask_h=3, mask_w=4,
+                             meta=json.dumps({"k": i})))
+        off += n
+    return rows
+
+
+def write_two_parts(path: Path, meta: FeatureSetMeta | None = None):
+    w = StoreWriter.create_or_resume(path, meta or make_meta())
+    a0, a1 = part_arrays([6, 6], 0), part_arrays([6], 1)
+    w.write_part(0, rows_for(0, 0, [6, 6]), a0)
+    w.write_part(1, rows_for(1, 2, [6]), a1)
+    return w, a0, a1
+
+
+def test_round_trip_one_head_across_parts(tmp_path):
+    _, a0, a1 = write_two_parts(tmp_path / "s")
+    s = FeatureStore.open(tmp_path / "s")
+    assert s.complete and len(s.images()) == 3
+    f = s.read("values", layer=1, head=0)
+    np.testing.assert_array_equal(f.data, np.concatenate([a0["values"][1, 0], a1["values"][1, 0]]))
+    np.testing.assert_array_equal(f.image(2), a1["values"][1, 0])
+    assert f.grid(1).shape == (2, 3, D)
+    np.testing.assert_array_equal(f.grid(1).reshape(6, D), a0["values"][1, 0, 6:12])
+    pp = s.read("post_proj", images=s.images()[1:2])
+    np.testing.assert_array_equal(pp.data, a0["post_proj"][6:12])
+    ann = s.annotation(s.images()[0])
+    np.testing.assert_array_equal(ann.mask, np.arange(12).reshape(3, 4))
+    assert ann.meta == {"k": 0}
+
+
+def test_one_head_is_one_chunk(tmp_path):
+    write_two_parts(tmp_path / "s")
+    arr = zarr.open_array(zarr.storage.LocalStore(layout.part_dir(tmp_path / "s", 0) / "keys"), mode="r")
+    assert arr.chunks == (1, 1, 12, D)
+
+
+def test_bfloat16_bits_round_trip_and_rounding():
+    x = np.array([1.0, -2.5, 3.14159265, 1e-3, 65504.0, 1.00390625], dtype=np.float32)
+    bits = float32_to_bf16_bits(x)
+    back = bf16_bits_to_float32(bits)
+    import torch
+
+    ref = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(back, ref)
+    np.testing.assert_array_equal(float32_to_bf16_bits(back), bits)
+
+
+def test_bfloat16_store(tmp_path):
+    w = StoreWriter.create_or_resume(tmp_path / "s", make_meta(store_dtype="bfloat16", n_images=1))
+    arr = part_arrays([6], 3)
+    w.write_part(0, rows_for(0, 0, [6]), arr)
+    got = FeatureStore.open(tmp_path / "s").read("keys", 2, 1).data
+    np.testing.assert_array_equal(got, bf16_bits_to_float32(float32_to_bf16_bits(arr["keys"][2, 1])))
+
+
+def test_reader_sees_only_committed_parts(tmp_path):
+    w = StoreWriter.create_or_resume(tmp_path / "s", make_meta())
+    w.write_part(0, rows_for(0, 0, [6, 6]), part_arrays([6, 6], 0))
+    # a part directory without its manifest file (a crash between the renames) is invisible
+    (layout.part_dir(tmp_path / "s", 1)).mkdir()
+    s = FeatureStore.open(tmp_path / "s")
+    assert s.committed_parts == [0] and not s.complete and len(s.images()) == 2
+    w2 = StoreWriter.create_or_resume(tmp_path / "s", make_meta())
+    assert w2.pending_parts() == [1]
+
+
+def test_failed_rows_and_empty_part(tmp_path):
+    w = StoreWriter.create_or_resume(tmp_path / "s", make_meta(n_images=1, part_size=1))
+    w.write_part(0, [ImageRow(index=0, image_id="bad", part=0, status=FAILED, error="broken")], {})
+    s = FeatureStore.open(tmp_path / "s")
+    assert s.images() == [] and s.images(ok_only=False)[0].error == "broken"
+    assert verify_store(tmp_path / "s").ok
+
+
+def test_other_feature_set_is_refused(tmp_path):
+    write_two_parts(tmp_path / "s")
+    with pytest.raises(StoreError, match="holds another feature set.*layers"):
+        StoreWriter.create_or_resume(tmp_path / "s", make_meta(layers=(0, 1)))
+
+
+def test_foreign_and_newer_stores_are_refused(tmp_path):
+    zarr.open_group(zarr.storage.LocalStore(tmp_path / "foreign"), mode="w", attributes={"x": 1})
+    with pytest.raises(StoreError, match="not a kvpipe feature store"):
+        FeatureStore.open(tmp_path / "foreign")
+    with pytest.raises(StoreError, match="does not exist"):
+        FeatureStore.open(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "f.txt").write_text("hi")
+    with pytest.raises(StoreError, match="not a kvpipe store"):
+        StoreWriter.create_or_resume(tmp_path / "plain", make_meta())
+    write_two_parts(tmp_path / "new")
+    g = zarr.open_group(zarr.storage.LocalStore(tmp_path / "new"), mode="r+")
+    meta = dict(g.attrs["kvpipe"])
+    meta["schema_version"] = 99
+    g.attrs["kvpipe"] = meta
+    with pytest.raises(StoreError, match="schema 99, newer than this kvpipe"):
+        FeatureStore.open(tmp_path / "new")
+
+
+def test_verify_finds_corrupt_chunk(tmp_path):
+    write_two_parts(tmp_path / "s")
+    assert verify_store(tmp_path / "s").ok
+    shard = next(p for p in (layout.part_dir(tmp_path / "s", 1) / "values").rglob("*")
+                 if p.is_file() and p.name != "zarr.json")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = verify_store(tmp_path / "s")
+    assert not report.ok and list(report.problems) == [1]
+    assert "checksum" in report.problems[1][0]
+
+
+def test_missing_kind_and_layer_errors(tmp_path):
+    write_two_parts(tmp_path / "s", make_meta(kinds=("values",)))
+    s = FeatureStore.open(tmp_path / "s")
+    with pytest.raises(StoreError, match="no 'keys'"):
+        s.read("keys", 0, 0)
+    with pytest.raises(StoreError, match="layer 7 is not in this store"):
+        s.read("values", 7, 0)
