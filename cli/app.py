@@ -193,7 +193,9 @@ def _parse_params(items: list[str]) -> dict[str, object]:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns typer.Exit's code instead of exiting
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except KvpipeError as err:
         err_console.print(f"[red]error:[/] {err}", soft_wrap=True, highlight=False)
         sys.exit(2)
@@ -206,6 +208,8 @@ def main() -> None:
         if isinstance(err, click.exceptions.ClickException):
             err.show()
             sys.exit(2)
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
         if isinstance(err, click.exceptions.Abort):
             sys.exit(130)
         raise

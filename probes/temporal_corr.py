@@ -2,7 +2,7 @@
 
 Protocol (DINO's DAVIS evaluation, used by the paper): token features of each frame on its
 base-view grid, a memory of the first frame and the 7 most recent frames, top-5 neighbours
-within a 12-token neighbourhood at temperature 0.7; soft labels upsampled bilinearly to the
+within a 12-token neighbourhood, affinities exp(cos / 0.1); soft labels upsampled bilinearly to the
 annotation resolution; J (region IoU) and F (boundary F, bound_th 0.008) per object as in the
 official DAVIS-2017 evaluation, averaged over objects: J_mean, F_mean and JF_mean.
 """
@@ -22,7 +22,7 @@ class TemporalCorrespondence(Probe):
     name = "temporal-corr"
     description = "video label propagation from frame 0, J&F (DAVIS protocol)"
     primary_metric = "JF_mean"
-    defaults = {"n_last_frames": 7, "size_mask_neighborhood": 12, "topk": 5, "temperature": 0.7}
+    defaults = {"n_last_frames": 7, "size_mask_neighborhood": 12, "topk": 5, "temperature": 0.1}
 
     def prepare(self) -> None:
         self.videos = {}

@@ -15,7 +15,7 @@ from PIL import Image
 from kvpipe.pipeline.capture import Selection, run_capture
 from kvpipe.pipeline.models import load_model
 
-TINY = ["tiny-qwen25vl", "tiny-qwen2vl"]
+TINY = ["tiny-qwen25vl", "tiny-qwen2vl", "tiny-llava-ov", "tiny-llava-next-llama3"]
 
 
 def image(w: int, h: int, seed: int) -> Image.Image:
@@ -93,6 +93,7 @@ def test_pre_rope_keys_equal_k_proj(adapter):
 
 
 def test_post_proj_is_projector_output(adapter):
+    """post_proj = what get_image_features hands the LM (for LLaVA: packed base + crops + newlines)."""
     img = image(112, 84, 7)
     batch = adapter.preprocess([img])
     got = run_capture(adapter, batch, all_of(adapter, ("post_proj",)))[0]["post_proj"]
@@ -103,3 +104,117 @@ def test_post_proj_is_projector_output(adapter):
     ref = feats.pooler_output if hasattr(feats, "pooler_output") else feats
     ref = torch.cat(list(ref)) if isinstance(ref, (list, tuple)) else ref
     torch.testing.assert_close(got, ref.reshape(got.shape).float(), atol=1e-6, rtol=0)
+
+
+# ---- LLaVA any-res layouts --------------------------------------------------------------
+LLAVA = [n for n in TINY if "llava" in n]
+
+
+def newline_mask(layout) -> torch.Tensor:
+    """True at the layout's newline tokens (the last token of every row of a newline segment)."""
+    mask = torch.zeros(layout.n_tokens, dtype=torch.bool)
+    for seg in layout.segments:
+        if seg.newline:
+            for r in range(seg.rows):
+                mask[seg.offset + r * (seg.cols + 1) + seg.cols] = True
+    return mask
+
+
+def check_capture(adapter, img, batch):
+    """Stored K/V equal the model's cache, and exactly the layout's newline tokens hold image_newline."""
+    got = run_capture(adapter, batch, all_of(adapter))[0]
+    cache, pos = reference_cache(adapter, img)
+    for layer in range(adapter.n_layers):
+        assert torch.equal(got["values"][layer], cache.layers[layer].values[0][:, pos])
+        assert torch.equal(got["keys"][layer], cache.layers[layer].keys[0][:, pos])
+    nl = newline_mask(batch.layouts[0])
+    newline = adapter.model.model.image_newline.float()
+    assert torch.equal(got["post_proj"][nl], newline.expand(int(nl.sum()), -1))
+    assert not (got["post_proj"][~nl] == newline).all(-1).any()
+
+
+@pytest.mark.parametrize("adapter", LLAVA, indirect=True)
+def test_anyres_image_has_crops_layout(adapter):
+    img = image(130, 90, seed=8)  # best pinpoint 112x112: base view + 2x2 crops of 4x4 tokens
+    batch = adapter.preprocess([img])
+    assert batch.inputs["pixel_values"].shape[1] == 5
+    lay = batch.layouts[0]
+    base, crops = lay.segments
+    assert (base.name, base.offset, base.rows, base.cols, base.newline) == ("base", 0, 4, 4, False)
+    # the 8x8 crops grid cropped back to 130:90 -> round(90 * 8 / 130) = 6 rows, each + 1 newline
+    assert (crops.name, crops.offset, crops.rows, crops.cols, crops.newline) == ("crops", 16, 6, 8, True)
+    assert sum(s.n_tokens for s in lay.segments) == lay.n_tokens == 16 + 6 * 9
+    check_capture(adapter, img, batch)
+
+
+def test_onevision_shrinks_large_crop_grids():
+    """anyres_max_N: a crops grid over ~N base views is interpolated down (here N=1: 6x8 -> 3x4)."""
+    adapter = load_model("tiny-llava-ov")
+    adapter.model.config.vision_aspect_ratio = adapter.processor.vision_aspect_ratio = "anyres_max_1"
+    img = image(130, 90, seed=9)
+    batch = adapter.preprocess([img])
+    crops = batch.layouts[0].segments[1]
+    assert (crops.rows, crops.cols) == (3, 4)  # ratio sqrt(48 / 16) = 1.73 > 1.1
+    assert batch.layouts[0].n_tokens == 16 + 3 * 5
+    check_capture(adapter, img, batch)
+
+
+def test_onevision_multi_image_sample_is_base_plus_one_newline():
+    """Several images in one sample are not tiled: base view + one newline token each."""
+    adapter = load_model("tiny-llava-ov")
+    imgs = [image(130, 90, 10), image(84, 140, 11)]
+    enc = adapter.processor(text=["<image><image>"], images=[imgs], return_tensors="pt")
+    n = int((enc["input_ids"] == adapter.image_token_id).sum())
+    segs = [adapter.segments(enc, i, n // 2) for i in range(2)]
+    assert all([s.name for s in seg] == ["base", "newline"] for seg in segs)
+    assert sum(s.n_tokens for seg in segs for s in seg) == n == 2 * (16 + 1)
+    with torch.no_grad():
+        adapter.model(**enc)  # the model's own placeholder check agrees with that count
+
+
+# ---- presets of the real checkpoints ---------------------------------------------------
+# name: (text: hidden, layers, heads, kv heads, intermediate, vocab, rope_theta), vision fields
+PRESETS = {
+    "qwen2vl": ((3584, 28, 28, 4, 18944, 152064, 1e6), {"depth": 32, "embed_dim": 1280, "num_heads": 16}),
+    "qwen25vl": ((3584, 28, 28, 4, 18944, 152064, 1e6), {"depth": 32, "hidden_size": 1280, "num_heads": 16}),
+    # LLaVA-OV -hf: vocab = Qwen2's + <image>, <video>, padded to 64; SigLIP stored with 26 of 27 layers
+    "llava-ov": ((3584, 28, 28, 4, 18944, 152128, 1e6), "siglip"),
+    "llava-ov-0.5b": ((896, 24, 14, 2, 4864, 152000, 1e6), "siglip"),
+    "llava-ov-72b": ((8192, 80, 64, 8, 29568, 152128, 1e6), "siglip"),
+    "llava-next-llama3": ((4096, 32, 32, 8, 14336, 128320, 5e5),
+                          {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                           "intermediate_size": 4096, "image_size": 336, "patch_size": 14}),
+}
+SIGLIP = {"hidden_size": 1152, "num_hidden_layers": 26, "num_attention_heads": 16, "intermediate_size": 4304,
+          "image_size": 384, "patch_size": 14}
+
+
+def test_every_real_checkpoint_has_a_preset_check():
+    from kvpipe.pipeline.models import MODELS
+
+    assert set(PRESETS) == {n for n, e in MODELS.items() if not e.tiny}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_config_shapes(name):
+    from transformers import LlavaOnevisionConfig
+
+    from kvpipe.pipeline.models import MODELS
+
+    cfg = MODELS.get(name).preset()  # a config only: no weights are built
+    text, vision = PRESETS[name]
+    t = cfg.get_text_config()
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
+            t.intermediate_size, t.vocab_size, t.rope_parameters["rope_theta"]) == text
+    for key, value in (SIGLIP if vision == "siglip" else vision).items():
+        assert getattr(cfg.vision_config, key) == value, key
+    if name.startswith("llava-ov"):
+        assert cfg.image_grid_pinpoints == LlavaOnevisionConfig().image_grid_pinpoints  # the -hf checkpoints'
+        assert len(cfg.image_grid_pinpoints) == 36 and cfg.image_grid_pinpoints[-1] == [2304, 2304]
+        assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.vision_aspect_ratio) == (
+            -1, "full", "anyres_max_9")
+        assert (cfg.image_token_id, cfg.video_token_id) == (151646, 151647)
+    if name == "llava-next-llama3":
+        assert cfg.image_grid_pinpoints == [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        assert (cfg.vision_feature_layer, cfg.vision_feature_select_strategy, cfg.image_token_id) == (
+            -2, "default", 128256)

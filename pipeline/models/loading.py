@@ -68,28 +68,47 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"
     if init == "random":
         raise UsageError(f"--init random needs a registry name (one of {', '.join(MODELS.names())}), "
                          f"not {name_or_path!r}")
-    looks_local = os.path.sep in name_or_path and not name_or_path.count("/") == 1 or os.path.exists(name_or_path)
-    if looks_local and not os.path.isdir(name_or_path):
-        raise UsageError(f"--model {name_or_path}: no such directory; give a registry name "
-                         f"({', '.join(MODELS.names())}), a hub id or a checkpoint directory")
+    path = os.path.expanduser(name_or_path)
+    if "/" not in path and not os.path.exists(path):  # hub ids are "org/name": this is a mistyped name
+        MODELS.get(name_or_path)  # raises "unknown model ..., known: ..."
+    if _looks_local(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"--model {name_or_path}: no such directory; give a registry name "
+                             f"({', '.join(MODELS.names())}), a hub id or a checkpoint directory")
+        return _from_pretrained(path, name_or_path, torch_dtype, device, revision, local=True)
     return _from_pretrained(name_or_path, name_or_path, torch_dtype, device, revision)
 
 
+def _looks_local(path: str) -> bool:
+    """A path, not a hub id ("org/name"): it exists, is explicitly relative/absolute, or is nested deeper."""
+    return (os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1
+            or (os.sep != "/" and os.sep in path))
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
 def _from_pretrained(checkpoint: str, name: str, dtype: torch.dtype, device: str,
-                     revision: str | None) -> ModelAdapter:
+                     revision: str | None, local: bool = False) -> ModelAdapter:
     from transformers import AutoConfig, AutoProcessor
 
+    hint = ("is it a saved checkpoint directory (save_pretrained of the model and its processor)?" if local
+            else "offline? set HF_HUB_OFFLINE=1 and pass a local checkpoint directory")
     try:
         config = AutoConfig.from_pretrained(checkpoint, revision=revision)
     except Exception as err:  # OSError for offline / missing repo, ValueError for bad configs
-        raise ModelError(f"cannot load the config of --model {checkpoint}: {str(err).splitlines()[0]} "
-                         f"(offline? set HF_HUB_OFFLINE=1 and pass a local checkpoint directory)") from None
+        raise ModelError(f"cannot load the config of --model {checkpoint}: {_first_line(err)} ({hint})") from None
     adapter_cls = adapter_for_model_type(config.model_type)
     try:
         model = adapter_cls.model_class().from_pretrained(checkpoint, revision=revision, dtype=dtype)
         processor = AutoProcessor.from_pretrained(checkpoint, revision=revision)
     except Exception as err:
-        raise ModelError(f"cannot load --model {checkpoint}: {str(err).splitlines()[0]}") from None
+        raise ModelError(f"cannot load --model {checkpoint}: {_first_line(err)}") from None
+    if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
+        raise ModelError(f"--model {name} has no multimodal processor (found {type(processor).__name__}); "
+                         f"save the processor next to the model")
     source = {"name": name, "checkpoint": checkpoint, "revision": revision, "init": "pretrained",
               "family": adapter_cls.family, "commit": getattr(config, "_commit_hash", None)}
     return _finish(adapter_cls, model, processor, source, device)
@@ -100,5 +119,5 @@ def _finish(adapter_cls: type[ModelAdapter], model: Any, processor: Any, source:
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError) as err:
-        raise UsageError(f"--device {device}: {str(err).splitlines()[0]}") from None
+        raise UsageError(f"--device {device}: {_first_line(err)}") from None
     return adapter_cls(model, processor, source)

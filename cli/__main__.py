@@ -1,0 +1,3 @@
+from kvpipe.cli.app import main
+
+main()

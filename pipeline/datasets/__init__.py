@@ -1,0 +1,42 @@
+"""Dataset adapters: importing this package registers every built-in dataset.
+
+``create_dataset`` is the one way the CLI and library build an adapter, so a missing
+--data-root or a misspelt option gets the same one-line UsageError everywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from kvpipe.errors import UsageError
+from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord, load_palette_mask
+from kvpipe.pipeline.datasets import davis, folder, synthetic  # noqa: F401  (registers the adapters)
+
+__all__ = ["DATASETS", "Annotation", "DatasetAdapter", "ImageRecord", "create_dataset", "dataset_options",
+           "load_palette_mask"]
+
+_BASE_ARGS = ("self", "root", "split", "limit")
+
+
+def dataset_options(cls: type[DatasetAdapter]) -> dict[str, Any]:
+    """The adapter's keyword options and their defaults (beyond root, split and limit)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p.default for n, p in params.items()
+            if n not in _BASE_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def create_dataset(name: str, root: str | None = None, split: str | None = None, limit: int | None = None,
+                   **options: Any) -> DatasetAdapter:
+    """Build the registered adapter ``name``; unknown names, options or a missing root are UsageErrors."""
+    cls = DATASETS.get(name)
+    if cls.needs_root and root is None:
+        hint = getattr(cls, "root_hint", "the dataset's directory in its official layout")
+        raise UsageError(f"--data-root is required for dataset {name!r}; point it at {hint}")
+    known = dataset_options(cls)
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+    unknown = sorted(set(options) - set(known))
+    if unknown and not takes_any:
+        listed = ", ".join(known) if known else "none"
+        raise UsageError(f"dataset {name!r} has no option {unknown[0]!r}; its options: {listed}")
+    return cls(root=root, split=split, limit=limit, **options)

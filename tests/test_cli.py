@@ -1,0 +1,106 @@
+"""The command line as a user meets it: listings, one-line errors (exit 2), info, verify, probes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from kvpipe.store import layout
+
+
+def one_line_error(proc, *fragments: str) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+def test_listings():
+    assert "tiny-qwen25vl" in run_cli("models").stdout
+    assert "davis" in run_cli("datasets").stdout
+    out = run_cli("tasks").stdout
+    assert "temporal-corr" in out and "input-agnostic" in out
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["--model", "nope", "--dataset", "synthetic"], ["unknown model 'nope'", "tiny-qwen25vl"]),
+    (["--model", "tiny-qwen25vl", "--dataset", "nope"], ["unknown dataset 'nope'", "davis"]),
+    (["--model", "tiny-qwen25vl", "--dataset", "davis"], ["--data-root", "davis"]),
+    (["--model", "tiny-qwen25vl", "--dataset", "davis", "--data-root", "/nonexistent/DAVIS"], ["/nonexistent/DAVIS"]),
+    (["--model", "/nonexistent/ckpt", "--dataset", "synthetic"], ["/nonexistent/ckpt"]),
+    (["--model", "tiny-qwen25vl", "--dataset", "synthetic", "--keys", "sideways"], ["--keys"]),
+    (["--model", "tiny-qwen25vl", "--dataset", "synthetic", "--layers", "9"], ["--layers", "model has 2"]),
+    (["--model", "tiny-qwen25vl", "--dataset", "synthetic", "--template", "fancy"], ["--template"]),
+    (["--model", "tiny-qwen25vl", "--dataset", "synthetic", "--revision", "main"], ["--revision"]),
+])
+def test_extract_errors_are_one_line(tmp_path, args, fragments):
+    out = tmp_path / "s"
+    one_line_error(run_cli("extract", *args, "--out", str(out), check=False), *fragments)
+    assert not out.exists() or not any(out.iterdir()), "nothing half-written"
+
+
+def test_store_errors(tmp_path, synthetic_store):
+    one_line_error(run_cli("probe", "--task", "nope", "--store", str(synthetic_store), check=False),
+                   "unknown task 'nope'", "temporal-corr")
+    one_line_error(run_cli("info", str(tmp_path), check=False), "not a kvpipe store")
+    one_line_error(run_cli("probe", "--task", "temporal-corr", "--store", str(tmp_path / "x"), check=False),
+                   "does not exist")
+    one_line_error(run_cli("extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--prefix", "hi",
+                           "--out", str(synthetic_store), check=False), "holds another feature set")
+
+
+def test_info_and_verify(tmp_path, synthetic_store):
+    out = run_cli("info", str(synthetic_store)).stdout
+    assert "tiny-qwen25vl" in out and "24 ok" in out and "post-rope" in out
+    assert "3 parts verified" in run_cli("verify", str(synthetic_store)).stdout
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_store, copy)
+    shard = next(p for p in (layout.part_dir(copy, 2) / "keys").rglob("*") if p.is_file() and p.name != "zarr.json")
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x55
+    shard.write_bytes(bytes(data))
+    proc = run_cli("verify", str(copy), check=False)
+    assert proc.returncode == 1 and "p000002" in proc.stdout and "checksum" in proc.stdout
+
+
+BLOCK_TRANSFORMERS = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("transformers is blocked in this test")
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def test_probes_run_without_transformers(tmp_path, synthetic_store):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCK_TRANSFORMERS)
+    env = {"PYTHONPATH": str(site)}
+    check = run_cli("models", check=False, env=env)
+    assert check.returncode != 0, "the block must really stop transformers"
+    for task in ("temporal-corr", "input-agnostic"):
+        proc = run_cli("probe", "--task", task, "--store", str(synthetic_store), "--out",
+                       str(tmp_path / task), "--no-cache", env=env)
+        assert (tmp_path / task / "results.csv").exists(), proc.stdout
+
+
+def test_probe_rerun_is_cached(tmp_path, synthetic_store):
+    first = run_cli("probe", "--task", "temporal-corr", "--store", str(synthetic_store), "--out", str(tmp_path / "a"))
+    second = run_cli("probe", "--task", "temporal-corr", "--store", str(synthetic_store), "--out", str(tmp_path / "b"))
+    assert "temporal-corr (cached" in second.stdout, second.stdout
+    assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    proc = run_cli("demo", "--out", str(tmp_path / "demo"))
+    assert "JF_mean" in proc.stdout and "l2_variance" in proc.stdout
+    pngs = sorted(p.name for p in (tmp_path / "demo").rglob("*.png"))
+    assert "input-agnostic-histogram.png" in pngs and "temporal-corr-values-JF_mean.png" in pngs
