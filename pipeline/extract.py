@@ -25,7 +25,7 @@ from kvpipe.pipeline.datasets import ImageRecord, create_dataset
 from kvpipe.pipeline.models import ModelAdapter, load_model
 from kvpipe.store.encoding import compressor_meta
 from kvpipe.store.manifest import FAILED, ImageRow
-from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, FeatureSetMeta, ids_fingerprint
+from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, FeatureSetMeta, ids_fingerprint, structure_fingerprint
 from kvpipe.store.writer import StoreWriter
 
 
@@ -196,8 +196,10 @@ def extract(cfg: ExtractConfig, progress: ProgressFn | None = None,
                     parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"),
                     parse_kinds(cfg.kinds), cfg.keys)
     queries = ds.text_queries()
-    meta = build_meta(adapter, records, {**ds.describe(), "tasks": list(ds.tasks)}, queries, cfg, sel)
-    writer = StoreWriter.create_or_resume(cfg.out, meta)
+    structure = ds.structure()
+    desc = {**ds.describe(), "tasks": list(ds.tasks), "structure_sha256": structure_fingerprint(structure)}
+    meta = build_meta(adapter, records, desc, queries, cfg, sel)
+    writer = StoreWriter.create_or_resume(cfg.out, meta, structure)
     pending = writer.pending_parts()
     todo_images = sum(len(records[p * cfg.part_size:(p + 1) * cfg.part_size]) for p in pending)
     if on_start:

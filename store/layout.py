@@ -3,6 +3,7 @@
     <store>/zarr.json                 root Zarr v3 group; attribute "kvpipe" = FeatureSetMeta
     <store>/parts/p000042/            one Zarr group per part (keys, values, post_proj, masks)
     <store>/manifest/p000042.parquet  the part's commit record: one row per image + checksums
+    <store>/dataset.json              dataset-level annotations (pairs, episodes, image sets, classes)
     <store>/text/                     final-token K/V of the dataset's text queries
     <store>/text.parquet              commit record of text/
     <store>/.staging/                 parts being written (never read)
@@ -20,6 +21,7 @@ MANIFEST = "manifest"
 STAGING = ".staging"
 TEXT = "text"
 TEXT_RECORD = "text.parquet"
+STRUCTURE = "dataset.json"
 
 
 def part_name(part: int) -> str:

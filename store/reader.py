@@ -183,6 +183,16 @@ class FeatureStore:
             mask = mask.reshape(row.mask_h, row.mask_w)
         return Annotation(mask, row.meta_dict())
 
+    def structure(self) -> dict[str, Any]:
+        """Dataset-level annotations (pairs, episodes, image sets, class names); {} when none."""
+        path = self.root / layout.STRUCTURE
+        if not path.exists():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except ValueError as err:
+            raise StoreError(f"{path} is not valid JSON ({err}); re-extract the store") from None
+
     # ---- text queries -------------------------------------------------------------------
     def text_queries(self) -> list[str]:
         rec = self.root / layout.TEXT_RECORD

@@ -102,3 +102,8 @@ class FeatureSetMeta:
 
 def ids_fingerprint(image_ids: list[str]) -> str:
     return hashlib.sha256("\n".join(image_ids).encode()).hexdigest()
+
+
+def structure_fingerprint(structure: dict[str, Any]) -> str:
+    """Hash of the dataset-level annotations, so a changed pair list is another feature set."""
+    return hashlib.sha256(json.dumps(structure, sort_keys=True).encode()).hexdigest()

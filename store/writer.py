@@ -8,6 +8,7 @@ garbage in .staging/ that the next run deletes; no worker ever writes another's 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -42,7 +43,10 @@ class StoreWriter:
 
     # ---- opening -----------------------------------------------------------------
     @classmethod
-    def create_or_resume(cls, path: str | os.PathLike, meta: FeatureSetMeta) -> "StoreWriter":
+    def create_or_resume(cls, path: str | os.PathLike, meta: FeatureSetMeta,
+                         structure: dict | None = None) -> "StoreWriter":
+        """Open the store at ``path`` for ``meta``, creating it (with ``structure``, the
+        dataset-level annotations written to dataset.json) when it does not exist yet."""
         root = Path(path)
         if root.exists() and not root.is_dir():
             raise StoreError(f"--out {root} is a file; give a directory path for the store")
@@ -54,19 +58,20 @@ class StoreWriter:
                                  f"choose a new --out or rerun with the options it was made with")
             writer = cls(root, existing)
         else:
-            cls._create(root, meta)
+            cls._create(root, meta, structure or {})
             writer = cls(root, meta)
         writer._clean_staging()
         return writer
 
     @staticmethod
-    def _create(root: Path, meta: FeatureSetMeta) -> None:
+    def _create(root: Path, meta: FeatureSetMeta, structure: dict) -> None:
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = root.parent / f".{root.name}.creating-{uuid.uuid4().hex[:8]}"
         zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3,
                         attributes={META_ATTR: meta.to_dict()})
         for sub in (layout.PARTS, layout.MANIFEST, layout.STAGING):
             (tmp / sub).mkdir()
+        (tmp / layout.STRUCTURE).write_text(json.dumps(structure, sort_keys=True))
         if root.exists():
             root.rmdir()  # an empty directory the user made for us
         os.rename(tmp, root)

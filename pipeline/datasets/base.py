@@ -24,7 +24,12 @@ class Annotation:
 
     mask: HxW uint8 label map at the annotation's own resolution (0 = background,
         1..K = objects / classes, 255 = ignore), or None when the dataset has no masks.
-    meta: JSON-serialisable extras (keypoints, class names, object ids, ...).
+    meta: JSON-serialisable extras. Keys probes read (present where the dataset has them):
+        "labels": {"<mask label>": class id} for every label in the mask, class ids indexing
+            the dataset's structure()["classes"] (so 919 ImageNet-S classes fit a uint8 mask);
+        "refs": [{"label": mask label, "queries": [indices into text_queries()]}] for
+            referring expressions;
+        "keypoints": {name: [x, y]} in pixels of the original image.
     """
 
     mask: np.ndarray | None = None
@@ -86,6 +91,19 @@ class DatasetAdapter:
     def text_queries(self) -> list[str]:
         """Strings whose final-token K/V are stored (class names, referring expressions)."""
         return []
+
+    def structure(self) -> dict[str, Any]:
+        """Dataset-level annotations, JSON-serialisable, stored as the store's dataset.json.
+
+        Keys used by probes (present only where the dataset has them):
+        "classes": class names by class id (index 0 = background);
+        "pairs": [{"source", "target" (image ids), "source_kps", "target_kps" ([[x, y], ...] in
+        pixels of the original images), "target_bbox" ([x0, y0, x1, y1]), "category"}];
+        "episodes": [{"query": image id, "support": [image ids], "class": class id}];
+        "image_sets": {set name: [image ids]};
+        "class_queries": {"<class id>": index into text_queries()} (the class-name query).
+        """
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """JSON-serialisable provenance written into the store's metadata."""
