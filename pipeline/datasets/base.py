@@ -100,7 +100,8 @@ class DatasetAdapter:
         "pairs": [{"source", "target" (image ids), "source_kps", "target_kps" ([[x, y], ...] in
         pixels of the original images), "target_bbox" ([x0, y0, x1, y1]), "category"}];
         "episodes": [{"query": image id, "support": [image ids], "class": class id}];
-        "image_sets": {set name: [image ids]};
+        "image_sets": {set name: {"images": [image ids], "class": class id or None}} for
+            co-segmentation (foreground = mask labels of that class, or every label 1..254 when None);
         "class_queries": {"<class id>": index into text_queries()} (the class-name query).
         """
         return {}
