@@ -1,0 +1,99 @@
+"""Exact nearest neighbours by inner product, searched within groups (one group = one image).
+
+Why groups: correspondence probes look up every query (a source keypoint's token) among the
+tokens of *its own* target image only. All queries of a score call are gathered first and
+answered group by group, so a sweep makes one search per target image, not one per keypoint.
+
+Backends (the results are the same up to exact ties):
+
+* ``faiss-gpu``: one ``GpuIndexFlatIP`` reset and refilled per group; used by ``auto`` when the
+  installed faiss sees a GPU (``faiss.get_num_gpus() > 0``).
+* ``numpy``: one BLAS matrix product + argmax per group; used by ``auto`` on CPU. Measured on 2
+  CPU cores (200 groups x 40 queries x 729 tokens x 128 dims): 30-40 ms against 65-90 ms for
+  ``faiss`` (``IndexFlatIP`` per group or ``faiss.knn``), whose per-call overhead dominates at
+  these sizes; faiss's OpenMP threads spinning next to OpenBLAS's also slowed later numpy work
+  by up to 10x on that machine.
+* ``faiss``: CPU ``IndexFlatIP`` per group, for checking the others.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+BACKENDS = ("auto", "numpy", "faiss", "faiss-gpu")
+
+
+def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows divided by max(||row||, eps) in float32 (``torch.nn.functional.normalize``)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend != "auto":
+        return backend
+    try:
+        import faiss
+
+        return "faiss-gpu" if faiss.get_num_gpus() > 0 else "numpy"
+    except (ImportError, AttributeError):
+        return "numpy"
+
+
+def nearest_in_groups(queries: np.ndarray, query_group: np.ndarray, bases: Sequence[np.ndarray],
+                      backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """For each query i, the row of ``bases[query_group[i]]`` with the largest inner product.
+
+    ``queries``: (Q, D); ``query_group``: (Q,) ints indexing ``bases``; ``bases``: arrays (N_g, D).
+    Returns (index within its group's base, the inner product), both (Q,). Normalise rows
+    beforehand for cosine similarity. Groups without queries are not searched.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    query_group = np.asarray(query_group, dtype=np.int64)
+    if queries.ndim != 2 or query_group.shape != (queries.shape[0],):
+        raise ValueError(f"queries {queries.shape} and query_group {query_group.shape} do not match")
+    index = np.zeros(len(queries), dtype=np.int64)
+    score = np.full(len(queries), -np.inf, dtype=np.float32)
+    if not len(queries):
+        return index, score
+    order = np.argsort(query_group, kind="stable")
+    groups, starts = np.unique(query_group[order], return_index=True)
+    bounds = np.append(starts, len(order))
+    kind = resolve_backend(backend)
+    search = _numpy_search if kind == "numpy" else _FaissSearch(queries.shape[1], gpu=kind == "faiss-gpu")
+    for g, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
+        sel = order[lo:hi]
+        base = np.ascontiguousarray(bases[g], dtype=np.float32)
+        if base.shape[0] == 0:
+            raise ValueError(f"group {g} has queries but no base vectors")
+        index[sel], score[sel] = search(queries[sel], base)
+    return index, score
+
+
+def _numpy_search(q: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sim = q @ base.T
+    best = np.argmax(sim, axis=1)
+    return best, sim[np.arange(len(q)), best]
+
+
+class _FaissSearch:
+    """One flat inner-product index, emptied and refilled for each group."""
+
+    def __init__(self, dim: int, gpu: bool):
+        import faiss
+
+        if gpu:
+            self._res = faiss.StandardGpuResources()  # keep alive as long as the index
+            self.index = faiss.GpuIndexFlatIP(self._res, dim)
+        else:
+            self.index = faiss.IndexFlatIP(dim)
+
+    def __call__(self, q: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.index.reset()
+        self.index.add(base)
+        dist, idx = self.index.search(q, 1)
+        return idx[:, 0].astype(np.int64), dist[:, 0]
