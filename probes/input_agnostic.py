@@ -3,8 +3,18 @@
 Keys whose variance across images is low barely depend on the input. The per-head variances
 form a bimodal distribution; the threshold is the valley between the two modes (the paper
 reads 450 off its histogram), or the user's ``threshold``. Outputs: variance per head, a
-0/1 input-agnostic flag per head, the threshold, a histogram (Figure 14) and a heatmap
-(Figure 15).
+0/1 input-agnostic flag per head, the threshold, a histogram (Figure 14), a heatmap
+(Figure 15) and a PCA of the image keys of two images (Figure 4).
+
+Figure 4 ("PCA visualization of all image keys ... for two COCO images. The input-agnostic
+image keys (highlighted) alone are nearly constant across images") is drawn for one layer:
+every key token of every KV head of the two images, projected jointly on the first two
+principal components (numpy SVD of the centred keys), coloured by image, input-agnostic heads
+highlighted; small panels repeat the PCA per head. Input-agnostic heads show the two images'
+points on top of each other. ``pca_layer`` (default: the layer whose heads split most evenly
+into input-agnostic and input-dependent, the latest on ties) and ``pca_images`` (two image
+ids; default: the first image and the first one of another group/video, else the second)
+choose what is drawn.
 """
 
 from __future__ import annotations
@@ -14,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from kvpipe.errors import StoreError
+from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.probes.variance import bimodal_threshold, l2_variance, l2_variance_pooled
+from kvpipe.store.manifest import ImageRow
 
 
 @PROBES.register("input-agnostic")
@@ -26,7 +37,7 @@ class InputAgnostic(Probe):
     kinds = ("keys",)
     baseline = False
     primary_metric = "l2_variance"
-    defaults = {"max_images": 1000, "threshold": None}
+    defaults = {"max_images": 1000, "threshold": None, "pca_layer": None, "pca_images": None}
 
     def prepare(self) -> None:
         rows = self.store.images()[: int(self.params["max_images"])]
@@ -38,6 +49,11 @@ class InputAgnostic(Probe):
         self.rows = rows
         # Per-position variance needs every image to have the same token layout.
         self.same_layout = len({r.segments for r in rows}) == 1
+        self.pca_rows = self._pca_rows()  # checked before the sweep, drawn after it
+        layer = self.params["pca_layer"]
+        if layer is not None and layer not in self.store.meta.layers:
+            raise UsageError(f"input-agnostic parameter pca_layer={layer!r} is not a stored layer "
+                             f"(stored: {list(self.store.meta.layers)})")
 
     def score(self, target: Target) -> dict[str, float]:
         feats = self.store.read("keys", target.layer, target.head, images=self.rows)
@@ -66,4 +82,80 @@ class InputAgnostic(Probe):
         title = f"{meta.model.get('name')} on {meta.dataset.get('name')} ({len(self.rows)} images)"
         plots = [Path(plot_variance_histogram(values, threshold, out_dir / "input-agnostic-histogram.png", title)),
                  Path(plot_variance_heatmap(matrix, threshold, out_dir / "input-agnostic-heatmap.png", title))]
+        flags = {(r["layer"], r["head"]): bool(r["value"]) for r in extra if r["metric"] == "input_agnostic"}
+        pca_plot, pca_layer = self.plot_pca(flags, out_dir / "input-agnostic-keys-pca.png")
+        plots.append(pca_plot)
+        extra.append({"layer": -1, "head": -1, "kind": "keys", "metric": "pca_layer", "value": float(pca_layer)})
         return extra, plots
+
+    def _pca_rows(self) -> list[ImageRow]:
+        wanted = self.params["pca_images"]
+        if wanted is not None:
+            by_id = {r.image_id: r for r in self.store.images()}
+            if (not isinstance(wanted, (list, tuple)) or len(wanted) != 2
+                    or any(w not in by_id for w in wanted)):
+                raise UsageError(f"input-agnostic parameter pca_images must name two image ids of the store, "
+                                 f"e.g. pca_images='[\"{self.rows[0].image_id}\", \"{self.rows[1].image_id}\"]'")
+            return [by_id[w] for w in wanted]
+        first = self.rows[0]
+        other = next((r for r in self.rows[1:] if r.group != first.group), self.rows[1])
+        return [first, other]
+
+    def plot_pca(self, flags: dict[tuple[int, int], bool], path: Path) -> tuple[Path, int]:
+        """Figure 4 for ``pca_layer``: keys of two images, all heads jointly and per head."""
+        from kvpipe.probes.plots import plot_key_pca
+
+        meta = self.store.meta
+        layer = self.params["pca_layer"]
+        if layer is None:
+            layer = pick_pca_layer(flags, meta.layers, meta.heads)
+        images = self.pca_rows
+        keys, image_of, head_of, per_head = [], [], [], {}
+        for h in meta.heads:
+            feats = self.store.read("keys", layer, h, images=images)
+            img = np.repeat(np.arange(len(feats)), np.diff(feats.offsets))
+            per_head[h] = (*pca(feats.data), img)
+            keys.append(feats.data)
+            image_of.append(img)
+            head_of.append(np.full(len(img), h))
+        coords, ratio = pca(np.concatenate(keys))
+        agnostic = [h for h in meta.heads if flags.get((layer, h))]
+        title = (f"image keys of layer {layer}, {meta.model.get('name')}: "
+                 f"{images[0].image_id} vs {images[1].image_id}")
+        path = plot_key_pca((coords, ratio, np.concatenate(image_of), np.concatenate(head_of)), per_head,
+                            agnostic, [r.image_id for r in images], path, title)
+        return Path(path), int(layer)
+
+
+def pick_pca_layer(flags: dict[tuple[int, int], bool], layers: tuple[int, ...], heads: tuple[int, ...]) -> int:
+    """The layer whose heads split most evenly into input-agnostic / -dependent (latest on ties);
+    if no layer has both, the latest layer with the most input-agnostic heads."""
+    def counts(layer: int) -> tuple[int, int]:
+        n = sum(bool(flags.get((layer, h))) for h in heads)
+        return n, len(heads) - n
+
+    mixed = [l for l in layers if min(counts(l)) > 0]
+    if mixed:
+        return max(mixed, key=lambda l: (min(counts(l)), l))
+    return max(layers, key=lambda l: (counts(l)[0], l))
+
+
+def pca(x: np.ndarray, n_components: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``x`` projected on their first principal components, and each one's share of variance.
+
+    numpy SVD of the centred data ``x - mean = U S Vt``: coordinates ``(x - mean) @ Vt[:k].T``,
+    explained-variance ratio ``S[:k]**2 / sum(S**2)``. Signs are fixed so that each component's
+    largest-magnitude loading is positive (deterministic across runs and machines).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"pca needs a (n >= 2, d) array; got {x.shape}")
+    xc = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(xc, full_matrices=False)
+    k = min(n_components, vt.shape[0])
+    vt = vt[:k]
+    sign = np.sign(vt[np.arange(k), np.argmax(np.abs(vt), axis=1)])
+    vt = vt * np.where(sign == 0, 1.0, sign)[:, None]
+    total = float(np.sum(s ** 2))
+    ratio = s[:k] ** 2 / total if total > 0 else np.zeros(k)
+    return xc @ vt.T, ratio

@@ -5,6 +5,8 @@
 * ``plot_variance_histogram``: Figure 14 -- distribution of per-head L2 variance, threshold dashed.
 * ``plot_variance_heatmap``: Figure 15 -- L2 variance per (layer, head), cells below the
   threshold hatched (input-agnostic keys).
+* ``plot_key_pca``: Figure 4 -- image keys of two images on their first two principal
+  components, coloured by image, input-agnostic heads highlighted; one small panel per head.
 NaN cells (heads not swept or not scored) are drawn light grey and left out of the maxima.
 """
 
@@ -93,6 +95,67 @@ def plot_variance_heatmap(matrix: np.ndarray, threshold: float | None, path: str
     ax.set_ylabel("head")
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, label="L2 variance")
+    return _save(fig, path)
+
+
+_IMAGE_COLOURS = ("tab:blue", "tab:orange")
+_HEAD_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def plot_key_pca(joint: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+                 per_head: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], agnostic: Sequence[int],
+                 image_labels: Sequence[str], path: str | Path, title: str) -> Path:
+    """Figure 4: left, every key token of every head of two images on the joint first two PCs.
+
+    ``joint``: (coords (n, 2), explained ratio (2,), image index (n,) in {0, 1}, head (n,));
+    ``per_head``: head -> (coords, ratio, image index) of that head's own PCA (small panels,
+    at most 8). Input-agnostic heads (``agnostic``) are drawn opaque with black edges and named
+    in red; the others faint. Colours are the two images.
+    """
+    coords, ratio, image, head = joint
+    heads = list(per_head)
+    n_small = min(len(heads), 8)
+    cols = 2 if n_small > 1 else 1
+    rows_small = -(-n_small // cols) if n_small else 1
+    fig = plt.figure(figsize=(7 + 3 * cols, max(5.0, 2.6 * rows_small)))
+    grid = fig.add_gridspec(rows_small, 1 + cols, width_ratios=[2.4] + [1] * cols)
+    ax = fig.add_subplot(grid[:, 0])
+    agn = set(agnostic)
+    for k, h in enumerate(heads):
+        sel_h = head == h
+        marker = _HEAD_MARKERS[k % len(_HEAD_MARKERS)]
+        for i in (0, 1):
+            sel = sel_h & (image == i)
+            if h in agn:
+                ax.scatter(coords[sel, 0], coords[sel, 1], s=16, marker=marker, c=_IMAGE_COLOURS[i],
+                           edgecolors="black", linewidths=0.4, alpha=0.9, zorder=3)
+            else:
+                ax.scatter(coords[sel, 0], coords[sel, 1], s=6, marker=marker, c=_IMAGE_COLOURS[i],
+                           alpha=0.25, linewidths=0, zorder=2)
+    handles = [ax.scatter([], [], c=_IMAGE_COLOURS[i], s=20, label=str(image_labels[i])) for i in (0, 1)]
+    handles += [ax.scatter([], [], marker=_HEAD_MARKERS[k % len(_HEAD_MARKERS)], c="grey", s=20,
+                           edgecolors="black" if h in agn else "none",
+                           label=f"head {h}" + (" (input-agnostic)" if h in agn else ""))
+                for k, h in enumerate(heads)]
+    ax.legend(handles=handles, fontsize=7, loc="best")
+    ax.set_xlabel(f"PC 1 ({100 * ratio[0]:.1f}% of variance)")
+    ax.set_ylabel(f"PC 2 ({100 * ratio[1]:.1f}% of variance)" if len(ratio) > 1 else "PC 2")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    for k, h in enumerate(heads[:n_small]):
+        sub = fig.add_subplot(grid[k // cols, 1 + k % cols])
+        c, r, img = per_head[h]
+        for i in (0, 1):
+            sel = img == i
+            sub.scatter(c[sel, 0], c[sel, 1], s=4, c=_IMAGE_COLOURS[i], alpha=0.6, linewidths=0)
+        sub.set_title(f"head {h}" + (" (input-agnostic)" if h in agn else ""), fontsize=8,
+                      color="red" if h in agn else "black")
+        sub.tick_params(labelsize=6)
+        if h in agn:
+            for side in sub.spines.values():
+                side.set_edgecolor("red")
+                side.set_linewidth(1.5)
+    fig.tight_layout()
     return _save(fig, path)
 
 
