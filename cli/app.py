@@ -69,10 +69,12 @@ def extract(
 
 @app.command()
 def probe(
-    task: str = typer.Option(..., help="probe name (see `kvpipe tasks`) or all"),
+    task: str = typer.Option(..., help="probe name (see `kvpipe tasks`) or all (every task the store's dataset supports)"),
     store: Path = typer.Option(..., help="a store made by kvpipe extract"),
-    out: Optional[Path] = typer.Option(None, help="results directory (default: STORE/probes/TASK)"),
-    param: list[str] = typer.Option([], help="probe parameter KEY=VALUE (repeatable)"),
+    out: Optional[Path] = typer.Option(None, help="results directory (default: STORE/probes/TASK; "
+                                                  "with --task all, OUT/TASK)"),
+    param: list[str] = typer.Option([], help="probe parameter KEY=VALUE (repeatable); with --task all it "
+                                             "goes to every task that has that parameter"),
     no_cache: bool = typer.Option(False, help="recompute even if cached results exist"),
 ) -> None:
     """Sweep a probe over every (layer, head, kind) + post-proj; write table and plots."""
@@ -82,23 +84,57 @@ def probe(
     from kvpipe.store import FeatureStore
 
     params = _parse_params(param)
-    tasks = [task]
-    if task == "all":
-        supported = FeatureStore.open(store).meta.dataset.get("tasks", [])
-        tasks = [t for t in PROBES.names() if t in supported]
-        if not tasks:
-            raise UsageError(f"the dataset of {store} supports none of the registered tasks")
-    elif task in PROBES:
-        supported = FeatureStore.open(store).meta.dataset.get("tasks")
+    dataset = FeatureStore.open(store).meta.dataset
+    supported = dataset.get("tasks")
+    if task != "all":
+        PROBES.get(task)  # an unknown name is a one-line error listing the registered ones
         if supported is not None and task not in supported:
-            raise UsageError(f"task {task} needs annotations the dataset "
-                             f"{FeatureStore.open(store).meta.dataset.get('name')} does not have; "
-                             f"it supports: {', '.join(supported)}")
-    for name in tasks:
-        with probe_progress(console, name) as advance:
-            run = run_probe(store, name, params, out / name if (out and len(tasks) > 1) else out,
-                            use_cache=not no_cache, progress=advance)
+            raise UsageError(f"task {task} needs annotations the dataset {dataset.get('name')} does not have; "
+                             f"it supports: {', '.join(supported) or 'no task'}")
+        runs = [(task, params)]
+    else:
+        if not supported:
+            raise UsageError(f"the dataset {dataset.get('name')} of {store} lists no tasks; name one with --task "
+                             f"(see kvpipe tasks)")
+        for name in supported:
+            if name not in PROBES:
+                console.print(f"[yellow]skipped[/] {name}: no probe of that name is registered in this kvpipe")
+        names = [t for t in supported if t in PROBES]
+        if not names:
+            raise UsageError(f"the dataset {dataset.get('name')} supports {', '.join(supported)}, none of which "
+                             f"is a registered probe ({', '.join(PROBES.names())})")
+        unused = set(params) - {k for t in names for k in PROBES.get(t).defaults}
+        if unused:
+            raise UsageError(f"no task of --task all has parameter {', '.join(sorted(unused))}")
+        runs = [(t, {k: v for k, v in params.items() if k in PROBES.get(t).defaults}) for t in names]
+    failed = []
+    for name, task_params in runs:
+        target = out / name if (out and task == "all") else out
+        try:
+            with probe_progress(console, name) as advance:
+                run = run_probe(store, name, task_params, target, use_cache=not no_cache, progress=advance)
+        except KvpipeError as err:
+            if task != "all":
+                raise
+            console.print(f"[red]failed[/] {name}: {err}", soft_wrap=True, highlight=False)
+            failed.append(name)
+            continue
         print_probe_run(console, run)
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(runs)} tasks failed[/]: {', '.join(failed)}")
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    store: Path = typer.Option(..., help="a store on which kvpipe probe has run"),
+    out: Optional[Path] = typer.Option(None, help="FILE.md (Markdown, default STORE/probes/report.md) or FILE.html"),
+) -> None:
+    """One page with the Table-1 summary (best layer/head per task vs post-proj) and every plot."""
+    from kvpipe.probes.report import build_report
+
+    path = build_report(store, out)
+    console.print(f"report: {path}")
 
 
 @app.command()

@@ -13,6 +13,9 @@ from kvpipe.probes import PROBES, ProbeRun
 def print_probe_run(console: Console, run: ProbeRun) -> None:
     probe = PROBES.get(run.task)
     rows = run.table.to_pylist()
+    if not probe.ranked:
+        _print_statistics(console, run, rows)
+        return
     metrics = sorted({r["metric"] for r in rows if r["layer"] >= 0})
     table = Table(title=f"{run.task} ({'cached, ' if run.cached else ''}{run.seconds:.1f} s)")
     for col in ("representation", "best layer", "best head", *metrics):
@@ -32,6 +35,24 @@ def print_probe_run(console: Console, run: ProbeRun) -> None:
                       "-" if kind == "post_proj" else str(best["head"]),
                       *(f"{at[m]:.4g}" if m in at else "" for m in metrics))
     console.print(table)
+    _print_footer(console, run, rows)
+
+
+def _print_statistics(console: Console, run: ProbeRun, rows: list[dict]) -> None:
+    """A probe whose metrics are statistics (no best head): their spread over (layer, head)."""
+    from kvpipe.probes.report import metric_statistics
+
+    table = Table(title=f"{run.task} ({'cached, ' if run.cached else ''}{run.seconds:.1f} s)")
+    for col in ("metric", "kind", "heads", "min", "median", "max", "flagged"):
+        table.add_column(col)
+    for st in metric_statistics(rows):
+        table.add_row(st["metric"], st["kind"], str(st["n"]), f"{st['min']:.4g}", f"{st['median']:.4g}",
+                      f"{st['max']:.4g}", "" if st["flagged"] is None else f"{st['flagged']} of {st['n']}")
+    console.print(table)
+    _print_footer(console, run, rows)
+
+
+def _print_footer(console: Console, run: ProbeRun, rows: list[dict]) -> None:
     for r in rows:
         if r["layer"] < 0 and r["kind"] != "post_proj":
             console.print(f"  {r['metric']}: {r['value']:.4g}")

@@ -34,6 +34,7 @@ class Probe:
     kinds: ClassVar[tuple[str, ...]] = ("keys", "values")  # swept per (layer, head)
     baseline: ClassVar[bool] = True  # also score the post-projector features
     primary_metric: ClassVar[str] = ""
+    ranked: ClassVar[bool] = True  # higher primary_metric = better representation (False: a statistic)
     defaults: ClassVar[dict[str, Any]] = {}
     version: ClassVar[int] = 1  # bump when scores change, to invalidate cached results
 

@@ -37,6 +37,7 @@ class InputAgnostic(Probe):
     kinds = ("keys",)
     baseline = False
     primary_metric = "l2_variance"
+    ranked = False  # a statistic of the keys, not a score to maximise
     defaults = {"max_images": 1000, "threshold": None, "pca_layer": None, "pca_images": None}
 
     def prepare(self) -> None:

@@ -23,6 +23,10 @@ from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.store import FeatureStore
 
 COLUMNS = ["model", "dataset", "task", "layer", "head", "kind", "metric", "value"]
+SCHEMA = pa.schema([("model", pa.string()), ("dataset", pa.string()), ("task", pa.string()),
+                    ("layer", pa.int64()), ("head", pa.int64()), ("kind", pa.string()),
+                    ("metric", pa.string()), ("value", pa.float64())])
+SCORED_ROWS = "kvpipe.scored_rows"  # parquet metadata of the cache file: rows before summarize()'s
 
 
 @dataclass
@@ -63,8 +67,9 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
         plots = sorted(out.glob("*.png"))
         if not plots:
             plots = _plots(probe_cls, store, params, table, out)
-        _write_table(table, out)
-        return ProbeRun(task, table, out, plots, True, time.perf_counter() - t0)
+        _write_table(table.replace_schema_metadata(None), out)
+        _write_run_record(out, task, probe_cls, params, key, cached=True)
+        return ProbeRun(task, table.replace_schema_metadata(None), out, plots, True, time.perf_counter() - t0)
     probe = probe_cls(store, params)
     targets = probe.targets()
     rows: list[dict[str, Any]] = []
@@ -75,16 +80,17 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
                          "metric": metric, "value": float(value)})
         if progress:
             progress(i + 1, len(targets))
+    n_scored = len(rows)
     extra, extra_plots = probe.summarize(rows, out)
     rows.extend({**base, **r} for r in extra)
-    table = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("model", pa.string()), ("dataset", pa.string()), ("task", pa.string()), ("layer", pa.int64()),
-        ("head", pa.int64()), ("kind", pa.string()), ("metric", pa.string()), ("value", pa.float64())]))
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
     cached_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached_file.with_suffix(".tmp")
-    pq.write_table(table, tmp)
+    # the scored rows come first; the count lets a cached run redraw the probe's own plots
+    pq.write_table(table.replace_schema_metadata({SCORED_ROWS: str(n_scored)}), tmp)
     tmp.rename(cached_file)
     _write_table(table, out)
+    _write_run_record(out, task, probe_cls, params, key, cached=False)
     plots = extra_plots + _figure2(probe, store, table, out)
     return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0)
 
@@ -94,11 +100,30 @@ def _write_table(table: pa.Table, out: Path) -> None:
     pacsv.write_csv(table, out / "results.csv")
 
 
+RUN_RECORD = "run.json"
+
+
+def _write_run_record(out: Path, task: str, probe_cls: type[Probe], params: dict[str, Any], key: str,
+                      cached: bool) -> None:
+    """What produced results.parquet (parameters with defaults, probe version, cache key)."""
+    record = {"task": task, "params": {**probe_cls.defaults, **params}, "probe_version": probe_cls.version,
+              "cache_key": key, "from_cache": cached}
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+
+
 def _plots(probe_cls: type[Probe], store: FeatureStore, params: dict[str, Any], table: pa.Table,
            out: Path) -> list[Path]:
-    probe = probe_cls.__new__(probe_cls)
-    probe.store, probe.params = store, {**probe_cls.defaults, **params}
-    return _figure2(probe, store, table, out)
+    """Plots of a cached result in a new directory: the probe's own (from its summarize, given
+    the cached scored rows) and the Figure-2 ones."""
+    n_scored = (table.schema.metadata or {}).get(SCORED_ROWS.encode())
+    if n_scored is not None and probe_cls.summarize is not Probe.summarize:
+        probe = probe_cls(store, params)
+        _, own = probe.summarize(table.slice(0, int(n_scored)).to_pylist(), out)
+    else:
+        probe = probe_cls.__new__(probe_cls)
+        probe.store, probe.params = store, {**probe_cls.defaults, **params}
+        own = []
+    return own + _figure2(probe, store, table, out)
 
 
 def layer_head_matrix(table: pa.Table, metric: str, kind: str, layers: tuple[int, ...],
