@@ -13,18 +13,28 @@ from zarr.codecs import BloscCodec
 DISK_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 
 
-def compressor(store_dtype: str, clevel: int = 3) -> BloscCodec:
+# zstd level 1: on bf16 activations it keeps ~96% of level 3's size reduction at ~5x the
+# encode speed (measured with numcodecs' Blosc), and encoding is on the extraction path.
+CLEVEL = 1
+
+
+def compressor(store_dtype: str, clevel: int = CLEVEL) -> BloscCodec:
     itemsize = np.dtype(DISK_DTYPE[store_dtype]).itemsize
     return BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle", typesize=itemsize)
 
 
-def compressor_meta(store_dtype: str, clevel: int = 3) -> dict:
+def compressor_meta(store_dtype: str, clevel: int = CLEVEL) -> dict:
     return {"codec": "blosc", "cname": "zstd", "clevel": clevel, "shuffle": "byte"}
 
 
 def encode(x: np.ndarray, store_dtype: str) -> np.ndarray:
-    """float32 (or float16) array -> the on-disk array for ``store_dtype``."""
+    """float32 (or float16) array -> the on-disk array for ``store_dtype``.
+
+    Arrays already in the on-disk dtype (bf16 bit patterns from the GPU) pass unchanged.
+    """
     if store_dtype == "bfloat16":
+        if x.dtype == np.uint16:
+            return x
         return float32_to_bf16_bits(np.asarray(x, dtype=np.float32))
     return np.asarray(x, dtype=store_dtype)
 
@@ -49,3 +59,12 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def bf16_bits_to_float32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def decode_into(raw: np.ndarray, store_dtype: str, out: np.ndarray) -> None:
+    """Decode ``raw`` into the float32 array ``out`` in place (no temporary float32 copy)."""
+    if store_dtype == "bfloat16":
+        bits = out.view(np.uint32)
+        np.left_shift(raw, 16, out=bits, dtype=np.uint32)
+    else:
+        out[...] = raw

@@ -122,6 +122,10 @@ class ModelAdapter:
         """The token grid(s) of image ``index`` of a processed batch."""
         raise NotImplementedError
 
+    def accelerate(self) -> list[str]:
+        """Swap in faster, numerically equivalent kernels; returns what was changed (default: none)."""
+        return []
+
     def decoder_layers(self) -> list[torch.nn.Module]:
         return list(self.model.model.language_model.layers)
 

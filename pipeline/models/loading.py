@@ -34,11 +34,29 @@ def adapter_for_model_type(model_type: str) -> type[ModelAdapter]:
     raise ModelError(f"model type {model_type!r} is not supported; kvpipe knows {', '.join(known)}")
 
 
-def _random_model(entry: ModelEntry, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    config = entry.preset()
+OFFLINE_TOKEN_ATTRS = {"image_token_index": "<image>", "video_token_index": "<video>"}
+
+
+def align_offline_token_ids(config: Any, tokenizer: Any) -> None:
+    """A random model runs with the offline tokenizer, so its image/video token ids must be
+    that tokenizer's (the presets carry the real checkpoints' ids, e.g. 151646 for <image>)."""
+    vocab = tokenizer.get_vocab()
+    for attr, token in OFFLINE_TOKEN_ATTRS.items():
+        if hasattr(config, attr) and token in vocab:
+            setattr(config, attr, vocab[token])
+
+
+def _random_model(entry: ModelEntry, config: Any, dtype: torch.dtype, seed: int,
+                  device: str = "cpu") -> torch.nn.Module:
+    """Tiny presets are built on the CPU (same weights on every machine); full-size random
+    models are built where they will run, since initialising 8B parameters on a CPU takes minutes."""
     torch.manual_seed(seed)
     cls = entry.adapter.model_class()
-    with torch.device("cpu"):
+    try:
+        build_on = torch.device("cpu" if entry.tiny else device)
+    except RuntimeError as err:
+        raise UsageError(f"--device {device}: {_first_line(err)}") from None
+    with build_on:
         model = cls._from_config(config, dtype=dtype)
     if entry.tiny:  # tiny models: a larger init scale so features differ visibly across inputs
         with torch.no_grad():
@@ -59,8 +77,10 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"
         if entry.tiny or init == "random":
             if revision:
                 raise UsageError(f"--revision makes no sense with {'a tiny preset' if entry.tiny else '--init random'}")
-            model = _random_model(entry, torch_dtype, seed)
-            processor = entry.adapter.build_processor(model.config, tiny=entry.tiny)
+            config = entry.preset()
+            processor = entry.adapter.build_processor(config, tiny=entry.tiny)
+            align_offline_token_ids(config, processor.tokenizer)
+            model = _random_model(entry, config, torch_dtype, seed, device)
             source = {"name": name_or_path, "checkpoint": None, "revision": None,
                       "init": "random", "seed": seed, "family": entry.adapter.family}
             return _finish(entry.adapter, model, processor, source, device)

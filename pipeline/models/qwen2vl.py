@@ -100,6 +100,12 @@ class Qwen2VLAdapter(ModelAdapter):
     def _image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
 
+    def accelerate(self) -> list[str]:
+        from kvpipe.pipeline.models.vision_attention import patch_vision_attention
+
+        n = patch_vision_attention(self.model)
+        return [f"vision attention: {n} blocks as batched variable-length SDPA"] if n else []
+
     def segments(self, inputs: dict[str, Any], index: int, n_tokens: int) -> tuple[Segment, ...]:
         t, h, w = (int(x) for x in inputs["image_grid_thw"][index])
         merge = int(self.processor.image_processor.merge_size)

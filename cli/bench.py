@@ -1,0 +1,41 @@
+"""``kvpipe bench``: speed measurements with ratios against baselines run in the same process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchmarks (see docs/BENCHMARKS.md).")
+
+
+@bench_app.command("extract")
+def bench_extract_cmd(
+    model: str = typer.Option("qwen25vl", help="registry name"),
+    init: str = typer.Option("random", help="random (full-size architecture, random weights) | pretrained"),
+    dtype: str = typer.Option("bfloat16", help="compute dtype"),
+    device: str = typer.Option("cuda", help="torch device"),
+    size: int = typer.Option(448, help="square image side in pixels"),
+    images: int = typer.Option(64, help="images for the floor and kvpipe runs"),
+    batch_size: int = typer.Option(8, help="images per forward pass"),
+    part_size: int = typer.Option(32, help="images per store part"),
+    naive_images: int = typer.Option(16, help="images for the hand-written loop"),
+    kinds: str = typer.Option("keys,values", help="what kvpipe stores"),
+    layers: str = typer.Option("all", help="layers kvpipe stores"),
+    heads: str = typer.Option("all", help="KV heads kvpipe stores"),
+    store_dtype: Optional[str] = typer.Option(None, help="on-disk dtype (default: --dtype)"),
+    runs: str = typer.Option("floor-hf,floor-kvpipe,kvpipe,naive", help="which runs"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
+) -> None:
+    """Floor (model prefill), kvpipe extraction and a hand-written loop on the same images."""
+    from kvpipe.pipeline.bench import BenchConfig, bench_extract
+
+    cfg = BenchConfig(model=model, init=init, dtype=dtype, device=device, size=size, images=images,
+                      batch_size=batch_size, part_size=part_size, naive_images=naive_images, kinds=kinds,
+                      layers=layers, heads=heads, store_dtype=store_dtype,
+                      runs=tuple(r.strip() for r in runs.split(",") if r.strip()))
+    result = bench_extract(cfg, log=typer.echo)
+    if json_out:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2))

@@ -1,0 +1,237 @@
+"""Extraction benchmark: the model's own prefill (floor), kvpipe, and a hand-written loop.
+
+Why in one process: speed figures are only comparable when they share the machine, the
+model, the images and the batch size, so all runs reuse one loaded model and one image set,
+and report ratios to each other rather than absolute numbers alone.
+
+  floor-hf      transformers' prefill through the last image token, batched, no capture, no I/O
+  floor-kvpipe  the same prefill with kvpipe's equivalent kernels (ModelAdapter.accelerate)
+  kvpipe        full extraction into a local store (loading, preprocessing, capture, writes)
+  naive         what one writes by hand: batch size 1, full forward with use_cache, slice
+                past_key_values at image positions, torch.save one file per image
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from kvpipe.pipeline.capture import Selection
+from kvpipe.pipeline.datasets import create_dataset
+from kvpipe.pipeline.extract import ExtractConfig, extract, parse_index_spec, parse_kinds
+from kvpipe.pipeline.models import load_model
+
+
+@dataclass
+class BenchConfig:
+    model: str = "qwen25vl"
+    init: str = "random"
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    size: int = 448  # square synthetic images of size x size pixels
+    images: int = 64
+    batch_size: int = 8
+    part_size: int = 32
+    naive_images: int = 16
+    store_dtype: str | None = None
+    kinds: str = "keys,values"
+    layers: str = "all"
+    heads: str = "all"
+    out: str | None = None  # store directory (default: a temporary directory, removed after)
+    runs: tuple[str, ...] = ("floor-hf", "floor-kvpipe", "kvpipe", "naive")
+
+
+@dataclass
+class BenchResult:
+    config: dict[str, Any]
+    device_name: str
+    image_tokens: int
+    images_per_s: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes_per_image_raw: float = 0.0
+    bytes_per_image_stored: float = 0.0
+    read: dict[str, float] = field(default_factory=dict)
+
+    def ratios(self) -> dict[str, float]:
+        ips = self.images_per_s
+        out = {}
+        for a, b in (("kvpipe", "floor-hf"), ("kvpipe", "floor-kvpipe"), ("kvpipe", "naive"),
+                     ("floor-kvpipe", "floor-hf")):
+            if a in ips and b in ips and ips[b] > 0:
+                out[f"{a} / {b}"] = ips[a] / ips[b]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratios": self.ratios()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
+    """Run the selected runs on the same images and model; see the module docstring."""
+    adapter = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, init=cfg.init)
+    device = adapter.device
+    ds_opts = {"n_videos": -(-cfg.images // 8), "n_frames": 8, "width": cfg.size, "height": cfg.size}
+    ds = create_dataset("synthetic", limit=cfg.images, **ds_opts)
+    images = [r.image() for r in ds.records()]
+    batches = [adapter.preprocess(images[i:i + cfg.batch_size]) for i in range(0, len(images), cfg.batch_size)]
+    n_tok = int(batches[0].layouts[0].positions.numel())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = BenchResult(asdict(cfg), name, n_tok)
+    log(f"{cfg.model} ({cfg.init}, {cfg.dtype}) on {name}: {len(images)} images {cfg.size}x{cfg.size}, "
+        f"{n_tok} image tokens, batch {cfg.batch_size}")
+
+    @torch.inference_mode()
+    def prefill() -> None:
+        for b in batches:
+            inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.inputs.items()}
+            adapter.model.model(**inputs, use_cache=True)
+
+    def record(run: str, seconds: float, n: int) -> None:
+        result.seconds[run] = seconds
+        result.images_per_s[run] = n / seconds
+        log(f"  {run:13s} {n / seconds:8.2f} img/s  ({n} images, {seconds:.2f} s)")
+
+    if "floor-hf" in cfg.runs:
+        _timed(lambda: adapter.model.model(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                              for k, v in batches[0].inputs.items()}, use_cache=True), device)
+        record("floor-hf", _timed(prefill, device), len(images))
+    tmp = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="kvpipe-bench-"))
+    if "naive" in cfg.runs:  # with transformers' own kernels, as a hand-written loop would run
+        record("naive", _naive(adapter, images[:cfg.naive_images], tmp / "naive", device), cfg.naive_images)
+    adapter.accelerate()
+    if "floor-kvpipe" in cfg.runs:
+        prefill_one = batches[:1]
+        _timed(lambda: [adapter.model.model(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                               for k, v in b.inputs.items()}, use_cache=True)
+                        for b in prefill_one], device)
+        record("floor-kvpipe", _timed(prefill, device), len(images))
+    try:
+        if "kvpipe" in cfg.runs:
+            store = tmp / "store"
+            shutil.rmtree(store, ignore_errors=True)
+            ecfg = ExtractConfig(model=cfg.model, dataset="synthetic", out=str(store), limit=cfg.images,
+                                 init=cfg.init, dtype=cfg.dtype, device=cfg.device, kinds=cfg.kinds,
+                                 layers=cfg.layers, heads=cfg.heads, store_dtype=cfg.store_dtype,
+                                 batch_size=cfg.batch_size, part_size=cfg.part_size, dataset_options=ds_opts,
+                                 command="kvpipe bench extract")
+            res = extract(ecfg, adapter=adapter)
+            record("kvpipe", res.seconds, res.images_ok)
+            result.seconds.update({f"kvpipe.{k}": v for k, v in res.timings.items()})
+            log("    driver time: " + ", ".join(f"{k} {v:.2f} s" for k, v in res.timings.items()))
+            stored = sum(p.stat().st_size for p in (store / "parts").rglob("*") if p.is_file())
+            result.bytes_per_image_stored = stored / max(res.images_ok, 1)
+            result.read = bench_read(store)
+        sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
+                        parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), parse_kinds(cfg.kinds))
+        itemsize = 2 if (cfg.store_dtype or cfg.dtype) in ("bfloat16", "float16") else 4
+        kv = sum(k in sel.kinds for k in ("keys", "values"))
+        result.bytes_per_image_raw = len(sel.layers) * len(sel.heads) * n_tok * adapter.head_dim * kv * itemsize
+    finally:
+        if not cfg.out:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for k, v in result.ratios().items():
+        log(f"  {k:28s} {v:6.2f} x")
+    log(f"  K/V per image: {result.bytes_per_image_raw / 1e6:.1f} MB raw, "
+        f"{result.bytes_per_image_stored / 1e6:.1f} MB stored "
+        f"(compression {result.bytes_per_image_raw / max(result.bytes_per_image_stored, 1):.2f} x)")
+    for mode in ("cold", "warm"):
+        if f"{mode}_store_mb_s" in result.read:
+            st, raw = result.read[f"{mode}_store_mb_s"], result.read[f"{mode}_raw_mb_s"]
+            log(f"  read one (layer, head, kind), {mode} cache: FeatureStore.read {st:.0f} MB/s of stored bytes, "
+                f"raw read of the same files {raw:.0f} MB/s ({st / raw:.2f} x)")
+    return result
+
+
+@torch.inference_mode()
+def _naive(adapter: Any, images: list, out: Path, device: torch.device) -> float:
+    """Batch size 1, full forward (LM head included), slice the cache, one torch.save per image."""
+    out.mkdir(parents=True, exist_ok=True)
+    proc = adapter.processor
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": "Describe the image."}]}]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def run() -> None:
+        for i, img in enumerate(images):
+            inputs = proc(text=[text], images=[img], return_tensors="pt").to(device)
+            outputs = adapter.model(**inputs, use_cache=True)
+            pos = (inputs["input_ids"][0] == adapter.image_token_id).nonzero().squeeze(1)
+            pkv = outputs.past_key_values
+            kv = {"keys": [layer.keys[0][:, pos].cpu() for layer in pkv.layers],
+                  "values": [layer.values[0][:, pos].cpu() for layer in pkv.layers]}
+            torch.save(kv, out / f"{i:06d}.pt")
+
+    first = images[:1]
+    saved = images
+    images = first
+    run()  # warm-up
+    images = saved
+    return _timed(run, device)
+
+
+def _drop_page_cache() -> bool:
+    """Empty the OS page cache (root on Linux only) so reads come from the disk."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def bench_read(store_path: Path, repeats: int = 3) -> dict[str, float]:
+    """Reading one (layer, head, kind) across the store vs reading the same chunk files raw.
+
+    Each (layer, head) of a part is one chunk file, so "the same bytes" are exactly those
+    files. Measured cold (page cache dropped before each read, where permitted) and warm.
+    """
+    from kvpipe.store import FeatureStore
+
+    meta = FeatureStore.open(store_path).meta
+    kind = "values" if "values" in meta.kinds else meta.kinds[0]
+    li, hi = len(meta.layers) // 2, 0
+    files = sorted((store_path / "parts").glob(f"*/{kind}/c/{li}/{hi}/*/*"))
+    nbytes = sum(f.stat().st_size for f in files)
+    out: dict[str, float] = {"disk_bytes": float(nbytes), "files": float(len(files))}
+    for mode in ("cold", "warm"):
+        if mode == "cold" and not _drop_page_cache():
+            continue
+        t_store, t_raw = [], []
+        for _ in range(repeats):
+            if mode == "cold":
+                _drop_page_cache()
+            store = FeatureStore.open(store_path)
+            t0 = time.perf_counter()
+            store.read(kind, meta.layers[li], meta.heads[hi])
+            t_store.append(time.perf_counter() - t0)
+            if mode == "cold":
+                _drop_page_cache()
+            t0 = time.perf_counter()
+            for f in files:
+                with open(f, "rb") as fh:
+                    fh.read()
+            t_raw.append(time.perf_counter() - t0)
+        out[f"{mode}_store_mb_s"] = nbytes / statistics.median(t_store) / 1e6
+        out[f"{mode}_raw_mb_s"] = nbytes / statistics.median(t_raw) / 1e6
+    return out
