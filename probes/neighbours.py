@@ -8,17 +8,20 @@ Backends (the results are the same up to exact ties):
 
 * ``faiss-gpu``: one ``GpuIndexFlatIP`` reset and refilled per group; used by ``auto`` when the
   installed faiss sees a GPU (``faiss.get_num_gpus() > 0``).
-* ``numpy``: one BLAS matrix product + argmax per group; used by ``auto`` on CPU. Measured on 2
-  CPU cores (200 groups x 40 queries x 729 tokens x 128 dims): 30-40 ms against 65-90 ms for
-  ``faiss`` (``IndexFlatIP`` per group or ``faiss.knn``), whose per-call overhead dominates at
-  these sizes; faiss's OpenMP threads spinning next to OpenBLAS's also slowed later numpy work
-  by up to 10x on that machine.
-* ``faiss``: CPU ``IndexFlatIP`` per group, for checking the others.
+* ``faiss``: CPU ``IndexFlatIP`` reset and refilled per group, with faiss's OpenMP pool set to
+  one thread for the duration of the search (restored afterwards); used by ``auto`` on CPU.
+  Each search is small (tens of queries x hundreds of tokens), so threads only add start-up
+  and synchronisation; on a loaded 2-core machine (200 images x 9 keypoints x 729 tokens x 128
+  dims per search call) one thread took 0.10 s against 1.8-2.4 s with two, and a multi-threaded
+  pool left spinning also slowed later OpenBLAS products in the same process several-fold.
+* ``numpy``: one BLAS matrix product + argmax per group (0.14 s single-threaded, 0.2-3 s
+  with OpenBLAS's default threads on that loaded machine); for checking the others.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -39,7 +42,7 @@ def resolve_backend(backend: str = "auto") -> str:
     try:
         import faiss
 
-        return "faiss-gpu" if faiss.get_num_gpus() > 0 else "numpy"
+        return "faiss-gpu" if faiss.get_num_gpus() > 0 else "faiss"
     except (ImportError, AttributeError):
         return "numpy"
 
@@ -65,13 +68,30 @@ def nearest_in_groups(queries: np.ndarray, query_group: np.ndarray, bases: Seque
     bounds = np.append(starts, len(order))
     kind = resolve_backend(backend)
     search = _numpy_search if kind == "numpy" else _FaissSearch(queries.shape[1], gpu=kind == "faiss-gpu")
-    for g, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
-        sel = order[lo:hi]
-        base = np.ascontiguousarray(bases[g], dtype=np.float32)
-        if base.shape[0] == 0:
-            raise ValueError(f"group {g} has queries but no base vectors")
-        index[sel], score[sel] = search(queries[sel], base)
+    with _one_omp_thread(kind == "faiss"):
+        for g, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
+            sel = order[lo:hi]
+            base = np.ascontiguousarray(bases[g], dtype=np.float32)
+            if base.shape[0] == 0:
+                raise ValueError(f"group {g} has queries but no base vectors")
+            index[sel], score[sel] = search(queries[sel], base)
     return index, score
+
+
+@contextmanager
+def _one_omp_thread(active: bool) -> Iterator[None]:
+    """faiss's OpenMP pool at one thread inside the block, as before after it."""
+    if not active:
+        yield
+        return
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _numpy_search(q: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
