@@ -1,0 +1,83 @@
+"""refexp-seg: referring-expression segmentation by dot product with the expression's token (RefCOCO).
+
+Protocol (paper Section 3.1: "the same method as semantic segmentation, but with text of the
+referring expression rather than the class name"): every sentence of every ref (the image's
+"refs": mask label of the referred object + indices of its sentences in the text queries) is a
+query; its final-token feature of the same (kind, layer, head) scores the image's base-grid
+tokens; per-image min-max normalisation, bilinear upsampling and the ``threshold`` give the
+predicted mask (``probes/grounding.py``). Ground truth = the ref's mask label; 255 ignored.
+
+Metrics (the RefCOCO conventions of LAVT / CRIS, with sentences averaged per ref): IoU per
+sentence; ``mIoU`` = mean over refs of the mean IoU of the ref's sentences; ``cIoU``
+(cumulative / overall IoU) = sum of intersections / sum of unions over all sentences.
+
+No post-projector baseline: the post_proj features have no text counterpart (``baseline = False``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvpipe.errors import StoreError
+from kvpipe.probes.base import PROBES, Probe, Target
+from kvpipe.probes.grounding import check_threshold, require_text, upsampled_scores
+from kvpipe.probes.tokens import IGNORE
+
+
+@PROBES.register("refexp-seg")
+class ReferringExpressionSegmentation(Probe):
+    name = "refexp-seg"
+    description = "referring-expression segmentation: tokens . expression token, mIoU (RefCOCO)"
+    baseline = False
+    primary_metric = "mIoU"
+    defaults = {"threshold": 0.5}
+    version = 1
+
+    def prepare(self) -> None:
+        root = self.store.root
+        self.threshold = check_threshold(self.params["threshold"])
+        self.items = []  # (row, mask, [(label, [query indices])])
+        n_refs = 0
+        for r in self.store.images():
+            refs = r.meta_dict().get("refs") or []
+            if not refs or r.mask_offset < 0:
+                continue
+            n_refs += len(refs)
+            self.items.append((r, None, [(int(ref["label"]), [int(q) for q in ref["queries"]]) for ref in refs
+                                         if ref.get("queries")]))
+        if not self.items:
+            raise StoreError(f"store {root} has no referring expressions (no image has 'refs' and a mask); "
+                             f"refexp-seg needs a dataset such as refcoco or synthetic")
+        n_queries = len(require_text(self.store, self.name, "refcoco or synthetic"))
+        bad = [q for _, _, refs in self.items for _, qs in refs for q in qs if not 0 <= q < n_queries]
+        if bad:
+            raise StoreError(f"store {root}: referring expression index {bad[0]} is outside its {n_queries} "
+                             f"text queries; the store is damaged (re-extract it)")
+        self.items = [(r, self.store.annotation(r).mask, refs) for r, _, refs in self.items]
+        self.rows = [r for r, _, _ in self.items]
+
+    def score(self, target: Target) -> dict[str, float]:
+        text = self.store.text(target.kind, target.layer, target.head)
+        feats = self.store.read(target.kind, target.layer, target.head, images=self.rows)
+        index = {r.image_id: i for i, r in enumerate(feats.rows)}
+        per_ref, inter_total, union_total = [], 0.0, 0.0
+        for r, mask, refs in self.items:
+            if not refs:
+                continue
+            grid = feats.grid(index[r.image_id])
+            queries = [q for _, qs in refs for q in qs]
+            owner = np.repeat([label for label, _ in refs], [len(qs) for _, qs in refs])
+            up = upsampled_scores(grid.reshape(-1, grid.shape[-1]), text[queries], grid.shape[:2], mask.shape)
+            pred = np.moveaxis(up, -1, 0).reshape(len(queries), -1) > self.threshold  # (Q, pixels)
+            flat = mask.ravel()
+            valid = flat != IGNORE
+            objects = {label: (flat == label) & valid for label, _ in refs}
+            inter = np.array([np.count_nonzero(p & objects[o]) for p, o in zip(pred, owner)], np.float64)
+            union = np.array([np.count_nonzero((p & valid) | objects[o]) for p, o in zip(pred, owner)], np.float64)
+            iou = np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
+            bounds = np.cumsum([len(qs) for _, qs in refs])[:-1]
+            per_ref.extend(float(np.mean(x)) for x in np.split(iou, bounds))
+            inter_total += inter.sum()
+            union_total += union.sum()
+        return {"mIoU": float(np.mean(per_ref)) if per_ref else float("nan"),
+                "cIoU": float(inter_total / union_total) if union_total > 0 else float("nan")}

@@ -1,0 +1,92 @@
+"""semantic-seg: zero-shot semantic segmentation by dot product with class-name tokens (ImageNet-S).
+
+Protocol (paper Section 3.1): for each image and each class it contains (the ImageNet-S
+setting, where the image's classes are known: the classes of its "labels" map), score every
+base-grid token by its dot product with the class name's final-token feature of the same
+(kind, layer, head) (``store.text(kind, layer, head)[class_queries[class]]``); turn the scores
+into a mask as ``probes/grounding.py`` describes (per-image min-max, bilinear upsampling, a
+pixel takes the best class whose normalised score is above ``threshold``, else background).
+
+Metric (ImageNet-S ``evaluation/evaluator.py``; standard semantic-segmentation mIoU):
+intersections and unions per class, background included, accumulated over the dataset; IoU
+per class; ``mIoU`` = mean over the classes that occur (union > 0); ``mIoU_fg`` leaves out the
+background. Pixels labelled 255 are ignored.
+
+No post-projector baseline: text queries have keys and values only, so the post_proj features
+have no text counterpart (``baseline = False``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvpipe.errors import StoreError
+from kvpipe.probes.base import PROBES, Probe, Target
+from kvpipe.probes.grounding import check_threshold, require_text, upsampled_scores
+from kvpipe.probes.metrics.segmentation import ClassIoU, confusion
+from kvpipe.probes.tokens import IGNORE, class_map, classes_present
+
+
+@PROBES.register("semantic-seg")
+class SemanticSegmentation(Probe):
+    name = "semantic-seg"
+    description = "zero-shot semantic segmentation: tokens . class-name token, mIoU (ImageNet-S)"
+    baseline = False
+    primary_metric = "mIoU"
+    defaults = {"threshold": 0.5}
+    version = 1
+
+    def prepare(self) -> None:
+        root = self.store.root
+        self.threshold = check_threshold(self.params["threshold"])
+        class_queries = self.store.structure().get("class_queries") or {}
+        if not class_queries:
+            raise StoreError(f"store {root} has no class queries; semantic-seg needs a dataset with class-name "
+                             f"text queries such as imagenet-s or synthetic")
+        n_queries = len(require_text(self.store, self.name, "imagenet-s or synthetic"))
+        self.class_queries = {int(c): int(q) for c, q in class_queries.items()}
+        bad = [q for q in self.class_queries.values() if not 0 <= q < n_queries]
+        if bad:
+            raise StoreError(f"store {root}: class query index {bad[0]} is outside its {n_queries} text queries; "
+                             f"the store is damaged (re-extract it)")
+        self.items = []  # (row, local ground truth, classes present)
+        for r in self.store.images():
+            if r.mask_offset < 0:
+                continue
+            ann = self.store.annotation(r)
+            present = classes_present(ann.meta, ann.mask)
+            if not present:
+                continue
+            missing = [c for c in present if c not in self.class_queries]
+            if missing:
+                raise StoreError(f"store {root}: image {r.image_id} has class {missing[0]}, which has no class "
+                                 f"query; the dataset's class_queries are incomplete")
+            self.items.append((r, local_ground_truth(ann.mask, ann.meta, present), present))
+        if not self.items:
+            raise StoreError(f"store {root} has no image with a mask and a labelled class; semantic-seg needs "
+                             f"annotated images")
+        self.rows = [r for r, _, _ in self.items]
+
+    def score(self, target: Target) -> dict[str, float]:
+        text = self.store.text(target.kind, target.layer, target.head)
+        feats = self.store.read(target.kind, target.layer, target.head, images=self.rows)
+        index = {r.image_id: i for i, r in enumerate(feats.rows)}
+        acc = ClassIoU()
+        for r, gt, present in self.items:
+            grid = feats.grid(index[r.image_id])
+            queries = text[[self.class_queries[c] for c in present]]
+            up = upsampled_scores(grid.reshape(-1, grid.shape[-1]), queries, grid.shape[:2], gt.shape)
+            k = len(present)
+            pred = np.where(up.max(axis=-1) > self.threshold, up.argmax(axis=-1) + 1, 0)  # local: 0 = bg
+            keep = gt != IGNORE
+            acc.add_confusion(confusion(gt[keep].astype(np.int64), pred[keep], k + 1), [0, *present])
+        return {"mIoU": acc.miou(), "mIoU_fg": acc.miou(exclude=(0,))}
+
+
+def local_ground_truth(mask: np.ndarray, meta: dict, present: list[int]) -> np.ndarray:
+    """uint8 map of local class indices: 0 background, 1 + present.index(c) for class c, 255 ignore."""
+    classes = class_map(mask, meta)  # class ids, -1 = ignore
+    lut = np.zeros(max(int(classes.max(initial=0)), max(present)) + 2, np.uint8)  # unknown ids -> background
+    lut[present] = np.arange(1, len(present) + 1)
+    lut[-1] = IGNORE  # index -1: ignore
+    return lut[classes]
