@@ -61,7 +61,11 @@ class Probe:
         return out
 
     def summarize(self, rows: list[dict[str, Any]], out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
-        """Extra rows and plots after the sweep (default: none; the runner draws Figure-2 plots)."""
+        """Extra rows and plots after the sweep (default: none; the runner draws Figure-2 plots).
+
+        Use only ``rows`` (the scored rows) and what ``prepare`` set: a cached run calls this
+        again, on a freshly prepared probe, to redraw the plots in a new results directory.
+        """
         return [], []
 
 

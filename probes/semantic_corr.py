@@ -16,7 +16,10 @@ corresponding to a keypoint." For every annotated pair (dataset.json "pairs"):
 
 Metrics: ``pck``, correct keypoints / all keypoints of all pairs (DIFT's "per point" PCK);
 ``pck_per_image``, the mean over pairs of each pair's PCK (DIFT's "per image" PCK, the
-DHPF/CATs average).
+DHPF/CATs average). Summary rows: ``n_pairs``, ``n_keypoints``, ``n_pairs_skipped`` and
+``pck_token_ceiling``, the PCK of predicting the centre of each target keypoint's own token --
+the most any features can reach at this token resolution (small images with coarse grids cap
+it well below 1).
 
 Pixel convention: integer coordinates are pixel centres (SPair keypoints index pixels, as
 ``ft[..., y, x]`` in DIFT), so the image spans [-0.5, W - 0.5] and token j of a grid of
@@ -95,6 +98,7 @@ class SemanticCorrespondence(Probe):
     description = "keypoint transfer by nearest token (cosine), PCK@alpha of the target bbox (SPair-71k)"
     primary_metric = "pck"
     defaults = {"alpha": 0.1}
+    version = 2  # 2: pck_token_ceiling summary row
 
     def prepare(self) -> None:
         pairs = self.store.structure().get("pairs") or []
@@ -157,6 +161,14 @@ class SemanticCorrespondence(Probe):
             gt.append(t_kps)
             thr.append(np.full(len(s_kps), th))
             kp_pair.append(np.full(len(s_kps), n))
+        # the best any features can do on these grids: the centre of the target keypoint's own token
+        ceiling = []
+        for src, tgt, s_kps, t_kps, th in usable:
+            tseg = base_segment(tgt)
+            hw, grid = (tgt.image_h, tgt.image_w), (tseg["rows"], tseg["cols"])
+            ceiling.append(correct_keypoints(token_centre(pixel_to_token(t_kps, hw, grid), hw, grid), t_kps,
+                                             np.full(len(t_kps), th), self.params["alpha"]))
+        self.ceiling = float(np.concatenate(ceiling).mean())
         self.query_tokens = np.concatenate(q_tokens)
         self.query_group = np.concatenate(q_group)
         self.candidate_tokens = np.concatenate(cand_tokens)
@@ -184,7 +196,8 @@ class SemanticCorrespondence(Probe):
         return pck_scores(correct, self.keypoint_pair, self.n_pairs)
 
     def summarize(self, rows: list[dict[str, Any]], out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
-        counts = {"n_pairs": self.n_pairs, "n_keypoints": len(self.gt_xy), "n_pairs_skipped": self.skipped_pairs}
+        counts = {"n_pairs": self.n_pairs, "n_keypoints": len(self.gt_xy), "n_pairs_skipped": self.skipped_pairs,
+                  "pck_token_ceiling": self.ceiling}
         return [{"layer": -1, "head": -1, "kind": "dataset", "metric": k, "value": float(v)}
                 for k, v in counts.items()], []
 

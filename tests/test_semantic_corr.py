@@ -135,6 +135,8 @@ def test_hand_computed_pck(tmp_path):
     assert value(run, "dataset", -1, -1, "n_pairs") == 2
     assert value(run, "dataset", -1, -1, "n_keypoints") == 4
     assert value(run, "dataset", -1, -1, "n_pairs_skipped") == 1
+    # own-token centres: (14.5, 9.5) 2.0 ok, (14.5, 29.5) 4.5 > 3, (14.5, 29.5) 2.92 ok; (4.5, 14.5) 1.12 ok
+    assert value(run, "dataset", -1, -1, "pck_token_ceiling") == pytest.approx(0.75)
     wider = run_probe(store, "semantic-corr", {"alpha": 0.2})  # radii 6 and 3: all four correct
     assert value(wider, "values", 0, 0, "pck") == pytest.approx(1.0)
     assert {p.name for p in run.plots} == {"semantic-corr-keys-pck.png", "semantic-corr-values-pck.png"}
