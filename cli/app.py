@@ -70,7 +70,7 @@ def extract(
 @app.command()
 def probe(
     task: str = typer.Option(..., help="probe name (see `kvpipe tasks`) or all (every task the store's dataset supports)"),
-    store: Path = typer.Option(..., help="a store made by kvpipe extract"),
+    store: str = typer.Option(..., help="a store made by kvpipe extract (directory or URL)"),
     out: Optional[Path] = typer.Option(None, help="results directory (default: STORE/probes/TASK; "
                                                   "with --task all, OUT/TASK)"),
     param: list[str] = typer.Option([], help="probe parameter KEY=VALUE (repeatable); with --task all it "
@@ -127,7 +127,7 @@ def probe(
 
 @app.command()
 def report(
-    store: Path = typer.Option(..., help="a store on which kvpipe probe has run"),
+    store: str = typer.Option(..., help="a store on which kvpipe probe has run (directory or URL)"),
     out: Optional[Path] = typer.Option(None, help="FILE.md (Markdown, default STORE/probes/report.md) or FILE.html"),
 ) -> None:
     """One page with the Table-1 summary (best layer/head per task vs post-proj) and every plot."""

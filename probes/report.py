@@ -5,7 +5,8 @@ reader wants the paper's Table 1 -- per task, the best image value and image key
 against the post-projection baseline -- and the plots, in one file that renders anywhere
 (GitHub, a browser) and whose images are relative paths next to it.
 
-Input: the results tables STORE/probes/<task>/results.parquet (and run.json, the parameters),
+Input: the results tables STORE/probes/<task>/results.parquet (and run.json, the parameters;
+``runner.results_dir``: ./kvpipe-probes/<url> for a store given by URL),
 written by ``run_probe``; nothing is recomputed. Tasks whose probe is ``ranked`` (higher is
 better) enter the summary table; the others (input-agnostic: a variance statistic) get the
 spread of their metrics and their flags instead.
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES
+from kvpipe.probes.runner import results_dir
 from kvpipe.store import FeatureStore
 
 REPRESENTATIONS = (("post_proj", "Visual encoder (post-proj)"), ("values", "LM image value (max)"),
@@ -74,7 +76,7 @@ def build_report(store_path: str | Path, out: str | Path | None = None) -> Path:
     """Write the report of every STORE/probes/<task>/results.parquet; Markdown unless ``out`` ends
     in .html / .htm. Default ``out``: STORE/probes/report.md. Returns the path written."""
     store = FeatureStore.open(store_path)
-    probes_dir = store.root / "probes"
+    probes_dir = results_dir(store.root)
     found = sorted(p for p in probes_dir.glob("*/results.parquet") if not p.parent.name.startswith("."))
     if not found:
         raise StoreError(f"no probe results under {probes_dir}; run kvpipe probe --task all --store {store.root} first")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +59,10 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     store = FeatureStore.open(store_path)
     probe_cls = PROBES.get(task)
     params = params or {}
-    out = Path(out_dir) if out_dir else store.root / "probes" / task
+    out = Path(out_dir) if out_dir else results_dir(store.root) / task
     out.mkdir(parents=True, exist_ok=True)
     key = cache_key(store, task, probe_cls.version, {**probe_cls.defaults, **params})
-    cached_file = store.root / "probes" / ".cache" / f"{task}-{key}.parquet"
+    cached_file = results_dir(store.root) / ".cache" / f"{task}-{key}.parquet"
     if use_cache and cached_file.exists():
         table = pq.read_table(cached_file)
         plots = sorted(out.glob("*.png"))
@@ -93,6 +94,15 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     _write_run_record(out, task, probe_cls, params, key, cached=False)
     plots = extra_plots + _figure2(probe, store, table, out)
     return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0)
+
+
+def results_dir(root: Any) -> Path:
+    """Where a store's probe results and cache live: STORE/probes for a local store; for a store
+    given by URL (object storage), ./kvpipe-probes/<host and path of the URL> on this machine."""
+    if isinstance(root, Path):
+        return root / "probes"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", str(root).split("://", 1)[-1]).strip("_") or "store"
+    return Path("kvpipe-probes") / slug
 
 
 def _write_table(table: pa.Table, out: Path) -> None:

@@ -97,6 +97,13 @@ def test_cached_run_redraws_the_probes_own_plots(tmp_path):
     assert again.table.equals(first.table)
 
 
+def test_results_dir_local_and_url():
+    from kvpipe.probes.runner import results_dir
+
+    assert results_dir(Path("/data/s1")) == Path("/data/s1/probes")
+    assert results_dir("s3://bucket/stores/qwen davis") == Path("kvpipe-probes/bucket_stores_qwen_davis")
+
+
 def test_table_helpers():
     rows = [{"kind": "values", "layer": 0, "head": 0, "metric": "m", "value": 0.2},
             {"kind": "values", "layer": 1, "head": 1, "metric": "m", "value": 0.7},
