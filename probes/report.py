@@ -66,6 +66,15 @@ def metric_statistics(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def flagged_heads(rows: Iterable[dict[str, Any]], metric: str, kind: str) -> str:
+    """"0: 1,3; 5: 0" -- the (layer: heads) where a 0/1 metric is 1."""
+    by_layer: dict[int, list[int]] = {}
+    for r in rows:
+        if r["metric"] == metric and r["kind"] == kind and r["layer"] >= 0 and r["value"] == 1.0:
+            by_layer.setdefault(r["layer"], []).append(r["head"])
+    return "; ".join(f"{l}: {','.join(str(h) for h in sorted(hs))}" for l, hs in sorted(by_layer.items()))
+
+
 def summary_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows that are not a (layer, head) or post-proj score: thresholds, counts, chosen layers."""
     return [r for r in rows if r["layer"] < 0 and r["kind"] != "post_proj"]
@@ -160,6 +169,9 @@ def _task_blocks(t: dict[str, Any], base: Path) -> list[Block]:
                     [[s["metric"], s["kind"], str(s["n"]), _fmt(s["min"], False), _fmt(s["median"], False),
                       _fmt(s["max"], False), "" if s["flagged"] is None else f"{s['flagged']} of {s['n']}"]
                      for s in metric_statistics(rows)]))
+        for s in metric_statistics(rows):
+            if s["flagged"]:
+                out.append(("p", f"{s['metric']} = 1 at (layer: KV heads) " + flagged_heads(rows, s["metric"], s["kind"])))
     extra = summary_rows(rows)
     if extra:
         out.append(("list", [f"{r['metric']}: {_fmt(r['value'], False)}" for r in extra]))

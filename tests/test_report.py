@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli
 from kvpipe.errors import StoreError
 from kvpipe.probes import run_probe
-from kvpipe.probes.report import best_row, build_report, metric_statistics
+from kvpipe.probes.report import best_row, build_report, flagged_heads, metric_statistics
 
 from test_semantic_corr import grid_segments, write_feature_store
 
@@ -57,6 +57,7 @@ def test_probe_all_then_report(tmp_path):
     assert "input-agnostic/input-agnostic-keys-pca.png" in links
     assert all((page.parent / link).is_file() for link in links)
     assert "threshold_" in text and "n_pairs: 6" in text and "alpha=0.1" in text
+    assert "input_agnostic = 1 at (layer: KV heads) " in text  # Otsu always flags the lower class
 
     # HTML elsewhere: image paths relative to the page
     html_page = build_report(store, tmp_path / "out" / "r.html")
@@ -114,6 +115,8 @@ def test_table_helpers():
     assert best_row(rows, "m", "values")["layer"] == 1
     assert best_row(rows, "m", "post_proj")["value"] == 0.5
     assert best_row(rows, "m", "keys") is None
+    assert flagged_heads(rows + [{"kind": "keys", "layer": 3, "head": 2, "metric": "flag", "value": 1.0}],
+                         "flag", "keys") == "0: 0; 3: 2"
     stats = {(s["metric"], s["kind"]): s for s in metric_statistics(rows)}
     assert stats[("flag", "keys")]["flagged"] == 1 and stats[("m", "values")]["flagged"] is None
     assert stats[("m", "values")]["n"] == 2 and stats[("m", "values")]["max"] == 0.7
