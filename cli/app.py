@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -128,12 +128,14 @@ def probe(
 @app.command()
 def report(
     store: str = typer.Option(..., help="a store on which kvpipe probe has run (directory or URL)"),
-    out: Optional[Path] = typer.Option(None, help="FILE.md (Markdown, default STORE/probes/report.md) or FILE.html"),
+    out: Optional[Path] = typer.Option(None, help="FILE.md (Markdown, default RESULTS/report.md) or FILE.html"),
+    results: Annotated[Optional[Path], typer.Option(help="directory of <task>/results.parquet (default: "
+                                                         "STORE/probes, where kvpipe probe writes without --out)")] = None,
 ) -> None:
     """One page with the Table-1 summary (best layer/head per task vs post-proj) and every plot."""
     from kvpipe.probes.report import build_report
 
-    path = build_report(store, out)
+    path = build_report(store, out, results)
     console.print(f"report: {path}")
 
 

@@ -81,14 +81,16 @@ def summary_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------- the page
-def build_report(store_path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the report of every STORE/probes/<task>/results.parquet; Markdown unless ``out`` ends
-    in .html / .htm. Default ``out``: STORE/probes/report.md. Returns the path written."""
+def build_report(store_path: str | Path, out: str | Path | None = None, results: str | Path | None = None) -> Path:
+    """Write the report of every <results>/<task>/results.parquet (default results: STORE/probes,
+    where ``kvpipe probe`` writes without --out); Markdown unless ``out`` ends in .html / .htm.
+    Default ``out``: <results>/report.md. Returns the path written."""
     store = FeatureStore.open(store_path)
-    probes_dir = results_dir(store.root)
+    probes_dir = Path(results) if results is not None else results_dir(store.root)
     found = sorted(p for p in probes_dir.glob("*/results.parquet") if not p.parent.name.startswith("."))
     if not found:
-        raise StoreError(f"no probe results under {probes_dir}; run kvpipe probe --task all --store {store.root} first")
+        raise StoreError(f"no probe results under {probes_dir}; run kvpipe probe --task all --store {store.root} "
+                         f"first (or point --results at the --out directory it used)")
     out = Path(out) if out is not None else probes_dir / "report.md"
     fmt = "html" if out.suffix.lower() in (".html", ".htm") else "md"
     if fmt == "md" and out.suffix.lower() not in (".md", ".markdown", ""):

@@ -59,6 +59,11 @@ def test_probe_all_then_report(tmp_path):
     assert "threshold_" in text and "n_pairs: 6" in text and "alpha=0.1" in text
     assert "input_agnostic = 1 at (layer: KV heads) " in text  # Otsu always flags the lower class
 
+    # results written elsewhere with --out, then reported from there
+    run_probe(store, "semantic-corr", out_dir=tmp_path / "res" / "semantic-corr")
+    other = build_report(store, results=tmp_path / "res")
+    assert other == tmp_path / "res" / "report.md" and "semantic-corr/semantic-corr-values-pck.png" in other.read_text()
+
     # HTML elsewhere: image paths relative to the page
     html_page = build_report(store, tmp_path / "out" / "r.html")
     body = html_page.read_text()
