@@ -9,11 +9,13 @@ kv() { python3 -m kvpipe.cli bench extract "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 # Qwen2.5-VL 7B at 448x448 (256 image tokens), all layers/heads, keys + values, bf16
-kv --model qwen25vl --size 448 --images 64 --batch-size 8 --naive-images 16 --json "$out/qwen25vl-448-b8.json"
-kv --model qwen25vl --size 448 --images 128 --batch-size 32 --part-size 64 --runs floor-kvpipe,kvpipe \
+kv --model qwen25vl --size 448 --images 64 --batch-size 8 --part-size 16 --naive-images 16 \
+   --json "$out/qwen25vl-448-b8.json"
+kv --model qwen25vl --size 448 --images 256 --batch-size 32 --part-size 64 --runs floor-kvpipe,kvpipe \
    --json "$out/qwen25vl-448-b32.json"
 # LLaVA-OneVision 7B at 384x384 (base view + 1 crop), all layers/heads, keys + values, bf16
-kv --model llava-ov --size 384 --images 32 --batch-size 8 --naive-images 8 --json "$out/llava-ov-384-b8.json"
-# LLaVA-OneVision 7B, values only (half the bytes)
-kv --model llava-ov --size 384 --images 32 --batch-size 8 --kinds values --runs floor-kvpipe,kvpipe \
+kv --model llava-ov --size 384 --images 64 --batch-size 8 --part-size 8 --naive-images 8 \
+   --json "$out/llava-ov-384-b8.json"
+# values only (half the bytes)
+kv --model llava-ov --size 384 --images 64 --batch-size 8 --part-size 8 --kinds values --runs floor-kvpipe,kvpipe \
    --json "$out/llava-ov-384-b8-values.json"

@@ -24,11 +24,21 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _add_subcommands() -> None:
+    from kvpipe.cli.bench import bench_app
+
+    app.add_typer(bench_app, name="bench")
+
+
+_add_subcommands()
+
+
 @app.command()
 def extract(
     model: str = typer.Option(..., help="registry name (see `kvpipe models`), hub id or checkpoint directory"),
     dataset: str = typer.Option(..., help="registry name (see `kvpipe datasets`)"),
-    out: Path = typer.Option(..., help="store directory (created, or resumed if it holds this feature set)"),
+    out: str = typer.Option(..., help="store directory or fsspec URL such as s3://bucket/store (created, or "
+                                      "resumed if it holds this feature set)"),
     data_root: Optional[str] = typer.Option(None, help="dataset directory in the dataset's official layout"),
     split: Optional[str] = typer.Option(None, help="dataset split (default: the adapter's)"),
     limit: Optional[int] = typer.Option(None, help="use only the first N images"),
@@ -43,10 +53,18 @@ def extract(
     heads: str = typer.Option("all", help="KV heads to store: all | 0,2"),
     kinds: str = typer.Option("keys,values,post_proj", help="comma list of keys, values, post_proj"),
     store_dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: --dtype)"),
+    codec: str = typer.Option("zstd", help="lossless codec: zstd (smaller) | lz4 (faster to read) | zstd3"),
     batch_size: int = typer.Option(4, help="images per forward pass"),
     part_size: int = typer.Option(32, help="images per store part (the unit of commit and resume)"),
     strict: bool = typer.Option(False, help="stop at the first unreadable image instead of recording it"),
     seed: int = typer.Option(0, help="seed for --init random and tiny models"),
+    executor: str = typer.Option("local", help="local (this process) | ray (one actor per GPU of a Ray cluster)"),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster HOST:PORT, ray://HOST:PORT or auto "
+                                                         "(default: RAY_ADDRESS, else a local Ray)"),
+    workers: Optional[int] = typer.Option(None, help="Ray actors (default: one per GPU of the cluster; 1 on CPU)"),
+    repair: bool = typer.Option(False, help="redo only the parts kvpipe verify finds damaged (and unfinished ones)"),
+    option: list[str] = typer.Option([], help="dataset option KEY=VALUE (repeatable), e.g. fold=1 for pascal5i; "
+                                              "see `kvpipe datasets`"),
 ) -> None:
     """Run the model once per image and store every layer's and head's image K/V."""
     from kvpipe.cli.progress import extraction_progress
@@ -56,13 +74,18 @@ def extract(
                         limit=limit, init=init, revision=revision, dtype=dtype, device=device,
                         prefix=prefix, template=template, keys=keys, layers=layers, heads=heads,
                         kinds=kinds, store_dtype=store_dtype, batch_size=batch_size,
-                        part_size=part_size, strict=strict, seed=seed,
+                        part_size=part_size, strict=strict, seed=seed, executor=executor,
+                        ray_address=ray_address, workers=workers, repair=repair,
+                        dataset_options=_parse_params(option, "--option"), codec=codec,
                         command="kvpipe " + " ".join(sys.argv[1:]))
     with extraction_progress(console) as (on_start, advance):
         res = run_extract(cfg, progress=advance, on_start=on_start)
     console.print(f"[bold]stored[/] {res.images_ok} images ({res.images_failed} failed) in "
                   f"{res.parts_done} new parts, {res.parts_skipped} already committed, "
                   f"{res.seconds:.1f} s -> {res.store}")
+    if repair:
+        console.print(f"repaired {len(res.parts_repaired)} damaged part(s)"
+                      + (f": {', '.join(f'p{p:06d}' for p in res.parts_repaired)}" if res.parts_repaired else ""))
     for image_id, why in res.failures[:10]:
         console.print(f"  [yellow]failed[/] {image_id}: {why}")
 
@@ -140,7 +163,7 @@ def report(
 
 
 @app.command()
-def info(store: Path = typer.Argument(..., help="store directory")) -> None:
+def info(store: str = typer.Argument(..., help="store directory or URL")) -> None:
     """Describe a store: model, dataset, layers, heads, kinds, encoding, size."""
     from kvpipe.store import FeatureStore
 
@@ -151,7 +174,7 @@ def info(store: Path = typer.Argument(..., help="store directory")) -> None:
 
 
 @app.command()
-def verify(store: Path = typer.Argument(..., help="store directory")) -> None:
+def verify(store: str = typer.Argument(..., help="store directory or URL")) -> None:
     """Check every committed part's checksums and arrays; exit 1 if anything is damaged."""
     from kvpipe.store.verify import verify_store
 
@@ -165,6 +188,16 @@ def verify(store: Path = typer.Argument(..., help="store directory")) -> None:
     console.print(f"[red]damaged[/]: {len(report.problems)} of {report.parts_checked} parts; "
                   f"rerun the same kvpipe extract with --repair to redo them")
     raise typer.Exit(1)
+
+
+@app.command()
+def status(store: str = typer.Argument(..., help="store directory or URL"),
+           all_parts: bool = typer.Option(False, "--all", help="list every part, not only failed ones")) -> None:
+    """Parts done, pending and failed (with why); rerun the same extract to finish the store."""
+    from kvpipe.cli.ops import print_status
+    from kvpipe.store.status import store_status
+
+    print_status(console, store_status(store), all_parts)
 
 
 @app.command()
@@ -203,24 +236,24 @@ def tasks(pattern: str = typer.Argument("*", help="wildcard filter")) -> None:
 
 @app.command()
 def demo(out: Path = typer.Option(Path("demo-out"), help="where the store and results go")) -> None:
-    """The embedded default: tiny Qwen2.5-VL on synthetic videos, then both probes."""
+    """The embedded default: tiny Qwen2.5-VL on synthetic data, every probe, one report page."""
     store = out / "store"
     extract(model="tiny-qwen25vl", dataset="synthetic", out=store, data_root=None, split=None,
             limit=None, init="pretrained", revision=None, dtype="float32", device="cpu", prefix="",
             template="chat", keys="post-rope", layers="all", heads="all",
-            kinds="keys,values,post_proj", store_dtype=None, batch_size=4, part_size=8,
-            strict=False, seed=0)
-    for name in ("temporal-corr", "input-agnostic"):
-        probe(task=name, store=store, out=out / "results" / name, param=[], no_cache=False)
+            kinds="keys,values,post_proj", store_dtype=None, codec="zstd", batch_size=4, part_size=8,
+            strict=False, seed=0, executor="local", ray_address=None, workers=None, repair=False, option=[])
+    probe(task="all", store=store, out=None, param=[], no_cache=False)
+    report(store=store, out=out / "report.md")
 
 
-def _parse_params(items: list[str]) -> dict[str, object]:
+def _parse_params(items: list[str], flag: str = "--param") -> dict[str, object]:
     import json
 
     params: dict[str, object] = {}
     for item in items:
         if "=" not in item:
-            raise UsageError(f"--param {item!r} must look like KEY=VALUE")
+            raise UsageError(f"{flag} {item!r} must look like KEY=VALUE")
         k, v = item.split("=", 1)
         try:
             params[k] = json.loads(v)
@@ -240,14 +273,13 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")
         sys.exit(130)
-    except Exception as err:  # click's own usage errors
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
+    except Exception as err:  # click's own usage errors (click, or the copy typer ships)
+        names = {c.__name__ for c in type(err).__mro__}
+        if "ClickException" in names:
             err.show()
             sys.exit(2)
-        if isinstance(err, click.exceptions.Exit):
+        if "Exit" in names and hasattr(err, "exit_code"):
             sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
+        if "Abort" in names:
             sys.exit(130)
         raise

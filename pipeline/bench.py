@@ -43,6 +43,7 @@ class BenchConfig:
     part_size: int = 32
     naive_images: int = 16
     store_dtype: str | None = None
+    codec: str = "zstd"
     kinds: str = "keys,values"
     layers: str = "all"
     heads: str = "all"
@@ -60,6 +61,7 @@ class BenchResult:
     bytes_per_image_raw: float = 0.0
     bytes_per_image_stored: float = 0.0
     read: dict[str, float] = field(default_factory=dict)
+    disk_write_mb_s: float = 0.0  # sequential write + fsync of 1 GiB where the store lives
 
     def ratios(self) -> dict[str, float]:
         ips = self.images_per_s
@@ -133,7 +135,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
             ecfg = ExtractConfig(model=cfg.model, dataset="synthetic", out=str(store), limit=cfg.images,
                                  init=cfg.init, dtype=cfg.dtype, device=cfg.device, kinds=cfg.kinds,
                                  layers=cfg.layers, heads=cfg.heads, store_dtype=cfg.store_dtype,
-                                 batch_size=cfg.batch_size, part_size=cfg.part_size, dataset_options=ds_opts,
+                                 batch_size=cfg.batch_size, part_size=cfg.part_size, dataset_options=ds_opts, codec=cfg.codec,
                                  command="kvpipe bench extract")
             res = extract(ecfg, adapter=adapter)
             record("kvpipe", res.seconds, res.images_ok)
@@ -142,6 +144,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
             stored = sum(p.stat().st_size for p in (store / "parts").rglob("*") if p.is_file())
             result.bytes_per_image_stored = stored / max(res.images_ok, 1)
             result.read = bench_read(store)
+            result.disk_write_mb_s = disk_write_rate(tmp)
         sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
                         parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), parse_kinds(cfg.kinds))
         itemsize = 2 if (cfg.store_dtype or cfg.dtype) in ("bfloat16", "float16") else 4
@@ -155,6 +158,12 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
     log(f"  K/V per image: {result.bytes_per_image_raw / 1e6:.1f} MB raw, "
         f"{result.bytes_per_image_stored / 1e6:.1f} MB stored "
         f"(compression {result.bytes_per_image_raw / max(result.bytes_per_image_stored, 1):.2f} x)")
+    if result.disk_write_mb_s and result.bytes_per_image_stored:
+        disk_rate = result.disk_write_mb_s * 1e6 / result.bytes_per_image_stored
+        bound = min(result.images_per_s.get("floor-hf", disk_rate), disk_rate)
+        label = "min(floor-hf, disk)" if "floor-hf" in result.images_per_s else "disk"
+        log(f"  disk writes {result.disk_write_mb_s:.0f} MB/s with fsync -> {disk_rate:.1f} img/s at the stored "
+            f"size; kvpipe / {label} = {result.images_per_s.get('kvpipe', 0) / bound:.2f} x")
     for mode in ("cold", "warm"):
         if f"{mode}_store_mb_s" in result.read:
             st, raw = result.read[f"{mode}_store_mb_s"], result.read[f"{mode}_raw_mb_s"]
@@ -188,6 +197,21 @@ def _naive(adapter: Any, images: list, out: Path, device: torch.device) -> float
     run()  # warm-up
     images = saved
     return _timed(run, device)
+
+
+def disk_write_rate(folder: Path, total: int = 1 << 30, block: int = 64 << 20) -> float:
+    """MB/s of writing ``total`` bytes sequentially and fsync'ing them (the disk's commit rate)."""
+    path = folder / "disk-probe.bin"
+    payload = np.random.default_rng(0).integers(0, 255, block, dtype=np.uint8).tobytes()
+    t0 = time.perf_counter()
+    with open(path, "wb") as fh:
+        for _ in range(total // block):
+            fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return total / seconds / 1e6
 
 
 def _drop_page_cache() -> bool:

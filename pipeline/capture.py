@@ -88,12 +88,14 @@ def _to_host(t: torch.Tensor) -> np.ndarray:
 
 
 @torch.inference_mode()
-def capture_batch(adapter: ModelAdapter, batch: Batch, sel: Selection, dtype: str = "float32") -> CapturedBatch:
+def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
+                 dtype: str = "float32") -> tuple[dict[str, torch.Tensor], list[int]]:
     """Forward the batch once and gather every image's K/V on the device.
 
     Why one gather: all images' image positions are selected with a single index_select per
-    (kind, layer stack) and cast to the store dtype on the device, so the host receives one
-    contiguous array per kind instead of many small float32 copies.
+    (kind, layer) and cast to the store dtype on the device, so the host receives one
+    contiguous array per kind ([L, H, tokens, D]; post_proj [tokens, hidden]).
+    Returns the device tensors and the tokens per image.
     """
     inputs = _to_device(batch.inputs, adapter.device)
     with _hooks(adapter, sel) as seen:
@@ -105,7 +107,7 @@ def capture_batch(adapter: ModelAdapter, batch: Batch, sel: Selection, dtype: st
     # flat (image, position) index into [B * S]
     flat = torch.cat([lay.positions.to(device) + i * s for i, lay in enumerate(batch.layouts)])
     target = TORCH_DTYPES[dtype]
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, torch.Tensor] = {}
     for kind in ("keys", "values"):
         if kind not in sel.kinds:
             continue
@@ -117,11 +119,16 @@ def capture_batch(adapter: ModelAdapter, batch: Batch, sel: Selection, dtype: st
                 full = getattr(cache.layers[l], kind)  # [B, H, S, D]
             full = full.index_select(1, heads).transpose(0, 1).reshape(len(sel.heads), b * s, -1)
             per_layer.append(full.index_select(1, flat))
-        arrays[kind] = _to_host(torch.stack(per_layer).to(target))  # [L, H, tokens, D]
+        arrays[kind] = torch.stack(per_layer).to(target)  # [L, H, tokens, D]
     if POST_PROJ in sel.kinds:
-        emb = seen[POST_PROJ].reshape(b * s, -1).index_select(0, flat)
-        arrays[POST_PROJ] = _to_host(emb.to(target))
-    return CapturedBatch(arrays, [int(lay.positions.numel()) for lay in batch.layouts])
+        arrays[POST_PROJ] = seen[POST_PROJ].reshape(b * s, -1).index_select(0, flat).to(target)
+    return arrays, [int(lay.positions.numel()) for lay in batch.layouts]
+
+
+def capture_batch(adapter: ModelAdapter, batch: Batch, sel: Selection, dtype: str = "float32") -> CapturedBatch:
+    """gather_batch, then a synchronous copy to host numpy arrays."""
+    arrays, counts = gather_batch(adapter, batch, sel, dtype)
+    return CapturedBatch({k: _to_host(v) for k, v in arrays.items()}, counts)
 
 
 def run_capture(adapter: ModelAdapter, batch: Batch, sel: Selection) -> list[dict[str, torch.Tensor]]:

@@ -8,24 +8,28 @@ Ray workers (or one local process) can each own parts without ever sharing a fil
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 
 import kvpipe
 from kvpipe.errors import DataError, UsageError
-from kvpipe.pipeline.capture import Selection, run_capture, run_text_capture
-from kvpipe.pipeline.datasets import ImageRecord, create_dataset
-from kvpipe.pipeline.models import ModelAdapter, load_model
-from kvpipe.store.encoding import compressor_meta
+from kvpipe.pipeline.capture import CapturedBatch, Selection, gather_batch
+from kvpipe.pipeline.transfer import HostStager
+from kvpipe.pipeline.datasets import ImageRecord
+from kvpipe.pipeline.models import ModelAdapter
+from kvpipe.store.encoding import CODECS, compressor_meta
 from kvpipe.store.manifest import FAILED, ImageRow
-from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, FeatureSetMeta, ids_fingerprint, structure_fingerprint
+from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, FeatureSetMeta, ids_fingerprint
 from kvpipe.store.writer import StoreWriter
 
 
@@ -52,10 +56,17 @@ class ExtractConfig:
     store_dtype: str | None = None  # default: the compute dtype
     batch_size: int = 4
     part_size: int = 32
+    codec: str = "zstd"  # store.encoding.CODECS
+    loader_processes: int | None = None  # None: LOADER_PROCESSES on a GPU, threads on a CPU
+    fast_kernels: bool = True  # numerically equivalent faster kernels (ModelAdapter.accelerate)
     strict: bool = False
     seed: int = 0
     dataset_options: dict[str, Any] = field(default_factory=dict)
     command: str = ""
+    executor: str = "local"  # pipeline.executors.EXECUTORS: local | ray
+    ray_address: str | None = None  # None: a local Ray instance (or RAY_ADDRESS / ray start's)
+    workers: int | None = None  # Ray actors; default: one per GPU of the cluster (1 on CPU)
+    repair: bool = False  # redo the parts kvpipe verify finds damaged
 
 
 @dataclass
@@ -67,6 +78,13 @@ class ExtractResult:
     images_failed: int
     seconds: float
     failures: list[tuple[str, str]] = field(default_factory=list)
+    parts_repaired: list[int] = field(default_factory=list)  # damaged parts redone by --repair
+    # where the driver's time went: waiting for loaded batches, capturing, waiting for writes
+    timings: dict[str, float] = field(default_factory=lambda: {"load_wait": 0.0, "capture": 0.0,
+                                                                "write_wait": 0.0})
+
+    def timed(self, key: str, t0: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 def parse_index_spec(spec: str, n: int, option: str) -> tuple[int, ...]:
@@ -105,6 +123,8 @@ def validate(cfg: ExtractConfig) -> None:
         raise UsageError(f"--keys must be one of {', '.join(KEY_ROPE)}, not {cfg.keys!r}")
     if cfg.store_dtype is not None and cfg.store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
+    if cfg.codec not in CODECS:
+        raise UsageError(f"--codec must be one of {', '.join(CODECS)}, not {cfg.codec!r}")
     if cfg.batch_size < 1 or cfg.part_size < 1:
         raise UsageError("--batch-size and --part-size must be at least 1")
     if cfg.part_size % cfg.batch_size:
@@ -129,122 +149,312 @@ def build_meta(adapter: ModelAdapter, records: list[ImageRecord], dataset_desc: 
         prefix_token_ids=tuple(_prefix_ids(adapter, cfg)), image_token_id=adapter.image_token_id,
         part_size=cfg.part_size, n_images=len(records),
         image_ids_sha256=ids_fingerprint([r.image_id for r in records]),
-        text_queries=tuple(queries), compressor=compressor_meta(store_dtype),
+        text_queries=tuple(queries), compressor=compressor_meta(store_dtype, codec=cfg.codec),
         command=cfg.command or " ".join(shlex.quote(a) for a in sys.argv),
         kvpipe_version=kvpipe.__version__)
 
 
-class PartBuilder:
-    """Accumulates one part's images (features, masks, rows) into the arrays of a commit."""
+class BufferPool:
+    """Host buffers for parts, reused once a part is written (fresh pages cost page faults)."""
 
-    def __init__(self, part: int, sel: Selection):
-        self.part, self.sel = part, sel
+    def __init__(self) -> None:
+        self.free: list[np.ndarray] = []
+        self.lock = threading.Lock()
+
+    def take(self, lead: tuple[int, ...], tokens: int, tail: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with self.lock:
+            for i, buf in enumerate(self.free):
+                if buf.dtype == dtype and buf.shape[:len(lead)] == lead and buf.shape[len(lead) + 1:] == tail \
+                        and buf.shape[len(lead)] >= tokens:
+                    return self.free.pop(i)
+        return np.empty((*lead, tokens, *tail), dtype)
+
+    def give(self, arrays: list[np.ndarray]) -> None:
+        with self.lock:
+            self.free.extend(arrays)
+            del self.free[:-8]  # bound what is kept
+
+
+class PartBuilder:
+    """Accumulates one part's images (rows, masks, and features in one buffer per kind).
+
+    Features arrive from the device-to-host thread (``sink``) into preallocated buffers, so
+    committing a part needs no concatenation; buffers grow if images are larger than planned.
+    """
+
+    def __init__(self, part: int, sel: Selection, part_size: int = 0, pool: BufferPool | None = None):
+        self.part, self.sel, self.part_size = part, sel, part_size
+        self.pool = pool or BufferPool()
         self.rows: list[ImageRow] = []
-        self.tensors: dict[str, list[np.ndarray]] = {k: [] for k in sel.kinds}
+        self.bufs: dict[str, np.ndarray] = {}
+        self.copies: list[Future] = []
         self.masks: list[np.ndarray] = []
         self.n_tokens = 0
         self.n_mask = 0
+        self.n_images = 0
 
     def add_failed(self, index: int, rec: ImageRecord, error: str) -> None:
         self.rows.append(ImageRow(index=index, image_id=rec.image_id, part=self.part, status=FAILED,
                                   error=error, token_offset=self.n_tokens, source=rec.source,
                                   group=rec.group, frame=rec.frame))
 
-    def add(self, index: int, rec: ImageRecord, size: tuple[int, int], layout_json: str,
-            base: tuple[int, int], feats: dict[str, Any], annotation: Any) -> None:
-        n = int(next(iter(feats.values())).shape[-2])
-        mask = annotation.mask
-        row = ImageRow(index=index, image_id=rec.image_id, part=self.part, token_offset=self.n_tokens,
-                       n_tokens=n, grid_h=base[0], grid_w=base[1], segments=layout_json,
-                       image_h=size[1], image_w=size[0], source=rec.source, group=rec.group,
-                       frame=rec.frame, meta=json.dumps(annotation.meta))
-        if mask is not None:
-            row.mask_offset, row.mask_h, row.mask_w = self.n_mask, int(mask.shape[0]), int(mask.shape[1])
-            self.masks.append(np.ascontiguousarray(mask, dtype=np.uint8).ravel())
-            self.n_mask += mask.size
-        for k, v in feats.items():
-            self.tensors[k].append(v.numpy())
-        self.rows.append(row)
-        self.n_tokens += n
+    def reserve(self, items: list[tuple[int, ImageRecord, tuple[int, int], Any, Any]],
+                counts: list[int]) -> tuple[int, int]:
+        """Rows for a batch (index, record, image size, token layout, annotation per image);
+        returns the batch's token range in the part."""
+        start = self.n_tokens
+        for (index, rec, size, lay, annotation), n in zip(items, counts):
+            row = ImageRow(index=index, image_id=rec.image_id, part=self.part, token_offset=self.n_tokens,
+                           n_tokens=n, grid_h=lay.base.rows, grid_w=lay.base.cols,
+                           segments=lay.segments_json(), image_h=size[1], image_w=size[0], source=rec.source,
+                           group=rec.group, frame=rec.frame, meta=json.dumps(annotation.meta))
+            mask = annotation.mask
+            if mask is not None:
+                row.mask_offset, row.mask_h, row.mask_w = self.n_mask, int(mask.shape[0]), int(mask.shape[1])
+                self.masks.append(np.ascontiguousarray(mask, dtype=np.uint8).ravel())
+                self.n_mask += mask.size
+            self.rows.append(row)
+            self.n_tokens += n
+        self.n_images += len(items)
+        return start, self.n_tokens
+
+    def sink(self, start: int, end: int) -> Callable[[dict[str, np.ndarray]], None]:
+        """A callback that stores a batch's host arrays at tokens [start, end) of the part."""
+        planned = max(end, -(-end * max(self.part_size, 1) // max(self.n_images, 1)))
+
+        def put(host: dict[str, np.ndarray]) -> None:
+            for kind, arr in host.items():
+                axis = arr.ndim - 2  # the token axis
+                buf = self.bufs.get(kind)
+                if buf is None:
+                    buf = self.pool.take(arr.shape[:axis], planned, arr.shape[axis + 1:], arr.dtype)
+                elif buf.shape[axis] < end:  # larger images than planned: grow
+                    grown = np.empty((*buf.shape[:axis], max(end, 2 * buf.shape[axis]), *buf.shape[axis + 1:]),
+                                     buf.dtype)
+                    grown[(slice(None),) * axis + (slice(0, start),)] = buf[(slice(None),) * axis + (slice(0, start),)]
+                    buf = grown
+                buf[(slice(None),) * axis + (slice(start, end),)] = arr
+                self.bufs[kind] = buf
+
+        return put
+
+    def add_batch(self, items: list[tuple[int, ImageRecord, tuple[int, int], Any, Any]],
+                  captured: CapturedBatch) -> None:
+        """A batch already on the host (synchronous path)."""
+        start, end = self.reserve(items, captured.counts)
+        self.sink(start, end)(captured.arrays)
 
     def arrays(self) -> dict[str, np.ndarray]:
+        for f in self.copies:
+            f.result()
         out: dict[str, np.ndarray] = {}
-        for k, parts in self.tensors.items():
-            if parts:
-                out[k] = np.concatenate(parts, axis=-2)  # the token axis
+        for kind, buf in self.bufs.items():
+            axis = buf.ndim - 2
+            out[kind] = buf[(slice(None),) * axis + (slice(0, self.n_tokens),)]
         if self.masks:
             out["masks"] = np.concatenate(self.masks)
         return out
 
+    def release(self) -> None:
+        """Hand the buffers back to the pool once the part is written."""
+        self.pool.give(list(self.bufs.values()))
+        self.bufs = {}
+
+
+# Batches are decoded and preprocessed (PIL, numpy, the HF image processor) by a few threads
+# ahead of the GPU; one thread cannot keep up with a 7B model's prefill on an H100.
+LOADERS = max(2, min(8, (os.cpu_count() or 2) // 2))
+# On a GPU host, loading runs in this many DataLoader processes instead (see iterate_batches).
+LOADER_PROCESSES = max(0, min(8, (os.cpu_count() or 1) // 2))
 
 ProgressFn = Callable[[int], None]
 
 
 def extract(cfg: ExtractConfig, progress: ProgressFn | None = None,
-            on_start: Callable[[int, int], None] | None = None) -> ExtractResult:
-    """Run (or resume) an extraction. ``progress(n)`` is told of every n images done."""
+            on_start: Callable[[int, int], None] | None = None, adapter: ModelAdapter | None = None) -> ExtractResult:
+    """Run (or resume) an extraction. ``progress(n)`` is told of every n images done.
+
+    ``adapter``: an already loaded model (benchmarks reuse one across runs); it must be the
+    model ``cfg.model`` names.
+    """
     validate(cfg)
-    t0 = time.perf_counter()
-    ds = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, limit=cfg.limit,
-                        **cfg.dataset_options)
-    records = ds.records()
-    if not records:
-        raise DataError(f"dataset {cfg.dataset} at {cfg.data_root} has no images")
-    adapter = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, init=cfg.init,
-                         revision=cfg.revision, seed=cfg.seed)
-    sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
-                    parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"),
-                    parse_kinds(cfg.kinds), cfg.keys)
-    queries = ds.text_queries()
-    structure = ds.structure()
-    desc = {**ds.describe(), "tasks": list(ds.tasks), "structure_sha256": structure_fingerprint(structure)}
-    meta = build_meta(adapter, records, desc, queries, cfg, sel)
-    writer = StoreWriter.create_or_resume(cfg.out, meta, structure)
-    pending = writer.pending_parts()
-    todo_images = sum(len(records[p * cfg.part_size:(p + 1) * cfg.part_size]) for p in pending)
-    if on_start:
-        on_start(todo_images, len(records))
-    result = ExtractResult(cfg.out, 0, writer.n_parts() - len(pending), 0, 0, 0.0)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpipe-write") as pool:
-        inflight: list[Future] = []
-        for part in pending:
-            builder = _extract_part(adapter, records, part, cfg, sel, result, progress)
-            while len(inflight) >= 2:  # bound memory: at most two parts waiting for the disk
-                inflight.pop(0).result()
-            inflight.append(pool.submit(writer.write_part, part, builder.rows, builder.arrays()))
-            result.parts_done += 1
-        for f in inflight:
-            f.result()
-    if queries and not writer.text_committed():
-        feats, ids = run_text_capture(adapter, queries, sel, cfg.template)
-        writer.write_text(queries, ids, {k: v.numpy() for k, v in feats.items()})
-    result.seconds = time.perf_counter() - t0
-    return result
+    from kvpipe.pipeline.executors import run_job  # executors import this module
+
+    return run_job(cfg, progress, on_start, adapter)
+
+
+def run_parts(adapter: ModelAdapter, records: list[ImageRecord], pending: list[int], cfg: ExtractConfig,
+              sel: Selection, writer: StoreWriter, result: ExtractResult, progress: ProgressFn | None,
+              on_failure: Callable[[int, BaseException, int], None] | None = None) -> None:
+    """The local executor's loop: capture part after part while writer threads commit up to
+    two finished parts (bounded memory); batches are loaded ahead of the GPU across parts.
+    ``on_failure(part, error, attempts)`` hears of a part that could not be captured or written."""
+
+    def settle(part: int, fut: Future) -> None:
+        try:
+            fut.result()
+        except BaseException as err:
+            if on_failure:
+                on_failure(part, err, 1)
+            raise
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvpipe-write") as pool, \
+            ThreadPoolExecutor(max_workers=LOADERS, thread_name_prefix="kvpipe-load") as loader:
+        inflight: list[tuple[int, Future]] = []
+        stager, buffers = HostStager(adapter.device), BufferPool()
+        processes = cfg.loader_processes
+        if processes is None:
+            processes = LOADER_PROCESSES if adapter.device.type == "cuda" else 0
+        stream = iterate_batches(adapter, [p for part in pending for p in _pieces_of(records, part, cfg)],
+                                 cfg, loader, processes)
+        try:
+            for part in pending:
+                try:
+                    builder = _extract_part(adapter, records, part, cfg, sel, result, progress, loader,
+                                            stager, buffers, stream)
+                except BaseException as err:
+                    if on_failure:
+                        on_failure(part, err, 1)
+                    raise  # parts already handed to the writer threads still commit
+                t1 = time.perf_counter()
+                while len(inflight) >= 2:  # bound memory: at most two parts waiting for the disk
+                    settle(*inflight.pop(0))
+                result.timed("write_wait", t1)
+                inflight.append((part, pool.submit(_write_and_release, writer, builder)))
+                result.parts_done += 1
+            t1 = time.perf_counter()
+            for part, f in inflight:
+                settle(part, f)
+            result.timed("write_wait", t1)
+        finally:
+            stager.close()
+
+
+def _write_and_release(writer: StoreWriter, builder: PartBuilder) -> None:
+    writer.write_part(builder.part, builder.rows, builder.arrays())
+    builder.release()
+
+
+@dataclass
+class LoadedBatch:
+    """A batch read from the dataset and run through the processor, ready for the GPU.
+
+    Holds dataset indices, not records, so it can come back from a loader process."""
+
+    items: list[tuple[int, tuple[int, int], Any]]  # (index, image size, annotation)
+    failed: list[tuple[int, str]]  # (index, error)
+    batch: Any  # models.base.Batch, or None when every image failed
+    n: int
+    fatal: str = ""  # an unreadable image under --strict
+
+
+def _load_batch(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], cfg: ExtractConfig) -> LoadedBatch:
+    items, failed = [], []
+    images = []
+    for index, rec in chunk:
+        try:
+            img, ann = rec.image(), rec.annotation()
+        except DataError as err:
+            if cfg.strict:
+                return LoadedBatch([], [], None, len(chunk), fatal=f"{err} (--strict)")
+            failed.append((index, str(err)))
+            continue
+        items.append((index, img.size, ann))
+        images.append(img)
+    batch = adapter.preprocess(images, cfg.prefix, cfg.template) if images else None
+    return LoadedBatch(items, failed, batch, len(chunk))
+
+
+class _Pieces(torch.utils.data.Dataset):
+    """Batches of (index, record) as a torch Dataset, so DataLoader processes can load them."""
+
+    def __init__(self, adapter: ModelAdapter, pieces: list[list[tuple[int, ImageRecord]]], cfg: ExtractConfig):
+        self.adapter, self.pieces, self.cfg = adapter, pieces, cfg
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def __getitem__(self, i: int) -> LoadedBatch:
+        return _load_batch(self.adapter, self.pieces[i], self.cfg)
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)  # loader processes share the cores; no nested thread pools
+
+
+def iterate_batches(adapter: ModelAdapter, pieces: list[list[tuple[int, ImageRecord]]], cfg: ExtractConfig,
+                    loader: ThreadPoolExecutor | None, processes: int = 0) -> Iterator[LoadedBatch]:
+    """Loaded batches in order, prepared ahead of the GPU.
+
+    With ``processes`` > 0, a torch DataLoader with that many forked worker processes (image
+    decoding and the HF image processor are Python-heavy: threads contend for the GIL and
+    cannot keep a 7B model's prefill busy); otherwise the ``loader`` thread pool.
+    """
+    if processes > 0:
+        dl = torch.utils.data.DataLoader(
+            _Pieces(adapter, pieces, cfg), batch_size=None, shuffle=False, num_workers=processes,
+            collate_fn=_identity, worker_init_fn=_one_thread, prefetch_factor=2,
+            multiprocessing_context="fork")
+        yield from dl
+        return
+    assert loader is not None
+    ahead = [loader.submit(_load_batch, adapter, p, cfg) for p in pieces[:LOADERS + 1]]
+    for i in range(len(pieces)):
+        loaded = ahead.pop(0).result()
+        if i + LOADERS + 1 < len(pieces):
+            ahead.append(loader.submit(_load_batch, adapter, pieces[i + LOADERS + 1], cfg))
+        yield loaded
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def _pieces_of(records: list[ImageRecord], part: int, cfg: ExtractConfig) -> list[list[tuple[int, ImageRecord]]]:
+    start = part * cfg.part_size
+    chunk = list(enumerate(records[start:start + cfg.part_size], start))
+    return [chunk[b:b + cfg.batch_size] for b in range(0, len(chunk), cfg.batch_size)]
 
 
 def _extract_part(adapter: ModelAdapter, records: list[ImageRecord], part: int, cfg: ExtractConfig,
-                  sel: Selection, result: ExtractResult, progress: ProgressFn | None) -> PartBuilder:
-    builder = PartBuilder(part, sel)
-    start = part * cfg.part_size
-    chunk = list(enumerate(records[start:start + cfg.part_size], start))
-    for b in range(0, len(chunk), cfg.batch_size):
-        loaded = []
-        for index, rec in chunk[b:b + cfg.batch_size]:
-            try:
-                loaded.append((index, rec, rec.image(), rec.annotation()))
-            except DataError as err:
-                if cfg.strict:
-                    raise DataError(f"{err} (--strict)") from None
-                builder.add_failed(index, rec, str(err))
-                result.images_failed += 1
-                result.failures.append((rec.image_id, str(err)))
-        if loaded:
-            batch = adapter.preprocess([img for _, _, img, _ in loaded], cfg.prefix, cfg.template)
-            feats = run_capture(adapter, batch, sel)
-            for (index, rec, img, ann), lay, f in zip(loaded, batch.layouts, feats):
-                builder.add(index, rec, img.size, lay.segments_json(), (lay.base.rows, lay.base.cols), f, ann)
-                result.images_ok += 1
+                  sel: Selection, result: ExtractResult, progress: ProgressFn | None,
+                  loader: ThreadPoolExecutor | None, stager: HostStager | None = None,
+                  pool: BufferPool | None = None, batches: Iterator[LoadedBatch] | None = None) -> PartBuilder:
+    """Capture one part. Its batches come from ``batches`` (shared across parts) or are
+    loaded on ``loader`` threads ahead of the GPU; each batch's features travel to the host
+    (``stager``) while the next one runs."""
+    own_stager = stager is None
+    stager = stager or HostStager(adapter.device)
+    builder = PartBuilder(part, sel, cfg.part_size, pool)
+    pieces = _pieces_of(records, part, cfg)
+    source = batches if batches is not None else iterate_batches(adapter, pieces, cfg, loader)
+    store_dtype = cfg.store_dtype or cfg.dtype
+    for _ in range(len(pieces)):
+        t1 = time.perf_counter()
+        loaded = next(source)
+        result.timed("load_wait", t1)
+        if loaded.fatal:
+            raise DataError(loaded.fatal)
+        for index, err in loaded.failed:
+            rec = records[index]
+            builder.add_failed(index, rec, err)
+            result.images_failed += 1
+            result.failures.append((rec.image_id, err))
+        if loaded.batch is not None:
+            t1 = time.perf_counter()
+            device_arrays, counts = gather_batch(adapter, loaded.batch, sel, store_dtype)
+            start_tok, end_tok = builder.reserve([(index, records[index], size, lay, ann)
+                                                  for (index, size, ann), lay
+                                                  in zip(loaded.items, loaded.batch.layouts)], counts)
+            builder.copies.append(stager.submit(device_arrays, builder.sink(start_tok, end_tok)))
+            result.timed("capture", t1)
+            result.images_ok += len(loaded.items)
         if progress:
-            progress(len(chunk[b:b + cfg.batch_size]))
+            progress(loaded.n)
+    t1 = time.perf_counter()
+    builder.arrays()  # wait for the part's last host copies
+    result.timed("capture", t1)
+    if own_stager:
+        stager.close()
     builder.rows.sort(key=lambda r: r.index)
     return builder

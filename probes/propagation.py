@@ -189,7 +189,8 @@ def upsample_to_mask(soft: np.ndarray, out_hw: tuple[int, int], patch_size: int 
         up, scale = tuple(out_hw), (h / out_hw[0], w / out_hw[1])
     wy = bilinear_matrix(h, up[0], scale[0])
     wx = bilinear_matrix(w, up[1], scale[1])
-    big = np.einsum("Xx,Yxc->YXc", wx, np.tensordot(wy, soft.astype(np.float64), axes=(1, 0)))
+    # two matrix products (BLAS), rows then columns: (Y, x, C) then (X, x) @ (Y, x, C) -> (Y, X, C)
+    big = np.matmul(wx, np.tensordot(wy, soft.astype(np.float64), axes=(1, 0)))
     labels = np.argmax(norm_mask(big), axis=-1)
     if tuple(labels.shape) != tuple(out_hw):
         labels = resize_nearest(labels, out_hw)

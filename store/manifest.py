@@ -6,6 +6,7 @@ read (unlike pickles), so a store from someone else is safe to open.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,11 +79,43 @@ class ImageRow:
         return json.loads(self.meta)
 
 
-def write_part_record(path: Path, rows: list[ImageRow], checksums: dict[str, str]) -> None:
-    """Write a part's rows + file checksums as one parquet file (the caller renames it in)."""
+def _record_table(rows: list[ImageRow], checksums: dict[str, str], data_dir: str | None) -> pa.Table:
     table = pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA)
-    table = table.replace_schema_metadata({b"kvpipe.checksums": json.dumps(checksums).encode()})
-    pq.write_table(table, path)
+    meta = {b"kvpipe.checksums": json.dumps(checksums).encode()}
+    if data_dir:  # object stores: the part's files live under a unique directory
+        meta[b"kvpipe.data"] = data_dir.encode()
+    return table.replace_schema_metadata(meta)
+
+
+def write_part_record(path: Path, rows: list[ImageRow], checksums: dict[str, str],
+                      data_dir: str | None = None) -> None:
+    """Write a part's rows + file checksums as one parquet file (the caller renames it in)."""
+    pq.write_table(_record_table(rows, checksums, data_dir), path)
+
+
+def part_record_bytes(rows: list[ImageRow], checksums: dict[str, str], data_dir: str | None = None) -> bytes:
+    """The same record as bytes, for a single-object PUT."""
+    buf = io.BytesIO()
+    pq.write_table(_record_table(rows, checksums, data_dir), buf)
+    return buf.getvalue()
+
+
+@dataclass
+class PartCommit:
+    """A part's commit record: its image rows, file checksums and data directory."""
+
+    rows: list[ImageRow]
+    checksums: dict[str, str]
+    data_dir: str | None  # relative to the store root; None: parts/pNNNNNN
+
+
+def _parse(table: pa.Table) -> PartCommit:
+    meta = table.schema.metadata or {}
+    checksums = json.loads(meta.get(b"kvpipe.checksums", b"{}"))
+    data_dir = meta.get(b"kvpipe.data")
+    names = set(SCHEMA.names)
+    rows = [ImageRow(**{k: v for k, v in r.items() if k in names}) for r in table.to_pylist()]
+    return PartCommit(rows, checksums, data_dir.decode() if data_dir else None)
 
 
 def read_part_record(path: Path) -> tuple[list[ImageRow], dict[str, str]]:
@@ -90,8 +123,14 @@ def read_part_record(path: Path) -> tuple[list[ImageRow], dict[str, str]]:
         table = pq.read_table(path)
     except Exception as err:
         raise StoreError(f"manifest file {path} is unreadable ({err}); run kvpipe verify") from None
-    meta = table.schema.metadata or {}
-    checksums = json.loads(meta.get(b"kvpipe.checksums", b"{}"))
-    names = set(SCHEMA.names)
-    rows = [ImageRow(**{k: v for k, v in r.items() if k in names}) for r in table.to_pylist()]
-    return rows, checksums
+    commit = _parse(table)
+    return commit.rows, commit.checksums
+
+
+def read_part_record_bytes(data: bytes, where: str) -> PartCommit:
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as err:
+        raise StoreError(f"manifest file {where} is unreadable ({str(err).splitlines()[0]}); "
+                         f"run kvpipe verify") from None
+    return _parse(table)

@@ -7,13 +7,15 @@ Returns the damaged parts so ``kvpipe extract --repair`` can redo exactly those.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from kvpipe.store import layout
-from kvpipe.store.checksum import file_crc32c
+from kvpipe.store.checksum import THREADS
+from kvpipe.store.fs import Location
 from kvpipe.store.reader import FeatureStore
 
 
@@ -31,28 +33,39 @@ class VerifyReport:
         self.problems.setdefault(part, []).append(msg)
 
 
-def verify_store(path: str | Path, decode: bool = True) -> VerifyReport:
+def verify_store(path: str | Path | Location, decode: bool = True) -> VerifyReport:
+    """Check a store directory or URL; files are checksummed in threads (CRC32C and, on
+    object stores, the downloads release the GIL)."""
     store = FeatureStore.open(path)
+    loc = store.loc
     report = VerifyReport()
-    for part, sums in sorted(store.checksums.items()):
-        report.parts_checked += 1
-        pdir = layout.part_dir(store.root, part)
-        if not pdir.is_dir():
-            report.add(part, f"{pdir} is missing")
-            continue
-        on_disk = {p.relative_to(pdir).as_posix() for p in pdir.rglob("*") if p.is_file()}
-        for rel in sorted(set(sums) - on_disk):
-            report.add(part, f"file {rel} is missing")
-        for rel in sorted(on_disk - set(sums)):
-            report.add(part, f"file {rel} was not part of the commit")
+
+    def check_files(part: int) -> list[str]:
+        sums = store.checksums[part]
+        pdir = store.data_dir(part)
+        on_disk = set(loc.files(pdir))
+        if not on_disk and sums:
+            return [f"{store.root / pdir} is missing"]
+        problems = [f"file {rel} is missing" for rel in sorted(set(sums) - on_disk)]
+        problems += [f"file {rel} was not part of the commit" for rel in sorted(on_disk - set(sums))]
         for rel in sorted(set(sums) & on_disk):
-            if file_crc32c(pdir / rel) != sums[rel]:
-                report.add(part, f"file {rel} fails its checksum")
+            if loc.crc32c(f"{pdir}/{rel}") != sums[rel]:
+                problems.append(f"file {rel} fails its checksum")
+        return problems
+
+    parts = sorted(store.checksums)
+    with ThreadPoolExecutor(THREADS) as pool:
+        found = list(pool.map(check_files, parts))
+    for part, problems in zip(parts, found):
+        report.parts_checked += 1
+        for msg in problems:
+            report.add(part, msg)
         if decode and part not in report.problems:
             _check_arrays(store, part, report)
-    for d in (store.root / layout.PARTS).iterdir() if (store.root / layout.PARTS).exists() else []:
-        if d.is_dir() and int(d.name[1:]) not in store.checksums:
-            report.stray.append(str(d))
+    used = {store.data_dir(p) for p in parts}
+    for name in loc.listdir(layout.PARTS):
+        if layout.part_of_dir_name(name) is not None and f"{layout.PARTS}/{name}" not in used:
+            report.stray.append(str(store.root / layout.PARTS / name))
     return report
 
 

@@ -8,10 +8,13 @@ garbage in .staging/ that the next run deletes; no worker ever writes another's 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +23,9 @@ import zarr
 from kvpipe.errors import StoreError
 from kvpipe.store import layout
 from kvpipe.store.checksum import tree_checksums
-from kvpipe.store.encoding import DISK_DTYPE, compressor, encode
-from kvpipe.store.manifest import ImageRow, write_part_record
+from kvpipe.store.encoding import DISK_DTYPE, compressor, compressor_for, encode
+from kvpipe.store.fs import Location, ObjectLocation, open_location
+from kvpipe.store.manifest import ImageRow, part_record_bytes, write_part_record
 from kvpipe.store.schema import META_ATTR, FeatureSetMeta
 from kvpipe.store.reader import read_meta
 
@@ -34,12 +38,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Chunks are encoded (Blosc, in threads) and written concurrently; zarr's default of 10 in
+# flight leaves most cores of a GPU host idle while a part of ~0.5 GB is committed.
+IO_CONFIG = {"async.concurrency": 4 * (os.cpu_count() or 1)}
+
+
+@dataclass
+class StagedPart:
+    """A part's files written where readers never look, with their CRC32Cs."""
+
+    path: str  # relative to the store root
+    checksums: dict[str, str]
+
+
 class StoreWriter:
     """Writes parts of one feature set; safe to reopen after a crash."""
 
-    def __init__(self, root: Path, meta: FeatureSetMeta):
-        self.root = root
+    def __init__(self, root: Path | str | Location, meta: FeatureSetMeta):
+        self.loc = open_location(root)
+        self.root = self.loc.root  # a Path, or an object store's URL
+        self.remote = not self.loc.atomic_rename  # object store: unique prefixes, record PUT commits
         self.meta = meta
+        self._committed_now: dict[int, str] = {}  # part -> data directory, committed by this writer
 
     # ---- opening -----------------------------------------------------------------
     @classmethod
@@ -47,15 +67,16 @@ class StoreWriter:
                          structure: dict | None = None) -> "StoreWriter":
         """Open the store at ``path`` for ``meta``, creating it (with ``structure``, the
         dataset-level annotations written to dataset.json) when it does not exist yet."""
-        root = Path(path)
+        loc = open_location(path, "--out")
+        if not loc.atomic_rename:
+            writer = cls._open_object_store(loc, meta, structure or {})
+            writer._clean_staging()
+            return writer
+        root = loc.root
         if root.exists() and not root.is_dir():
             raise StoreError(f"--out {root} is a file; give a directory path for the store")
         if root.exists() and any(root.iterdir()):
-            existing = read_meta(root, option="--out")
-            if existing.identity() != meta.identity():
-                diff = sorted(k for k, v in meta.identity().items() if existing.identity().get(k) != v)
-                raise StoreError(f"--out {root} holds another feature set (differs in {', '.join(diff)}); "
-                                 f"choose a new --out or rerun with the options it was made with")
+            existing = _same_feature_set(read_meta(root, option="--out"), meta, root)
             writer = cls(root, existing)
         else:
             cls._create(root, meta, structure or {})
@@ -76,14 +97,53 @@ class StoreWriter:
             root.rmdir()  # an empty directory the user made for us
         os.rename(tmp, root)
 
+    @classmethod
+    def _open_object_store(cls, loc: ObjectLocation, meta: FeatureSetMeta, structure: dict) -> "StoreWriter":
+        """Object stores: dataset.json first, the root zarr.json last (it makes the store exist)."""
+        loc.check()
+        if loc.isfile("zarr.json"):
+            return cls(loc, _same_feature_set(read_meta(loc, option="--out"), meta, loc.root))
+        if loc.listdir(""):
+            raise StoreError(f"--out {loc.root} holds other objects but no kvpipe store (no zarr.json); "
+                             f"choose an empty prefix")
+        with tempfile.TemporaryDirectory(prefix="kvpipe-create-") as tmp:
+            zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3,
+                            attributes={META_ATTR: meta.to_dict()})
+            group_json = (Path(tmp) / "zarr.json").read_bytes()
+        loc.write_atomic(layout.STRUCTURE, json.dumps(structure, sort_keys=True).encode())
+        loc.write_atomic("zarr.json", group_json)
+        return cls(loc, meta)
+
+    @classmethod
+    def open_for_staging(cls, path: str | os.PathLike | Location, meta: FeatureSetMeta) -> "StoreWriter":
+        """A writer for a worker process: stages parts into an existing store, never cleans."""
+        return cls(path, meta)
+
+    @property
+    def location(self) -> Location:
+        return self.loc
+
+    def clean_staging(self) -> None:
+        """Delete leftovers of writes that never committed (the driver, at start and end)."""
+        self._clean_staging()
+
     def _clean_staging(self) -> None:
+        if self.remote:  # uploads that never got a record, and older attempts of parts committed now
+            committed = self.committed_parts()
+            for d in self.loc.listdir(layout.PARTS):
+                part = layout.part_of_dir_name(d)
+                rel = f"{layout.PARTS}/{d}"
+                if part is not None and (part not in committed or self._committed_now.get(part, rel) != rel):
+                    self.loc.rmtree(rel)
+            return
         staging = self.root / layout.STAGING
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(exist_ok=True)
 
     # ---- state ---------------------------------------------------------------------
     def committed_parts(self) -> set[int]:
-        return {layout.part_of_manifest(p) for p in (self.root / layout.MANIFEST).glob("p*.parquet")}
+        return {layout.part_of_manifest_name(n) for n in self.loc.listdir(layout.MANIFEST)
+                if n.startswith("p") and n.endswith(".parquet")}
 
     def n_parts(self) -> int:
         return -(-self.meta.n_images // self.meta.part_size)
@@ -99,11 +159,39 @@ class StoreWriter:
         arrays: "keys"/"values" as [layers, heads, tokens, head_dim] float32, "post_proj" as
         [tokens, hidden] float32, "masks" as a flat uint8 array (all of the part's masks).
         """
+        self.commit_part(part, self.stage_part(part, arrays), rows)
+
+    def stage_part(self, part: int, arrays: dict[str, np.ndarray]) -> "StagedPart":
+        """Write a part's arrays under .staging/ and checksum them; any worker process may do
+        this (the name is unique), only the committing process calls ``commit_part``.
+
+        On an object store the part is encoded locally (the same bytes) and uploaded under a
+        unique prefix, parts/pNNNNNN-<id>/, which only a commit record makes visible."""
+        if self.remote:
+            with tempfile.TemporaryDirectory(prefix="kvpipe-part-") as tmp:
+                group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+                for name, arr in arrays.items():
+                    self._write_array(group, name, arr)
+                checksums = tree_checksums(Path(tmp))
+                rel = f"{layout.PARTS}/{layout.part_name(part)}-{uuid.uuid4().hex[:8]}"
+                self.loc.put_dir(Path(tmp), rel)
+            return StagedPart(rel, checksums)
         stage = self.root / layout.STAGING / f"{layout.part_name(part)}-{uuid.uuid4().hex[:8]}"
         group = zarr.open_group(zarr.storage.LocalStore(stage), mode="w", zarr_format=3)
         for name, arr in arrays.items():
             self._write_array(group, name, arr)
-        checksums = tree_checksums(stage)
+        return StagedPart(stage.relative_to(self.root).as_posix(), tree_checksums(stage, fsync=True))
+
+    def commit_part(self, part: int, staged: "StagedPart", rows: list[ImageRow]) -> None:
+        """Make a staged part visible: rename it into parts/, then write its manifest record.
+
+        On an object store the record, one PUT naming the part's prefix, is the whole commit."""
+        if self.remote:
+            self.loc.write_atomic(layout.manifest_rel(part),
+                                  part_record_bytes(rows, staged.checksums, data_dir=staged.path))
+            self._committed_now[part] = staged.path
+            return
+        stage, checksums = self.root / staged.path, staged.checksums
         final = layout.part_dir(self.root, part)
         if final.exists():  # left by a run killed between the two renames
             shutil.rmtree(final)
@@ -121,23 +209,36 @@ class StoreWriter:
             comp = type(comp)(cname="zstd", clevel=3, shuffle="noshuffle", typesize=1)
         else:
             data = encode(arr, self.meta.store_dtype)
-            dtype, comp = DISK_DTYPE[self.meta.store_dtype], compressor(self.meta.store_dtype)
+            dtype, comp = DISK_DTYPE[self.meta.store_dtype], compressor_for(self.meta.compressor, self.meta.store_dtype)
         if data.size == 0:
             return  # a part whose images all failed has no tokens
-        if data.ndim == 4:  # [layer, head, token, dim]: one chunk = one (layer, head) of the part
-            chunks = (1, 1, *data.shape[2:])
-            shards = data.shape
-        else:
-            chunks, shards = data.shape, None
-        z = group.create_array(name, shape=data.shape, chunks=chunks, shards=shards, dtype=dtype,
+        # [layer, head, token, dim]: one chunk file = one (layer, head) of the part, so reading a
+        # head across the store reads one file per part, and chunks compress and write in parallel
+        chunks = (1, 1, *data.shape[2:]) if data.ndim == 4 else data.shape
+        z = group.create_array(name, shape=data.shape, chunks=chunks, dtype=dtype,
                                compressors=comp, fill_value=0)
-        z[...] = data
+        with zarr.config.set(IO_CONFIG):
+            z[...] = data
 
     def write_text(self, queries: list[str], token_ids: list[list[int]], arrays: dict[str, np.ndarray]) -> None:
         """Commit the text queries' final-token K/V ([layers, heads, queries, head_dim])."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        if self.remote:
+            with tempfile.TemporaryDirectory(prefix="kvpipe-text-") as tmp:
+                group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
+                for name, arr in arrays.items():
+                    self._write_array(group, name, arr)
+                sums = tree_checksums(Path(tmp))
+                self.loc.rmtree(layout.TEXT)
+                self.loc.put_dir(Path(tmp), layout.TEXT)
+            table = pa.table({"query": queries, "token_ids": token_ids})
+            table = table.replace_schema_metadata({b"kvpipe.checksums": json.dumps(sums).encode()})
+            buf = io.BytesIO()
+            pq.write_table(table, buf)
+            self.loc.write_atomic(layout.TEXT_RECORD, buf.getvalue())
+            return
         stage = self.root / layout.STAGING / f"text-{uuid.uuid4().hex[:8]}"
         group = zarr.open_group(zarr.storage.LocalStore(stage), mode="w", zarr_format=3)
         for name, arr in arrays.items():
@@ -154,4 +255,12 @@ class StoreWriter:
         os.rename(tmp, self.root / layout.TEXT_RECORD)
 
     def text_committed(self) -> bool:
-        return (self.root / layout.TEXT_RECORD).exists()
+        return self.loc.isfile(layout.TEXT_RECORD)
+
+
+def _same_feature_set(existing: FeatureSetMeta, meta: FeatureSetMeta, root) -> FeatureSetMeta:
+    if existing.identity() != meta.identity():
+        diff = sorted(k for k, v in meta.identity().items() if existing.identity().get(k) != v)
+        raise StoreError(f"--out {root} holds another feature set (differs in {', '.join(diff)}); "
+                         f"choose a new --out or rerun with the options it was made with")
+    return existing

@@ -40,6 +40,7 @@ same-video supports, no image set for it).
 from __future__ import annotations
 
 import colorsys
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -347,6 +348,8 @@ class SyntheticDataset(DatasetAdapter):
         self.height = _check_positive("height", height, MIN_SIDE)
         self.seed = _check_positive("seed", seed, 0)
         self._plans: dict[int, VideoPlan] = {}
+        self._renders: dict[tuple[int, int], tuple] = {}
+        self._render_lock = threading.Lock()
         self._queries: tuple[list[str], dict[tuple[int, int], int]] | None = None
 
     def plan(self, video: int) -> VideoPlan:
@@ -367,8 +370,21 @@ class SyntheticDataset(DatasetAdapter):
     def image_id(video: int, t: int) -> str:
         return f"video{video:02d}/{t:05d}"
 
+    def _render(self, video: int, t: int) -> tuple[np.ndarray, np.ndarray, dict[str, list[float]]]:
+        """One render serves both the image and its annotation (the extractor asks for both)."""
+        key = (video, t)
+        with self._render_lock:
+            hit = self._renders.get(key)
+        if hit is None:
+            hit = render_frame(self.plan(video), t)
+            with self._render_lock:
+                self._renders[key] = hit
+                while len(self._renders) > 32:
+                    self._renders.pop(next(iter(self._renders)))
+        return hit
+
     def _image(self, video: int, t: int) -> Image.Image:
-        return Image.fromarray(render_frame(self.plan(video), t)[0], "RGB")
+        return Image.fromarray(self._render(video, t)[0], "RGB")
 
     def _query_index(self) -> tuple[list[str], dict[tuple[int, int], int]]:
         """Queries (class names, then deduplicated expressions) and (video, object id) -> index."""
@@ -382,7 +398,7 @@ class SyntheticDataset(DatasetAdapter):
         return self._queries
 
     def _annotation(self, video: int, t: int) -> Annotation:
-        _, mask, keypoints = render_frame(self.plan(video), t)
+        _, mask, keypoints = self._render(video, t)
         shapes = self.plan(video).shapes
         where = self._query_index()[1]
         return Annotation(mask, {

@@ -1,0 +1,290 @@
+"""The Ray executor: one actor per GPU (or per ``--workers`` on CPU), parts as the unit of work.
+
+Why this split: each actor loads the model once and runs the local executor's part code
+(``PartWorker``), then writes the part's files into the store's staging area; the driver
+alone commits (rename into parts/ + manifest record on a filesystem, the record PUT on an
+object store), so commits stay single-writer however many actors write.
+
+Fault tolerance is Ray's: actors are created with ``max_restarts`` and ``max_task_retries``,
+so when an actor process dies (killed, OOM, node lost) Ray starts a new one, which reloads
+the model, and re-runs the parts it had in flight. If an actor is gone for good (restarts
+used up, ``ray.kill`` without restart) the driver starts a replacement and resubmits its
+parts, a bounded number of times. A part that raises (a kvpipe error, e.g. ``--strict`` on
+an unreadable image) is recorded as failed in the store and ends the run after the parts
+already in flight are committed. Partial files of a lost attempt stay in staging, which no
+reader looks at, and are deleted when the run ends or the next run starts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any, Callable
+
+from kvpipe.errors import DataError, KvpipeError, UsageError
+from kvpipe.pipeline.executors.base import (DatasetView, Executor, PartOutcome, PartWorker, ProgressFn,
+                                            Session)
+from kvpipe.pipeline.extract import LOADERS, ExtractConfig, ExtractResult
+from kvpipe.pipeline.models import ModelAdapter
+
+MAX_RESTARTS = 3  # Ray restarts of one actor process
+MAX_TASK_RETRIES = 3  # Ray re-runs of a part whose actor died mid-call
+MAX_RESUBMITS = 2  # the driver's own resubmissions of a part whose actor is gone for good
+PARTS_IN_FLIGHT = 2  # per actor: one capturing while the previous one is compressed and written
+CONNECT_TIMEOUT_S = 5.0
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise UsageError("--executor ray needs Ray: pip install 'kvpipe[ray]'") from None
+    return ray
+
+
+class PartActor:
+    """Body of the Ray actor (wrapped with ``ray.remote`` at start). The model loads on the
+    first call, not in ``__init__``, so a loading error reaches the driver as the kvpipe error
+    it is, and a restarted actor reloads it when Ray re-runs its parts. Two calls may run at
+    once (max_concurrency=2): one captures on the device while the other compresses and writes."""
+
+    def __init__(self, cfg: ExtractConfig, ids_sha256: str):
+        self.cfg, self.ids_sha256 = cfg, ids_sha256
+        self.loader = ThreadPoolExecutor(max_workers=LOADERS, thread_name_prefix="kvpipe-load")
+        self.device_lock = threading.Lock()
+        self._worker: PartWorker | None = None
+        self._writers: dict[str, Any] = {}
+
+    def worker(self) -> PartWorker:
+        with self.device_lock:
+            if self._worker is None:
+                w = PartWorker(self.cfg)
+                if w.data.ids_sha256 != self.ids_sha256:
+                    raise DataError(f"dataset {self.cfg.dataset} at {self.cfg.data_root} lists other images on "
+                                    f"worker host {socket.gethostname()} than on the driver; the data must be "
+                                    f"the same everywhere")
+                self._worker = w
+            return self._worker
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def meta(self):
+        return self.worker().meta()
+
+    def stage(self, part: int, meta) -> PartOutcome:
+        from kvpipe.store.writer import StoreWriter
+
+        worker = self.worker()
+        res = ExtractResult("", 0, 0, 0, 0, 0.0)
+        with self.device_lock:
+            builder = worker.extract_part(part, res, None, self.loader)
+        out = self.cfg.out
+        if out not in self._writers:
+            self._writers[out] = StoreWriter.open_for_staging(out, meta)
+        staged = self._writers[out].stage_part(part, builder.arrays())
+        builder.release()
+        return PartOutcome(part, staged, builder.rows, res.images_ok, res.images_failed, res.failures)
+
+    def text(self):
+        worker = self.worker()
+        with self.device_lock:
+            return worker.text()
+
+
+def _check_address(address: str) -> None:
+    """Fail in seconds, with one line, when nothing listens at a host:port address."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--ray-address {address!r} must look like HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise UsageError(f"--ray-address {address}: no Ray cluster answers there ({err.strerror or err}); "
+                         f"start one (ray start --head, or see docs/DEPLOY.md) or fix the address") from None
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The worker's own exception inside a Ray error, when there is one."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, KvpipeError):
+        return str(err)
+    lines = [l for l in str(err).splitlines() if l.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
+
+
+class RaySession(Session):
+    def __init__(self, cfg: ExtractConfig, data: DatasetView, started_ray: bool):
+        self.ray = _import_ray()
+        self.cfg, self.data, self.started_ray = cfg, data, started_ray
+        self.run_id = uuid.uuid4().hex[:8]
+        self.gpu = cfg.device.startswith("cuda")
+        # each actor sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES)
+        self.actor_cfg = replace(cfg, device="cuda" if self.gpu else cfg.device)
+        opts: dict[str, Any] = dict(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
+                                    max_concurrency=2, num_cpus=1)
+        if self.gpu:
+            opts["num_gpus"] = 1
+        self.actor_cls = self.ray.remote(**opts)(PartActor)
+        self.actors: list[Any] = []
+        self._n_made = 0
+        self._meta = None
+
+    # ---- actors -------------------------------------------------------------------------
+    def _new_actor(self):
+        name = f"kvpipe-{self.run_id}-w{self._n_made}"  # findable with ray.util.list_named_actors
+        self._n_made += 1
+        return self.actor_cls.options(name=name).remote(self.actor_cfg, self.data.ids_sha256)
+
+    def _call(self, ref):
+        try:
+            return self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as err:
+            raise KvpipeError(f"a Ray worker could not start: {_one_line(err)}") from None
+        except self.ray.exceptions.RayTaskError as err:
+            raise _cause(err) from None
+
+    def n_workers(self, n_parts: int) -> int:
+        if self.cfg.workers is not None:
+            return max(1, min(self.cfg.workers, n_parts))
+        if self.gpu:
+            gpus = int(self.ray.cluster_resources().get("GPU", 0))
+            if not gpus:
+                raise UsageError("--device cuda: the Ray cluster has no GPU now; give --workers N "
+                                 "(an autoscaling cluster adds GPU nodes for them) or use --device cpu")
+            return max(1, min(gpus, n_parts))
+        return 1
+
+    # ---- Session ------------------------------------------------------------------------
+    def meta(self):
+        if self._meta is None:
+            # every actor starts now: loading the model is the slow step, done in parallel
+            n_parts = -(-len(self.data.records) // self.cfg.part_size)
+            self.actors = [self._new_actor() for _ in range(self.n_workers(n_parts))]
+            loading = [a.meta.remote() for a in self.actors]
+            self._meta = self._call(loading[0])
+        return self._meta
+
+    def text(self):
+        return self._call(self.actors[0].text.remote())
+
+    def run(self, parts: list[int], writer: Any, result: ExtractResult, progress: ProgressFn | None,
+            on_failure: Callable[[int, BaseException, int], None]) -> None:
+        if not parts:
+            return
+        ray = self.ray
+        generation = [0] * len(self.actors)
+        queue = deque(parts)
+        inflight: dict[Any, tuple[int, int, int]] = {}  # ref -> (part, actor slot, generation)
+        lost: dict[int, int] = {}
+        first_error: BaseException | None = None
+        meta = writer.meta
+
+        def submit(slot: int) -> None:
+            part = queue.popleft()
+            inflight[self.actors[slot].stage.remote(part, meta)] = (part, slot, generation[slot])
+
+        for slot in range(len(self.actors)):
+            for _ in range(PARTS_IN_FLIGHT):
+                if queue:
+                    submit(slot)
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            part, slot, gen = inflight.pop(ready[0])
+            try:
+                out: PartOutcome = ray.get(ready[0])
+                writer.commit_part(part, out.staged, out.rows)
+            except ray.exceptions.RayActorError as err:
+                if getattr(err, "_actor_init_failed", False):  # e.g. kvpipe missing on a worker host
+                    cause = KvpipeError(f"a Ray worker could not start: {_one_line(err)}")
+                    on_failure(part, cause, 1)
+                    first_error = first_error or cause
+                    queue.clear()
+                    continue
+                lost[part] = lost.get(part, 0) + 1
+                if lost[part] > MAX_RESUBMITS:
+                    on_failure(part, err, lost[part] + MAX_TASK_RETRIES)
+                    first_error = first_error or KvpipeError(
+                        f"part {part} failed: its Ray worker died {lost[part]} times ({_one_line(err)})")
+                    queue.clear()
+                    continue
+                queue.appendleft(part)
+                if gen == generation[slot]:  # replace the dead actor once, not per lost part
+                    ray.kill(self.actors[slot])
+                    self.actors[slot] = self._new_actor()
+                    generation[slot] += 1
+            except Exception as err:
+                cause = _cause(err)
+                on_failure(part, cause, 1)
+                first_error = first_error or cause
+                queue.clear()  # finish what is in flight, start nothing new
+                continue
+            else:
+                result.parts_done += 1
+                result.images_ok += out.images_ok
+                result.images_failed += out.images_failed
+                result.failures.extend(out.failures)
+                if progress:
+                    progress(out.images_ok + out.images_failed)
+            if queue and first_error is None:
+                submit(slot)
+        if first_error is not None:
+            if isinstance(first_error, KvpipeError):
+                raise first_error
+            raise KvpipeError(f"extraction failed on a Ray worker: {_one_line(first_error)}") from first_error
+
+    def close(self) -> None:
+        for a in self.actors:
+            try:
+                self.ray.kill(a)
+            except Exception:
+                pass
+        self.actors = []
+        if self.started_ray:
+            self.ray.shutdown()
+
+
+class RayExecutor(Executor):
+    name = "ray"
+
+    def check(self, cfg: ExtractConfig) -> None:
+        _import_ray()
+        if cfg.workers is not None and cfg.workers < 1:
+            raise UsageError("--workers must be at least 1")
+        if cfg.ray_address:
+            _check_address(cfg.ray_address)
+
+    def start(self, cfg: ExtractConfig, data: DatasetView, adapter: ModelAdapter | None) -> Session:
+        ray = _import_ray()
+        started = False
+        if not ray.is_initialized():
+            import logging
+
+            kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
+            if not cfg.ray_address and not os.environ.get("RAY_ADDRESS"):
+                kwargs["include_dashboard"] = False  # a private local instance starts faster without
+            try:
+                try:
+                    ray.init(address=cfg.ray_address or None, **kwargs)
+                except ValueError as err:  # joined a running cluster: its dashboard is not ours to set
+                    if "include_dashboard" not in kwargs or "dashboard" not in str(err):
+                        raise
+                    kwargs.pop("include_dashboard")
+                    ray.init(address=cfg.ray_address or None, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as err:
+                where = f"--ray-address {cfg.ray_address}" if cfg.ray_address else "Ray"
+                raise UsageError(f"{where}: cannot connect ({_one_line(err)})") from None
+            started = True
+        return RaySession(cfg, data, started)

@@ -1,0 +1,88 @@
+"""The Ray executor on a local Ray instance (2 CPUs): a worker actor killed mid-run is replaced,
+and the store it makes on an S3-compatible server equals the local executor's, bit for bit.
+(tests/test_ray_resume.py covers a Ray run on a filesystem.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from kvpipe.pipeline.extract import ExtractConfig, extract  # noqa: E402
+
+from storecmp import assert_identical_stores  # noqa: E402
+
+KW = dict(model="tiny-qwen25vl", dataset="synthetic", limit=16, batch_size=2, part_size=2)
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_server):
+    """One local Ray instance for the module (its workers inherit the S3 endpoint settings)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ref(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rayref") / "local"
+    extract(ExtractConfig(out=str(out), **KW))
+    return out
+
+
+def kvpipe_actors() -> list:
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvpipe-")]
+    return [ray.get_actor(n) for n in sorted(names)]
+
+
+def actor_pids() -> list[int]:
+    """PIDs of PartActor processes of this test's Ray instance (children of its raylet, a
+    child of this process), found in /proc so a busy actor need not answer."""
+    def ppid(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as fh:
+                cmd = fh.read()
+            if cmd.startswith(b"ray::PartActor") and ppid(ppid(int(d))) == os.getpid():
+                out.append(int(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(out)
+
+
+def test_ray_run_with_a_killed_actor_to_s3_equals_local_run(ray_session, local_ref):
+    """Fault test: SIGKILL one of two worker actors right after the first commit; Ray restarts
+    it and reruns its parts; the store on the S3 server equals the local executor's."""
+    url = "s3://kvpipe-test/stores/ray"
+    killed: list[tuple[int, int]] = []
+    commits = []
+
+    def progress(n):  # called by the driver after each commit
+        commits.append(n)
+        if not killed:
+            deadline = time.time() + 120  # the second actor may still be importing torch
+            while len(pids := actor_pids()) < 2 and time.time() < deadline:
+                time.sleep(0.05)
+            assert len(pids) == 2, pids
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append((len(commits), pids[-1]))
+
+    t = time.time()
+    res = extract(ExtractConfig(out=url, executor="ray", workers=2, **KW), progress=progress)
+    assert killed and killed[0][0] == 1, "the kill landed after the first of 8 commits"
+    assert res.parts_done == 8 and res.images_ok == 16 and len(commits) == 8
+    assert killed[0][1] not in actor_pids()
+    assert_identical_stores(local_ref, url)
+    assert not kvpipe_actors(), "the run's actors are gone"
+    assert time.time() - t < 240
