@@ -24,18 +24,10 @@ from kvpipe.errors import StoreError
 from kvpipe.store import layout
 from kvpipe.store.checksum import tree_checksums
 from kvpipe.store.encoding import DISK_DTYPE, compressor, compressor_for, encode
-from kvpipe.store.fs import Location, ObjectLocation, open_location
+from kvpipe.store.fs import Location, ObjectLocation, fsync_dir, open_location
 from kvpipe.store.manifest import ImageRow, part_record_bytes, write_part_record
 from kvpipe.store.schema import META_ATTR, FeatureSetMeta
 from kvpipe.store.reader import read_meta
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # Chunks are encoded (Blosc, in threads) and written concurrently; zarr's default of 10 in
@@ -201,7 +193,7 @@ class StoreWriter:
         with open(record_tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.rename(record_tmp, layout.manifest_file(self.root, part))
-        _fsync_dir(self.root / layout.MANIFEST)
+        fsync_dir(self.root / layout.MANIFEST)
 
     def _write_array(self, group: zarr.Group, name: str, arr: np.ndarray) -> None:
         if name == "masks":
