@@ -55,6 +55,14 @@ def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
 
+def _layer_kv(adapter: ModelAdapter, cache: Any, seen: dict[str, Any], sel: Selection, kind: str, layer: int,
+              b: int, s: int) -> torch.Tensor:
+    """[B, H, S, D] keys or values of one layer: from the cache, or pre-RoPE from the k_proj hook."""
+    if kind == "keys" and sel.keys_rope == "pre-rope":
+        return seen["k_proj"][layer].view(b, s, adapter.n_kv_heads, adapter.head_dim).transpose(1, 2)
+    return getattr(cache.layers[layer], kind)
+
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -113,10 +121,7 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
             continue
         per_layer = []
         for l in sel.layers:
-            if kind == "keys" and sel.keys_rope == "pre-rope":
-                full = seen["k_proj"][l].view(b, s, adapter.n_kv_heads, adapter.head_dim).transpose(1, 2)
-            else:
-                full = getattr(cache.layers[l], kind)  # [B, H, S, D]
+            full = _layer_kv(adapter, cache, seen, sel, kind, l, b, s)  # [B, H, S, D]
             full = full.index_select(1, heads).transpose(0, 1).reshape(len(sel.heads), b * s, -1)
             per_layer.append(full.index_select(1, flat))
         arrays[kind] = torch.stack(per_layer).to(target)  # [L, H, tokens, D]
@@ -156,11 +161,7 @@ def run_text_capture(adapter: ModelAdapter, texts: list[str], sel: Selection,
             continue
         per_layer = []
         for l in sel.layers:
-            if kind == "keys" and sel.keys_rope == "pre-rope":
-                b, s = inputs["input_ids"].shape
-                full = seen["k_proj"][l].view(b, s, adapter.n_kv_heads, adapter.head_dim).transpose(1, 2)
-            else:
-                full = getattr(cache.layers[l], kind)
+            full = _layer_kv(adapter, cache, seen, sel, kind, l, *inputs["input_ids"].shape)
             per_layer.append(full[rows, :, idx].index_select(1, heads).transpose(0, 1))  # [H, Q, D]
         result[kind] = torch.stack(per_layer).float().cpu()
     ids = [enc["input_ids"][q, : last[q] + 1].tolist() for q in range(len(texts))]
