@@ -137,6 +137,18 @@ def test_executor_options_fail_in_one_line(tmp_path, capsys):
                        "--ray-address", "127.0.0.1:9")
     assert code == 2 and "--ray-address 127.0.0.1:9: no Ray cluster answers there" in out
     assert "Traceback" not in out and time.time() - t < 30
+    import http.server
+    import threading
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:  # something listens there, but not Ray: refused at once instead of ray.init retrying
+        t = time.time()
+        code, out = kvpipe(capsys, "extract", *ARGS, "--out", tmp_path / "b", "--executor", "ray",
+                           "--ray-address", f"127.0.0.1:{srv.server_port}")
+        assert code == 2 and "is not a Ray cluster" in out and time.time() - t < 30
+    finally:
+        srv.shutdown()
     code, out = kvpipe(capsys, "extract", *ARGS, "--out", tmp_path / "b", "--executor", "ray",
                        "--ray-address", "nonsense")
     assert code == 2 and "must look like HOST:PORT" in out

@@ -37,6 +37,8 @@ MAX_TASK_RETRIES = 3  # Ray re-runs of a part whose actor died mid-call
 MAX_RESUBMITS = 2  # the driver's own resubmissions of a part whose actor is gone for good
 PARTS_IN_FLIGHT = 2  # per actor: one capturing while the previous one is compressed and written
 CONNECT_TIMEOUT_S = 5.0
+# HTTP/2 client connection preface + an empty SETTINGS frame
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
 def _import_ray():
@@ -106,10 +108,22 @@ def _check_address(address: str) -> None:
     if not host or not port.isdigit():
         raise UsageError(f"--ray-address {address!r} must look like HOST:PORT, ray://HOST:PORT or auto")
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S) as sock:
+            # Ray's GCS (and the Ray Client server) speak gRPC: HTTP/2 in clear text. Without
+            # this, a port where some other server listens makes ray.init retry for minutes.
+            sock.sendall(H2_PREFACE)
+            reply = b""
+            while len(reply) < 9:
+                chunk = sock.recv(9 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
     except OSError as err:
         raise UsageError(f"--ray-address {address}: no Ray cluster answers there ({err.strerror or err}); "
                          f"start one (ray start --head, or see docs/DEPLOY.md) or fix the address") from None
+    if len(reply) < 9 or reply[3] != 0x04:  # a SETTINGS frame opens every HTTP/2 server's reply
+        raise UsageError(f"--ray-address {address}: the server there is not a Ray cluster (no gRPC); "
+                         f"give the head node's GCS port (6379) or ray://HOST:10001")
 
 
 def _cause(err: BaseException) -> BaseException:
