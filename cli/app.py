@@ -26,8 +26,14 @@ err_console = Console(stderr=True)
 
 def _add_subcommands() -> None:
     from kvpipe.cli.bench import bench_app
+    from kvpipe.cli.model_loop import register as register_model_loop
+    from kvpipe.cli.paired import register as register_paired
+    from kvpipe.cli.prefix import register as register_prefix
 
     app.add_typer(bench_app, name="bench")
+    register_model_loop(app)  # answer, intervene
+    register_paired(app)  # paired, figure3
+    register_prefix(app)  # report-prefix
 
 
 _add_subcommands()
@@ -47,12 +53,19 @@ def extract(
     dtype: str = typer.Option("float32", help="compute dtype: float32 | bfloat16 | float16"),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda:0"),
     prefix: str = typer.Option("", help="text placed right before the image"),
+    prefix_from: Annotated[Optional[str], typer.Option(help="per-image prefix: caption | class | domain (from what "
+                                                            "the dataset knows of each image)")] = None,
+    prefix_control: Annotated[str, typer.Option(help="none | random (the paper's fixed random sentence) | "
+                                                     "incorrect (another class / the other domain)")] = "none",
     template: str = typer.Option("chat", help="chat (the model's own template) | none (prefix + image only)"),
-    keys: str = typer.Option("post-rope", help="post-rope (as cached) | pre-rope (k_proj output)"),
+    keys: Optional[str] = typer.Option(None, help="post-rope (as cached; default) | pre-rope (k_proj output); "
+                                                   "MLMs only"),
     layers: str = typer.Option("all", help="layers to store: all | 0-13,20 | -1"),
     heads: str = typer.Option("all", help="KV heads to store: all | 0,2"),
-    kinds: str = typer.Option("keys,values,post_proj", help="comma list of keys, values, post_proj"),
-    store_dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: --dtype)"),
+    kinds: Optional[str] = typer.Option(None, help="comma list of keys, values, post_proj (an MLM's; default: all "
+                                                    "three) or hidden (a vision encoder's block outputs; its default)"),
+    store_dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: --dtype) | int8 (lossy: "
+                                                          "8-bit codes and a scale per token, half of bf16)"),
     codec: str = typer.Option("zstd", help="lossless codec: zstd (smaller) | lz4 (faster to read) | zstd3"),
     batch_size: int = typer.Option(4, help="images per forward pass"),
     part_size: int = typer.Option(32, help="images per store part (the unit of commit and resume)"),
@@ -72,7 +85,8 @@ def extract(
 
     cfg = ExtractConfig(model=model, dataset=dataset, out=str(out), data_root=data_root, split=split,
                         limit=limit, init=init, revision=revision, dtype=dtype, device=device,
-                        prefix=prefix, template=template, keys=keys, layers=layers, heads=heads,
+                        prefix=prefix, prefix_from=prefix_from, prefix_control=prefix_control,
+                        template=template, keys=keys, layers=layers, heads=heads,
                         kinds=kinds, store_dtype=store_dtype, batch_size=batch_size,
                         part_size=part_size, strict=strict, seed=seed, executor=executor,
                         ray_address=ray_address, workers=workers, repair=repair,
@@ -107,7 +121,8 @@ def probe(
     from kvpipe.store import FeatureStore
 
     params = _parse_params(param)
-    dataset = FeatureStore.open(store).meta.dataset
+    meta = FeatureStore.open(store).meta
+    dataset = meta.dataset
     supported = dataset.get("tasks")
     if task != "all":
         PROBES.get(task)  # an unknown name is a one-line error listing the registered ones
@@ -126,6 +141,13 @@ def probe(
         if not names:
             raise UsageError(f"the dataset {dataset.get('name')} supports {', '.join(supported)}, none of which "
                              f"is a registered probe ({', '.join(PROBES.names())})")
+        for name in list(names):  # e.g. text-grounded tasks on a vision encoder's store
+            why = PROBES.get(name).unavailable(meta)
+            if why:
+                console.print(f"[yellow]skipped[/] {name}: {why}", soft_wrap=True, highlight=False)
+                names.remove(name)
+        if not names:
+            raise UsageError(f"no task of the dataset {dataset.get('name')} can run on the store {store}")
         unused = set(params) - {k for t in names for k in PROBES.get(t).defaults}
         if unused:
             raise UsageError(f"no task of --task all has parameter {', '.join(sorted(unused))}")

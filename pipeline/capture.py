@@ -5,6 +5,7 @@ reads them from the model's own ``DynamicCache`` (bit-identical by construction)
 the image positions on the model's device. Pre-RoPE keys come from a forward hook on
 ``k_proj``; the post-projector features are the LM's ``inputs_embeds`` at image positions,
 read by a pre-hook on the language model. Hook code lives here and nowhere else.
+A vision encoder (no cache, no text) returns its blocks' outputs itself (``gather_hidden``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from kvpipe.pipeline.models.base import Batch, ModelAdapter
-from kvpipe.store.schema import POST_PROJ
+from kvpipe.store.schema import HIDDEN, POST_PROJ
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,26 @@ def _layer_kv(adapter: ModelAdapter, cache: Any, seen: dict[str, Any], sel: Sele
     return getattr(cache.layers[layer], kind)
 
 
+def model_cache(out: Any) -> Any:
+    """The forward pass's KV cache: ``out.cache`` (transformers >= 5.24), else ``out.past_key_values``."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def quantize_int8(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [..., D + 4] int8 on the device: per-token codes and the float32 scale's
+    bytes, as ``store.encoding.quantize_int8`` computes them on the host (same bytes)."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127.0
+    codes = torch.round(x / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp_(-127, 127)
+    return torch.cat([codes.to(torch.int8), scale.contiguous().view(torch.int8)], dim=-1)
+
+
+def to_store_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    return quantize_int8(x) if dtype == "int8" else x.to(TORCH_DTYPES[dtype])
 
 
 @dataclass
@@ -108,13 +128,12 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
     inputs = _to_device(batch.inputs, adapter.device)
     with _hooks(adapter, sel) as seen:
         out = adapter.model.model(**inputs, use_cache=True)  # the base model: no LM head, no logits
-    cache = out.past_key_values
+    cache = model_cache(out)
     device = adapter.device
     heads = torch.tensor(sel.heads, device=device)
     b, s = inputs["input_ids"].shape
     # flat (image, position) index into [B * S]
     flat = torch.cat([lay.positions.to(device) + i * s for i, lay in enumerate(batch.layouts)])
-    target = TORCH_DTYPES[dtype]
     arrays: dict[str, torch.Tensor] = {}
     for kind in ("keys", "values"):
         if kind not in sel.kinds:
@@ -124,15 +143,34 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
             full = _layer_kv(adapter, cache, seen, sel, kind, l, b, s)  # [B, H, S, D]
             full = full.index_select(1, heads).transpose(0, 1).reshape(len(sel.heads), b * s, -1)
             per_layer.append(full.index_select(1, flat))
-        arrays[kind] = torch.stack(per_layer).to(target)  # [L, H, tokens, D]
+        arrays[kind] = to_store_dtype(torch.stack(per_layer), dtype)  # [L, H, tokens, D]
     if POST_PROJ in sel.kinds:
-        arrays[POST_PROJ] = seen[POST_PROJ].reshape(b * s, -1).index_select(0, flat).to(target)
+        arrays[POST_PROJ] = to_store_dtype(seen[POST_PROJ].reshape(b * s, -1).index_select(0, flat), dtype)
     return arrays, [int(lay.positions.numel()) for lay in batch.layouts]
 
 
+@torch.inference_mode()
+def gather_hidden(adapter: ModelAdapter, batch: Batch, sel: Selection,
+                  dtype: str = "float32") -> tuple[dict[str, torch.Tensor], list[int]]:
+    """A vision encoder's block outputs at the patch positions: {"hidden": [L, 1, tokens, width]}.
+
+    Why ``output_hidden_states``: the encoder's own returned states (embeddings, then every
+    block's output, before any final norm) are the reference, so the stored features equal
+    them by construction; ``hidden_states[l + 1]`` is block l. One index_select per layer
+    gathers all images' patch tokens (CLS/register positions are not in the layout).
+    """
+    inputs = _to_device(batch.inputs, adapter.device)
+    states = adapter.model(**inputs, output_hidden_states=True).hidden_states
+    b, s, d = states[0].shape
+    flat = torch.cat([lay.positions.to(adapter.device) + i * s for i, lay in enumerate(batch.layouts)])
+    per_layer = [states[l + 1].reshape(b * s, d).index_select(0, flat) for l in sel.layers]
+    return ({HIDDEN: to_store_dtype(torch.stack(per_layer).unsqueeze(1), dtype)},
+            [int(lay.positions.numel()) for lay in batch.layouts])
+
+
 def capture_batch(adapter: ModelAdapter, batch: Batch, sel: Selection, dtype: str = "float32") -> CapturedBatch:
-    """gather_batch, then a synchronous copy to host numpy arrays."""
-    arrays, counts = gather_batch(adapter, batch, sel, dtype)
+    """The adapter's gather (``gather_batch`` for an MLM), then a synchronous copy to host numpy arrays."""
+    arrays, counts = adapter.gather(batch, sel, dtype)
     return CapturedBatch({k: _to_host(v) for k, v in arrays.items()}, counts)
 
 
@@ -151,7 +189,7 @@ def run_text_capture(adapter: ModelAdapter, texts: list[str], sel: Selection,
     with _hooks(adapter, Selection(sel.layers, sel.heads, tuple(k for k in sel.kinds if k != POST_PROJ),
                                     sel.keys_rope)) as seen:
         out = adapter.model.model(**inputs, use_cache=True)
-    cache = out.past_key_values
+    cache = model_cache(out)
     heads = torch.tensor(sel.heads, device=adapter.device)
     rows = torch.arange(len(texts), device=adapter.device)
     idx = torch.tensor(last, device=adapter.device)

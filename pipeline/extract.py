@@ -14,16 +14,16 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 import kvpipe
 from kvpipe.errors import DataError, UsageError
-from kvpipe.pipeline.capture import CapturedBatch, Selection, gather_batch
+from kvpipe.pipeline import prefix as prefixes
+from kvpipe.pipeline.capture import CapturedBatch, Selection
 from kvpipe.pipeline.transfer import HostStager
 from kvpipe.pipeline.datasets import ImageRecord
 from kvpipe.pipeline.models import ModelAdapter
@@ -48,11 +48,13 @@ class ExtractConfig:
     dtype: str = "float32"
     device: str = "cpu"
     prefix: str = ""
+    prefix_from: str | None = None  # per-image prefixes: pipeline.prefix.PREFIX_SOURCES (caption | class | domain)
+    prefix_control: str = "none"  # none | random | incorrect (pipeline.prefix.PREFIX_CONTROLS)
     template: str = "chat"
-    keys: str = "post-rope"
+    keys: str | None = None  # None: post-rope (an MLM's default; a vision encoder stores no keys)
     layers: str = "all"
     heads: str = "all"
-    kinds: str = "keys,values,post_proj"
+    kinds: str | None = None  # None: the model's own kinds (MLM: keys,values,post_proj; encoder: hidden)
     store_dtype: str | None = None  # default: the compute dtype
     batch_size: int = 4
     part_size: int = 32
@@ -119,7 +121,7 @@ def parse_kinds(spec: str) -> tuple[str, ...]:
 
 def validate(cfg: ExtractConfig) -> None:
     """Option combinations that make no sense, caught before any work."""
-    if cfg.keys not in KEY_ROPE:
+    if cfg.keys is not None and cfg.keys not in KEY_ROPE:
         raise UsageError(f"--keys must be one of {', '.join(KEY_ROPE)}, not {cfg.keys!r}")
     if cfg.store_dtype is not None and cfg.store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
@@ -131,11 +133,21 @@ def validate(cfg: ExtractConfig) -> None:
         raise UsageError(f"--part-size {cfg.part_size} must be a multiple of --batch-size {cfg.batch_size}")
     if cfg.limit is not None and cfg.limit < 1:
         raise UsageError("--limit must be at least 1")
+    prefixes.check_options(cfg)
 
 
-def _prefix_ids(adapter: ModelAdapter, cfg: ExtractConfig) -> list[int]:
-    probe = adapter.preprocess([Image.new("RGB", (56, 56))], cfg.prefix, cfg.template)
-    return probe.prefix_ids[0]
+def resolve(adapter: ModelAdapter, cfg: ExtractConfig) -> tuple[ExtractConfig, Selection]:
+    """``cfg`` with the model's defaults filled in (kinds, keys) and what to capture; a
+    one-line UsageError for an option the model cannot honour (e.g. --prefix on an encoder)."""
+    kinds = parse_kinds(cfg.kinds) if cfg.kinds is not None else adapter.kinds
+    adapter.check_options(kinds, prefix=cfg.prefix, keys=cfg.keys)
+    if prefixes.per_image(cfg) and not adapter.encodes_text:
+        raise UsageError(f"--prefix-from / --prefix-control need an MLM: {adapter.source.get('name')} is a "
+                         f"vision encoder and reads no text")
+    cfg = replace(cfg, kinds=",".join(kinds), keys=cfg.keys or KEY_ROPE[0])
+    sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
+                    parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), kinds, cfg.keys)
+    return cfg, sel
 
 
 def build_meta(adapter: ModelAdapter, records: list[ImageRecord], dataset_desc: dict[str, Any],
@@ -143,13 +155,15 @@ def build_meta(adapter: ModelAdapter, records: list[ImageRecord], dataset_desc: 
     store_dtype = cfg.store_dtype or cfg.dtype
     return FeatureSetMeta(
         model=adapter.source, dataset=dataset_desc, layers=sel.layers, heads=sel.heads,
-        kinds=sel.kinds, keys_rope=sel.keys_rope, n_layers=adapter.n_layers,
+        kinds=sel.kinds, n_layers=adapter.n_layers,
         n_kv_heads=adapter.n_kv_heads, head_dim=adapter.head_dim, hidden_size=adapter.hidden_size,
-        compute_dtype=cfg.dtype, store_dtype=store_dtype, template=cfg.template, prefix=cfg.prefix,
-        prefix_token_ids=tuple(_prefix_ids(adapter, cfg)), image_token_id=adapter.image_token_id,
+        compute_dtype=cfg.dtype, store_dtype=store_dtype,
+        **adapter.input_meta(prefixes.shared_prefix(cfg), cfg.template, sel.keys_rope),
+        prefix_choice=prefixes.prefix_choice(cfg),
         part_size=cfg.part_size, n_images=len(records),
         image_ids_sha256=ids_fingerprint([r.image_id for r in records]),
-        text_queries=tuple(queries), compressor=compressor_meta(store_dtype, codec=cfg.codec),
+        text_queries=tuple(queries) if adapter.encodes_text else (),
+        compressor=compressor_meta(store_dtype, codec=cfg.codec),
         command=cfg.command or " ".join(shlex.quote(a) for a in sys.argv),
         kvpipe_version=kvpipe.__version__)
 
@@ -207,7 +221,9 @@ class PartBuilder:
             row = ImageRow(index=index, image_id=rec.image_id, part=self.part, token_offset=self.n_tokens,
                            n_tokens=n, grid_h=lay.base.rows, grid_w=lay.base.cols,
                            segments=lay.segments_json(), image_h=size[1], image_w=size[0], source=rec.source,
-                           group=rec.group, frame=rec.frame, meta=json.dumps(annotation.meta))
+                           group=rec.group, frame=rec.frame,
+                           meta=json.dumps(annotation.meta if rec.prefix is None
+                                           else {**annotation.meta, "prefix": rec.prefix}))
             mask = annotation.mask
             if mask is not None:
                 row.mask_offset, row.mask_h, row.mask_w = self.n_mask, int(mask.shape[0]), int(mask.shape[1])
@@ -350,7 +366,7 @@ class LoadedBatch:
 
 def _load_batch(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], cfg: ExtractConfig) -> LoadedBatch:
     items, failed = [], []
-    images = []
+    images, texts = [], []
     for index, rec in chunk:
         try:
             img, ann = rec.image(), rec.annotation()
@@ -361,7 +377,8 @@ def _load_batch(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], cfg
             continue
         items.append((index, img.size, ann))
         images.append(img)
-    batch = adapter.preprocess(images, cfg.prefix, cfg.template) if images else None
+        texts.append(cfg.prefix if rec.prefix is None else rec.prefix)
+    batch = adapter.preprocess(images, texts, cfg.template) if images else None
     return LoadedBatch(items, failed, batch, len(chunk))
 
 
@@ -442,7 +459,7 @@ def _extract_part(adapter: ModelAdapter, records: list[ImageRecord], part: int, 
             result.failures.append((rec.image_id, err))
         if loaded.batch is not None:
             t1 = time.perf_counter()
-            device_arrays, counts = gather_batch(adapter, loaded.batch, sel, store_dtype)
+            device_arrays, counts = adapter.gather(loaded.batch, sel, store_dtype)
             start_tok, end_tok = builder.reserve([(index, records[index], size, lay, ann)
                                                   for (index, size, ann), lay
                                                   in zip(loaded.items, loaded.batch.layouts)], counts)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from kvpipe.errors import UsageError
 from kvpipe.registry import Registry
 from kvpipe.store import FeatureStore
+from kvpipe.store.schema import FeatureSetMeta
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,9 @@ class Probe:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    kinds: ClassVar[tuple[str, ...]] = ("keys", "values")  # swept per (layer, head)
+    kinds: ClassVar[tuple[str, ...]] = ("keys", "values", "hidden")  # swept per (layer, head) when stored
     baseline: ClassVar[bool] = True  # also score the post-projector features
+    needs_text: ClassVar[bool] = False  # scores image tokens against the text queries' K/V
     primary_metric: ClassVar[str] = ""
     ranked: ClassVar[bool] = True  # higher primary_metric = better representation (False: a statistic)
     defaults: ClassVar[dict[str, Any]] = {}
@@ -46,6 +48,18 @@ class Probe:
         self.store = store
         self.params = {**self.defaults, **params}
         self.prepare()
+
+    @classmethod
+    def unavailable(cls, meta: FeatureSetMeta) -> str:
+        """Why a store with this metadata has nothing this probe can score ("" when it has):
+        none of its kinds is stored, or it needs text-query K/V and the store is an encoder's."""
+        swept = cls.kinds + (("post_proj",) if cls.baseline else ())
+        if not any(k in meta.kinds for k in swept):
+            return f"{cls.name} scores {' or '.join(swept)}, and the store holds {', '.join(meta.kinds)}"
+        if cls.needs_text and not any(k in meta.kinds for k in ("keys", "values")):
+            return (f"{cls.name} scores image tokens against text queries' keys/values, which only an MLM's "
+                    f"store has (this one holds {', '.join(meta.kinds)})")
+        return ""
 
     def prepare(self) -> None:
         """Load and check the annotations once; raise a one-line error if they are missing."""

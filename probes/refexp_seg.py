@@ -29,6 +29,7 @@ class ReferringExpressionSegmentation(Probe):
     name = "refexp-seg"
     description = "referring-expression segmentation: tokens . expression token, mIoU (RefCOCO)"
     baseline = False
+    needs_text = True
     primary_metric = "mIoU"
     defaults = {"threshold": 0.5}
     version = 1

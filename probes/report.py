@@ -30,7 +30,7 @@ from kvpipe.probes.runner import results_dir
 from kvpipe.store import FeatureStore
 
 REPRESENTATIONS = (("post_proj", "Visual encoder (post-proj)"), ("values", "LM image value (max)"),
-                   ("keys", "LM image key (max)"))
+                   ("keys", "LM image key (max)"), ("hidden", "Vision encoder block output (max)"))
 
 Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", header, rows) | ("img", path, alt) | ("list", items)
 

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from kvpipe.errors import StoreError
 from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.store import FeatureStore
 
@@ -58,6 +59,9 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     t0 = time.perf_counter()
     store = FeatureStore.open(store_path)
     probe_cls = PROBES.get(task)
+    why = probe_cls.unavailable(store.meta)
+    if why:
+        raise StoreError(f"store {store.root}: {why}")
     params = params or {}
     out = Path(out_dir) if out_dir else results_dir(store.root) / task
     out.mkdir(parents=True, exist_ok=True)

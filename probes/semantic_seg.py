@@ -32,6 +32,7 @@ class SemanticSegmentation(Probe):
     name = "semantic-seg"
     description = "zero-shot semantic segmentation: tokens . class-name token, mIoU (ImageNet-S)"
     baseline = False
+    needs_text = True
     primary_metric = "mIoU"
     defaults = {"threshold": 0.5}
     version = 1

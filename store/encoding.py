@@ -1,4 +1,4 @@
-"""Array encodings of the store: dtypes on disk and the lossless default codec.
+"""Array encodings of the store: dtypes on disk (lossless, or int8 per token), the codec.
 
 Why: bfloat16 is what 7B models compute in, and Zarr v3 has no bfloat16 type, so bf16 is
 stored as its raw 16-bit pattern (uint16) and converted back on read: lossless and fast.
@@ -10,7 +10,12 @@ from __future__ import annotations
 import numpy as np
 from zarr.codecs import BloscCodec
 
-DISK_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+DISK_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16", "int8": "int8"}
+# int8 (lossy): each token vector of D numbers is stored as D int8 codes followed by its float32
+# scale as 4 bytes, so a (layer, head) chunk stays one self-contained [tokens, D + 4] array and
+# every part, chunk and reader path is the same as for the lossless dtypes.
+SCALE_BYTES = 4
+INT8_MAX = 127
 
 
 # Lossless codecs by name (all Blosc with byte shuffle). "zstd" (level 1, the default) keeps
@@ -35,11 +40,40 @@ def compressor_for(meta_compressor: dict, store_dtype: str) -> BloscCodec:
     return compressor(store_dtype, int(meta_compressor.get("clevel", 3)), meta_compressor.get("cname", "zstd"))
 
 
+def stored_dim(dim: int, store_dtype: str) -> int:
+    """Length of a token's last axis on disk."""
+    return dim + SCALE_BYTES if store_dtype == "int8" else dim
+
+
+def quantize_int8(x: np.ndarray) -> np.ndarray:
+    """[..., D] float -> [..., D + 4] int8: symmetric per-token codes and the float32 scale
+    (max |x| / 127). ``pipeline.capture.quantize_int8`` does the same on the device, with the
+    same float32 arithmetic, so both give the same bytes."""
+    x = np.asarray(x, dtype=np.float32)
+    scale = np.abs(x).max(axis=-1, keepdims=True) / np.float32(INT8_MAX)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    codes = np.clip(np.rint(x / safe), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return np.concatenate([codes, np.ascontiguousarray(scale).view(np.int8)], axis=-1)
+
+
+def dequantize_int8(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """[..., D + 4] int8 -> [..., D] float32 (codes times the token's scale)."""
+    scale = np.ascontiguousarray(raw[..., -SCALE_BYTES:]).view(np.float32)
+    if out is None:
+        out = np.empty(raw.shape[:-1] + (raw.shape[-1] - SCALE_BYTES,), np.float32)
+    out[...] = raw[..., :-SCALE_BYTES]
+    out *= scale
+    return out
+
+
 def encode(x: np.ndarray, store_dtype: str) -> np.ndarray:
     """float32 (or float16) array -> the on-disk array for ``store_dtype``.
 
-    Arrays already in the on-disk dtype (bf16 bit patterns from the GPU) pass unchanged.
+    Arrays already in the on-disk dtype (bf16 bit patterns or int8 codes from the GPU) pass
+    unchanged.
     """
+    if store_dtype == "int8":
+        return x if x.dtype == np.int8 else quantize_int8(x)
     if store_dtype == "bfloat16":
         if x.dtype == np.uint16:
             return x
@@ -49,6 +83,8 @@ def encode(x: np.ndarray, store_dtype: str) -> np.ndarray:
 
 def decode(raw: np.ndarray, store_dtype: str) -> np.ndarray:
     """On-disk array -> float32."""
+    if store_dtype == "int8":
+        return dequantize_int8(raw)
     if store_dtype == "bfloat16":
         return bf16_bits_to_float32(raw)
     return raw.astype(np.float32, copy=False)
@@ -71,7 +107,9 @@ def bf16_bits_to_float32(raw: np.ndarray) -> np.ndarray:
 
 def decode_into(raw: np.ndarray, store_dtype: str, out: np.ndarray) -> None:
     """Decode ``raw`` into the float32 array ``out`` in place (no temporary float32 copy)."""
-    if store_dtype == "bfloat16":
+    if store_dtype == "int8":
+        dequantize_int8(raw, out)
+    elif store_dtype == "bfloat16":
         bits = out.view(np.uint32)
         np.left_shift(raw, 16, out=bits, dtype=np.uint32)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from numcodecs import Blosc
 
 from kvpipe.errors import StoreError
 from kvpipe.store import layout
-from kvpipe.store.encoding import decode, decode_into
+from kvpipe.store.encoding import DISK_DTYPE, decode, decode_into, stored_dim
 from kvpipe.store.fs import Location, open_location
 from kvpipe.store.manifest import ImageRow, read_part_record_bytes
 from kvpipe.store.schema import ALL_KINDS, META_ATTR, POST_PROJ, FeatureSetMeta
@@ -98,6 +99,8 @@ class FeatureStore:
         self.checksums = checksums
         self._groups: dict[int, zarr.Group] = {}
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
+        self._tokens: dict[int, int] | None = None
+        self._open_lock = threading.RLock()
 
     @classmethod
     def open(cls, path: str | Path | Location) -> "FeatureStore":
@@ -161,6 +164,10 @@ class FeatureStore:
 
     def _array(self, part: int, kind: str) -> zarr.Array:
         key = (part, kind)
+        with self._open_lock:  # zarr metadata reads must not race
+            return self._array_locked(part, kind, key)
+
+    def _array_locked(self, part: int, kind: str, key: tuple[int, str]) -> zarr.Array:
         if key not in self._arrays:
             try:
                 self._arrays[key] = self._part(part)[kind]
@@ -169,40 +176,47 @@ class FeatureStore:
                                  f"(run kvpipe verify {self.root})") from None
         return self._arrays[key]
 
-    def _direct_chunk(self, arr: zarr.Array, part: int, kind: str, li: int, hi: int) -> np.ndarray | None:
-        """Read one (layer, head) chunk file of a local store straight through Blosc.
+    def _part_tokens(self, part: int) -> int:
+        if self._tokens is None:
+            self._tokens = {}
+            for r in self.rows:
+                self._tokens[r.part] = max(self._tokens.get(r.part, 0), r.token_offset + r.n_tokens)
+        return self._tokens.get(part, 0)
 
-        Why: Zarr's synchronous API costs an event-loop round trip and several metadata
-        lookups per chunk, which dominates when a probe reads one head of many parts. This
-        path reads exactly the chunk file the Zarr v3 spec names (default chunk key encoding)
-        and applies the array's own codec chain (bytes, then Blosc); for anything else it
-        returns None and the caller goes through Zarr.
-        """
-        meta = arr.metadata
-        codecs = getattr(meta, "codecs", ())
-        if not isinstance(self.root, Path) or len(codecs) != 2 or type(codecs[0]).__name__ != "BytesCodec" \
-                or type(codecs[1]).__name__ != "BloscCodec" or arr.chunks[:2] != (1, 1) \
-                or tuple(arr.chunks[2:]) != tuple(arr.shape[2:]):
+    def _chunk_file(self, part: int, kind: str, li: int, hi: int) -> np.ndarray | None:
+        """One (layer, head) chunk file of a local store, without opening the part's Zarr array.
+
+        Why: everything needed to decode it is already known (the store's disk dtype and token
+        width, the part's token count from the manifest; Blosc reads its own parameters from
+        the chunk header), and a cold open of each part's array metadata costs more than
+        reading a small chunk. Returns None (the caller goes through Zarr) for anything that
+        does not match exactly."""
+        if not isinstance(self.root, Path) or part in self.data_dirs \
+                or self.meta.compressor.get("codec", "blosc") != "blosc":
             return None
         path = layout.part_dir(self.root, part) / kind / "c" / str(li) / str(hi) / "0" / "0"
         try:
             payload = path.read_bytes()
         except FileNotFoundError:
-            return None  # an all-fill-value chunk is not written; Zarr knows what to return
+            return None
         raw = _BLOSC.decode(payload)
-        return np.frombuffer(raw, dtype=arr.dtype).reshape(arr.shape[2:])
+        dtype = np.dtype(DISK_DTYPE[self.meta.store_dtype])
+        dim = stored_dim(self.meta.head_dim, self.meta.store_dtype)
+        if len(raw) != self._part_tokens(part) * dim * dtype.itemsize:
+            return None
+        return np.frombuffer(raw, dtype=dtype).reshape(-1, dim)
 
     def _raw(self, part: int, kind: str, li: int | None, hi: int | None) -> np.ndarray:
         """One part's on-disk array for (layer, head), or all of post_proj: [tokens, dim]."""
-        arr = self._array(part, kind)
         if kind != POST_PROJ:
             try:
-                direct = self._direct_chunk(arr, part, kind, li, hi)
+                direct = self._chunk_file(part, kind, li, hi)
             except Exception as err:
                 raise StoreError(f"cannot decode {kind} of part {layout.part_name(part)} ({err}); "
                                  f"run kvpipe verify {self.root}") from None
             if direct is not None:
                 return direct
+        arr = self._array(part, kind)
         try:
             return np.asarray(arr[...] if kind == POST_PROJ else arr[li, hi])
         except Exception as err:
@@ -245,8 +259,9 @@ class FeatureStore:
                 decode_into(raw[r.token_offset: r.token_offset + r.n_tokens], self.meta.store_dtype,
                             data[offsets[i]: offsets[i + 1]])
 
-        for part in by_part:  # open array handles here: zarr metadata reads are not thread-safe to race
-            self._array(part, kind)
+        if not isinstance(self.root, Path) or kind == POST_PROJ:
+            for part in by_part:  # open array handles here: zarr metadata reads are not thread-safe to race
+                self._array(part, kind)
         if len(by_part) > 1:
             with ThreadPoolExecutor(min(READ_THREADS, len(by_part))) as pool:
                 list(pool.map(fill, by_part))
@@ -308,6 +323,8 @@ class FeatureStore:
             "dtype": f"{self.meta.store_dtype} on disk (computed in {self.meta.compute_dtype})",
             "head_dim": self.meta.head_dim,
             "template": self.meta.template + (f" + prefix {self.meta.prefix!r}" if self.meta.prefix else ""),
+            **({"prefix per image": ", ".join(f"{k} {v}" for k, v in self.meta.prefix_choice.items())}
+               if self.meta.prefix_choice else {}),
             "tokens before image": len(self.meta.prefix_token_ids),
             "text queries": len(self.meta.text_queries),
             "tokens": int(sum(r.n_tokens for r in ok)),

@@ -16,11 +16,12 @@ from typing import Any
 from kvpipe.errors import StoreError
 
 SCHEMA_VERSION = 1
-KINDS = ("keys", "values")  # per (layer, kv_head) token features
+HIDDEN = "hidden"  # a vision encoder's block outputs: one "head" as wide as the encoder
+KINDS = ("keys", "values", HIDDEN)  # per (layer, kv_head) token features [layer, head, token, dim]
 POST_PROJ = "post_proj"  # visual features after the projector, as fed to the LM
 ALL_KINDS = (*KINDS, POST_PROJ)
 KEY_ROPE = ("post-rope", "pre-rope")
-STORE_DTYPES = ("float32", "float16", "bfloat16")
+STORE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: lossy, a scale per token
 META_ATTR = "kvpipe"
 
 
@@ -33,7 +34,8 @@ class FeatureSetMeta:
     layers: tuple[int, ...]  # model layer indices stored, ascending
     heads: tuple[int, ...]  # KV head indices stored, ascending
     kinds: tuple[str, ...]  # subset of ALL_KINDS
-    keys_rope: str  # "post-rope" (as cached, what text queries see) or "pre-rope" (k_proj output)
+    keys_rope: str  # "post-rope" (as cached, what text queries see) or "pre-rope" (k_proj output);
+    #                 "none" for a vision encoder's store (no keys)
     n_layers: int  # of the model
     n_kv_heads: int
     head_dim: int
@@ -41,14 +43,18 @@ class FeatureSetMeta:
     compute_dtype: str
     store_dtype: str
     template: str  # "chat" or "none"
-    prefix: str
-    prefix_token_ids: tuple[int, ...]  # every token id before the first image token
+    prefix: str  # the text before every image ("" when none, or when each image has its own)
+    prefix_token_ids: tuple[int, ...]  # every token id before the first image token; with per-image
+    #                                    prefixes (prefix_choice), the template's alone (prefix "")
     image_token_id: int
     part_size: int
     n_images: int
     image_ids_sha256: str  # fingerprint of the dataset's ordered image ids
     text_queries: tuple[str, ...] = ()
     compressor: dict[str, Any] = field(default_factory=dict)
+    # per-image prefixes (kvpipe extract --prefix-from / --prefix-control): {"source", "control",
+    # "seed"}; each image's text is its manifest row's meta["prefix"]. {}: none (older stores too)
+    prefix_choice: dict[str, Any] = field(default_factory=dict)
     command: str = ""
     kvpipe_version: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -68,7 +74,7 @@ class FeatureSetMeta:
             raise StoreError(f"{where} uses store schema {version}, newer than this kvpipe "
                              f"({SCHEMA_VERSION}); upgrade kvpipe to read it")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data) - {"text_queries", "compressor", "command", "kvpipe_version"}
+        missing = names - set(data) - {"text_queries", "compressor", "prefix_choice", "command", "kvpipe_version"}
         if missing:
             raise StoreError(f"{where} metadata lacks {', '.join(sorted(missing))}; the store is damaged")
         kw = {k: v for k, v in data.items() if k in names}
@@ -82,6 +88,8 @@ class FeatureSetMeta:
         d = self.to_dict()
         for k in self._PROVENANCE:
             d.pop(k, None)
+        if not d.get("prefix_choice"):
+            d.pop("prefix_choice", None)  # stores without per-image prefixes keep their fingerprint
         return d
 
     def fingerprint(self) -> str:

@@ -252,7 +252,8 @@ class StoreWriter:
 
 def _same_feature_set(existing: FeatureSetMeta, meta: FeatureSetMeta, root) -> FeatureSetMeta:
     if existing.identity() != meta.identity():
-        diff = sorted(k for k, v in meta.identity().items() if existing.identity().get(k) != v)
+        old, new = existing.identity(), meta.identity()
+        diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         raise StoreError(f"--out {root} holds another feature set (differs in {', '.join(diff)}); "
                          f"choose a new --out or rerun with the options it was made with")
     return existing

@@ -24,8 +24,8 @@ def image(w: int, h: int, seed: int) -> Image.Image:
 
 
 def capture(adapter, img):
-    sel = Selection(tuple(range(adapter.n_layers)), tuple(range(adapter.n_kv_heads)), ("keys", "values", "post_proj"))
-    batch = adapter.preprocess([img], prefix="a photo of")
+    sel = Selection(tuple(range(adapter.n_layers)), tuple(range(adapter.n_kv_heads)), adapter.kinds)
+    batch = adapter.preprocess([img], prefix="a photo of" if adapter.encodes_text else "")  # encoders read no text
     return batch, run_capture(adapter, batch, sel)[0]
 
 

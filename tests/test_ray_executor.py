@@ -86,3 +86,13 @@ def test_ray_run_with_a_killed_actor_to_s3_equals_local_run(ray_session, local_r
     assert_identical_stores(local_ref, url)
     assert not kvpipe_actors(), "the run's actors are gone"
     assert time.time() - t < 240
+
+
+def test_ray_loading_in_tasks_equals_local_run(ray_session, local_ref, tmp_path):
+    """With loading as Ray tasks (the default on GPU nodes: each part's batches are read and
+    preprocessed in other processes while the actor waits for its device), the store is the
+    local executor's, bit for bit."""
+    out = tmp_path / "tasks"
+    res = extract(ExtractConfig(out=str(out), executor="ray", workers=2, loader_processes=1, **KW))
+    assert res.parts_done == 8 and res.images_ok == 16
+    assert_identical_stores(local_ref, out)

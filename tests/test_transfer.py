@@ -15,7 +15,7 @@ from kvpipe.store import FeatureStore
 
 def _items(n: int):
     lay = SimpleNamespace(base=SimpleNamespace(rows=1, cols=1), segments_json=lambda: "[]")
-    rec = SimpleNamespace(image_id="x", source="s", group="", frame=-1)
+    rec = SimpleNamespace(image_id="x", source="s", group="", frame=-1, prefix=None)
     return [(i, rec, (8, 8), lay, SimpleNamespace(mask=None, meta={})) for i in range(n)]
 
 
@@ -57,9 +57,12 @@ def test_buffer_pool_reuses_fitting_buffers():
 def test_direct_chunk_read_equals_zarr(synthetic_store):
     store = FeatureStore.open(synthetic_store)
     arr = store._array(0, "values")
-    direct = store._direct_chunk(arr, 0, "values", 1, 0)
+    direct = store._chunk_file(0, "values", 1, 0)  # no Zarr metadata read
     assert direct is not None
     np.testing.assert_array_equal(direct, np.asarray(arr[1, 0]))
+    store._tokens[0] += 1  # a token count that does not match the chunk: Zarr reads it instead
+    assert store._chunk_file(0, "values", 1, 0) is None
+    np.testing.assert_array_equal(store._raw(0, "values", 1, 0), direct)
 
 
 def test_loader_processes_give_the_same_store(tmp_path):

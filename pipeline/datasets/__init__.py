@@ -12,6 +12,7 @@ from typing import Any
 from kvpipe.errors import UsageError
 from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord, load_palette_mask
 from kvpipe.pipeline.datasets import bdd10k, coco, davis, folder, imagenet_s, msrc, pascal5i, refcoco, spair, synthetic  # noqa: F401  (registers the adapters)
+from kvpipe.pipeline.datasets import blink, spair_vqa  # noqa: F401  (paired tasks: BLINK and SPair-as-VQA images)
 
 __all__ = ["DATASETS", "Annotation", "DatasetAdapter", "ImageRecord", "create_dataset", "dataset_options",
            "load_palette_mask"]

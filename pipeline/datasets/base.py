@@ -43,6 +43,11 @@ class ImageRecord:
     image_id: unique and stable within the dataset (e.g. "bear/00003").
     source: where the pixels come from (a path, or "synthetic:<id>"), for provenance.
     group / frame: video or image-set id and position inside it ("" / -1 when none).
+    texts: what the dataset knows about this image as text, for per-image prefixes
+        (``pipeline.prefix``): "class" (the depicted class's name), "domain" (a sentence naming
+        the capture conditions), "caption"; only the keys the dataset has for this image.
+    prefix: the text placed before this image at extraction, once ``--prefix-from`` /
+        ``--prefix-control`` have been resolved (None: the run's ``--prefix``).
     """
 
     image_id: str
@@ -53,6 +58,8 @@ class ImageRecord:
     )
     group: str = ""
     frame: int = -1
+    texts: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    prefix: str | None = field(default=None, compare=False)
 
     def image(self) -> Image.Image:
         """The image as RGB; a file that cannot be decoded raises DataError naming it."""

@@ -20,6 +20,10 @@ det_20/det_train.json and det_val.json, then the 2018 label files (or only ``att
 Untagged images get null tags; a filter (``timeofday="night"``, ``scene="highway"``, ...) keeps
 only images tagged with that value. Those files are large (hundreds of MB); they are parsed
 once per adapter.
+
+texts["domain"] (for ``--prefix-from domain``): the paper's sentence "The image is taken at
+{daytime, nighttime} and it is from {city street view, highway}" for images tagged daytime or
+night and city street or highway; other and missing tags give no domain.
 """
 
 from __future__ import annotations
@@ -46,6 +50,28 @@ TAGS = {  # frame attributes of the BDD100K label format
     "weather": ("rainy", "snowy", "clear", "overcast", "undefined", "partly cloudy", "foggy"),
 }
 SPLITS = ("train", "val")
+# The paper's domain prefix (Table 4): "The image is taken at {daytime, nighttime} and it is
+# from {city street view, highway}", filled from the timeofday / scene tags.
+DOMAIN_TEMPLATE = "The image is taken at {time} and it is from {scene}"
+DOMAIN_TIME = {"daytime": "daytime", "night": "nighttime"}
+DOMAIN_SCENE = {"city street": "city street view", "highway": "highway"}
+
+
+def domain_text(timeofday: Any, scene: Any) -> str | None:
+    """The domain sentence of an image's tags, or None when a tag is outside the template."""
+    if timeofday not in DOMAIN_TIME or scene not in DOMAIN_SCENE:
+        return None
+    return DOMAIN_TEMPLATE.format(time=DOMAIN_TIME[timeofday], scene=DOMAIN_SCENE[scene])
+
+
+def other_domain(text: str) -> str | None:
+    """The incorrect-domain control: both halves swapped (day+street <-> night+highway,
+    day+highway <-> night+street), as the paper's control does; None for a foreign text."""
+    for t in DOMAIN_TIME:
+        for c in DOMAIN_SCENE:
+            if domain_text(t, c) == text:
+                return domain_text(next(x for x in DOMAIN_TIME if x != t), next(x for x in DOMAIN_SCENE if x != c))
+    return None
 
 
 def trainid_mask(path: Path) -> tuple[np.ndarray, dict[str, int]]:
@@ -154,9 +180,11 @@ class Bdd10kDataset(DatasetAdapter):
             mask = mask_dir / f"{img.stem}.png"
             if not mask.is_file():
                 raise DataError(f"mask {mask} does not exist for image {img}; is the sem_seg download complete?")
+            domain = domain_text(t.get("timeofday"), t.get("scene"))
             out.append(ImageRecord(image_id=img.stem, source=str(img),
                                    load_image=lambda p=str(img): open_image(p),
-                                   load_annotation=lambda m=mask, t=t: self._annotation(base, m, t)))
+                                   load_annotation=lambda m=mask, t=t: self._annotation(base, m, t),
+                                   texts={"domain": domain} if domain else {}))
         if not out:
             active = {k: v for k, v in self.filters.items() if v}
             raise DataError(f"{image_dir} has no images" + (f" tagged {active}" if active else "") +

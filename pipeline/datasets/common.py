@@ -12,6 +12,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from kvpipe.errors import DataError, UsageError
+from kvpipe.roots import existing_root  # noqa: F401  (the datasets' --data-root check)
 
 
 def int_option(dataset: str, name: str, value: Any, minimum: int = 0, maximum: int | None = None) -> int:
@@ -38,16 +39,6 @@ def choice_option(dataset: str, name: str, value: Any, allowed: Iterable[str]) -
     return str(value)
 
 
-def existing_root(root: str | None, dataset: str, hint: str) -> Path:
-    """--data-root as an absolute directory, or a DataError that says what it should hold."""
-    if root is None:
-        raise UsageError(f"--data-root is required for dataset {dataset!r}; point it at {hint}")
-    path = Path(str(root)).expanduser()
-    if not path.exists():
-        raise DataError(f"--data-root {path} does not exist; point it at {hint}")
-    if not path.is_dir():
-        raise DataError(f"--data-root {path} is a file; point it at {hint}")
-    return path.resolve()
 
 
 def first_dir(candidates: Iterable[Path]) -> Path | None:

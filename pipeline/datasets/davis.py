@@ -19,6 +19,7 @@ from PIL import Image
 
 from kvpipe.errors import DataError
 from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord, load_palette_mask
+from kvpipe.pipeline.datasets.common import existing_root
 
 FRAME_EXTENSIONS = (".jpg", ".jpeg")
 
@@ -72,12 +73,7 @@ class DavisDataset(DatasetAdapter):
         self.resolution = resolution
 
     def _root(self) -> Path:
-        root = Path(str(self.root)).expanduser()
-        if not root.exists():
-            raise DataError(f"--data-root {root} does not exist; point it at {self.root_hint}")
-        if not root.is_dir():
-            raise DataError(f"--data-root {root} is a file; point it at {self.root_hint}")
-        root = root.resolve()
+        root = existing_root(self.root, self.name, self.root_hint)
         images = root / "JPEGImages" / self.resolution
         if not images.is_dir():
             raise DataError(f"{images} does not exist; --data-root must be {self.root_hint} "

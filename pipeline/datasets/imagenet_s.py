@@ -17,6 +17,7 @@ found in the same folders): ImageNet's ``LOC_synset_mapping.txt`` / ``synset_wor
 ("<wnid> <name>, <synonym>, ..."; the first name is used, like the names in ImageNet-S's evaluator)
 or ``imagenet_class_index.json`` ({"0": [wnid, name]}). Without one the wnids themselves are
 the names (documented fallback; structure()["class_name_source"] is the file name or "wnid").
+Each record's texts["class"] is its folder's class name.
 
 Why local mask labels: 919 classes do not fit a uint8 mask, so each image's classes become
 labels 1..K (by class id) with meta {"labels": {"<label>": class id}}; 255 marks ignore.
@@ -187,8 +188,9 @@ class ImageNetSDataset(DatasetAdapter):
     # --- adapter contract -----------------------------------------------------------------
 
     def records(self) -> list[ImageRecord]:
-        base, wnids, _, _ = self._state()
+        base, wnids, names, _ = self._state()
         known = set(wnids)
+        name_of = dict(zip(wnids, names))
         image_root = base / self.split
         seg_root = base / f"{self.split}-segmentation"
         has_masks = SPLITS[self.split]
@@ -208,7 +210,8 @@ class ImageNetSDataset(DatasetAdapter):
                                     f"{seg_root.name} download complete?")
                 out.append(ImageRecord(image_id=f"{folder.name}/{img.stem}", source=str(img),
                                        load_image=lambda p=str(img): open_image(p),
-                                       load_annotation=lambda m=mask: self._annotation(base, m)))
+                                       load_annotation=lambda m=mask: self._annotation(base, m),
+                                       texts={"class": name_of[folder.name]}))
         if not out:
             raise DataError(f"{image_root} holds no images; is the ImageNet-S {self.split} set prepared?")
         return out if self.limit is None else out[: max(self.limit, 0)]

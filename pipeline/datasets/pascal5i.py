@@ -20,6 +20,8 @@ exactly. Without it the list is derived from the masks: every (image, fold class
 Why episodes live in structure(), not in records: the store keeps one copy of each image's
 features; the fg-seg probe assembles episodes from dataset.json. ``--limit N`` keeps the first
 N episodes (and only their images), so the store never refers to images it lacks.
+An image's texts["class"] is the VOC name of its episodes' class when they all share one
+(an image in episodes of two classes has none).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def mask_labels(mask: np.ndarray) -> dict[str, int]:
     """{"<label>": class id} for the VOC classes present (label = class id; 0 and 255 left out)."""
     present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
     return {str(int(v)): int(v) for v in present if 0 < v < len(VOC_CLASSES)}
+
+
+def _class_text(classes: set[int]) -> dict[str, str]:
+    """texts["class"] of an image whose episodes all share one class (none when they differ)."""
+    return {"class": VOC_CLASSES[next(iter(classes))]} if len(classes) == 1 else {}
 
 
 def read_fold_list(path: Path, classes: list[int], images: set[str]) -> list[tuple[str, int]]:
@@ -178,6 +185,10 @@ class Pascal5iDataset(DatasetAdapter):
     def records(self) -> list[ImageRecord]:
         voc, mask_dir, episodes = self._state()
         ids = sorted({im for ep in episodes for im in (ep["query"], *ep["support"])})
+        classes: dict[str, set[int]] = {}
+        for ep in episodes:
+            for im in (ep["query"], *ep["support"]):
+                classes.setdefault(im, set()).add(ep["class"])
         out = []
         for image in ids:
             jpg = voc / "JPEGImages" / f"{image}.jpg"
@@ -186,7 +197,8 @@ class Pascal5iDataset(DatasetAdapter):
                                 f"is the VOC2012 JPEGImages download complete?")
             out.append(ImageRecord(image_id=image, source=str(jpg),
                                    load_image=lambda p=str(jpg): open_image(p),
-                                   load_annotation=lambda i=image: self._annotation(voc, mask_dir, i)))
+                                   load_annotation=lambda i=image: self._annotation(voc, mask_dir, i),
+                                   texts=_class_text(classes[image])))
         return out
 
     def _annotation(self, voc: Path, mask_dir: Path, image: str) -> Annotation:

@@ -23,6 +23,10 @@ text_queries() of its expressions), "ann_ids" (label -> COCO annotation id), "co
 text_queries(): every referring-expression sentence of the selected refs, whitespace-trimmed,
 deduplicated, in the order of the refs file (with ``limit``, only the selected images' refs).
 
+texts["caption"] (for ``--prefix-from caption``, the paper's Table 4): the image's COCO
+caption with the lowest annotation id, whitespace-normalised, when COCO's
+annotations/captions_train2014.json is found under --data-root (CAPTION_DIRS).
+
 Masks are decoded with pycocotools (the COCO reference implementation of polygon
 rasterisation and RLE), so they agree pixel for pixel with what the toolkit's getMask gives.
 
@@ -45,12 +49,17 @@ import numpy as np
 
 from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord
+from kvpipe.pipeline.datasets.common import existing_root
 from kvpipe.pipeline.datasets.folder import open_image
 
 DATASET_DIR = "refcoco"
 REFS_FILE = "refs(unc).p"
 INSTANCES_FILE = "instances.json"
 IMAGE_DIR = ("images", "mscoco", "images", "train2014")
+CAPTIONS_FILE = "captions_train2014.json"  # COCO 2014 captions (annotations_trainval2014.zip)
+# Where the captions file is looked for: COCO's own layout (<coco>/annotations/) with the COCO
+# root at --data-root, beside the train2014/ image folder, or one level above it.
+CAPTION_DIRS = (("annotations",), ("images", "mscoco", "images", "annotations"), ("images", "mscoco", "annotations"))
 SPLITS = ("val", "testA", "testB", "train")
 MAX_LABEL = 254  # 255 is "ignore" in kvpipe masks
 PYCOCOTOOLS_PIN = "pycocotools==2.0.11"
@@ -235,12 +244,7 @@ class RefCocoDataset(DatasetAdapter):
         self._index: tuple[list[_Image], list[str], list[str], dict[int, Any]] | None = None
 
     def _root(self) -> Path:
-        root = Path(str(self.root)).expanduser()
-        if not root.exists():
-            raise DataError(f"--data-root {root} does not exist; point it at {self.root_hint}")
-        if not root.is_dir():
-            raise DataError(f"--data-root {root} is a file; point it at {self.root_hint}")
-        return root.resolve()
+        return existing_root(self.root, self.name, self.root_hint)
 
     def _load_instances(self, path: Path) -> dict[str, Any]:
         try:
@@ -370,12 +374,41 @@ class RefCocoDataset(DatasetAdapter):
             "ann_ids": {str(k): a for k, a in enumerate(im.ann_ids, 1)}})
 
     def records(self) -> list[ImageRecord]:
+        images = self._build()[0]
+        captions = self._captions()
         return [
             ImageRecord(image_id=f"{im.coco_id:012d}", source=str(im.path),
                         load_image=lambda p=str(im.path): open_image(p),
-                        load_annotation=lambda im=im: self._annotation(im))
-            for im in self._build()[0]
+                        load_annotation=lambda im=im: self._annotation(im),
+                        texts={"caption": captions[im.coco_id]} if im.coco_id in captions else {})
+            for im in images
         ]
+
+    def _captions(self) -> dict[int, str]:
+        """COCO image id -> its first caption (lowest annotation id), when a COCO captions file is
+        present (see CAPTION_DIRS); {} otherwise."""
+        root = self._root()
+        path = next((root.joinpath(*d, CAPTIONS_FILE) for d in CAPTION_DIRS
+                     if root.joinpath(*d, CAPTIONS_FILE).is_file()), None)
+        if path is None:
+            return {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                anns = json.load(f).get("annotations")
+        except (OSError, ValueError, AttributeError) as err:
+            raise DataError(f"cannot read COCO captions {path}: {err}; replace it with the COCO release's "
+                            f"{CAPTIONS_FILE}") from None
+        if not isinstance(anns, list):
+            raise DataError(f"{path} is not COCO captions JSON (needs a list 'annotations')")
+        first: dict[int, tuple[int, str]] = {}
+        for n, a in enumerate(anns):
+            if not (isinstance(a, dict) and _is_int(a.get("image_id")) and isinstance(a.get("caption"), str)):
+                raise DataError(f"{path}: a caption lacks an integer image_id or a caption string")
+            key = a["id"] if _is_int(a.get("id")) else n
+            text = " ".join(a["caption"].split())
+            if text and (a["image_id"] not in first or key < first[a["image_id"]][0]):
+                first[a["image_id"]] = (key, text)
+        return {i: t for i, (_, t) in first.items()}
 
     def text_queries(self) -> list[str]:
         return list(self._build()[1])

@@ -14,7 +14,8 @@ Layout read (the release archive, as the HPF/DHPF/CHM correspondence code reads 
 trn ("train" is accepted for trn).
 
 records(): the unique images of the selected pairs, ids "<category>/<name>" (a VOC image can
-serve two categories), sorted; no masks, meta {"category": ...}. With ``limit``, the first
+serve two categories), sorted; no masks, meta {"category": ...}; texts {"class": category}
+(SPair's own category name, e.g. "pottedplant"). With ``limit``, the first
 ``limit`` image ids; structure() then keeps only the pairs whose two images both remain.
 structure()["pairs"]: one entry per pair, in layout-file order, keypoints and target box in
 pixels of the original images (as the PCK@0.1-of-box protocol uses them); "name" is the pair id.
@@ -29,6 +30,7 @@ from typing import Any, Sequence
 
 from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord
+from kvpipe.pipeline.datasets.common import existing_root
 from kvpipe.pipeline.datasets.folder import open_image
 
 DATASET_DIR = "SPair-71k"
@@ -143,12 +145,7 @@ class SPairDataset(DatasetAdapter):
         self._pairs: list[Pair] | None = None
 
     def _base(self) -> Path:
-        root = Path(str(self.root)).expanduser()
-        if not root.exists():
-            raise DataError(f"--data-root {root} does not exist; point it at {self.root_hint}")
-        if not root.is_dir():
-            raise DataError(f"--data-root {root} is a file; point it at {self.root_hint}")
-        root = root.resolve()
+        root = existing_root(self.root, self.name, self.root_hint)
         for base in (root / DATASET_DIR, root):
             if (base / "Layout").is_dir() and (base / "PairAnnotation").is_dir():
                 return base
@@ -224,7 +221,8 @@ class SPairDataset(DatasetAdapter):
                                 f"the SPair-71k download complete?")
             out.append(ImageRecord(image_id=image_id, source=str(path),
                                    load_image=lambda p=str(path): open_image(p),
-                                   load_annotation=lambda c=cat: Annotation(None, {"category": c})))
+                                   load_annotation=lambda c=cat: Annotation(None, {"category": c}),
+                                   texts={"class": cat}))
         return out
 
     def structure(self) -> dict[str, Any]:

@@ -30,7 +30,9 @@ Annotations for every probe (the contract of ``base.Annotation`` / ``structure``
   shapes are symmetric, so "which corner" has no answer across two instances;
 * episodes (fg-seg): every image containing a class is a query, with 5 support images
   containing it drawn (seeded) from other videos, topped up from the same video if needed;
-* image_sets (co-segmentation): per class, the first frame of each video holding it.
+* image_sets (co-segmentation): per class, the first frame of each video holding it;
+* texts (per-image prefixes): "class", the kind of the video's largest object, and "caption",
+  a generated sentence naming every object by colour and shape (``video_texts``).
 
 With the defaults (seed 0) every class is in at least two videos, so every structure is
 non-empty; other seeds or sizes may leave a class in one video (fewer cross-video pairs,
@@ -284,6 +286,17 @@ def expressions(plan: VideoPlan) -> list[str]:
     return out
 
 
+def video_texts(plan: VideoPlan) -> dict[str, str]:
+    """Per-image texts of a video's frames: "class", the kind of its largest object (bounding
+    radius), and "caption", its objects named by colour, e.g. "A red circle and an orange
+    triangle on a textured background." """
+    largest = max(plan.shapes, key=lambda s: s.radius)
+    names = [f"{'an' if colour_name(s.colour)[0] in 'aeiou' else 'a'} {colour_name(s.colour)} {s.kind}"
+             for s in plan.shapes]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return {"class": largest.kind, "caption": f"{listed[0].upper()}{listed[1:]} on a textured background."}
+
+
 def shape_points(shape: Shape) -> list[tuple[float, float]]:
     """Local (u, v) of the centre and the shape's corner-like points, scaled by INNER."""
     r = shape.radius
@@ -408,11 +421,12 @@ class SyntheticDataset(DatasetAdapter):
         })
 
     def records(self) -> list[ImageRecord]:
+        texts = {v: video_texts(self.plan(v)) for v in self._videos()}
         return [
             ImageRecord(image_id=self.image_id(v, t), source=f"synthetic:{self.image_id(v, t)}",
                         load_image=lambda v=v, t=t: self._image(v, t),
                         load_annotation=lambda v=v, t=t: self._annotation(v, t),
-                        group=f"video{v:02d}", frame=t)
+                        group=f"video{v:02d}", frame=t, texts=dict(texts[v]))
             for v, t in self._selected()
         ]
 

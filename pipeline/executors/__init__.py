@@ -53,7 +53,7 @@ def run_job(cfg, progress: Callable[[int], None] | None = None,
         finally:
             log.settle(writer.committed_parts())
         t1 = time.perf_counter()
-        if data.queries and not writer.text_committed():
+        if meta.text_queries and not writer.text_committed():  # none for a vision encoder
             writer.write_text(data.queries, *session.text())
         result.timed("text", t1)
     finally:

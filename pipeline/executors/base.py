@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from kvpipe.errors import DataError
 from kvpipe.pipeline.capture import Selection, run_text_capture
 from kvpipe.pipeline.datasets import ImageRecord, create_dataset
-from kvpipe.pipeline.extract import (BufferPool, ExtractConfig, ExtractResult, PartBuilder, _extract_part,
-                                     build_meta, parse_index_spec, parse_kinds, run_parts)
+from kvpipe.pipeline.extract import (BufferPool, ExtractConfig, ExtractResult, LoadedBatch, PartBuilder,
+                                     _extract_part, build_meta, resolve, run_parts)
 from kvpipe.pipeline.transfer import HostStager
 from kvpipe.pipeline.models import ModelAdapter, load_model
+from kvpipe.pipeline.prefix import apply_prefixes
 from kvpipe.store.schema import FeatureSetMeta, ids_fingerprint, structure_fingerprint
 
 ProgressFn = Callable[[int], None]
@@ -41,6 +42,7 @@ class DatasetView:
         records = ds.records()
         if not records:
             raise DataError(f"dataset {cfg.dataset} at {cfg.data_root} has no images")
+        records = apply_prefixes(records, cfg)  # --prefix-from / --prefix-control: each image's text
         structure = ds.structure()
         desc = {**ds.describe(), "tasks": list(ds.tasks), "structure_sha256": structure_fingerprint(structure)}
         return cls(records, structure, desc, ds.text_queries())
@@ -64,12 +66,10 @@ class PartWorker:
         if adapter is None:
             adapter = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, init=cfg.init,
                                  revision=cfg.revision, seed=cfg.seed)
+        self.cfg, self.sel = resolve(adapter, cfg)  # the model's default kinds; options it cannot honour
         if cfg.fast_kernels:
             adapter.accelerate()
         self.adapter = adapter
-        self.sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
-                             parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"),
-                             parse_kinds(cfg.kinds), cfg.keys)
         self._stager: HostStager | None = None
         self._buffers = BufferPool()
 
@@ -82,13 +82,14 @@ class PartWorker:
         run_parts(self.adapter, self.data.records, parts, self.cfg, self.sel, writer, result, progress, on_failure)
 
     def extract_part(self, part: int, result: ExtractResult, progress: ProgressFn | None,
-                     loader: ThreadPoolExecutor) -> PartBuilder:
-        """One part, its batches loaded on ``loader`` threads; call ``builder.release()`` once
-        its arrays are written so the next part reuses the host buffers."""
+                     loader: ThreadPoolExecutor | None, batches: Iterator[LoadedBatch] | None = None) -> PartBuilder:
+        """One part, its batches from ``batches`` (loaded elsewhere, in order) or loaded on
+        ``loader`` threads; call ``builder.release()`` once its arrays are written so the next
+        part reuses the host buffers."""
         if self._stager is None:
             self._stager = HostStager(self.adapter.device)
         return _extract_part(self.adapter, self.data.records, part, self.cfg, self.sel, result, progress, loader,
-                             self._stager, self._buffers)
+                             self._stager, self._buffers, batches)
 
     def close(self) -> None:
         if self._stager is not None:

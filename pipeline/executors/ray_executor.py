@@ -17,6 +17,7 @@ reader looks at, and are deleted when the run ends or the next run starts.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -24,18 +25,20 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from kvpipe.errors import DataError, KvpipeError, UsageError
 from kvpipe.pipeline.executors.base import (DatasetView, Executor, PartOutcome, PartWorker, ProgressFn,
                                             Session)
-from kvpipe.pipeline.extract import LOADERS, ExtractConfig, ExtractResult
+from kvpipe.pipeline.datasets import create_dataset
+from kvpipe.pipeline.extract import LOADERS, ExtractConfig, ExtractResult, LoadedBatch, _load_batch, _pieces_of
 from kvpipe.pipeline.models import ModelAdapter
+from kvpipe.pipeline.prefix import apply_prefixes
 
 MAX_RESTARTS = 3  # Ray restarts of one actor process
 MAX_TASK_RETRIES = 3  # Ray re-runs of a part whose actor died mid-call
 MAX_RESUBMITS = 2  # the driver's own resubmissions of a part whose actor is gone for good
-PARTS_IN_FLIGHT = 2  # per actor: one capturing while the previous one is compressed and written
+PARTS_IN_FLIGHT = 3  # per actor: one capturing, the previous one being written, the next one loading
 CONNECT_TIMEOUT_S = 5.0
 # HTTP/2 client connection preface + an empty SETTINGS frame
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -49,18 +52,43 @@ def _import_ray():
     return ray
 
 
+_RECORDS: dict[str, list] = {}
+
+
+def _records_for(cfg: ExtractConfig) -> list:
+    """The dataset's records in a loader process, listed once per process and dataset."""
+    key = json.dumps([cfg.dataset, cfg.data_root, cfg.split, cfg.limit, cfg.dataset_options, cfg.prefix_from,
+                      cfg.prefix_control, cfg.seed], sort_keys=True, default=str)
+    if key not in _RECORDS:
+        _RECORDS.clear()
+        _RECORDS[key] = apply_prefixes(create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split,
+                                                      limit=cfg.limit, **cfg.dataset_options).records(), cfg)
+    return _RECORDS[key]
+
+
+def load_piece(prep: ModelAdapter, cfg: ExtractConfig, indices: list[int]) -> LoadedBatch:
+    """A Ray task: read and preprocess one batch of images on its own core (outside the actor)."""
+    records = _records_for(cfg)
+    return _load_batch(prep, [(i, records[i]) for i in indices], cfg)
+
+
 class PartActor:
     """Body of the Ray actor (wrapped with ``ray.remote`` at start). The model loads on the
     first call, not in ``__init__``, so a loading error reaches the driver as the kvpipe error
-    it is, and a restarted actor reloads it when Ray re-runs its parts. Two calls may run at
-    once (max_concurrency=2): one captures on the device while the other compresses and writes."""
+    it is, and a restarted actor reloads it when Ray re-runs its parts. PARTS_IN_FLIGHT calls
+    may run at once: each submits its batches' loading as Ray tasks (other cores, other
+    processes) as soon as it starts, then waits for the device; one captures while the
+    previous one compresses and writes and the next one's images are being loaded."""
 
     def __init__(self, cfg: ExtractConfig, ids_sha256: str):
         self.cfg, self.ids_sha256 = cfg, ids_sha256
-        self.loader = ThreadPoolExecutor(max_workers=LOADERS, thread_name_prefix="kvpipe-load")
+        self.loader: ThreadPoolExecutor | None = None
         self.device_lock = threading.Lock()
+        self.setup_lock = threading.Lock()
         self._worker: PartWorker | None = None
         self._writers: dict[str, Any] = {}
+        self._load_task: Any = None
+        self._prep: Any = None
 
     def worker(self) -> PartWorker:
         with self.device_lock:
@@ -84,8 +112,11 @@ class PartActor:
 
         worker = self.worker()
         res = ExtractResult("", 0, 0, 0, 0, 0.0)
+        batches = self._load(worker, part)
+        if batches is not None:  # received (deserialised) before taking the device: the GPU never waits on it
+            batches = iter(list(batches))
         with self.device_lock:
-            builder = worker.extract_part(part, res, None, self.loader)
+            builder = worker.extract_part(part, res, None, self.loader, batches)
         out = self.cfg.out
         if out not in self._writers:
             self._writers[out] = StoreWriter.open_for_staging(out, meta)
@@ -97,6 +128,37 @@ class PartActor:
         worker = self.worker()
         with self.device_lock:
             return worker.text()
+
+    def _load(self, worker: PartWorker, part: int) -> Iterator[LoadedBatch] | None:
+        """Start loading the part's batches now, as Ray tasks on this node; None: load on
+        threads of this actor (CPU runs, or ``loader_processes=0``)."""
+        processes = self.cfg.loader_processes
+        if processes is None:
+            processes = 1 if worker.adapter.device.type == "cuda" else 0
+        if processes <= 0:
+            if self.loader is None:
+                self.loader = ThreadPoolExecutor(max_workers=LOADERS, thread_name_prefix="kvpipe-load")
+            return None
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        with self.setup_lock:  # parts in flight start on concurrent threads
+            if self._load_task is None:
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+                # one core per task on a GPU node; on a CPU-only run the actors hold the cores
+                cpus = 1 if worker.adapter.device.type == "cuda" else 0
+                self._prep = ray.put(worker.adapter.preprocessor())
+                self._load_task = ray.remote(num_cpus=cpus, scheduling_strategy=here, max_retries=2)(load_piece)
+        refs = [self._load_task.remote(self._prep, self.cfg, [i for i, _ in piece])
+                for piece in _pieces_of(worker.data.records, part, self.cfg)]
+
+        def ordered() -> Iterator[LoadedBatch]:
+            for ref in refs:
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayTaskError as err:
+                    raise _cause(err) from None
+        return ordered()
 
 
 def _check_address(address: str) -> None:
@@ -148,7 +210,7 @@ class RaySession(Session):
         # each actor sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES)
         self.actor_cfg = replace(cfg, device="cuda" if self.gpu else cfg.device)
         opts: dict[str, Any] = dict(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
-                                    max_concurrency=2, num_cpus=1)
+                                    max_concurrency=PARTS_IN_FLIGHT, num_cpus=1)
         if self.gpu:
             opts["num_gpus"] = 1
         self.actor_cls = self.ray.remote(**opts)(PartActor)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from PIL import Image
 
 from kvpipe.errors import ModelError, UsageError
 from kvpipe.registry import Registry
+from kvpipe.store.schema import POST_PROJ
 
 TEMPLATES = ("chat", "none")
 
@@ -96,6 +97,8 @@ class ModelAdapter:
     family: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()  # transformers config.model_type values
     image_placeholder: ClassVar[str] = ""  # text the processor expands into image tokens
+    kinds: ClassVar[tuple[str, ...]] = ("keys", "values", POST_PROJ)  # the store kinds it captures
+    encodes_text: ClassVar[bool] = True  # text queries get a text-only pass (semantic-seg, refexp-seg)
 
     def __init__(self, model: torch.nn.Module, processor: Any, source: dict[str, Any]):
         self.model = model.eval()
@@ -122,6 +125,16 @@ class ModelAdapter:
         """The token grid(s) of image ``index`` of a processed batch."""
         raise NotImplementedError
 
+    def preprocessor(self) -> "ModelAdapter":
+        """A copy of this adapter without the model's weights (its config only): enough for
+        ``preprocess``, and cheap to send to loader processes on other cores."""
+        import copy
+        from types import SimpleNamespace
+
+        light = copy.copy(self)
+        light.model = SimpleNamespace(config=self.model.config)
+        return light
+
     def accelerate(self) -> list[str]:
         """Swap in faster, numerically equivalent kernels; returns what was changed (default: none)."""
         return []
@@ -131,6 +144,48 @@ class ModelAdapter:
 
     def language_model(self) -> torch.nn.Module:
         return self.model.model.language_model
+
+    def attention_modules(self) -> list[torch.nn.Module]:
+        """The self-attention module of each decoder layer (what attention knock-out patches)."""
+        return [layer.self_attn for layer in self.decoder_layers()]
+
+    # ---- extraction hooks (vision encoders override these) -------------------------------
+    @classmethod
+    def load_processor(cls, checkpoint: str, revision: str | None) -> Any:
+        """The processor saved with a checkpoint (hub id or directory)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(checkpoint, revision=revision)
+
+    @classmethod
+    def processor_problem(cls, processor: Any) -> str:
+        """Why a loaded processor cannot serve this family ("" when it can)."""
+        if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
+            return (f"has no multimodal processor (found {type(processor).__name__}); "
+                    f"save the processor next to the model")
+        return ""
+
+    def check_options(self, kinds: tuple[str, ...], *, prefix: str, keys: str | None) -> None:
+        """One-line UsageError for an extraction option this model cannot honour."""
+        other = [k for k in kinds if k not in self.kinds]
+        if other:
+            raise UsageError(f"--kinds {','.join(other)} is a vision encoder's kind (--model siglip, dinov2-base, "
+                             f"...); {self.source.get('name')} is an MLM: use {', '.join(self.kinds)}")
+
+    def gather(self, batch: Batch, sel: Any, dtype: str = "float32") -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Run one batch and gather every image's features on the device in the store dtype:
+        (kind -> tensor with the token axis second to last, tokens per image). An MLM's image
+        K/V come from its own cache (``capture.gather_batch``)."""
+        from kvpipe.pipeline.capture import gather_batch
+
+        return gather_batch(self, batch, sel, dtype)
+
+    def input_meta(self, prefix: str, template: str, keys_rope: str) -> dict[str, Any]:
+        """The store metadata fixed by the model's input: template, prefix, every token id
+        before the image, the image token id and the stored keys' convention."""
+        probe = self.preprocess([Image.new("RGB", (56, 56))], prefix, template)
+        return {"template": template, "prefix": prefix, "prefix_token_ids": tuple(probe.prefix_ids[0]),
+                "image_token_id": self.image_token_id, "keys_rope": keys_rope}
 
     # ---- shared behaviour ------------------------------------------------------------
     @property
@@ -176,10 +231,21 @@ class ModelAdapter:
                              f"{self.image_placeholder!r}; use --template none")
         return text[:cut] + prefix + self.image_placeholder
 
-    def preprocess(self, images: list[Image.Image], prefix: str = "", template: str = "chat") -> Batch:
-        """Tokenise a batch and cut it after the last image token (text after it is waste)."""
-        text = self.prompt(prefix, template)
-        enc = self.processor(text=[text] * len(images), images=images, return_tensors="pt",
+    def preprocess(self, images: list[Image.Image], prefix: str | Sequence[str] = "",
+                   template: str = "chat") -> Batch:
+        """Tokenise a batch and cut it after the last image token (text after it is waste).
+
+        ``prefix``: one text for every image, or one per image (``--prefix-from``); sequences of
+        different lengths are right-padded, so each image keeps the positions of an unbatched run.
+        """
+        wanted = [prefix] * len(images) if isinstance(prefix, str) else list(prefix)
+        if len(wanted) != len(images):
+            raise ValueError(f"{len(wanted)} prefixes for {len(images)} images")
+        prompts: dict[str, str] = {}
+        for p in wanted:
+            if p not in prompts:
+                prompts[p] = self.prompt(p, template)
+        enc = self.processor(text=[prompts[p] for p in wanted], images=images, return_tensors="pt",
                              padding=True)
         ids = enc["input_ids"]
         is_image = ids == self.image_token_id
@@ -201,6 +267,29 @@ class ModelAdapter:
                 raise ModelError(f"token layout of image {i} covers {n} tokens but the sequence has "
                                  f"{int(pos.numel())}; the adapter {self.family} does not match this processor")
         return Batch(inputs, layouts, prefixes)
+
+    def chat_prompt(self, prompt: str, n_images: int) -> str:
+        """One user turn of the model's own chat template: the images in order, then ``prompt``;
+        followed by the assistant's header (the generation prompt)."""
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=False)
+
+    def chat_inputs(self, prompts: list[str], images: list[list[Image.Image]]) -> dict[str, Any]:
+        """Generation inputs for a batch of questions, each with its own images (one or several).
+
+        Left padding, set for this call only, puts every row's last prompt token in the last
+        column, which generation needs; extraction keeps the tokenizer's right padding.
+        Images go to the processor nested per question, so processors that treat a multi-image
+        question differently (LLaVA-OneVision does not tile those images) see which is which.
+        """
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        texts = [self.chat_prompt(p, len(imgs)) for p, imgs in zip(prompts, images)]
+        nested = [list(imgs) for imgs in images]
+        enc = self.processor(text=texts, images=nested if any(nested) else None, return_tensors="pt",
+                             padding=True, padding_side="left")
+        return dict(enc)
 
     def text_batch(self, texts: list[str], template: str = "chat") -> tuple[dict[str, Any], list[int]]:
         """Inputs for a text-only pass and the index of each text's final token."""

@@ -79,7 +79,8 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"
                 raise UsageError(f"--revision makes no sense with {'a tiny preset' if entry.tiny else '--init random'}")
             config = entry.preset()
             processor = entry.adapter.build_processor(config, tiny=entry.tiny)
-            align_offline_token_ids(config, processor.tokenizer)
+            if hasattr(processor, "tokenizer"):  # a vision encoder's processor has none
+                align_offline_token_ids(config, processor.tokenizer)
             model = _random_model(entry, config, torch_dtype, seed, device)
             source = {"name": name_or_path, "checkpoint": None, "revision": None,
                       "init": "random", "seed": seed, "family": entry.adapter.family}
@@ -112,7 +113,7 @@ def _first_line(err: BaseException) -> str:
 
 def _from_pretrained(checkpoint: str, name: str, dtype: torch.dtype, device: str,
                      revision: str | None, local: bool = False) -> ModelAdapter:
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     hint = ("is it a saved checkpoint directory (save_pretrained of the model and its processor)?" if local
             else "offline? set HF_HUB_OFFLINE=1 and pass a local checkpoint directory")
@@ -123,12 +124,12 @@ def _from_pretrained(checkpoint: str, name: str, dtype: torch.dtype, device: str
     adapter_cls = adapter_for_model_type(config.model_type)
     try:
         model = adapter_cls.model_class().from_pretrained(checkpoint, revision=revision, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(checkpoint, revision=revision)
+        processor = adapter_cls.load_processor(checkpoint, revision)
     except Exception as err:
         raise ModelError(f"cannot load --model {checkpoint}: {_first_line(err)}") from None
-    if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
-        raise ModelError(f"--model {name} has no multimodal processor (found {type(processor).__name__}); "
-                         f"save the processor next to the model")
+    problem = adapter_cls.processor_problem(processor)
+    if problem:
+        raise ModelError(f"--model {name} {problem}")
     source = {"name": name, "checkpoint": checkpoint, "revision": revision, "init": "pretrained",
               "family": adapter_cls.family, "commit": getattr(config, "_commit_hash", None)}
     return _finish(adapter_cls, model, processor, source, device)

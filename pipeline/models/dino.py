@@ -1,0 +1,51 @@
+"""DINO (facebook/dino-vitb16): a plain ViT (``ViTModel``) trained self-supervised.
+
+One CLS token precedes the 14 x 14 patch tokens of a 224 px image. The adapter serves any
+``vit`` checkpoint; the DINO preset's preprocessing constants are the original DINO
+evaluation's (ImageNet mean/std); a loaded checkpoint's own processor file takes precedence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+from kvpipe.pipeline.models.base import MODELS, ModelEntry
+from kvpipe.pipeline.models.encoder import BILINEAR, VisionEncoderAdapter
+
+
+def dino_vitb16_config() -> ViTConfig:
+    """facebook/dino-vitb16's config."""
+    return ViTConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     image_size=224, patch_size=16, qkv_bias=True, layer_norm_eps=1e-12, hidden_act="gelu")
+
+
+def tiny_dino_config() -> ViTConfig:
+    """2 blocks, width 32, 64 px -> 4 x 4 patch tokens after the CLS token."""
+    return ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     image_size=64, patch_size=16)
+
+
+class VitEncoderAdapter(VisionEncoderAdapter):
+    family = "vit"
+    model_types = ("vit",)
+    prefix_tokens = 1  # CLS
+    resample = BILINEAR  # facebook/dino-vitb16's preprocessor_config.json
+
+    @classmethod
+    def model_class(cls) -> type:
+        return ViTModel
+
+    @classmethod
+    def image_processor_class(cls) -> type:
+        return ViTImageProcessor
+
+    def decoder_layers(self) -> list[Any]:
+        return list(self.model.layers) if hasattr(self.model, "layers") else list(self.model.encoder.layer)
+
+
+MODELS.add("dino-vitb16", ModelEntry(VitEncoderAdapter, "facebook/dino-vitb16", dino_vitb16_config,
+                                     "DINO ViT-B/16 at 224 px"))
+MODELS.add("tiny-dino", ModelEntry(VitEncoderAdapter, None, tiny_dino_config,
+                                   "2-block random ViT (DINO architecture) for tests", tiny=True))

@@ -1,0 +1,163 @@
+"""The adapter contract for plain vision encoders (SigLIP, CLIP, DINO, DINOv2): baselines.
+
+Why: the paper compares the MLM's image values with the patch tokens of vision encoders
+(Table 1's "SigLIP without MLM FT", Table 2's CLIP and DINO). An encoder store holds one kind,
+``hidden``: every transformer block's output (``hidden_states[1:]``, before any final norm) at
+the patch positions, shaped like keys/values with a single "head" as wide as the encoder
+([layer, 1, token, width]), so the reader, verify and every probe treat it like image values.
+
+Token layout: patch tokens only (CLS and register tokens are dropped), one ``base`` segment.
+Images go through the encoder's own image processor class and constants (mean, std,
+resampling), but are resized to the encoder's square input size without a centre crop, so
+the token grid covers the whole image, as the base view of an MLM does, and token <-> pixel
+mapping (probes/tokens.py) is proportional. A checkpoint whose processor crops (CLIP, DINOv2)
+keeps its crop size as the input size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from kvpipe.errors import ModelError, UsageError
+from kvpipe.pipeline.models.base import Batch, ModelAdapter, Segment, TokenLayout
+from kvpipe.store.schema import HIDDEN
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BILINEAR, BICUBIC = 2, 3  # PIL resampling codes, as preprocessor_config.json stores them
+
+
+def _field(size: Any, key: str) -> int | None:
+    value = size.get(key) if isinstance(size, dict) else getattr(size, key, None)
+    return int(value) if value else None
+
+
+def input_hw(processor: Any) -> tuple[int, int]:
+    """The (height, width) a checkpoint's processor feeds its encoder: the crop size when it
+    centre-crops, else its fixed size, else a square of its shortest edge."""
+    crop = getattr(processor, "crop_size", None)
+    if getattr(processor, "do_center_crop", False) and crop is not None and _field(crop, "height"):
+        return _field(crop, "height"), _field(crop, "width")
+    size = processor.size
+    if _field(size, "height"):
+        return _field(size, "height"), _field(size, "width")
+    if _field(size, "shortest_edge"):
+        return _field(size, "shortest_edge"), _field(size, "shortest_edge")
+    raise ModelError(f"cannot tell the input size of image processor {type(processor).__name__} ({size})")
+
+
+class VisionEncoderAdapter(ModelAdapter):
+    """Base class: subclasses name the transformers classes, the number of tokens before the
+    patches and the family's preprocessing constants."""
+
+    kinds = (HIDDEN,)
+    encodes_text = False
+    prefix_tokens: ClassVar[int] = 1  # CLS (+ registers) before the patch tokens
+    interpolate_flag: ClassVar[bool] = True  # forward takes interpolate_pos_encoding
+    # preprocessing constants of the family's checkpoints, for presets built in code
+    mean: ClassVar[tuple[float, ...]] = IMAGENET_MEAN
+    std: ClassVar[tuple[float, ...]] = IMAGENET_STD
+    resample: ClassVar[int] = BICUBIC
+
+    def __init__(self, model: torch.nn.Module, processor: Any, source: dict[str, Any]):
+        self.model = model.eval()
+        self.processor = processor
+        h, w = input_hw(processor)
+        self.source = {**source, "features": (
+            f"{HIDDEN}: output of every transformer block (hidden_states[1:], before the final norm) at the "
+            f"patch tokens only (no CLS/register tokens); images resized to {h}x{w} px, no crop")}
+        self.image_token_id = -1
+
+    # ---- to be provided by subclasses -------------------------------------------------
+    @classmethod
+    def image_processor_class(cls) -> type:
+        raise NotImplementedError
+
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        """The encoder's transformer blocks, in order."""
+        raise NotImplementedError
+
+    # ---- processors ---------------------------------------------------------------------
+    @classmethod
+    def whole_image_processor(cls, hw: tuple[int, int], resample: Any, mean: Any, std: Any) -> Any:
+        return cls.image_processor_class()(size={"height": hw[0], "width": hw[1]}, do_center_crop=False,
+                                           resample=resample, image_mean=list(mean), image_std=list(std),
+                                           do_convert_rgb=True)
+
+    @classmethod
+    def build_processor(cls, config: Any, tiny: bool = False) -> Any:
+        side = cls.preset_side(config, tiny)
+        return cls.whole_image_processor((side, side), cls.resample, cls.mean, cls.std)
+
+    @classmethod
+    def preset_side(cls, config: Any, tiny: bool) -> int:
+        """Input side of a preset built in code (default: the config's image size)."""
+        return int(config.image_size)
+
+    @classmethod
+    def load_processor(cls, checkpoint: str, revision: str | None) -> Any:
+        """The checkpoint's own image processor constants, without its centre crop."""
+        from transformers import AutoImageProcessor
+
+        saved = AutoImageProcessor.from_pretrained(checkpoint, revision=revision)
+        return cls.whole_image_processor(input_hw(saved), saved.resample, saved.image_mean, saved.image_std)
+
+    @classmethod
+    def processor_problem(cls, processor: Any) -> str:
+        return ""
+
+    # ---- the model ----------------------------------------------------------------------
+    @property
+    def text_config(self) -> Any:
+        return self.model.config  # the vision config: there is no text model
+
+    @property
+    def n_kv_heads(self) -> int:
+        return 1
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def language_model(self) -> torch.nn.Module:
+        raise ModelError(f"{self.source.get('name')} is a vision encoder; it has no language model")
+
+    def check_options(self, kinds: tuple[str, ...], *, prefix: str, keys: str | None) -> None:
+        name = self.source.get("name")
+        other = [k for k in kinds if k != HIDDEN]
+        if other:
+            raise UsageError(f"--kinds {','.join(other)}: {name} is a vision encoder and stores {HIDDEN} only "
+                             f"(keys, values and post_proj come from an MLM)")
+        if prefix:
+            raise UsageError(f"--prefix needs an MLM: {name} is a vision encoder and reads no text")
+        if keys is not None:
+            raise UsageError(f"--keys needs an MLM: {name} is a vision encoder and stores no keys")
+
+    def gather(self, batch: Batch, sel: Any, dtype: str = "float32") -> tuple[dict[str, torch.Tensor], list[int]]:
+        from kvpipe.pipeline.capture import gather_hidden
+
+        return gather_hidden(self, batch, sel, dtype)
+
+    def input_meta(self, prefix: str, template: str, keys_rope: str) -> dict[str, Any]:
+        return {"template": "none", "prefix": "", "prefix_token_ids": (), "image_token_id": -1, "keys_rope": "none"}
+
+    def preprocess(self, images: list[Image.Image], prefix: str = "", template: str = "chat") -> Batch:
+        """Pixel values through the image processor; the layout is the patch grid after the
+        ``prefix_tokens`` leading tokens (no text: ``prefix`` and ``template`` do not apply)."""
+        config = self.model.config  # config only: a preprocessor() copy has no weights
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        rows, cols = int(pixels.shape[-2]) // config.patch_size, int(pixels.shape[-1]) // config.patch_size
+        inputs: dict[str, Any] = {"pixel_values": pixels}
+        if self.interpolate_flag and tuple(pixels.shape[-2:]) != (config.image_size, config.image_size):
+            inputs["interpolate_pos_encoding"] = True
+        positions = torch.arange(self.prefix_tokens, self.prefix_tokens + rows * cols)
+        layout = TokenLayout(positions, (Segment("base", 0, rows, cols),))
+        return Batch(inputs, [layout] * len(images), [[] for _ in images])
+
+    def text_batch(self, texts: list[str], template: str = "chat") -> tuple[dict[str, Any], list[int]]:
+        raise ModelError(f"{self.source.get('name')} is a vision encoder; it has no text model for text queries")

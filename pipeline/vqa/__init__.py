@@ -1,0 +1,41 @@
+"""Question-answering benchmarks: readers of each benchmark's own files plus its scoring.
+
+Importing this package registers every benchmark in ``BENCHMARKS``; ``create_benchmark`` is
+the one way to build one, so an unknown name or option gets the same one-line UsageError
+everywhere. Nothing here imports torch: the model's answering loop lives elsewhere and calls
+``items()``, ``parse()`` and ``score()``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from kvpipe.errors import UsageError
+from kvpipe.pipeline.vqa.base import BENCHMARKS, Benchmark, VQAItem
+from kvpipe.pipeline.vqa import blink, cvbench, mme, pope, spair_vqa  # noqa: F401  (registers the benchmarks)
+from kvpipe.pipeline.vqa.scoring import paired_rows, paired_table
+
+__all__ = ["BENCHMARKS", "Benchmark", "VQAItem", "benchmark_options", "create_benchmark", "paired_rows",
+           "paired_table"]
+
+_BASE_ARGS = ("self", "root", "split", "limit")
+
+
+def benchmark_options(cls: type[Benchmark]) -> dict[str, Any]:
+    """The benchmark's keyword options and their defaults (beyond root, split and limit)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p.default for n, p in params.items()
+            if n not in _BASE_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def create_benchmark(name: str, root: str | None = None, split: str | None = None, limit: int | None = None,
+                     **options: Any) -> Benchmark:
+    """Build the registered benchmark ``name``; unknown names or options are UsageErrors."""
+    cls = BENCHMARKS.get(name)
+    known = benchmark_options(cls)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        listed = ", ".join(known) if known else "none"
+        raise UsageError(f"benchmark {name!r} has no option {unknown[0]!r}; its options: {listed}")
+    return cls(root, split=split, limit=limit, **options)

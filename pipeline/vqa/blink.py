@@ -1,0 +1,128 @@
+"""BLINK (Fu et al., 2024): 14 perception sub-tasks as multiple-choice questions on 1-4 images.
+
+Layout read: a copy of ``BLINK-Benchmark/BLINK`` with one folder per config (sub-task), as on
+the hub: ``<root>/Art_Style/val-00000-of-00001.parquet`` (and ``test-...``), the
+parquet-converter layout ``<root>/Art_Style/val/0000.parquet``, or per-config
+``datasets.save_to_disk`` folders. Columns: idx, question, sub_task, image_1..image_4 (None
+where the question has fewer images), choices, answer ("(A)"), prompt, explanation. Only the
+val split has answers, so it is the one read (``data_split=`` names another).
+
+Without ``--split`` every sub-task folder present is read; ``--split`` picks sub-tasks:
+"Art_Style", a comma list, "perception" (Counting, Object_Localization, Relative_Depth,
+Spatial_Relation: the paper's perception subset) or "paired" (Art_Style, Visual_Similarity:
+the paper's paired tasks). Prompt, answer extraction
+and accuracy follow lmms-eval ``tasks/blink`` (see docs/PROTOCOLS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvpipe.errors import DataError
+from kvpipe.pipeline.vqa.base import BENCHMARKS, Benchmark, VQAItem
+from kvpipe.pipeline.vqa.common import (LETTERS, MC_PRE_PROMPT, TableRef, accuracy, apply_limit, check_unique,
+                                        extract_letter, gold_letter, hf_splits, non_null, option_letters,
+                                        predictions_of, read_rows, require_root, row, select, table_image)
+
+SUBTASKS = ("Art_Style", "Counting", "Forensic_Detection", "Functional_Correspondence", "IQ_Test", "Jigsaw",
+            "Multi-view_Reasoning", "Object_Localization", "Relative_Depth", "Relative_Reflectance",
+            "Semantic_Correspondence", "Spatial_Relation", "Visual_Correspondence", "Visual_Similarity")
+PERCEPTION = ("Counting", "Object_Localization", "Relative_Depth", "Spatial_Relation")
+PAIRED = ("Art_Style", "Visual_Similarity")
+ALIASES = {"perception": PERCEPTION, "paired": PAIRED, "all": SUBTASKS}
+IMAGE_COLUMNS = ("image_1", "image_2", "image_3", "image_4")
+TEXT_COLUMNS = ("idx", "question", "sub_task", "choices", "answer", "prompt", "explanation")
+REQUIRED = ("idx", "choices", "answer", "prompt", "image_1")
+
+
+def mc_prompt(prompt: str, n_choices: int) -> str:
+    """lmms-eval ``blink_doc_to_text``: the pre_prompt with the option letters, then the row's prompt."""
+    return MC_PRE_PROMPT.format(option_letters(n_choices)) + prompt
+
+
+def valid_letters(n_choices: int) -> str:
+    """lmms-eval ``blink_process_results``: the question's own letters, all letters when it has no choices."""
+    return LETTERS[:n_choices] or LETTERS
+
+
+@BENCHMARKS.register("blink")
+class BLINK(Benchmark):
+    """BLINK val questions of the chosen sub-tasks."""
+
+    name = "blink"
+    description = "BLINK multiple-choice perception questions, one sub-task per folder (val split)"
+    subsets = SUBTASKS
+    root_hint = "a copy of BLINK-Benchmark/BLINK with one folder per sub-task (e.g. Art_Style/val-*.parquet)"
+
+    def __init__(self, root: str | None, split: str | None = None, limit: int | None = None, *,
+                 data_split: str = "val"):
+        super().__init__(root, split, limit)
+        self.subtasks = select(self.name, split, SUBTASKS, ALIASES, what="sub-task")
+        self.data_split = data_split
+
+    def items(self) -> list[VQAItem]:
+        root = require_root(self.name, self.root, self.root_hint)
+        subtasks = self.subtasks
+        if self.split is None:  # every sub-task folder the copy holds
+            subtasks = tuple(s for s in SUBTASKS if (root / s).is_dir())
+            if not subtasks:
+                raise DataError(f"{root} has no BLINK sub-task folder (e.g. Art_Style/); --data-root must be "
+                                f"{self.root_hint}")
+        items: list[VQAItem] = []
+        for sub in subtasks:
+            folder = root / sub
+            if not folder.is_dir():
+                raise DataError(f"{folder} does not exist; --data-root must be {self.root_hint}")
+            splits = hf_splits(folder)
+            refs = splits.get(self.data_split)
+            if refs is None and set(splits) == {""}:
+                refs = splits[""]  # a save_to_disk Dataset that did not record its split
+            if refs is None:
+                found = ", ".join(sorted(splits)) or "none"
+                raise DataError(f"{folder} has no {self.data_split} split (found: {found}); BLINK's answers are "
+                                f"in val-*.parquet")
+            for ref in refs:
+                items += self._read(ref, sub)
+        check_unique(self.name, (it.qid for it in items), str(root))
+        return apply_limit(self.name, items, self.limit)
+
+    def _read(self, ref: TableRef, sub: str) -> list[VQAItem]:
+        rows = read_rows(ref, TEXT_COLUMNS, REQUIRED, "BLINK-Benchmark/BLINK")
+        present = {c: non_null(ref, c) for c in IMAGE_COLUMNS}
+        out = []
+        for i, r in enumerate(rows):
+            where = f"{ref.path} row {i}"
+            cols = [c for c in IMAGE_COLUMNS if present[c] and present[c][i]]
+            if not cols:
+                raise DataError(f"{where} has no image; is this BLINK?")
+            choices = tuple(str(c) for c in (r.get("choices") or ()))
+            idx = str(r["idx"])
+            out.append(VQAItem(
+                qid=idx, benchmark=self.name, subset=sub, question=str(r.get("question") or ""),
+                prompt=mc_prompt(str(r["prompt"]), len(choices)),
+                images=tuple(table_image(ref, c, i) for c in cols), image_ids=tuple(f"{idx}/{c}" for c in cols),
+                choices=choices, answer=gold_letter(r["answer"], where),
+                meta={"sub_task": r.get("sub_task"), "explanation": r.get("explanation"),
+                      "data_split": self.data_split}))
+        return out
+
+    def parse(self, item: VQAItem, text: str) -> str:
+        return extract_letter(text, valid_letters(len(item.choices))) or "other"
+
+    def score(self, items: list[VQAItem], predictions: dict[str, str]) -> list[dict[str, Any]]:
+        """accuracy and n per sub-task; "all": accuracy = unweighted mean of the sub-tasks'
+        accuracies (lmms-eval's ``blink`` group: ``weight_by_size`` is off), accuracy_pooled
+        over all questions, n."""
+        texts = predictions_of(self.name, items, predictions)
+        flags: dict[str, list[bool]] = {}
+        for it, text in zip(items, texts):
+            flags.setdefault(it.subset, []).append(self.parse(it, text) == it.answer)
+        order = [s for s in SUBTASKS if s in flags] + sorted(s for s in flags if s not in SUBTASKS)
+        rows = []
+        for sub in order:
+            rows += [row(sub, "accuracy", accuracy(flags[sub])), row(sub, "n", len(flags[sub]))]
+        per_task = [accuracy(flags[s]) for s in order]
+        everything = [f for s in order for f in flags[s]]
+        rows += [row("all", "accuracy", sum(per_task) / len(per_task) if per_task else 0.0),
+                 row("all", "accuracy_pooled", accuracy(everything)), row("all", "n", len(everything))]
+        return rows
