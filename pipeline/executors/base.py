@@ -112,6 +112,7 @@ class PartOutcome:
     images_ok: int
     images_failed: int
     failures: list[tuple[str, str]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # worker seconds by phase (summed by the driver)
 
 
 class Session:

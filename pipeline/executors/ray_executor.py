@@ -21,6 +21,7 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,7 @@ from kvpipe.pipeline.prefix import apply_prefixes
 MAX_RESTARTS = 3  # Ray restarts of one actor process
 MAX_TASK_RETRIES = 3  # Ray re-runs of a part whose actor died mid-call
 MAX_RESUBMITS = 2  # the driver's own resubmissions of a part whose actor is gone for good
-PARTS_IN_FLIGHT = 3  # per actor: one capturing, the previous one being written, the next one loading
+PARTS_IN_FLIGHT = 4  # per actor: one capturing, up to two being written (a write takes longer than a capture), one loading
 CONNECT_TIMEOUT_S = 5.0
 # HTTP/2 client connection preface + an empty SETTINGS frame
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -112,17 +113,26 @@ class PartActor:
 
         worker = self.worker()
         res = ExtractResult("", 0, 0, 0, 0, 0.0)
+        t0 = time.perf_counter()
         batches = self._load(worker, part)
         if batches is not None:  # received (deserialised) before taking the device: the GPU never waits on it
             batches = iter(list(batches))
+        res.timed("actor_load", t0)
+        t0 = time.perf_counter()
         with self.device_lock:
+            res.timed("actor_device_wait", t0)
+            t0 = time.perf_counter()
             builder = worker.extract_part(part, res, None, self.loader, batches)
+            res.timed("actor_capture", t0)
+        t0 = time.perf_counter()
         out = self.cfg.out
         if out not in self._writers:
             self._writers[out] = StoreWriter.open_for_staging(out, meta)
         staged = self._writers[out].stage_part(part, builder.arrays())
         builder.release()
-        return PartOutcome(part, staged, builder.rows, res.images_ok, res.images_failed, res.failures)
+        res.timed("actor_write", t0)
+        timings = {k: v for k, v in res.timings.items() if k.startswith("actor_")}
+        return PartOutcome(part, staged, builder.rows, res.images_ok, res.images_failed, res.failures, timings)
 
     def text(self):
         worker = self.worker()
@@ -312,6 +322,8 @@ class RaySession(Session):
                 result.images_ok += out.images_ok
                 result.images_failed += out.images_failed
                 result.failures.extend(out.failures)
+                for k, v in out.timings.items():  # summed over actors: seconds of worker time per phase
+                    result.timings[k] = result.timings.get(k, 0.0) + v
                 if progress:
                     progress(out.images_ok + out.images_failed)
             if queue and first_error is None:
