@@ -8,7 +8,8 @@ unknown name must produce the same helpful error listing what exists (timm's
 from __future__ import annotations
 
 import fnmatch
-from typing import Callable, Generic, Iterator, TypeVar
+import inspect
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from kvpipe.errors import UsageError
 
@@ -55,3 +56,14 @@ class Registry(Generic[T]):
 
     def items(self, pattern: str = "*") -> list[tuple[str, T]]:
         return [(n, self._entries[n]) for n in self.names(pattern)]
+
+
+BASE_ARGS = ("self", "root", "split", "limit")
+
+
+def keyword_options(cls: type) -> dict[str, Any]:
+    """A registered class's keyword options and their defaults (beyond root, split and limit):
+    what ``--option KEY=VALUE`` may set for a dataset or a benchmark."""
+    params = inspect.signature(cls.__init__).parameters
+    return {n: p.default for n, p in params.items()
+            if n not in BASE_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}

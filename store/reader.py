@@ -11,6 +11,7 @@ import io
 import json
 import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,7 @@ class FeatureStore:
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._tokens: dict[int, int] | None = None
         self._open_lock = threading.RLock()
+        self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
 
     @classmethod
     def open(cls, path: str | Path | Location) -> "FeatureStore":
@@ -274,12 +276,21 @@ class FeatureStore:
         mask = None
         if row.mask_offset >= 0:
             try:
-                flat = self._part(row.part)["masks"]
-                mask = np.asarray(flat[row.mask_offset: row.mask_offset + row.mask_h * row.mask_w])
+                flat = self._part_masks(row.part)
             except Exception as err:
                 raise StoreError(f"cannot read the mask of {row.image_id} ({err}); run kvpipe verify") from None
-            mask = mask.reshape(row.mask_h, row.mask_w)
+            mask = flat[row.mask_offset: row.mask_offset + row.mask_h * row.mask_w].reshape(row.mask_h, row.mask_w).copy()
         return Annotation(mask, row.meta_dict())
+
+    def _part_masks(self, part: int) -> np.ndarray:
+        """A part's masks, decoded once: probes read the masks of a part's images one after the
+        other, and the part's masks are one compressed chunk (the last two parts are kept)."""
+        with self._open_lock:
+            if part not in self._masks:
+                self._masks[part] = np.asarray(self._part(part)["masks"][...])
+                while len(self._masks) > 2:
+                    self._masks.popitem(last=False)
+            return self._masks[part]
 
     def structure(self) -> dict[str, Any]:
         """Dataset-level annotations (pairs, episodes, image sets, class names); {} when none."""

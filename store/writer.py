@@ -160,19 +160,26 @@ class StoreWriter:
         On an object store the part is encoded locally (the same bytes) and uploaded under a
         unique prefix, parts/pNNNNNN-<id>/, which only a commit record makes visible."""
         if self.remote:
-            with tempfile.TemporaryDirectory(prefix="kvpipe-part-") as tmp:
-                group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-                for name, arr in arrays.items():
-                    self._write_array(group, name, arr)
-                checksums = tree_checksums(Path(tmp))
-                rel = f"{layout.PARTS}/{layout.part_name(part)}-{uuid.uuid4().hex[:8]}"
-                self.loc.put_dir(Path(tmp), rel)
-            return StagedPart(rel, checksums)
+            rel = f"{layout.PARTS}/{layout.part_name(part)}-{uuid.uuid4().hex[:8]}"
+            return StagedPart(rel, self._upload(arrays, rel))
         stage = self.root / layout.STAGING / f"{layout.part_name(part)}-{uuid.uuid4().hex[:8]}"
-        group = zarr.open_group(zarr.storage.LocalStore(stage), mode="w", zarr_format=3)
+        self._write_group(stage, arrays)
+        return StagedPart(stage.relative_to(self.root).as_posix(), tree_checksums(stage, fsync=True))
+
+    def _write_group(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        """Encode ``arrays`` as a Zarr group at a local ``path``."""
+        group = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
         for name, arr in arrays.items():
             self._write_array(group, name, arr)
-        return StagedPart(stage.relative_to(self.root).as_posix(), tree_checksums(stage, fsync=True))
+
+    def _upload(self, arrays: dict[str, np.ndarray], rel: str) -> dict[str, str]:
+        """Object stores: encode the group locally (the same bytes), checksum it, upload it to
+        ``rel``; returns the files' checksums."""
+        with tempfile.TemporaryDirectory(prefix="kvpipe-upload-") as tmp:
+            self._write_group(Path(tmp), arrays)
+            checksums = tree_checksums(Path(tmp))
+            self.loc.put_dir(Path(tmp), rel)
+        return checksums
 
     def commit_part(self, part: int, staged: "StagedPart", rows: list[ImageRow]) -> None:
         """Make a staged part visible: rename it into parts/, then write its manifest record.
@@ -218,13 +225,8 @@ class StoreWriter:
         import pyarrow.parquet as pq
 
         if self.remote:
-            with tempfile.TemporaryDirectory(prefix="kvpipe-text-") as tmp:
-                group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3)
-                for name, arr in arrays.items():
-                    self._write_array(group, name, arr)
-                sums = tree_checksums(Path(tmp))
-                self.loc.rmtree(layout.TEXT)
-                self.loc.put_dir(Path(tmp), layout.TEXT)
+            self.loc.rmtree(layout.TEXT)
+            sums = self._upload(arrays, layout.TEXT)
             table = pa.table({"query": queries, "token_ids": token_ids})
             table = table.replace_schema_metadata({b"kvpipe.checksums": json.dumps(sums).encode()})
             buf = io.BytesIO()
@@ -232,16 +234,14 @@ class StoreWriter:
             self.loc.write_atomic(layout.TEXT_RECORD, buf.getvalue())
             return
         stage = self.root / layout.STAGING / f"text-{uuid.uuid4().hex[:8]}"
-        group = zarr.open_group(zarr.storage.LocalStore(stage), mode="w", zarr_format=3)
-        for name, arr in arrays.items():
-            self._write_array(group, name, arr)
+        self._write_group(stage, arrays)
         final = self.root / layout.TEXT
         if final.exists():
             shutil.rmtree(final)
         os.rename(stage, final)
         table = pa.table({"query": queries, "token_ids": token_ids})
         table = table.replace_schema_metadata(
-            {b"kvpipe.checksums": __import__("json").dumps(tree_checksums(final)).encode()})
+            {b"kvpipe.checksums": json.dumps(tree_checksums(final)).encode()})
         tmp = self.root / layout.STAGING / "text.parquet"
         pq.write_table(table, tmp)
         os.rename(tmp, self.root / layout.TEXT_RECORD)

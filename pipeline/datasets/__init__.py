@@ -10,6 +10,7 @@ import inspect
 from typing import Any
 
 from kvpipe.errors import UsageError
+from kvpipe.registry import keyword_options
 from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord, load_palette_mask
 from kvpipe.pipeline.datasets import bdd10k, coco, davis, folder, imagenet_s, msrc, pascal5i, refcoco, spair, synthetic  # noqa: F401  (registers the adapters)
 from kvpipe.pipeline.datasets import blink, spair_vqa  # noqa: F401  (paired tasks: BLINK and SPair-as-VQA images)
@@ -17,14 +18,9 @@ from kvpipe.pipeline.datasets import blink, spair_vqa  # noqa: F401  (paired tas
 __all__ = ["DATASETS", "Annotation", "DatasetAdapter", "ImageRecord", "create_dataset", "dataset_options",
            "load_palette_mask"]
 
-_BASE_ARGS = ("self", "root", "split", "limit")
-
-
 def dataset_options(cls: type[DatasetAdapter]) -> dict[str, Any]:
     """The adapter's keyword options and their defaults (beyond root, split and limit)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {n: p.default for n, p in params.items()
-            if n not in _BASE_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return keyword_options(cls)
 
 
 def create_dataset(name: str, root: str | None = None, split: str | None = None, limit: int | None = None,

@@ -8,10 +8,10 @@ everywhere. Nothing here imports torch: the model's answering loop lives elsewhe
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from kvpipe.errors import UsageError
+from kvpipe.registry import keyword_options
 from kvpipe.pipeline.vqa.base import BENCHMARKS, Benchmark, VQAItem
 from kvpipe.pipeline.vqa import blink, cvbench, mme, pope, spair_vqa  # noqa: F401  (registers the benchmarks)
 from kvpipe.pipeline.vqa.scoring import paired_rows, paired_table
@@ -19,14 +19,9 @@ from kvpipe.pipeline.vqa.scoring import paired_rows, paired_table
 __all__ = ["BENCHMARKS", "Benchmark", "VQAItem", "benchmark_options", "create_benchmark", "paired_rows",
            "paired_table"]
 
-_BASE_ARGS = ("self", "root", "split", "limit")
-
-
 def benchmark_options(cls: type[Benchmark]) -> dict[str, Any]:
     """The benchmark's keyword options and their defaults (beyond root, split and limit)."""
-    params = inspect.signature(cls.__init__).parameters
-    return {n: p.default for n, p in params.items()
-            if n not in _BASE_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return keyword_options(cls)
 
 
 def create_benchmark(name: str, root: str | None = None, split: str | None = None, limit: int | None = None,
