@@ -53,6 +53,14 @@ class TableRef:
 _SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}\.parquet$")
 _CONVERTED = re.compile(r"^\d+\.parquet$")  # the hub's parquet-converter layout: <split>/0000.parquet
 _LOCK = threading.Lock()
+
+
+def _remember(cache: OrderedDict, key: Any, value: Any, limit: int) -> None:
+    """Keep ``value`` in a least-recently-used ``cache`` of at most ``limit`` entries."""
+    with _LOCK:
+        cache[key] = value
+        while len(cache) > limit:
+            cache.popitem(last=False)
 _ARROW: OrderedDict[str, pa.Table] = OrderedDict()  # path -> memory-mapped table
 _GROUPS: OrderedDict[tuple[str, str, int], pa.Array] = OrderedDict()  # (path, column, row group)
 _OFFSETS: dict[str, list[int]] = {}  # parquet path -> first row of each row group
@@ -73,10 +81,7 @@ def _arrow_table(path: str) -> pa.Table:
             table = pa.ipc.open_file(pa.memory_map(path)).read_all()
     except (OSError, pa.ArrowException) as err:
         raise DataError(f"cannot read Arrow file {path}: {err}; is the save_to_disk copy complete?") from None
-    with _LOCK:
-        _ARROW[path] = table
-        while len(_ARROW) > _MAX_ARROW:
-            _ARROW.popitem(last=False)
+    _remember(_ARROW, path, table, _MAX_ARROW)
     return table
 
 
@@ -151,10 +156,7 @@ def _parquet_cell(path: str, column: str, row: int) -> Any:
             arr = _parquet(path).read_row_group(group, columns=[column]).column(0)
         except (OSError, pa.ArrowException) as err:
             raise DataError(f"cannot read {path}: {err}") from None
-        with _LOCK:
-            _GROUPS[key] = arr
-            while len(_GROUPS) > _MAX_GROUPS:
-                _GROUPS.popitem(last=False)
+        _remember(_GROUPS, key, arr, _MAX_GROUPS)
     return arr[row - offsets[group]].as_py()
 
 
