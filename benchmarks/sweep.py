@@ -138,28 +138,33 @@ def time_raw_read(root: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, nbytes
 
 
-def time_sweep(root: Path, probe: str) -> tuple[float, float, int]:
-    """(total seconds, seconds inside FeatureStore.read, targets)."""
-    spent = [0.0]
-    original = FeatureStore.read
+def time_sweep(root: Path, probe: str, params: dict | None = None) -> tuple[float, float, float, int]:
+    """(total seconds, seconds inside FeatureStore.read, seconds inside the nearest-neighbour
+    search (semantic-corr), targets)."""
+    import kvpipe.probes.semantic_corr as sc
 
-    def timed_read(self, *a, **kw):
-        t = time.perf_counter()
-        try:
-            return original(self, *a, **kw)
-        finally:
-            spent[0] += time.perf_counter() - t
+    spent = {"read": 0.0, "search": 0.0}
+    originals = (FeatureStore.read, sc.nearest_in_groups)
 
-    FeatureStore.read = timed_read
+    def timer(fn, key):
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[key] += time.perf_counter() - t
+        return timed
+
+    FeatureStore.read, sc.nearest_in_groups = timer(originals[0], "read"), timer(originals[1], "search")
     try:
         t0 = time.perf_counter()
-        run = run_probe(root, probe, use_cache=False)
+        run = run_probe(root, probe, params=params or {}, use_cache=False)
         total = time.perf_counter() - t0
     finally:
-        FeatureStore.read = original
+        FeatureStore.read, sc.nearest_in_groups = originals
     n_targets = len({(r["kind"], r["layer"], r["head"]) for r in run.table.to_pylist() if r["layer"] >= 0
                      or r["kind"] == "post_proj"})
-    return total, spent[0], n_targets
+    return total, spent["read"], spent["search"], n_targets
 
 
 def disk_bytes(root: Path) -> int:
@@ -183,7 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="evict the store from the page cache before each pass")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--search", default="auto",
+                    help="semantic-corr: nearest-neighbour backends to time, comma list of "
+                         "auto,numpy,faiss,faiss-gpu,torch (each a full sweep)")
     args = ap.parse_args(argv)
+    searches = [b.strip() for b in args.search.split(",") if b.strip()] if args.probe == "semantic-corr" else [""]
 
     t0 = time.perf_counter()
     root = build_store(args.out, args)
@@ -195,35 +204,44 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.layers} layers x {args.heads} KV heads x {args.head_dim}, {args.store_dtype}, "
           f"{on_disk / 2**30:.2f} GiB on disk (built/checked in {build_s:.0f} s)", flush=True)
 
-    reads, sweeps, inside = [], [], []
+    reads: list[float] = []
+    sweeps: dict[str, list[tuple[float, float, float]]] = {b: [] for b in searches}
     n_targets, nbytes = 0, 0
     for i in range(args.repeat):
         if args.cold:
             drop_page_cache(root)
         t, nbytes = time_raw_read(root)
         reads.append(t)
-        if args.cold:
-            drop_page_cache(root)
-        total, in_read, n_targets = time_sweep(root, args.probe)
-        sweeps.append(total)
-        inside.append(in_read)
-        print(f"  run {i + 1}: raw read {t:.1f} s, sweep {total:.1f} s (reads {in_read:.1f} s)", flush=True)
+        print(f"  run {i + 1}: raw read {t:.1f} s", flush=True)
+        for backend in searches:
+            if args.cold:
+                drop_page_cache(root)
+            total, in_read, in_search, n_targets = time_sweep(root, args.probe, {"search": backend} if backend else {})
+            sweeps[backend].append((total, in_read, in_search))
+            print(f"  run {i + 1}, {backend or args.probe}: sweep {total:.1f} s (reads {in_read:.1f} s, "
+                  f"search {in_search:.1f} s)", flush=True)
 
     med = statistics.median
     n_chunks = 2 * args.layers * args.heads
     cache = "cold (evicted)" if args.cold else "warm page cache"
+    per = lambda x: f"{1000 * x / max(n_targets, 1):.0f} ms"  # noqa: E731
     print()
     print(f"| what ({cache}, median of {args.repeat}) | seconds | per target | throughput |")
     print("|---|---|---|---|")
     print(f"| raw read: {n_chunks} (layer, head, kind) + post-proj, all images | {med(reads):.1f} | "
           f"{1000 * med(reads) / (n_chunks + 1):.0f} ms | {nbytes / 2**30 / med(reads):.2f} GiB/s decoded, "
           f"{on_disk / 2**20 / med(reads):.0f} MiB/s from disk |")
-    print(f"| {args.probe} sweep: {n_targets} targets, tables + plots | {med(sweeps):.1f} | "
-          f"{1000 * med(sweeps) / max(n_targets, 1):.0f} ms | - |")
-    print(f"| of which FeatureStore.read | {med(inside):.1f} | {1000 * med(inside) / max(n_targets, 1):.0f} ms | - |")
-    print(f"| of which the rest (probe, table, plots) | {med(sweeps) - med(inside):.1f} | "
-          f"{1000 * (med(sweeps) - med(inside)) / max(n_targets, 1):.0f} ms | - |")
-    print(f"\nruns: reads {[round(x, 1) for x in reads]}, sweeps {[round(x, 1) for x in sweeps]}, "
+    for backend, runs in sweeps.items():
+        total, in_read, in_search = (med([r[k] for r in runs]) for k in range(3))
+        label = f"{args.probe} sweep" + (f", search={backend}" if backend else "")
+        print(f"| {label}: {n_targets} targets, tables + plots | {total:.1f} | {per(total)} | - |")
+        print(f"| of which FeatureStore.read | {in_read:.1f} | {per(in_read)} | - |")
+        if backend:
+            print(f"| of which the nearest-neighbour search | {in_search:.1f} | {per(in_search)} | - |")
+        rest = total - in_read - in_search
+        print(f"| of which the rest (gather, normalise, PCK, table, plots) | {rest:.1f} | {per(rest)} | - |")
+    print(f"\nruns: reads {[round(x, 1) for x in reads]}, sweeps "
+          f"{ {b: [round(r[0], 1) for r in runs] for b, runs in sweeps.items()} }, "
           f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
 
 

@@ -468,9 +468,8 @@ def _extract_part(adapter: ModelAdapter, records: list[ImageRecord], part: int, 
             result.images_ok += len(loaded.items)
         if progress:
             progress(loaded.n)
-    t1 = time.perf_counter()
-    builder.arrays()  # wait for the part's last host copies
-    result.timed("capture", t1)
+    # The part's last host copies are still running: ``builder.arrays()`` (the writer) waits
+    # for them, so the next part's first batch goes to the device right away.
     if own_stager:
         stager.close()
     builder.rows.sort(key=lambda r: r.index)

@@ -8,6 +8,10 @@ Backends (the results are the same up to exact ties):
 
 * ``faiss-gpu``: one ``GpuIndexFlatIP`` reset and refilled per group; used by ``auto`` when the
   installed faiss sees a GPU (``faiss.get_num_gpus() > 0``).
+* ``torch``: every group at once on the GPU: queries and bases padded into batches, one
+  batched matrix product and argmax per batch of groups; used by ``auto`` when torch sees a
+  CUDA device and no GPU build of faiss is installed (the faiss GPU wheels on PyPI need CUDA 12
+  and numpy < 2, which a CUDA 13 torch install does not have). Exact, like the others.
 * ``faiss``: CPU ``IndexFlatIP`` reset and refilled per group, with faiss's OpenMP pool set to
   one thread for the duration of the search (restored afterwards); used by ``auto`` on CPU.
   Each search is small (tens of queries x hundreds of tokens), so threads only add start-up
@@ -25,7 +29,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-BACKENDS = ("auto", "numpy", "faiss", "faiss-gpu")
+BACKENDS = ("auto", "numpy", "faiss", "faiss-gpu", "torch")
+_TORCH_BATCH_BYTES = 512 * 2**20  # padded bases per batch of groups (float32)
 
 
 def l2_normalise(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -42,9 +47,20 @@ def resolve_backend(backend: str = "auto") -> str:
     try:
         import faiss
 
-        return "faiss-gpu" if faiss.get_num_gpus() > 0 else "faiss"
+        if faiss.get_num_gpus() > 0:
+            return "faiss-gpu"
+        cpu = "faiss"
     except (ImportError, AttributeError):
-        return "numpy"
+        cpu = "numpy"
+    return "torch" if _cuda() else cpu
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def nearest_in_groups(queries: np.ndarray, query_group: np.ndarray, bases: Sequence[np.ndarray],
@@ -67,6 +83,9 @@ def nearest_in_groups(queries: np.ndarray, query_group: np.ndarray, bases: Seque
     groups, starts = np.unique(query_group[order], return_index=True)
     bounds = np.append(starts, len(order))
     kind = resolve_backend(backend)
+    if kind == "torch":
+        _torch_groups(queries, order, groups, bounds, bases, index, score)
+        return index, score
     search = _numpy_search if kind == "numpy" else _FaissSearch(queries.shape[1], gpu=kind == "faiss-gpu")
     with _one_omp_thread(kind == "faiss"):
         for g, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
@@ -92,6 +111,42 @@ def _one_omp_thread(active: bool) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def _torch_groups(queries: np.ndarray, order: np.ndarray, groups: np.ndarray, bounds: np.ndarray,
+                  bases: Sequence[np.ndarray], index: np.ndarray, score: np.ndarray) -> None:
+    """Fill ``index``/``score`` for every group at once: padded [G, Q, D] x [G, N, D] products."""
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = [len(bases[g]) for g in groups]
+    if min(sizes) == 0:
+        raise ValueError(f"group {groups[sizes.index(0)]} has queries but no base vectors")
+    q_all = torch.from_numpy(queries).to(dev)
+    dim = queries.shape[1]
+    start = 0
+    while start < len(groups):  # batches of groups under _TORCH_BATCH_BYTES of padded bases
+        stop, n_max = start, 0
+        while stop < len(groups) and (stop == start
+                                      or (stop + 1 - start) * max(n_max, sizes[stop]) * dim * 4 <= _TORCH_BATCH_BYTES):
+            n_max = max(n_max, sizes[stop])
+            stop += 1
+        span = range(start, stop)
+        q_max = max(int(bounds[i + 1] - bounds[i]) for i in span)
+        base = np.zeros((len(span), n_max, dim), np.float32)
+        for j, i in enumerate(span):
+            base[j, : sizes[i]] = bases[groups[i]]
+        rows = np.concatenate([order[bounds[i]:bounds[i + 1]] for i in span])
+        slot = np.concatenate([np.arange(bounds[i + 1] - bounds[i]) + j * q_max for j, i in enumerate(span)])
+        q = torch.zeros(len(span) * q_max, dim, device=dev)
+        q[torch.from_numpy(slot).to(dev)] = q_all[torch.from_numpy(rows).to(dev)]
+        sim = torch.bmm(q.view(len(span), q_max, dim), torch.from_numpy(base).to(dev).transpose(1, 2))
+        valid = torch.arange(n_max, device=dev)[None, :] < torch.tensor([sizes[i] for i in span], device=dev)[:, None]
+        sim = sim.masked_fill(~valid[:, None, :], float("-inf")).view(-1, n_max)[torch.from_numpy(slot).to(dev)]
+        best = sim.argmax(dim=1)
+        index[rows] = best.cpu().numpy()
+        score[rows] = sim.gather(1, best[:, None])[:, 0].cpu().numpy()
+        start = stop
 
 
 def _numpy_search(q: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,7 @@ import numpy as np
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
-from kvpipe.probes.neighbours import l2_normalise, nearest_in_groups
+from kvpipe.probes.neighbours import BACKENDS, l2_normalise, nearest_in_groups
 from kvpipe.store.manifest import ImageRow
 
 
@@ -97,7 +97,8 @@ class SemanticCorrespondence(Probe):
     name = "semantic-corr"
     description = "keypoint transfer by nearest token (cosine), PCK@alpha of the target bbox (SPair-71k)"
     primary_metric = "pck"
-    defaults = {"alpha": 0.1}
+    # search: the nearest-neighbour backend (probes/neighbours.py); every backend is exact
+    defaults = {"alpha": 0.1, "search": "auto"}
     version = 2  # 2: pck_token_ceiling summary row
 
     def prepare(self) -> None:
@@ -108,6 +109,8 @@ class SemanticCorrespondence(Probe):
         alpha = self.params["alpha"]
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise UsageError(f"semantic-corr parameter alpha must be a positive number, not {alpha!r}")
+        if self.params["search"] not in BACKENDS:
+            raise UsageError(f"--param search={self.params['search']!r}: use one of {', '.join(BACKENDS)}")
         by_id = {r.image_id: r for r in self.store.images()}
         usable: list[tuple[ImageRow, ImageRow, np.ndarray, np.ndarray, float]] = []
         self.skipped_pairs = 0
@@ -184,7 +187,7 @@ class SemanticCorrespondence(Probe):
         queries = l2_normalise(data[self.query_tokens])
         cands = l2_normalise(data[self.candidate_tokens])
         bases = [cands[a:b] for a, b in zip(self.group_start[:-1], self.group_start[1:])]
-        best, _ = nearest_in_groups(queries, self.query_group, bases)
+        best, _ = nearest_in_groups(queries, self.query_group, bases, backend=self.params["search"])
         return self.candidate_xy[self.group_start[self.query_group] + best]
 
     def score(self, target: Target) -> dict[str, float]:

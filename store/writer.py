@@ -22,17 +22,13 @@ import zarr
 
 from kvpipe.errors import StoreError
 from kvpipe.store import layout
-from kvpipe.store.checksum import tree_checksums
+from kvpipe.store.checksum import file_crc32c
+from kvpipe.store.chunks import write_chunks
 from kvpipe.store.encoding import DISK_DTYPE, compressor, compressor_for, encode
 from kvpipe.store.fs import Location, ObjectLocation, fsync_dir, open_location
 from kvpipe.store.manifest import ImageRow, part_record_bytes, write_part_record
 from kvpipe.store.schema import META_ATTR, FeatureSetMeta
 from kvpipe.store.reader import read_meta
-
-
-# Chunks are encoded (Blosc, in threads) and written concurrently; zarr's default of 10 in
-# flight leaves most cores of a GPU host idle while a part of ~0.5 GB is committed.
-IO_CONFIG = {"async.concurrency": 4 * (os.cpu_count() or 1)}
 
 
 @dataclass
@@ -163,21 +159,25 @@ class StoreWriter:
             rel = f"{layout.PARTS}/{layout.part_name(part)}-{uuid.uuid4().hex[:8]}"
             return StagedPart(rel, self._upload(arrays, rel))
         stage = self.root / layout.STAGING / f"{layout.part_name(part)}-{uuid.uuid4().hex[:8]}"
-        self._write_group(stage, arrays)
-        return StagedPart(stage.relative_to(self.root).as_posix(), tree_checksums(stage, fsync=True))
+        return StagedPart(stage.relative_to(self.root).as_posix(), self._write_group(stage, arrays, fsync=True))
 
-    def _write_group(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
-        """Encode ``arrays`` as a Zarr group at a local ``path``."""
+    def _write_group(self, path: Path, arrays: dict[str, np.ndarray], fsync: bool = False) -> dict[str, str]:
+        """Encode ``arrays`` as a Zarr group at a local ``path``; returns every file's CRC32C
+        (chunks from their bytes in memory, the small metadata files read back). ``fsync``:
+        every file is on disk when this returns (a commit must not precede its data)."""
         group = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
+        sums: dict[str, str] = {}
         for name, arr in arrays.items():
-            self._write_array(group, name, arr)
+            sums.update({f"{name}/{k}": v for k, v in self._write_array(group, path, name, arr, fsync).items()})
+        meta_files = sorted(p for p in path.rglob("zarr.json"))
+        sums.update({p.relative_to(path).as_posix(): file_crc32c(p, fsync=fsync) for p in meta_files})
+        return dict(sorted(sums.items()))
 
     def _upload(self, arrays: dict[str, np.ndarray], rel: str) -> dict[str, str]:
         """Object stores: encode the group locally (the same bytes), checksum it, upload it to
         ``rel``; returns the files' checksums."""
         with tempfile.TemporaryDirectory(prefix="kvpipe-upload-") as tmp:
-            self._write_group(Path(tmp), arrays)
-            checksums = tree_checksums(Path(tmp))
+            checksums = self._write_group(Path(tmp), arrays)
             self.loc.put_dir(Path(tmp), rel)
         return checksums
 
@@ -202,7 +202,9 @@ class StoreWriter:
         os.rename(record_tmp, layout.manifest_file(self.root, part))
         fsync_dir(self.root / layout.MANIFEST)
 
-    def _write_array(self, group: zarr.Group, name: str, arr: np.ndarray) -> None:
+    def _write_array(self, group: zarr.Group, path: Path, name: str, arr: np.ndarray,
+                     fsync: bool) -> dict[str, str]:
+        """Zarr writes the array's metadata, ``store.chunks`` its chunk files (same bytes)."""
         if name == "masks":
             data, dtype, comp = arr.astype(np.uint8), "uint8", compressor("float16")
             comp = type(comp)(cname="zstd", clevel=3, shuffle="noshuffle", typesize=1)
@@ -210,14 +212,12 @@ class StoreWriter:
             data = encode(arr, self.meta.store_dtype)
             dtype, comp = DISK_DTYPE[self.meta.store_dtype], compressor_for(self.meta.compressor, self.meta.store_dtype)
         if data.size == 0:
-            return  # a part whose images all failed has no tokens
+            return {}  # a part whose images all failed has no tokens
         # [layer, head, token, dim]: one chunk file = one (layer, head) of the part, so reading a
         # head across the store reads one file per part, and chunks compress and write in parallel
         chunks = (1, 1, *data.shape[2:]) if data.ndim == 4 else data.shape
-        z = group.create_array(name, shape=data.shape, chunks=chunks, dtype=dtype,
-                               compressors=comp, fill_value=0)
-        with zarr.config.set(IO_CONFIG):
-            z[...] = data
+        group.create_array(name, shape=data.shape, chunks=chunks, dtype=dtype, compressors=comp, fill_value=0)
+        return write_chunks(path / name, data, chunks, comp, fsync)
 
     def write_text(self, queries: list[str], token_ids: list[list[int]], arrays: dict[str, np.ndarray]) -> None:
         """Commit the text queries' final-token K/V ([layers, heads, queries, head_dim])."""
@@ -234,14 +234,14 @@ class StoreWriter:
             self.loc.write_atomic(layout.TEXT_RECORD, buf.getvalue())
             return
         stage = self.root / layout.STAGING / f"text-{uuid.uuid4().hex[:8]}"
-        self._write_group(stage, arrays)
+        sums = self._write_group(stage, arrays)
         final = self.root / layout.TEXT
         if final.exists():
             shutil.rmtree(final)
         os.rename(stage, final)
         table = pa.table({"query": queries, "token_ids": token_ids})
         table = table.replace_schema_metadata(
-            {b"kvpipe.checksums": json.dumps(tree_checksums(final)).encode()})
+            {b"kvpipe.checksums": json.dumps(sums).encode()})
         tmp = self.root / layout.STAGING / "text.parquet"
         pq.write_table(table, tmp)
         os.rename(tmp, self.root / layout.TEXT_RECORD)

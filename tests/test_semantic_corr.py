@@ -96,10 +96,26 @@ def test_nearest_backends_agree():
     group = rng.integers(0, 3, 40)
     q = l2_normalise(rng.standard_normal((40, 16)))
     want = np.array([np.argmax(bases[g] @ x) for g, x in zip(group, q)])
-    for backend in ("numpy", "faiss", "auto"):
+    for backend in ("numpy", "faiss", "torch", "auto"):
         idx, sim = nearest_in_groups(q, group, bases, backend=backend)
         assert (idx == want).all(), backend
         assert np.allclose(sim, [bases[g][i] @ x for g, i, x in zip(group, idx, q)], atol=1e-5)
+
+
+def test_torch_search_batches_groups_like_one_batch(monkeypatch):
+    """Groups of very different sizes split over several padded batches give the same answers."""
+    from kvpipe.probes import neighbours
+
+    rng = np.random.default_rng(4)
+    bases = [l2_normalise(rng.standard_normal((n, 8))) for n in (3, 40, 1, 17, 9)]
+    group = np.array([4, 0, 1, 1, 3, 4, 2, 0, 3, 3])  # every group but none empty; order shuffled
+    q = l2_normalise(rng.standard_normal((len(group), 8)))
+    want = nearest_in_groups(q, group, bases, backend="numpy")
+    monkeypatch.setattr(neighbours, "_TORCH_BATCH_BYTES", 40 * 8 * 4)  # about one group per batch
+    got = nearest_in_groups(q, group, bases, backend="torch")
+    assert (got[0] == want[0]).all() and np.allclose(got[1], want[1], atol=1e-6)
+    with pytest.raises(ValueError, match="no base vectors"):
+        nearest_in_groups(q, group, bases[:2] + [np.zeros((0, 8), np.float32)] + bases[3:], backend="torch")
 
 
 # ---------------------------------------------------------------------------- hand store

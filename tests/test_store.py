@@ -164,3 +164,33 @@ def test_missing_kind_and_layer_errors(tmp_path):
         s.read("keys", 0, 0)
     with pytest.raises(StoreError, match="layer 7 is not in this store"):
         s.read("values", 7, 0)
+
+
+@pytest.mark.parametrize("store_dtype", ["float32", "bfloat16", "int8"])
+def test_part_files_are_the_bytes_zarr_writes(tmp_path, store_dtype):
+    """kvpipe writes chunk files itself (store.chunks); every file equals what Zarr's own
+    ``z[...] = data`` writes for the same array and codec, and Zarr reads the data back."""
+    from kvpipe.store.checksum import tree_checksums
+    from kvpipe.store.encoding import DISK_DTYPE, compressor_for, encode
+
+    meta = make_meta(store_dtype=store_dtype)
+    w, a0, _ = write_two_parts(tmp_path / "s", meta)
+    part = layout.part_dir(tmp_path / "s", 0)
+    group = zarr.open_group(zarr.storage.LocalStore(tmp_path / "ref"), mode="w", zarr_format=3)
+    for name, arr in a0.items():
+        if name == "masks":
+            continue
+        data = encode(arr, store_dtype)
+        chunks = (1, 1, *data.shape[2:]) if data.ndim == 4 else data.shape
+        z = group.create_array(name, shape=data.shape, chunks=chunks, dtype=DISK_DTYPE[store_dtype],
+                               compressors=compressor_for(meta.compressor, store_dtype), fill_value=0)
+        z[...] = data
+        ours = sorted(p.relative_to(part) for p in (part / name / "c").rglob("*") if p.is_file())
+        theirs = sorted(p.relative_to(tmp_path / "ref") for p in (tmp_path / "ref" / name / "c").rglob("*")
+                        if p.is_file())
+        assert ours == theirs and len(ours) == (L * H if data.ndim == 4 else 1)
+        for rel in ours:
+            assert (part / rel).read_bytes() == (tmp_path / "ref" / rel).read_bytes(), rel
+        np.testing.assert_array_equal(zarr.open_array(zarr.storage.LocalStore(part / name))[...], data)
+    # the recorded checksums (taken from the bytes in memory) are the files' checksums
+    assert FeatureStore.open(tmp_path / "s").checksums[0] == tree_checksums(part)

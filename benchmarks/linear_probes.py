@@ -1,0 +1,109 @@
+"""Linear-probe benchmark: fg-seg's batched logistic regressions on the CPU and on the GPU.
+
+fg-seg trains one L2-regularised logistic regression per episode (5 support images x 729
+tokens, head_dim features) for every (layer, head, kind) of the sweep; ``probes/logistic.py``
+solves a batch of episodes at once with batched Newton steps in torch. This times that solver
+on each device in one process, on the same synthetic episodes and in the batches fg-seg uses
+(``fg_seg._BATCH_BYTES`` of padded features per batch), and checks that the devices agree.
+
+    python benchmarks/linear_probes.py --episodes 1000 --cpu-episodes 136 [--devices cpu,cuda]
+
+The CPU may run fewer episodes (``--cpu-episodes``): the work per episode is the same, so the
+rate (episodes/s) is what is compared, and the per-target time is extrapolated from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from kvpipe.probes.fg_seg import _BATCH_BYTES
+from kvpipe.probes.logistic import fit_logistic
+
+
+def episodes(n: int, tokens: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Support features with a class signal along a random direction per episode; targets are
+    the share of a token's pixels in the class (mostly 0 or 1, some in between)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, tokens, dim), dtype=np.float32)
+    direction = rng.standard_normal((n, 1, dim), dtype=np.float32)
+    fg = rng.random((n, tokens)) < 0.3
+    x += 0.4 * fg[..., None] * direction
+    y = np.where(fg, 1.0, 0.0).astype(np.float32)
+    mixed = rng.random((n, tokens)) < 0.1  # border tokens: part foreground
+    y[mixed] = rng.random(int(mixed.sum()), dtype=np.float32)
+    return x, y, np.ones((n, tokens), np.float32)
+
+
+def run(dev: str, x: np.ndarray, y: np.ndarray, w: np.ndarray, per_batch: int) -> tuple[float, np.ndarray, int]:
+    """Seconds to fit all episodes in fg-seg's batches, the coefficients, the most Newton steps."""
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    coefs, iters = [], 0
+    for a in range(0, len(x), per_batch):
+        m = fit_logistic(x[a:a + per_batch], y[a:a + per_batch], w[a:a + per_batch], dev=dev)
+        coefs.append(m.coef)
+        iters = max(iters, m.iterations)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, np.concatenate(coefs), iters
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--episodes", type=int, default=1000, help="episodes per (layer, head, kind) target")
+    ap.add_argument("--cpu-episodes", type=int, default=None, help="episodes timed on the CPU (default: all)")
+    ap.add_argument("--shots", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=729, help="tokens per support image")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--targets", type=int, default=225, help="targets of a full sweep (28 x 4 x 2 + post-proj)")
+    ap.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    n_tok = args.shots * args.tokens
+    per_batch = max(1, _BATCH_BYTES // (n_tok * (args.dim + 1) * 4))
+    x, y, w = episodes(args.episodes, n_tok, args.dim, args.seed)
+    print(f"{args.episodes} episodes x {n_tok} support tokens x {args.dim} dims, {per_batch} episodes per "
+          f"batch; torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""), flush=True)
+    results: dict[str, tuple[float, int, int]] = {}
+    coefs: dict[str, np.ndarray] = {}
+    for dev in [d.strip() for d in args.devices.split(",") if d.strip()]:
+        n = args.episodes if dev != "cpu" or args.cpu_episodes is None else min(args.cpu_episodes, args.episodes)
+        run(dev, x[:per_batch], y[:per_batch], w[:per_batch], per_batch)  # warm-up (CUDA context, kernels)
+        times = []
+        for _ in range(args.repeat):
+            t, coef, iters = run(dev, x[:n], y[:n], w[:n], per_batch)
+            times.append(t)
+        coefs[dev] = coef
+        results[dev] = (statistics.median(times), n, iters)
+        print(f"  {dev}: {n} episodes in {[round(t, 2) for t in times]} s", flush=True)
+
+    print()
+    print(f"| device | episodes timed | seconds (median of {args.repeat}) | episodes/s | per target "
+          f"({args.episodes} episodes) | full sweep ({args.targets} targets) | Newton steps |")
+    print("|---|---|---|---|---|---|---|")
+    for dev, (t, n, iters) in results.items():
+        rate = n / t
+        print(f"| {dev} | {n} | {t:.2f} | {rate:.0f} | {args.episodes / rate:.2f} s | "
+              f"{args.targets * args.episodes / rate / 60:.1f} min | {iters} |")
+    if "cpu" in results and len(results) > 1:
+        for dev in results:
+            if dev != "cpu":
+                speed = (results[dev][1] / results[dev][0]) / (results["cpu"][1] / results["cpu"][0])
+                n = min(len(coefs["cpu"]), len(coefs[dev]))
+                diff = np.abs(coefs["cpu"][:n] - coefs[dev][:n]).max() / np.abs(coefs["cpu"][:n]).max()
+                print(f"\n{dev} / cpu: {speed:.1f} x the episodes per second; coefficients agree to a relative "
+                      f"{diff:.1e} (largest difference over the largest coefficient)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Write a Zarr array's chunk files directly: encode, write, fsync and checksum in one task.
+
+Why not ``z[...] = data``: Zarr's write path merges every chunk into a fresh array and
+compares it with the fill value on its event-loop thread, one chunk after another, before
+the codecs run in threads; on a 16-core host that serial part, not Blosc, bounded a part's
+commit (about 0.7 GB/s of bf16 K/V). Here each chunk is one task in a shared thread pool
+(Blosc, file writes, fsync and CRC32C release the GIL), its checksum is taken from the
+encoded bytes in memory instead of reading the file back, and the files are byte for byte
+the ones Zarr writes (same codec, same chunk keys; tested), so every Zarr reader reads them.
+Zarr still writes the arrays' metadata (zarr.json).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from itertools import product
+from pathlib import Path
+
+import google_crc32c
+import numcodecs
+import numpy as np
+from zarr.codecs import BloscCodec
+
+_SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+            "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+THREADS = os.cpu_count() or 1
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def pool() -> ThreadPoolExecutor:
+    """One encoder pool per process, shared by every part being written at the same time."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="kvpipe-encode")
+        return _pool
+
+
+def blosc_of(codec: BloscCodec) -> numcodecs.Blosc:
+    """numcodecs' Blosc with the parameters of Zarr's codec (what Zarr itself encodes with)."""
+    return numcodecs.Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=_SHUFFLE[codec.shuffle.value],
+                           blocksize=codec.blocksize, typesize=codec.typesize)
+
+
+def chunk_keys(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[str, tuple[slice, ...]]]:
+    """(Zarr v3 default chunk key, selection) of every chunk: "c/1/2/0/0" for chunk (1, 2, 0, 0)."""
+    grid = [range(-(-n // c)) for n, c in zip(shape, chunks)]
+    return [("c/" + "/".join(map(str, idx)), tuple(slice(i * c, (i + 1) * c) for i, c in zip(idx, chunks)))
+            for idx in product(*grid)]
+
+
+def _write_one(path: Path, chunk: np.ndarray, codec: numcodecs.Blosc, fsync: bool) -> str:
+    encoded = codec.encode(np.ascontiguousarray(chunk))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(encoded)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return f"{google_crc32c.value(encoded):08x}"
+
+
+def write_chunks(array_dir: Path, data: np.ndarray, chunks: tuple[int, ...], codec: BloscCodec,
+                 fsync: bool) -> dict[str, str]:
+    """Encode and write every chunk of ``data`` under ``array_dir``; returns each chunk file's
+    CRC32C keyed by its path relative to ``array_dir``. Waits for all of them."""
+    blosc = blosc_of(codec)
+    jobs = [(key, pool().submit(_write_one, array_dir / key, data[sel], blosc, fsync))
+            for key, sel in chunk_keys(data.shape, chunks)]
+    return {key: fut.result() for key, fut in jobs}
