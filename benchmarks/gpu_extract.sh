@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Extraction benchmarks on one GPU: full-size architectures with random weights.
-# Usage: bash benchmarks/gpu_extract.sh OUTDIR [qwen|llava|all]   (kvpipe importable, a CUDA device)
+# Usage: bash benchmarks/gpu_extract.sh OUTDIR [qwen|llava|llava-values|all]   (kvpipe importable, a CUDA device)
+# Each line is one process: floor, kvpipe (lossless bf16 and int8) and the naive loop share the
+# model, the images and the batch size.
 set -uo pipefail
 out=${1:-bench-out}
 which=${2:-all}
@@ -9,22 +11,17 @@ export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
 kv() { python3 -m kvpipe.cli bench extract "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-if [[ $which == qwen || $which == all ]]; then
-  # Qwen2.5-VL 7B at 448x448 (256 image tokens), all layers/heads, keys + values, bf16
-  kv --model qwen25vl --size 448 --images 64 --batch-size 8 --part-size 16 --naive-images 16 \
-     --json "$out/qwen25vl-448-b8.json"
-  kv --model qwen25vl --size 448 --images 512 --batch-size 32 --part-size 64 --runs floor-hf,floor-kvpipe,kvpipe \
-     --json "$out/qwen25vl-448-b32.json"
-  # the lossy encoding: int8 codes + a float32 scale per token (about half of bf16)
-  kv --model qwen25vl --size 448 --images 512 --batch-size 32 --part-size 64 --runs kvpipe --store-dtype int8 \
-     --json "$out/qwen25vl-448-b32-int8.json"
-fi
 if [[ $which == llava || $which == all ]]; then
-  # LLaVA-OneVision 7B at 384x384 (base view + 1 crop), all layers/heads, keys + values, bf16
-  kv --model llava-ov --size 384 --images 64 --batch-size 8 --part-size 8 --naive-images 8 \
-     --json "$out/llava-ov-384-b8.json"
-  kv --model llava-ov --size 384 --images 128 --batch-size 8 --part-size 16 --runs kvpipe --store-dtype int8 \
-     --json "$out/llava-ov-384-b8-int8.json"
+  # LLaVA-OneVision 7B at 384x384 (base view + 1 crop, 1485 tokens), all layers/heads, keys + values
+  kv --model llava-ov --size 384 --images 128 --batch-size 8 --part-size 16 --naive-images 8 \
+     --runs floor-hf,floor-kvpipe,kvpipe,kvpipe-int8,naive --json "$out/llava-ov-384-b8.json"
+fi
+if [[ $which == qwen || $which == all ]]; then
+  # Qwen2.5-VL 7B at 448x448 (256 image tokens), all layers/heads, keys + values
+  kv --model qwen25vl --size 448 --images 512 --batch-size 32 --part-size 64 --naive-images 16 \
+     --runs floor-hf,floor-kvpipe,kvpipe,kvpipe-int8,naive --json "$out/qwen25vl-448-b32.json"
+fi
+if [[ $which == llava-values || $which == all ]]; then
   # values only (half the bytes)
   kv --model llava-ov --size 384 --images 128 --batch-size 8 --part-size 16 --kinds values --runs kvpipe \
      --json "$out/llava-ov-384-b8-values.json"

@@ -62,6 +62,7 @@ class BenchResult:
     seconds: dict[str, float] = field(default_factory=dict)
     bytes_per_image_raw: float = 0.0
     bytes_per_image_stored: float = 0.0
+    stored_per_image: dict[str, float] = field(default_factory=dict)  # per kvpipe run (kvpipe, kvpipe-int8)
     read: dict[str, float] = field(default_factory=dict)
     disk_write_mb_s: float = 0.0  # sequential write + fsync of 1 GiB where the store lives
 
@@ -70,6 +71,7 @@ class BenchResult:
         out = {}
         for a, b in (("kvpipe", "floor-hf"), ("kvpipe", "floor-kvpipe"), ("kvpipe", "naive"),
                      ("kvpipe-steady", "floor-hf"), ("kvpipe-steady", "floor-kvpipe"), ("kvpipe-steady", "naive"),
+                     ("kvpipe-int8-steady", "floor-hf"), ("kvpipe-int8-steady", "naive"),
                      ("floor-kvpipe", "floor-hf")):
             if a in ips and b in ips and ips[b] > 0:
                 out[f"{a} / {b}"] = ips[a] / ips[b]
@@ -132,35 +134,9 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
                         for b in prefill_one], device)
         record("floor-kvpipe", _timed(prefill, device), len(images))
     try:
-        if "kvpipe" in cfg.runs:
-            store = tmp / "store"
-            shutil.rmtree(store, ignore_errors=True)
-            ecfg = ExtractConfig(model=cfg.model, dataset="synthetic", out=str(store), limit=cfg.images,
-                                 init=cfg.init, dtype=cfg.dtype, device=cfg.device, kinds=cfg.kinds,
-                                 layers=cfg.layers, heads=cfg.heads, store_dtype=cfg.store_dtype,
-                                 batch_size=cfg.batch_size, part_size=cfg.part_size, dataset_options=ds_opts, codec=cfg.codec,
-                                 command="kvpipe bench extract")
-            stamps: list[tuple[float, int]] = []
-            done = [0]
-
-            def progress(n: int) -> None:
-                done[0] += n
-                stamps.append((time.perf_counter(), done[0]))
-
-            res = extract(ecfg, adapter=adapter, progress=progress)
-            t_end = time.perf_counter()
-            record("kvpipe", res.seconds, res.images_ok)
-            # steady rate: from the end of the first part to the end of the run (model already
-            # loaded, store created, pipeline full), the rate a long extraction runs at
-            first = next(((t, n) for t, n in stamps if n >= cfg.part_size), None)
-            if first is not None and res.images_ok > first[1]:
-                record("kvpipe-steady", t_end - first[0], res.images_ok - first[1])
-            result.seconds.update({f"kvpipe.{k}": v for k, v in res.timings.items()})
-            log("    driver time: " + ", ".join(f"{k} {v:.2f} s" for k, v in res.timings.items()))
-            stored = sum(p.stat().st_size for p in (store / "parts").rglob("*") if p.is_file())
-            result.bytes_per_image_stored = stored / max(res.images_ok, 1)
-            result.read = bench_read(store)
-            result.disk_write_mb_s = disk_write_rate(tmp)
+        for run, store_dtype in (("kvpipe", cfg.store_dtype), ("kvpipe-int8", "int8")):
+            if run in cfg.runs:
+                _extract_run(cfg, run, store_dtype, adapter, tmp / run, ds_opts, record, result, log)
         sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
                         parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), parse_kinds(cfg.kinds))
         store_dtype = cfg.store_dtype or cfg.dtype
@@ -176,19 +152,60 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
     log(f"  K/V per image: {result.bytes_per_image_raw / 1e6:.1f} MB raw, "
         f"{result.bytes_per_image_stored / 1e6:.1f} MB stored "
         f"(compression {result.bytes_per_image_raw / max(result.bytes_per_image_stored, 1):.2f} x)")
-    if result.disk_write_mb_s and result.bytes_per_image_stored:
-        disk_rate = result.disk_write_mb_s * 1e6 / result.bytes_per_image_stored
+    for run, stored in result.stored_per_image.items():
+        if not result.disk_write_mb_s:
+            break
+        disk_rate = result.disk_write_mb_s * 1e6 / stored
         bound = min(result.images_per_s.get("floor-hf", disk_rate), disk_rate)
         label = "min(floor-hf, disk)" if "floor-hf" in result.images_per_s else "disk"
-        log(f"  disk writes {result.disk_write_mb_s:.0f} MB/s with fsync -> {disk_rate:.1f} img/s at the stored "
-            f"size; kvpipe / {label} = {result.images_per_s.get('kvpipe', 0) / bound:.2f} x, "
-            f"kvpipe-steady / {label} = {result.images_per_s.get('kvpipe-steady', 0) / bound:.2f} x")
+        log(f"  {run}: {stored / 1e6:.1f} MB stored per image; disk writes {result.disk_write_mb_s:.0f} MB/s "
+            f"with fsync -> {disk_rate:.1f} img/s; {run} / {label} = "
+            f"{result.images_per_s.get(run, 0) / bound:.2f} x, {run}-steady / {label} = "
+            f"{result.images_per_s.get(f'{run}-steady', 0) / bound:.2f} x")
     for mode in ("cold", "warm"):
         if f"{mode}_store_mb_s" in result.read:
             st, raw = result.read[f"{mode}_store_mb_s"], result.read[f"{mode}_raw_mb_s"]
             log(f"  read one (layer, head, kind), {mode} cache: FeatureStore.read {st:.0f} MB/s of stored bytes, "
                 f"raw read of the same files {raw:.0f} MB/s ({st / raw:.2f} x)")
     return result
+
+
+
+def _extract_run(cfg: BenchConfig, run: str, store_dtype: str | None, adapter: Any, store: Path,
+                 ds_opts: dict[str, Any], record: Callable[[str, float, int], None], result: BenchResult,
+                 log: Callable[[str], None]) -> None:
+    """One ``kvpipe extract`` into ``store``, recorded as ``run`` and ``run``-steady."""
+    shutil.rmtree(store, ignore_errors=True)
+    ecfg = ExtractConfig(model=cfg.model, dataset="synthetic", out=str(store), limit=cfg.images,
+                         init=cfg.init, dtype=cfg.dtype, device=cfg.device, kinds=cfg.kinds,
+                         layers=cfg.layers, heads=cfg.heads, store_dtype=store_dtype,
+                         batch_size=cfg.batch_size, part_size=cfg.part_size, dataset_options=ds_opts,
+                         codec=cfg.codec, command="kvpipe bench extract")
+    stamps: list[tuple[float, int]] = []
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        stamps.append((time.perf_counter(), done[0]))
+
+    res = extract(ecfg, adapter=adapter, progress=progress)
+    t_end = time.perf_counter()
+    record(run, res.seconds, res.images_ok)
+    # steady rate: from the end of the first part to the end of the run (model already
+    # loaded, store created, pipeline full), the rate a long extraction runs at
+    first = next(((t, n) for t, n in stamps if n >= cfg.part_size), None)
+    if first is not None and res.images_ok > first[1]:
+        record(f"{run}-steady", t_end - first[0], res.images_ok - first[1])
+    result.seconds.update({f"{run}.{k}": v for k, v in res.timings.items()})
+    log("    driver time: " + ", ".join(f"{k} {v:.2f} s" for k, v in res.timings.items()))
+    stored = sum(p.stat().st_size for p in (store / "parts").rglob("*") if p.is_file())
+    result.stored_per_image[run] = stored / max(res.images_ok, 1)
+    if run == "kvpipe" or not result.bytes_per_image_stored:
+        result.bytes_per_image_stored = result.stored_per_image[run]
+        result.read = bench_read(store)
+        result.disk_write_mb_s = disk_write_rate(store.parent)
+    if not cfg.out:
+        shutil.rmtree(store, ignore_errors=True)  # the next run's disk is as empty as this one's was
 
 
 @torch.inference_mode()
