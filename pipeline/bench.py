@@ -89,7 +89,8 @@ def _sync(device: torch.device) -> None:
 def _timed(fn: Callable[[], None], device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
-    fn()
+    with torch.inference_mode():
+        fn()
     _sync(device)
     return time.perf_counter() - t0
 

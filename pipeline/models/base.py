@@ -101,7 +101,7 @@ class ModelAdapter:
     encodes_text: ClassVar[bool] = True  # text queries get a text-only pass (semantic-seg, refexp-seg)
 
     def __init__(self, model: torch.nn.Module, processor: Any, source: dict[str, Any]):
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # kvpipe never trains: no autograd graph, ever
         self.processor = processor
         self.source = source  # provenance written to the store (name, checkpoint, revision, init)
         tok = processor.tokenizer

@@ -65,7 +65,7 @@ class VisionEncoderAdapter(ModelAdapter):
     resample: ClassVar[int] = BICUBIC
 
     def __init__(self, model: torch.nn.Module, processor: Any, source: dict[str, Any]):
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # kvpipe never trains: no autograd graph, ever
         self.processor = processor
         h, w = input_hw(processor)
         self.source = {**source, "features": (
