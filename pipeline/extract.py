@@ -24,12 +24,13 @@ import kvpipe
 from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline import prefix as prefixes
 from kvpipe.pipeline.capture import CapturedBatch, Selection
-from kvpipe.pipeline.transfer import HostStager
+from kvpipe.pipeline.transfer import Copied, HostCopier
 from kvpipe.pipeline.datasets import ImageRecord
 from kvpipe.pipeline.models import ModelAdapter
 from kvpipe.store.encoding import CODECS, compressor_meta
 from kvpipe.store.manifest import FAILED, ImageRow
 from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, FeatureSetMeta, ids_fingerprint
+from kvpipe.store.chunks import TokenSegments
 from kvpipe.store.writer import StoreWriter
 
 
@@ -168,40 +169,18 @@ def build_meta(adapter: ModelAdapter, records: list[ImageRecord], dataset_desc: 
         kvpipe_version=kvpipe.__version__)
 
 
-class BufferPool:
-    """Host buffers for parts, reused once a part is written (fresh pages cost page faults)."""
-
-    def __init__(self) -> None:
-        self.free: list[np.ndarray] = []
-        self.lock = threading.Lock()
-
-    def take(self, lead: tuple[int, ...], tokens: int, tail: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        with self.lock:
-            for i, buf in enumerate(self.free):
-                if buf.dtype == dtype and buf.shape[:len(lead)] == lead and buf.shape[len(lead) + 1:] == tail \
-                        and buf.shape[len(lead)] >= tokens:
-                    return self.free.pop(i)
-        return np.empty((*lead, tokens, *tail), dtype)
-
-    def give(self, arrays: list[np.ndarray]) -> None:
-        with self.lock:
-            self.free.extend(arrays)
-            del self.free[:-8]  # bound what is kept
-
-
 class PartBuilder:
-    """Accumulates one part's images (rows, masks, and features in one buffer per kind).
+    """Accumulates one part's images: rows, masks, and its batches' features as they reach the
+    host (one piece per batch and kind, in token order; ``transfer.Copied``).
 
-    Features arrive from the device-to-host thread (``sink``) into preallocated buffers, so
-    committing a part needs no concatenation; buffers grow if images are larger than planned.
+    The pieces are not joined here: the writer reads them in place (``TokenSegments``) once
+    ``arrays`` has waited for their copies, then ``release`` hands the host buffers back.
     """
 
-    def __init__(self, part: int, sel: Selection, part_size: int = 0, pool: BufferPool | None = None):
+    def __init__(self, part: int, sel: Selection, part_size: int = 0):
         self.part, self.sel, self.part_size = part, sel, part_size
-        self.pool = pool or BufferPool()
         self.rows: list[ImageRow] = []
-        self.bufs: dict[str, np.ndarray] = {}
-        self.copies: list[Future] = []
+        self.copies: list[Copied] = []
         self.masks: list[np.ndarray] = []
         self.n_tokens = 0
         self.n_mask = 0
@@ -234,47 +213,33 @@ class PartBuilder:
         self.n_images += len(items)
         return start, self.n_tokens
 
-    def sink(self, start: int, end: int) -> Callable[[dict[str, np.ndarray]], None]:
-        """A callback that stores a batch's host arrays at tokens [start, end) of the part."""
-        planned = max(end, -(-end * max(self.part_size, 1) // max(self.n_images, 1)))
-
-        def put(host: dict[str, np.ndarray]) -> None:
-            for kind, arr in host.items():
-                axis = arr.ndim - 2  # the token axis
-                buf = self.bufs.get(kind)
-                if buf is None:
-                    buf = self.pool.take(arr.shape[:axis], planned, arr.shape[axis + 1:], arr.dtype)
-                elif buf.shape[axis] < end:  # larger images than planned: grow
-                    grown = np.empty((*buf.shape[:axis], max(end, 2 * buf.shape[axis]), *buf.shape[axis + 1:]),
-                                     buf.dtype)
-                    grown[(slice(None),) * axis + (slice(0, start),)] = buf[(slice(None),) * axis + (slice(0, start),)]
-                    buf = grown
-                buf[(slice(None),) * axis + (slice(start, end),)] = arr
-                self.bufs[kind] = buf
-
-        return put
+    def add(self, copied: Copied) -> None:
+        """The features of the batch reserved last ([..., tokens, dim] per kind)."""
+        self.copies.append(copied)
 
     def add_batch(self, items: list[tuple[int, ImageRecord, tuple[int, int], Any, Any]],
                   captured: CapturedBatch) -> None:
         """A batch already on the host (synchronous path)."""
-        start, end = self.reserve(items, captured.counts)
-        self.sink(start, end)(captured.arrays)
+        self.reserve(items, captured.counts)
+        self.add(Copied(captured.arrays))
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        for f in self.copies:
-            f.result()
-        out: dict[str, np.ndarray] = {}
-        for kind, buf in self.bufs.items():
-            axis = buf.ndim - 2
-            out[kind] = buf[(slice(None),) * axis + (slice(0, self.n_tokens),)]
+    def arrays(self) -> dict[str, Any]:
+        """kind -> ``TokenSegments`` of the batches' pieces (waits for their copies); "masks"."""
+        for c in self.copies:
+            c.wait()
+        out: dict[str, Any] = {}
+        for kind in (self.copies[0].host if self.copies else {}):
+            pieces = [c.host[kind] for c in self.copies]
+            out[kind] = TokenSegments(pieces, axis=pieces[0].ndim - 2)
         if self.masks:
             out["masks"] = np.concatenate(self.masks)
         return out
 
     def release(self) -> None:
-        """Hand the buffers back to the pool once the part is written."""
-        self.pool.give(list(self.bufs.values()))
-        self.bufs = {}
+        """Hand the host buffers back once the part is written."""
+        for c in self.copies:
+            c.release()
+        self.copies = []
 
 
 # Batches are decoded and preprocessed (PIL, numpy, the HF image processor) by a few threads
@@ -317,7 +282,7 @@ def run_parts(adapter: ModelAdapter, records: list[ImageRecord], pending: list[i
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvpipe-write") as pool, \
             ThreadPoolExecutor(max_workers=LOADERS, thread_name_prefix="kvpipe-load") as loader:
         inflight: list[tuple[int, Future]] = []
-        stager, buffers = HostStager(adapter.device), BufferPool()
+        copier = HostCopier(adapter.device)
         processes = cfg.loader_processes
         if processes is None:
             processes = LOADER_PROCESSES if adapter.device.type == "cuda" else 0
@@ -327,7 +292,7 @@ def run_parts(adapter: ModelAdapter, records: list[ImageRecord], pending: list[i
             for part in pending:
                 try:
                     builder = _extract_part(adapter, records, part, cfg, sel, result, progress, loader,
-                                            stager, buffers, stream)
+                                            copier, stream)
                 except BaseException as err:
                     if on_failure:
                         on_failure(part, err, 1)
@@ -343,7 +308,7 @@ def run_parts(adapter: ModelAdapter, records: list[ImageRecord], pending: list[i
                 settle(part, f)
             result.timed("write_wait", t1)
         finally:
-            stager.close()
+            copier.close()
 
 
 def _write_and_release(writer: StoreWriter, builder: PartBuilder) -> None:
@@ -435,14 +400,14 @@ def _pieces_of(records: list[ImageRecord], part: int, cfg: ExtractConfig) -> lis
 
 def _extract_part(adapter: ModelAdapter, records: list[ImageRecord], part: int, cfg: ExtractConfig,
                   sel: Selection, result: ExtractResult, progress: ProgressFn | None,
-                  loader: ThreadPoolExecutor | None, stager: HostStager | None = None,
-                  pool: BufferPool | None = None, batches: Iterator[LoadedBatch] | None = None) -> PartBuilder:
+                  loader: ThreadPoolExecutor | None, copier: HostCopier | None = None,
+                  batches: Iterator[LoadedBatch] | None = None) -> PartBuilder:
     """Capture one part. Its batches come from ``batches`` (shared across parts) or are
     loaded on ``loader`` threads ahead of the GPU; each batch's features travel to the host
-    (``stager``) while the next one runs."""
-    own_stager = stager is None
-    stager = stager or HostStager(adapter.device)
-    builder = PartBuilder(part, sel, cfg.part_size, pool)
+    (``copier``) while the next one runs."""
+    own_copier = copier is None
+    copier = copier or HostCopier(adapter.device)
+    builder = PartBuilder(part, sel, cfg.part_size)
     pieces = _pieces_of(records, part, cfg)
     source = batches if batches is not None else iterate_batches(adapter, pieces, cfg, loader)
     store_dtype = cfg.store_dtype or cfg.dtype
@@ -460,17 +425,16 @@ def _extract_part(adapter: ModelAdapter, records: list[ImageRecord], part: int, 
         if loaded.batch is not None:
             t1 = time.perf_counter()
             device_arrays, counts = adapter.gather(loaded.batch, sel, store_dtype)
-            start_tok, end_tok = builder.reserve([(index, records[index], size, lay, ann)
-                                                  for (index, size, ann), lay
-                                                  in zip(loaded.items, loaded.batch.layouts)], counts)
-            builder.copies.append(stager.submit(device_arrays, builder.sink(start_tok, end_tok)))
+            builder.reserve([(index, records[index], size, lay, ann)
+                             for (index, size, ann), lay in zip(loaded.items, loaded.batch.layouts)], counts)
+            builder.add(copier.submit(device_arrays))
             result.timed("capture", t1)
             result.images_ok += len(loaded.items)
         if progress:
             progress(loaded.n)
     # The part's last host copies are still running: ``builder.arrays()`` (the writer) waits
     # for them, so the next part's first batch goes to the device right away.
-    if own_stager:
-        stager.close()
+    if own_copier:
+        copier.close()
     builder.rows.sort(key=lambda r: r.index)
     return builder

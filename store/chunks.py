@@ -45,6 +45,41 @@ def blosc_of(codec: BloscCodec) -> numcodecs.Blosc:
                            blocksize=codec.blocksize, typesize=codec.typesize)
 
 
+class TokenSegments:
+    """An array given as pieces along its token axis (one per batch, in token order).
+
+    Why: each batch lands in its own pinned host buffer; joining them into one part array
+    would be a second host copy on one thread. Here each chunk (one (layer, head), or a whole
+    small array) is joined from its pieces inside the encoder task that compresses it.
+    """
+
+    def __init__(self, pieces: list[np.ndarray], axis: int):
+        if not pieces:
+            raise ValueError("TokenSegments needs at least one piece")
+        self.pieces, self.axis = pieces, axis
+        first = pieces[0]
+        self.dtype, self.ndim = first.dtype, first.ndim
+        self.shape = tuple(sum(p.shape[axis] for p in pieces) if i == axis else n
+                           for i, n in enumerate(first.shape))
+        self.size = int(np.prod(self.shape))
+
+    def map(self, fn) -> "TokenSegments":
+        return TokenSegments([fn(p) for p in self.pieces], self.axis)
+
+    def __getitem__(self, sel: tuple[slice, ...]) -> np.ndarray:
+        """A selection that spans the whole token axis (every chunk kvpipe writes does)."""
+        tok = sel[self.axis]
+        if (tok.start or 0) != 0 or (tok.stop is not None and tok.stop < self.shape[self.axis]):
+            raise ValueError(f"a chunk must span the token axis; got {tok}")
+        inner = sel[:self.axis] + (slice(None),) + sel[self.axis + 1:]
+        parts = [p[inner] for p in self.pieces]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.axis)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate(self.pieces, axis=self.axis)
+        return out if dtype is None else out.astype(dtype)
+
+
 def chunk_keys(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[str, tuple[slice, ...]]]:
     """(Zarr v3 default chunk key, selection) of every chunk: "c/1/2/0/0" for chunk (1, 2, 0, 0)."""
     grid = [range(-(-n // c)) for n, c in zip(shape, chunks)]
@@ -52,8 +87,9 @@ def chunk_keys(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[st
             for idx in product(*grid)]
 
 
-def _write_one(path: Path, chunk: np.ndarray, codec: numcodecs.Blosc, fsync: bool) -> str:
-    encoded = codec.encode(np.ascontiguousarray(chunk))
+def _write_one(path: Path, data: np.ndarray | TokenSegments, sel: tuple[slice, ...], codec: numcodecs.Blosc,
+               fsync: bool) -> str:
+    encoded = codec.encode(np.ascontiguousarray(data[sel]))  # joined here, in this thread
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -67,11 +103,11 @@ def _write_one(path: Path, chunk: np.ndarray, codec: numcodecs.Blosc, fsync: boo
     return f"{google_crc32c.value(encoded):08x}"
 
 
-def write_chunks(array_dir: Path, data: np.ndarray, chunks: tuple[int, ...], codec: BloscCodec,
+def write_chunks(array_dir: Path, data: np.ndarray | TokenSegments, chunks: tuple[int, ...], codec: BloscCodec,
                  fsync: bool) -> dict[str, str]:
     """Encode and write every chunk of ``data`` under ``array_dir``; returns each chunk file's
     CRC32C keyed by its path relative to ``array_dir``. Waits for all of them."""
     blosc = blosc_of(codec)
-    jobs = [(key, pool().submit(_write_one, array_dir / key, data[sel], blosc, fsync))
+    jobs = [(key, pool().submit(_write_one, array_dir / key, data, sel, blosc, fsync))
             for key, sel in chunk_keys(data.shape, chunks)]
     return {key: fut.result() for key, fut in jobs}

@@ -23,7 +23,7 @@ import zarr
 from kvpipe.errors import StoreError
 from kvpipe.store import layout
 from kvpipe.store.checksum import file_crc32c
-from kvpipe.store.chunks import write_chunks
+from kvpipe.store.chunks import TokenSegments, write_chunks
 from kvpipe.store.encoding import DISK_DTYPE, compressor, compressor_for, encode
 from kvpipe.store.fs import Location, ObjectLocation, fsync_dir, open_location
 from kvpipe.store.manifest import ImageRow, part_record_bytes, write_part_record
@@ -145,7 +145,8 @@ class StoreWriter:
         """Commit one part: rows (one per image) and its arrays.
 
         arrays: "keys"/"values" as [layers, heads, tokens, head_dim] float32, "post_proj" as
-        [tokens, hidden] float32, "masks" as a flat uint8 array (all of the part's masks).
+        [tokens, hidden] float32, "masks" as a flat uint8 array (all of the part's masks);
+        feature arrays may also come as ``TokenSegments`` (one piece per batch).
         """
         self.commit_part(part, self.stage_part(part, arrays), rows)
 
@@ -208,8 +209,9 @@ class StoreWriter:
         if name == "masks":
             data, dtype, comp = arr.astype(np.uint8), "uint8", compressor("float16")
             comp = type(comp)(cname="zstd", clevel=3, shuffle="noshuffle", typesize=1)
-        else:
-            data = encode(arr, self.meta.store_dtype)
+        else:  # batches from the device come already in the disk dtype; encode() passes them through
+            sd = self.meta.store_dtype
+            data = arr.map(lambda piece: encode(piece, sd)) if isinstance(arr, TokenSegments) else encode(arr, sd)
             dtype, comp = DISK_DTYPE[self.meta.store_dtype], compressor_for(self.meta.compressor, self.meta.store_dtype)
         if data.size == 0:
             return {}  # a part whose images all failed has no tokens

@@ -194,3 +194,23 @@ def test_part_files_are_the_bytes_zarr_writes(tmp_path, store_dtype):
         np.testing.assert_array_equal(zarr.open_array(zarr.storage.LocalStore(part / name))[...], data)
     # the recorded checksums (taken from the bytes in memory) are the files' checksums
     assert FeatureStore.open(tmp_path / "s").checksums[0] == tree_checksums(part)
+
+
+def test_batches_as_pieces_write_the_same_files(tmp_path):
+    """A part handed over as one piece per batch (TokenSegments, how extraction hands it) is
+    written byte for byte like the same part as whole arrays."""
+    from kvpipe.store.chunks import TokenSegments
+    from kvpipe.store.encoding import float32_to_bf16_bits
+
+    meta = make_meta(store_dtype="bfloat16", n_images=2, part_size=2)
+    whole = {k: (float32_to_bf16_bits(v) if k != "masks" else v) for k, v in part_arrays([6, 6], 0).items()}
+    pieces = {"keys": TokenSegments([whole["keys"][:, :, :5], whole["keys"][:, :, 5:]], axis=2),
+              "values": TokenSegments([whole["values"][:, :, :12]], axis=2),
+              "post_proj": TokenSegments([whole["post_proj"][:7], whole["post_proj"][7:]], axis=0),
+              "masks": whole["masks"]}
+    for name, arrays in (("whole", whole), ("pieces", pieces)):
+        StoreWriter.create_or_resume(tmp_path / name, meta).write_part(0, rows_for(0, 0, [6, 6]), arrays)
+    a, b = (layout.part_dir(tmp_path / n, 0) for n in ("whole", "pieces"))
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)

@@ -1,15 +1,16 @@
-"""Host buffers of a part, the host stager and the direct chunk read path."""
+"""A part's batches on the host, the device-to-host copier, its buffer pool and the direct chunk read path."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from kvpipe.pipeline.capture import Selection
-from kvpipe.pipeline.extract import BufferPool, PartBuilder
-from kvpipe.pipeline.transfer import HostStager
+from kvpipe.pipeline.extract import PartBuilder
+from kvpipe.pipeline.transfer import HostCopier, PinnedPool
 from kvpipe.store import FeatureStore
 
 
@@ -19,39 +20,49 @@ def _items(n: int):
     return [(i, rec, (8, 8), lay, SimpleNamespace(mask=None, meta={})) for i in range(n)]
 
 
-def test_part_buffers_grow_and_equal_concatenation():
+def test_part_pieces_equal_concatenation():
     sel = Selection((0, 1), (0,), ("keys", "post_proj"))
-    builder = PartBuilder(0, sel, part_size=4, pool=BufferPool())
-    stager = HostStager(torch.device("cpu"))
+    builder = PartBuilder(0, sel, part_size=4)
+    copier = HostCopier(torch.device("cpu"))
     rng = np.random.default_rng(0)
     batches = []
-    for counts in ([3, 3], [5, 9]):  # the second batch is larger than planned from the first
+    for counts in ([3, 3], [5, 9]):  # batches of different token counts
         n = sum(counts)
         arrays = {"keys": torch.from_numpy(rng.standard_normal((2, 1, n, 4)).astype(np.float32)),
                   "post_proj": torch.from_numpy(rng.standard_normal((n, 6)).astype(np.float32))}
         batches.append(arrays)
-        a, b = builder.reserve(_items(len(counts)), counts)
-        builder.copies.append(stager.submit(arrays, builder.sink(a, b)))
+        builder.reserve(_items(len(counts)), counts)
+        builder.add(copier.submit(arrays))
     out = builder.arrays()
-    np.testing.assert_array_equal(out["keys"], np.concatenate([b["keys"].numpy() for b in batches], axis=2))
-    np.testing.assert_array_equal(out["post_proj"], np.concatenate([b["post_proj"].numpy() for b in batches]))
+    keys = np.concatenate([b["keys"].numpy() for b in batches], axis=2)
+    post = np.concatenate([b["post_proj"].numpy() for b in batches])
+    assert out["keys"].shape == keys.shape and out["post_proj"].shape == post.shape
+    np.testing.assert_array_equal(np.asarray(out["keys"]), keys)
+    for li in range(2):  # one chunk = one (layer, head), joined from both batches
+        np.testing.assert_array_equal(out["keys"][li:li + 1, 0:1, 0:20, 0:4], keys[li:li + 1, 0:1])
+    np.testing.assert_array_equal(out["post_proj"][0:20, 0:6], post)
+    with pytest.raises(ValueError, match="span the token axis"):
+        out["keys"][0:1, 0:1, 3:20, 0:4]
     assert [r.token_offset for r in builder.rows] == [0, 3, 6, 11]
 
 
-def test_stager_sends_bfloat16_as_its_bits():
+def test_copier_sends_bfloat16_as_its_bits():
     t = torch.tensor([[1.0, -2.5]], dtype=torch.bfloat16)
-    got = {}
-    HostStager(torch.device("cpu")).submit({"v": t}, got.update).result()
-    assert got["v"].dtype == np.uint16
-    np.testing.assert_array_equal(got["v"], t.view(torch.int16).numpy().view(np.uint16))
+    copied = HostCopier(torch.device("cpu")).submit({"v": t})
+    copied.wait()
+    assert copied.host["v"].dtype == np.uint16
+    np.testing.assert_array_equal(copied.host["v"], t.view(torch.int16).numpy().view(np.uint16))
 
 
-def test_buffer_pool_reuses_fitting_buffers():
-    pool = BufferPool()
-    a = pool.take((2, 1), 10, (4,), np.dtype(np.uint16))
+def test_pinned_pool_reuses_the_smallest_fitting_buffer():
+    pool = PinnedPool(pin=False)
+    a, b = pool.take(100, torch.int16), pool.take(10, torch.int16)
+    pool.give([a, b])
+    assert pool.take(8, torch.int16) is b  # the smallest that fits
+    assert pool.take(8, torch.int16) is a
+    assert pool.take(8, torch.int16) is not a  # none left: a new one
     pool.give([a])
-    assert pool.take((2, 1), 8, (4,), np.dtype(np.uint16)) is a
-    assert pool.take((2, 1), 8, (4,), np.dtype(np.uint16)) is not a
+    assert pool.take(8, torch.int8) is not a  # another dtype never shares
 
 
 def test_direct_chunk_read_equals_zarr(synthetic_store):
@@ -80,3 +91,20 @@ def test_loader_processes_give_the_same_store(tmp_path):
     for kind in ("keys", "values"):
         np.testing.assert_array_equal(a.read(kind, 1, 1).data, b.read(kind, 1, 1).data)
     np.testing.assert_array_equal(a.annotation(a.images()[5]).mask, b.annotation(b.images()[5]).mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_copies_land_in_reused_pinned_buffers():
+    copier = HostCopier(torch.device("cuda"))
+    sel = Selection((0, 1), (0,), ("keys",))
+    for _ in range(3):  # three parts: the second and third reuse the first one's buffers
+        builder = PartBuilder(0, sel, part_size=2)
+        tensors = [torch.randn(2, 1, n, 4, device="cuda").to(torch.bfloat16) for n in (5, 7)]
+        for t in tensors:
+            builder.reserve(_items(1), [t.shape[2]])
+            builder.add(copier.submit({"keys": t}))
+        want = np.concatenate([t.view(torch.int16).cpu().numpy().view(np.uint16) for t in tensors], axis=2)
+        np.testing.assert_array_equal(np.asarray(builder.arrays()["keys"]), want)
+        builder.release()
+    assert len(copier.pool.free) == 2 and all(b.is_pinned() for b in copier.pool.free)
+    copier.close()

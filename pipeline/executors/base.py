@@ -16,9 +16,9 @@ import numpy as np
 from kvpipe.errors import DataError
 from kvpipe.pipeline.capture import Selection, run_text_capture
 from kvpipe.pipeline.datasets import ImageRecord, create_dataset
-from kvpipe.pipeline.extract import (BufferPool, ExtractConfig, ExtractResult, LoadedBatch, PartBuilder,
+from kvpipe.pipeline.extract import (ExtractConfig, ExtractResult, LoadedBatch, PartBuilder,
                                      _extract_part, build_meta, resolve, run_parts)
-from kvpipe.pipeline.transfer import HostStager
+from kvpipe.pipeline.transfer import HostCopier
 from kvpipe.pipeline.models import ModelAdapter, load_model
 from kvpipe.pipeline.prefix import apply_prefixes
 from kvpipe.store.schema import FeatureSetMeta, ids_fingerprint, structure_fingerprint
@@ -70,8 +70,7 @@ class PartWorker:
         if cfg.fast_kernels:
             adapter.accelerate()
         self.adapter = adapter
-        self._stager: HostStager | None = None
-        self._buffers = BufferPool()
+        self._copier: HostCopier | None = None
 
     def meta(self) -> FeatureSetMeta:
         d = self.data
@@ -86,15 +85,15 @@ class PartWorker:
         """One part, its batches from ``batches`` (loaded elsewhere, in order) or loaded on
         ``loader`` threads; call ``builder.release()`` once its arrays are written so the next
         part reuses the host buffers."""
-        if self._stager is None:
-            self._stager = HostStager(self.adapter.device)
+        if self._copier is None:
+            self._copier = HostCopier(self.adapter.device)
         return _extract_part(self.adapter, self.data.records, part, self.cfg, self.sel, result, progress, loader,
-                             self._stager, self._buffers, batches)
+                             self._copier, batches)
 
     def close(self) -> None:
-        if self._stager is not None:
-            self._stager.close()
-            self._stager = None
+        if self._copier is not None:
+            self._copier.close()
+            self._copier = None
 
     def text(self) -> tuple[list[list[int]], dict[str, np.ndarray]]:
         """Token ids and final-token K/V of the dataset's text queries."""
