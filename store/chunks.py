@@ -26,8 +26,19 @@ from zarr.codecs import BloscCodec
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
             "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
 THREADS = os.cpu_count() or 1
+# Encoder threads run at a lower OS priority than the rest of the process: the thread that
+# feeds the GPU (Python launching a 7B model's kernels) must get a core the moment it wants
+# one, or the device idles while the previous part compresses on every core.
+NICE = 10
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)  # this thread only (Linux)
+    except (AttributeError, OSError):
+        pass
 
 
 def pool() -> ThreadPoolExecutor:
@@ -35,7 +46,7 @@ def pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="kvpipe-encode")
+            _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="kvpipe-encode", initializer=_lower_priority)
         return _pool
 
 

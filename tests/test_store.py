@@ -214,3 +214,17 @@ def test_batches_as_pieces_write_the_same_files(tmp_path):
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def test_encoder_threads_yield_to_the_rest_of_the_process():
+    import os
+    import sys
+    import threading
+
+    from kvpipe.store import chunks
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread priorities are a Linux feature")
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    theirs = chunks.pool().submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert theirs == min(19, ours + chunks.NICE) or theirs > ours
