@@ -1,10 +1,10 @@
-"""Write a Zarr array's chunk files directly: encode, write, fsync and checksum in one task.
+"""Write a Zarr array's chunk files directly: encode, write and checksum in one task.
 
 Why not ``z[...] = data``: Zarr's write path merges every chunk into a fresh array and
 compares it with the fill value on its event-loop thread, one chunk after another, before
 the codecs run in threads; on a 16-core host that serial part, not Blosc, bounded a part's
 commit (about 0.7 GB/s of bf16 K/V). Here each chunk is one task in a shared thread pool
-(Blosc, file writes, fsync and CRC32C release the GIL), its checksum is taken from the
+(Blosc, file writes and CRC32C release the GIL), its checksum is taken from the
 encoded bytes in memory instead of reading the file back, and the files are byte for byte
 the ones Zarr writes (same codec, same chunk keys; tested), so every Zarr reader reads them.
 Zarr still writes the arrays' metadata (zarr.json).
@@ -98,8 +98,7 @@ def chunk_keys(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[st
             for idx in product(*grid)]
 
 
-def _write_one(path: Path, data: np.ndarray | TokenSegments, sel: tuple[slice, ...], codec: numcodecs.Blosc,
-               fsync: bool) -> str:
+def _write_one(path: Path, data: np.ndarray | TokenSegments, sel: tuple[slice, ...], codec: numcodecs.Blosc) -> str:
     encoded = codec.encode(np.ascontiguousarray(data[sel]))  # joined here, in this thread
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -107,18 +106,17 @@ def _write_one(path: Path, data: np.ndarray | TokenSegments, sel: tuple[slice, .
         view = memoryview(encoded)
         while view:
             view = view[os.write(fd, view):]
-        if fsync:
-            os.fsync(fd)
     finally:
         os.close(fd)
     return f"{google_crc32c.value(encoded):08x}"
 
 
-def write_chunks(array_dir: Path, data: np.ndarray | TokenSegments, chunks: tuple[int, ...], codec: BloscCodec,
-                 fsync: bool) -> dict[str, str]:
+def write_chunks(array_dir: Path, data: np.ndarray | TokenSegments, chunks: tuple[int, ...],
+                 codec: BloscCodec) -> dict[str, str]:
     """Encode and write every chunk of ``data`` under ``array_dir``; returns each chunk file's
-    CRC32C keyed by its path relative to ``array_dir``. Waits for all of them."""
+    CRC32C keyed by its path relative to ``array_dir``. Waits for all of them; making them
+    durable is the caller's (``store.fs.sync_tree``, once per part)."""
     blosc = blosc_of(codec)
-    jobs = [(key, pool().submit(_write_one, array_dir / key, data, sel, blosc, fsync))
+    jobs = [(key, pool().submit(_write_one, array_dir / key, data, sel, blosc))
             for key, sel in chunk_keys(data.shape, chunks)]
     return {key: fut.result() for key, fut in jobs}

@@ -8,6 +8,7 @@ commit. Every path below is relative to the store root, '/'-separated.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 import shutil
@@ -286,6 +287,37 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """Make every file written under ``root`` durable before a commit points at it.
+
+    Why one syncfs(2) and not an fsync per file: a part is hundreds of new chunk files, and
+    each fsync of a new file forces its own journal commit; on a GPU host's NVMe disk that
+    held a part's writes to about two thirds of the disk's sequential rate. One syncfs of the
+    filesystem flushes them together (and anything else dirty on that filesystem). Where
+    syncfs does not exist (not Linux), every file and directory is fsync'd."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syncfs = libc.syncfs
+    except (OSError, AttributeError):
+        syncfs = None
+    if syncfs is not None:
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            if syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs of {root} failed: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        return
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
+        else:
+            fsync_dir(path)
+    fsync_dir(root)
 
 
 def bytes_io(data: bytes) -> io.BytesIO:

@@ -25,7 +25,7 @@ from kvpipe.store import layout
 from kvpipe.store.checksum import file_crc32c
 from kvpipe.store.chunks import TokenSegments, write_chunks
 from kvpipe.store.encoding import DISK_DTYPE, compressor, compressor_for, encode
-from kvpipe.store.fs import Location, ObjectLocation, fsync_dir, open_location
+from kvpipe.store.fs import Location, ObjectLocation, fsync_dir, open_location, sync_tree
 from kvpipe.store.manifest import ImageRow, part_record_bytes, write_part_record
 from kvpipe.store.schema import META_ATTR, FeatureSetMeta
 from kvpipe.store.reader import read_meta
@@ -169,9 +169,11 @@ class StoreWriter:
         group = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
         sums: dict[str, str] = {}
         for name, arr in arrays.items():
-            sums.update({f"{name}/{k}": v for k, v in self._write_array(group, path, name, arr, fsync).items()})
+            sums.update({f"{name}/{k}": v for k, v in self._write_array(group, path, name, arr).items()})
         meta_files = sorted(p for p in path.rglob("zarr.json"))
-        sums.update({p.relative_to(path).as_posix(): file_crc32c(p, fsync=fsync) for p in meta_files})
+        sums.update({p.relative_to(path).as_posix(): file_crc32c(p) for p in meta_files})
+        if fsync:
+            sync_tree(path)
         return dict(sorted(sums.items()))
 
     def _upload(self, arrays: dict[str, np.ndarray], rel: str) -> dict[str, str]:
@@ -203,8 +205,7 @@ class StoreWriter:
         os.rename(record_tmp, layout.manifest_file(self.root, part))
         fsync_dir(self.root / layout.MANIFEST)
 
-    def _write_array(self, group: zarr.Group, path: Path, name: str, arr: np.ndarray,
-                     fsync: bool) -> dict[str, str]:
+    def _write_array(self, group: zarr.Group, path: Path, name: str, arr: np.ndarray) -> dict[str, str]:
         """Zarr writes the array's metadata, ``store.chunks`` its chunk files (same bytes)."""
         if name == "masks":
             data, dtype, comp = arr.astype(np.uint8), "uint8", compressor("float16")
@@ -219,7 +220,7 @@ class StoreWriter:
         # head across the store reads one file per part, and chunks compress and write in parallel
         chunks = (1, 1, *data.shape[2:]) if data.ndim == 4 else data.shape
         group.create_array(name, shape=data.shape, chunks=chunks, dtype=dtype, compressors=comp, fill_value=0)
-        return write_chunks(path / name, data, chunks, comp, fsync)
+        return write_chunks(path / name, data, chunks, comp)
 
     def write_text(self, queries: list[str], token_ids: list[list[int]], arrays: dict[str, np.ndarray]) -> None:
         """Commit the text queries' final-token K/V ([layers, heads, queries, head_dim])."""
@@ -236,7 +237,7 @@ class StoreWriter:
             self.loc.write_atomic(layout.TEXT_RECORD, buf.getvalue())
             return
         stage = self.root / layout.STAGING / f"text-{uuid.uuid4().hex[:8]}"
-        sums = self._write_group(stage, arrays)
+        sums = self._write_group(stage, arrays, fsync=True)
         final = self.root / layout.TEXT
         if final.exists():
             shutil.rmtree(final)

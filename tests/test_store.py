@@ -228,3 +228,28 @@ def test_encoder_threads_yield_to_the_rest_of_the_process():
     ours = os.getpriority(os.PRIO_PROCESS, 0)
     theirs = chunks.pool().submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
     assert theirs == min(19, ours + chunks.NICE) or theirs > ours
+
+
+@pytest.mark.parametrize("has_syncfs", [True, False])
+def test_sync_tree_flushes_a_part(tmp_path, monkeypatch, has_syncfs):
+    """Parts are made durable by one syncfs(2), or where there is none by an fsync of every
+    file and directory; either way the call succeeds on a real tree and fails loudly on a
+    missing one."""
+    import ctypes
+    import os
+
+    from kvpipe.store import fs
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "f").write_bytes(b"x")
+    synced: list[str] = []
+    if not has_syncfs:
+        monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                     real_fsync(fd)))
+    fs.sync_tree(tmp_path)
+    if not has_syncfs:
+        assert {Path(p).name for p in synced} >= {"f", "b", "a", tmp_path.name}
+    with pytest.raises(FileNotFoundError):
+        fs.sync_tree(tmp_path / "missing")
