@@ -7,7 +7,8 @@ and report ratios to each other rather than absolute numbers alone.
   floor-hf      transformers' prefill through the last image token, batched, no capture, no I/O
   floor-kvpipe  the same prefill with kvpipe's equivalent kernels (ModelAdapter.accelerate)
   kvpipe        full extraction into a local store (loading, preprocessing, capture, writes),
-                end to end; kvpipe-steady: the same run from the end of its first part on
+                end to end; kvpipe-steady: the same run from the end of its first part on;
+                kvpipe-lz4 / kvpipe-int8: the same with the lz4 codec / the int8 encoding
   naive         what one writes by hand: batch size 1, full forward with use_cache, slice
                 past_key_values at image positions, torch.save one file per image
 """
@@ -71,6 +72,7 @@ class BenchResult:
         out = {}
         for a, b in (("kvpipe", "floor-hf"), ("kvpipe", "floor-kvpipe"), ("kvpipe", "naive"),
                      ("kvpipe-steady", "floor-hf"), ("kvpipe-steady", "floor-kvpipe"), ("kvpipe-steady", "naive"),
+                     ("kvpipe-lz4-steady", "floor-hf"), ("kvpipe-lz4-steady", "naive"),
                      ("kvpipe-int8-steady", "floor-hf"), ("kvpipe-int8-steady", "naive"),
                      ("floor-kvpipe", "floor-hf")):
             if a in ips and b in ips and ips[b] > 0:
@@ -135,9 +137,10 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
                         for b in prefill_one], device)
         record("floor-kvpipe", _timed(prefill, device), len(images))
     try:
-        for run, store_dtype in (("kvpipe", cfg.store_dtype), ("kvpipe-int8", "int8")):
+        for run, store_dtype, codec in (("kvpipe", cfg.store_dtype, cfg.codec), ("kvpipe-lz4", cfg.store_dtype, "lz4"),
+                                        ("kvpipe-int8", "int8", cfg.codec)):
             if run in cfg.runs:
-                _extract_run(cfg, run, store_dtype, adapter, tmp / run, ds_opts, record, result, log)
+                _extract_run(cfg, run, store_dtype, codec, adapter, tmp / run, ds_opts, record, result, log)
         sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
                         parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), parse_kinds(cfg.kinds))
         store_dtype = cfg.store_dtype or cfg.dtype
@@ -172,7 +175,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
 
 
 
-def _extract_run(cfg: BenchConfig, run: str, store_dtype: str | None, adapter: Any, store: Path,
+def _extract_run(cfg: BenchConfig, run: str, store_dtype: str | None, codec: str, adapter: Any, store: Path,
                  ds_opts: dict[str, Any], record: Callable[[str, float, int], None], result: BenchResult,
                  log: Callable[[str], None]) -> None:
     """One ``kvpipe extract`` into ``store``, recorded as ``run`` and ``run``-steady."""
@@ -181,7 +184,7 @@ def _extract_run(cfg: BenchConfig, run: str, store_dtype: str | None, adapter: A
                          init=cfg.init, dtype=cfg.dtype, device=cfg.device, kinds=cfg.kinds,
                          layers=cfg.layers, heads=cfg.heads, store_dtype=store_dtype,
                          batch_size=cfg.batch_size, part_size=cfg.part_size, dataset_options=ds_opts,
-                         codec=cfg.codec, command="kvpipe bench extract")
+                         codec=codec, command="kvpipe bench extract")
     stamps: list[tuple[float, int]] = []
     done = [0]
 

@@ -94,8 +94,9 @@ def test_loader_processes_give_the_same_store(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_copies_land_in_reused_pinned_buffers():
-    copier = HostCopier(torch.device("cuda"))
+@pytest.mark.parametrize("pinned", [False, True])
+def test_cuda_copies_land_in_reused_host_buffers(pinned):
+    copier = HostCopier(torch.device("cuda"), pinned=pinned)
     sel = Selection((0, 1), (0,), ("keys",))
     for _ in range(3):  # three parts: the second and third reuse the first one's buffers
         builder = PartBuilder(0, sel, part_size=2)
@@ -106,5 +107,5 @@ def test_cuda_copies_land_in_reused_pinned_buffers():
         want = np.concatenate([t.view(torch.int16).cpu().numpy().view(np.uint16) for t in tensors], axis=2)
         np.testing.assert_array_equal(np.asarray(builder.arrays()["keys"]), want)
         builder.release()
-    assert len(copier.pool.free) == 2 and all(b.is_pinned() for b in copier.pool.free)
+    assert len(copier.pool.free) == 2 and all(b.is_pinned() == pinned for b in copier.pool.free)
     copier.close()
