@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import sys
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -177,14 +176,13 @@ class PartBuilder:
     ``arrays`` has waited for their copies, then ``release`` hands the host buffers back.
     """
 
-    def __init__(self, part: int, sel: Selection, part_size: int = 0):
-        self.part, self.sel, self.part_size = part, sel, part_size
+    def __init__(self, part: int):
+        self.part = part
         self.rows: list[ImageRow] = []
         self.copies: list[Copied] = []
         self.masks: list[np.ndarray] = []
         self.n_tokens = 0
         self.n_mask = 0
-        self.n_images = 0
 
     def add_failed(self, index: int, rec: ImageRecord, error: str) -> None:
         self.rows.append(ImageRow(index=index, image_id=rec.image_id, part=self.part, status=FAILED,
@@ -210,7 +208,6 @@ class PartBuilder:
                 self.n_mask += mask.size
             self.rows.append(row)
             self.n_tokens += n
-        self.n_images += len(items)
         return start, self.n_tokens
 
     def add(self, copied: Copied) -> None:
@@ -407,7 +404,7 @@ def _extract_part(adapter: ModelAdapter, records: list[ImageRecord], part: int, 
     (``copier``) while the next one runs."""
     own_copier = copier is None
     copier = copier or HostCopier(adapter.device)
-    builder = PartBuilder(part, sel, cfg.part_size)
+    builder = PartBuilder(part)
     pieces = _pieces_of(records, part, cfg)
     source = batches if batches is not None else iterate_batches(adapter, pieces, cfg, loader)
     store_dtype = cfg.store_dtype or cfg.dtype

@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from kvpipe.errors import StoreError
-from kvpipe.probes.base import PROBES, Probe, Target
+from kvpipe.probes.base import PROBES, Probe
 from kvpipe.store import FeatureStore
 
 COLUMNS = ["model", "dataset", "task", "layer", "head", "kind", "metric", "value"]

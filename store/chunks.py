@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 from pathlib import Path
 
-import google_crc32c
 import numcodecs
 import numpy as np
 from zarr.codecs import BloscCodec
+
+from kvpipe.store.checksum import bytes_crc32c
 
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
             "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
@@ -108,7 +109,7 @@ def _write_one(path: Path, data: np.ndarray | TokenSegments, sel: tuple[slice, .
             view = view[os.write(fd, view):]
     finally:
         os.close(fd)
-    return f"{google_crc32c.value(encoded):08x}"
+    return bytes_crc32c(encoded)
 
 
 def write_chunks(array_dir: Path, data: np.ndarray | TokenSegments, chunks: tuple[int, ...],

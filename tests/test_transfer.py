@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from kvpipe.pipeline.capture import Selection
 from kvpipe.pipeline.extract import PartBuilder
 from kvpipe.pipeline.transfer import HostCopier, PinnedPool
 from kvpipe.store import FeatureStore
@@ -21,8 +20,7 @@ def _items(n: int):
 
 
 def test_part_pieces_equal_concatenation():
-    sel = Selection((0, 1), (0,), ("keys", "post_proj"))
-    builder = PartBuilder(0, sel, part_size=4)
+    builder = PartBuilder(0)
     copier = HostCopier(torch.device("cpu"))
     rng = np.random.default_rng(0)
     batches = []
@@ -97,9 +95,8 @@ def test_loader_processes_give_the_same_store(tmp_path):
 @pytest.mark.parametrize("pinned", [False, True])
 def test_cuda_copies_land_in_reused_host_buffers(pinned):
     copier = HostCopier(torch.device("cuda"), pinned=pinned)
-    sel = Selection((0, 1), (0,), ("keys",))
     for _ in range(3):  # three parts: the second and third reuse the first one's buffers
-        builder = PartBuilder(0, sel, part_size=2)
+        builder = PartBuilder(0)
         tensors = [torch.randn(2, 1, n, 4, device="cuda").to(torch.bfloat16) for n in (5, 7)]
         for t in tensors:
             builder.reserve(_items(1), [t.shape[2]])

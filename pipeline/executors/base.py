@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from kvpipe.errors import DataError
-from kvpipe.pipeline.capture import Selection, run_text_capture
+from kvpipe.pipeline.capture import run_text_capture
 from kvpipe.pipeline.datasets import ImageRecord, create_dataset
 from kvpipe.pipeline.extract import (ExtractConfig, ExtractResult, LoadedBatch, PartBuilder,
                                      _extract_part, build_meta, resolve, run_parts)

@@ -9,7 +9,7 @@ image (the token layout), and (3) name its decoder layers. Adding a family = one
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
