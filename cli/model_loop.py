@@ -19,6 +19,18 @@ from kvpipe.errors import DataError, UsageError
 
 HEAD_KINDS = "input-agnostic | input-dependent | random"
 
+# Options that ``answer`` and ``intervene`` share (typer reads each as metadata per command).
+DATA_ROOT = typer.Option(None, help="the benchmark's files in its official layout")
+SPLIT = typer.Option(None, help="benchmark split (default: the reader's)")
+LIMIT = typer.Option(None, help="answer only the first N questions")
+DEVICE = typer.Option("cpu", help="torch device, e.g. cuda:0")
+DTYPE = typer.Option("float32", help="compute dtype: float32 | bfloat16 | float16")
+INIT = typer.Option("pretrained", help="pretrained | random")
+REVISION = typer.Option(None, help="hub revision (branch, tag or commit)")
+BATCH_SIZE = typer.Option(8, help="questions per generate call")
+MAX_NEW_TOKENS = typer.Option(None, help="greedy decoding length (default: the benchmark's, else 128)")
+BENCHMARK_OPTION = typer.Option([], help="benchmark option KEY=VALUE (repeatable), e.g. parser=pope")
+
 
 def _console() -> Console:
     from kvpipe.cli.app import console
@@ -67,20 +79,19 @@ def _progress(total: int) -> Iterator[Callable[[str, int], None]]:
 def answer(
     model: str = typer.Option(..., help="registry name (see `kvpipe models`), hub id or checkpoint directory"),
     benchmark: str = typer.Option(..., help="benchmark name (pope, mme, blink, cvbench, spair-vqa, ...)"),
-    data_root: Optional[str] = typer.Option(None, help="the benchmark's files in its official layout"),
-    split: Optional[str] = typer.Option(None, help="benchmark split (default: the reader's)"),
-    limit: Optional[int] = typer.Option(None, help="answer only the first N questions"),
+    data_root: Optional[str] = DATA_ROOT,
+    split: Optional[str] = SPLIT,
+    limit: Optional[int] = LIMIT,
     out: Optional[Path] = typer.Option(None, help="output directory (default: kvpipe-answers/BENCHMARK-MODEL); "
                                                   "answers already there are reused"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cuda:0"),
-    dtype: str = typer.Option("float32", help="compute dtype: float32 | bfloat16 | float16"),
-    init: str = typer.Option("pretrained", help="pretrained | random"),
-    revision: Optional[str] = typer.Option(None, help="hub revision (branch, tag or commit)"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    init: str = INIT,
+    revision: Optional[str] = REVISION,
     seed: int = typer.Option(0, help="seed for --init random and tiny models"),
-    batch_size: int = typer.Option(8, help="questions per generate call"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="greedy decoding length (default: the benchmark's, "
-                                                            "else 128)"),
-    option: list[str] = typer.Option([], help="benchmark option KEY=VALUE (repeatable), e.g. parser=pope"),
+    batch_size: int = BATCH_SIZE,
+    max_new_tokens: Optional[int] = MAX_NEW_TOKENS,
+    option: list[str] = BENCHMARK_OPTION,
 ) -> None:
     """Answer a benchmark's questions with the model (greedy); write answers and scores."""
     from kvpipe.pipeline.evaluate import evaluate
@@ -112,21 +123,20 @@ def intervene(
     benchmark: str = typer.Option(..., help="benchmark name (pope, mme, ...)"),
     out: Path = typer.Option(..., help="output directory: OUT/none (baseline), OUT/<head set>, OUT/scores.csv; "
                                        "answers already there are reused"),
-    data_root: Optional[str] = typer.Option(None, help="the benchmark's files in its official layout"),
-    split: Optional[str] = typer.Option(None, help="benchmark split (default: the reader's)"),
-    limit: Optional[int] = typer.Option(None, help="answer only the first N questions"),
+    data_root: Optional[str] = DATA_ROOT,
+    split: Optional[str] = SPLIT,
+    limit: Optional[int] = LIMIT,
     threshold: Optional[float] = typer.Option(None, help="key-variance threshold for input-agnostic heads "
                                                          "(default: the probe's)"),
     seed: int = typer.Option(0, help="seed of the random controls (input-dependent, random)"),
     model_seed: int = typer.Option(0, help="seed for --init random and tiny models"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cuda:0"),
-    dtype: str = typer.Option("float32", help="compute dtype: float32 | bfloat16 | float16"),
-    init: str = typer.Option("pretrained", help="pretrained | random"),
-    revision: Optional[str] = typer.Option(None, help="hub revision (branch, tag or commit)"),
-    batch_size: int = typer.Option(8, help="questions per generate call"),
-    max_new_tokens: Optional[int] = typer.Option(None, help="greedy decoding length (default: the benchmark's, "
-                                                            "else 128)"),
-    option: list[str] = typer.Option([], help="benchmark option KEY=VALUE (repeatable), e.g. parser=pope"),
+    device: str = DEVICE,
+    dtype: str = DTYPE,
+    init: str = INIT,
+    revision: Optional[str] = REVISION,
+    batch_size: int = BATCH_SIZE,
+    max_new_tokens: Optional[int] = MAX_NEW_TOKENS,
+    option: list[str] = BENCHMARK_OPTION,
 ) -> None:
     """Knock-out: the benchmark with text queries blocked from a head set's image keys, and without."""
     from kvpipe.pipeline.head_sets import HEAD_SETS
