@@ -34,10 +34,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from kvpipe.errors import UsageError
 from kvpipe.probes.base import PROBES
+from kvpipe.probes.paired import correct_flags, read_answer_table
 from kvpipe.probes.runner import run_probe
 from kvpipe.store import FeatureStore
 
@@ -146,16 +146,10 @@ def segmentation_score(stores: Sequence[str], tasks: Sequence[str] = SEGMENTATIO
 # -------------------------------------------------------------------------------------- y
 def file_accuracy(path: str | Path) -> tuple[float, int]:
     """(correct answers, questions) of one ``kvpipe answer`` scores or answers file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"score file {path} does not exist; run kvpipe answer (it writes OUT/scores.csv)")
-    try:
-        table = pacsv.read_csv(path) if path.suffix.lower() == ".csv" else pq.read_table(path)
-    except (OSError, pa.ArrowException) as err:
-        raise UsageError(f"score file {path} is unreadable ({err})") from None
+    table = read_answer_table(path, "score file", "scores.csv")
     cols = table.column_names
     if "correct" in cols:  # answers.parquet: one row per question
-        flags = [str(v).lower() == "true" if isinstance(v, str) else bool(v) for v in table.column("correct").to_pylist()]
+        flags = correct_flags(table.column("correct").to_pylist())
         if not flags:
             raise UsageError(f"answers file {path} has no rows")
         return float(sum(flags)), len(flags)

@@ -192,16 +192,26 @@ def resolve_target(store: FeatureStore, kind: str, layer: int | None, head: int 
     return Target(kind, layer, head)
 
 
-def read_mlm_answers(path: str | Path, benchmark: str = "") -> dict[str, bool]:
-    """qid -> correct from ``kvpipe answer``'s answers.parquet (or a CSV with those columns)."""
+def read_answer_table(path: str | Path, label: str, writes: str) -> pa.Table:
+    """A ``kvpipe answer`` output (parquet, or CSV by its suffix) as a table. ``label`` names the
+    file in errors ("--answers", "score file"), ``writes`` the file kvpipe answer writes for it."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--answers {path} does not exist; run kvpipe answer first (it writes OUT/answers.parquet)")
+        raise UsageError(f"{label} {path} does not exist; run kvpipe answer first (it writes OUT/{writes})")
     try:
-        table = pacsv.read_csv(path) if path.suffix.lower() == ".csv" else pq.read_table(path)
+        return pacsv.read_csv(path) if path.suffix.lower() == ".csv" else pq.read_table(path)
     except (OSError, pa.ArrowException) as err:
-        raise UsageError(f"--answers {path} is unreadable ({err}); pass the answers.parquet of kvpipe answer") \
-            from None
+        raise UsageError(f"{label} {path} is unreadable ({err}); pass the {writes} of kvpipe answer") from None
+
+
+def correct_flags(values: list[Any]) -> list[bool]:
+    """An answers file's ``correct`` column as booleans (a CSV gives the strings true / false)."""
+    return [v.strip().lower() == "true" if isinstance(v, str) else bool(v) for v in values]
+
+
+def read_mlm_answers(path: str | Path, benchmark: str = "") -> dict[str, bool]:
+    """qid -> correct from ``kvpipe answer``'s answers.parquet (or a CSV with those columns)."""
+    table = read_answer_table(path, "--answers", "answers.parquet")
     missing = [c for c in ("qid", "correct") if c not in table.column_names]
     if missing:
         raise UsageError(f"--answers {path} has no column {missing[0]!r}; pass the answers.parquet of kvpipe answer")
@@ -211,12 +221,10 @@ def read_mlm_answers(path: str | Path, benchmark: str = "") -> dict[str, bool]:
             raise UsageError(f"--answers {path} holds answers to benchmark {other[0]!r}; this task pairs with "
                              f"{benchmark!r} (kvpipe answer --benchmark {benchmark})")
     out: dict[str, bool] = {}
-    for qid, ok in zip(table.column("qid").to_pylist(), table.column("correct").to_pylist()):
-        if isinstance(ok, str):
-            ok = ok.strip().lower() == "true"
+    for qid, ok in zip(table.column("qid").to_pylist(), correct_flags(table.column("correct").to_pylist())):
         if str(qid) in out:
             raise UsageError(f"--answers {path}: question {qid!r} occurs twice; pass one run's answers")
-        out[str(qid)] = bool(ok)
+        out[str(qid)] = ok
     return out
 
 
