@@ -25,8 +25,9 @@ def host_view(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-class PinnedPool:
-    """Host buffers reused across batches: the smallest free one that fits, else a new one."""
+class HostBufferPool:
+    """Host buffers (pinned or pageable) reused across batches: the smallest free one that
+    fits, else a new one."""
 
     def __init__(self, pin: bool = True, keep: int = 32):
         self.pin, self.keep = pin, keep
@@ -55,7 +56,7 @@ class Copied:
     host: dict[str, np.ndarray]
     done: torch.cuda.Event | Future | None = None
     buffers: list[torch.Tensor] = field(default_factory=list)
-    pool: PinnedPool | None = None
+    pool: HostBufferPool | None = None
 
     def wait(self) -> None:
         if isinstance(self.done, Future):
@@ -83,7 +84,7 @@ class HostCopier:
         self.cuda = device.type == "cuda"
         self.pinned = pinned
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.pool = PinnedPool(pin=self.cuda and pinned)
+        self.pool = HostBufferPool(pin=self.cuda and pinned)
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="kvpipe-d2h") if self.cuda and not pinned else None
 
     def submit(self, arrays: dict[str, torch.Tensor]) -> Copied:

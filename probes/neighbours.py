@@ -29,6 +29,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from kvpipe.probes.logistic import device
+
 BACKENDS = ("auto", "numpy", "faiss", "faiss-gpu", "torch")
 _TORCH_BATCH_BYTES = 512 * 2**20  # padded bases per batch of groups (float32)
 
@@ -52,15 +54,10 @@ def resolve_backend(backend: str = "auto") -> str:
         cpu = "faiss"
     except (ImportError, AttributeError):
         cpu = "numpy"
-    return "torch" if _cuda() else cpu
-
-
-def _cuda() -> bool:
     try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+        return "torch" if device() == "cuda" else cpu
+    except ImportError:  # no torch: the CPU backends only
+        return cpu
 
 
 def nearest_in_groups(queries: np.ndarray, query_group: np.ndarray, bases: Sequence[np.ndarray],
@@ -118,7 +115,7 @@ def _torch_groups(queries: np.ndarray, order: np.ndarray, groups: np.ndarray, bo
     """Fill ``index``/``score`` for every group at once: padded [G, Q, D] x [G, N, D] products."""
     import torch
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = device()
     sizes = [len(bases[g]) for g in groups]
     if min(sizes) == 0:
         raise ValueError(f"group {groups[sizes.index(0)]} has queries but no base vectors")

@@ -9,6 +9,7 @@ commit. Every path below is relative to the store root, '/'-separated.
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import os
 import shutil
@@ -289,6 +290,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _syncfs() -> Any:
+    """libc's syncfs, or None where there is none (looked up once per process)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
 def sync_tree(root: Path) -> None:
     """Make every file written under ``root`` durable before a commit points at it.
 
@@ -297,11 +307,7 @@ def sync_tree(root: Path) -> None:
     held a part's writes to about two thirds of the disk's sequential rate. One syncfs of the
     filesystem flushes them together (and anything else dirty on that filesystem). Where
     syncfs does not exist (not Linux), every file and directory is fsync'd."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        syncfs = libc.syncfs
-    except (OSError, AttributeError):
-        syncfs = None
+    syncfs = _syncfs()
     if syncfs is not None:
         fd = os.open(root, os.O_RDONLY)
         try:

@@ -168,10 +168,13 @@ class StoreWriter:
         every file is on disk when this returns (a commit must not precede its data)."""
         group = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
         sums: dict[str, str] = {}
+        meta_files = ["zarr.json"]  # the group's, then each written array's (no walk of the chunk tree)
         for name, arr in arrays.items():
-            sums.update({f"{name}/{k}": v for k, v in self._write_array(group, path, name, arr).items()})
-        meta_files = sorted(p for p in path.rglob("zarr.json"))
-        sums.update({p.relative_to(path).as_posix(): file_crc32c(p) for p in meta_files})
+            chunk_sums = self._write_array(group, path, name, arr)
+            if chunk_sums:
+                sums.update({f"{name}/{k}": v for k, v in chunk_sums.items()})
+                meta_files.append(f"{name}/zarr.json")
+        sums.update({rel: file_crc32c(path / rel) for rel in meta_files})
         if fsync:
             sync_tree(path)
         return dict(sorted(sums.items()))

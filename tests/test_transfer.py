@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvpipe.pipeline.extract import PartBuilder
-from kvpipe.pipeline.transfer import HostCopier, PinnedPool
+from kvpipe.pipeline.transfer import HostCopier, HostBufferPool
 from kvpipe.store import FeatureStore
 
 
@@ -52,8 +52,8 @@ def test_copier_sends_bfloat16_as_its_bits():
     np.testing.assert_array_equal(copied.host["v"], t.view(torch.int16).numpy().view(np.uint16))
 
 
-def test_pinned_pool_reuses_the_smallest_fitting_buffer():
-    pool = PinnedPool(pin=False)
+def test_host_buffer_pool_reuses_the_smallest_fitting_buffer():
+    pool = HostBufferPool(pin=False)
     a, b = pool.take(100, torch.int16), pool.take(10, torch.int16)
     pool.give([a, b])
     assert pool.take(8, torch.int16) is b  # the smallest that fits
