@@ -9,6 +9,7 @@ must not import torch or transformers: probes may import annotation code from he
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
@@ -121,16 +122,22 @@ class DatasetAdapter:
 DATASETS: Registry[type[DatasetAdapter]] = Registry("dataset", "--dataset")
 
 
-def load_palette_mask(path: str) -> np.ndarray:
-    """Read a palette (mode "P") or grey PNG mask as its uint8 index map."""
+def read_mask_image(path: str | Path, what: str = "mask file") -> tuple[str, np.ndarray]:
+    """A mask image's PIL mode and pixels; a missing or unreadable file is a one-line DataError
+    naming it as ``what``. Each dataset's decoding (palette, RGB class ids, binary) starts here."""
     try:
         with Image.open(path) as img:
-            if img.mode not in ("P", "L", "1"):
-                raise DataError(f"mask {path} is mode {img.mode}; expected a palette or grey PNG")
-            return np.array(img, dtype=np.uint8)
-    except DataError:
-        raise
+            img.load()
+            return img.mode, np.asarray(img)
     except FileNotFoundError:
-        raise DataError(f"mask file {path} does not exist") from None
+        raise DataError(f"{what} {path} does not exist") from None
     except Exception as err:
-        raise DataError(f"cannot read mask {path}: {err}") from None
+        raise DataError(f"cannot read {what} {path}: {err}") from None
+
+
+def load_palette_mask(path: str) -> np.ndarray:
+    """Read a palette (mode "P") or grey PNG mask as its uint8 index map."""
+    mode, arr = read_mask_image(path)
+    if mode not in ("P", "L", "1"):
+        raise DataError(f"mask {path} is mode {mode}; expected a palette or grey PNG")
+    return arr.astype(np.uint8)

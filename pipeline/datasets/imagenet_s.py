@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from kvpipe.errors import DataError, UsageError
-from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord
+from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord, read_mask_image
 from kvpipe.pipeline.datasets.common import existing_root, visible_files
 from kvpipe.pipeline.datasets.folder import open_image
 
@@ -47,15 +46,7 @@ NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "imagenet_class_inde
 
 def decode_class_ids(path: Path) -> np.ndarray:
     """An ImageNet-S mask PNG as its int32 class-id map (R + 256*G)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            arr = np.asarray(img)
-    except FileNotFoundError:
-        raise DataError(f"mask file {path} does not exist") from None
-    except Exception as err:
-        raise DataError(f"cannot read mask {path}: {err}") from None
+    mode, arr = read_mask_image(path)
     if mode not in ("RGB", "RGBA"):
         raise DataError(f"mask {path} is mode {mode}; ImageNet-S masks are RGB with class id = R + 256*G")
     return arr[..., 0].astype(np.int32) + 256 * arr[..., 1].astype(np.int32)

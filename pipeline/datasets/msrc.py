@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from kvpipe.errors import DataError, UsageError
-from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord
+from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord, read_mask_image
 from kvpipe.pipeline.datasets.common import existing_root, visible_files
 from kvpipe.pipeline.datasets.folder import open_image
 
@@ -36,15 +35,7 @@ COLOUR_TOLERANCE = 32  # grey masks saved as RGB (or JPEG'd) differ across chann
 
 def binary_mask(path: Path) -> np.ndarray:
     """A ground-truth file as a 0/1 uint8 foreground map (see the module docstring for formats)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            arr = np.asarray(img)
-    except FileNotFoundError:
-        raise DataError(f"ground-truth mask {path} does not exist") from None
-    except Exception as err:
-        raise DataError(f"cannot read ground-truth mask {path}: {err}") from None
+    mode, arr = read_mask_image(path, "ground-truth mask")
     if mode in ("P", "1"):
         return (arr > 0).astype(np.uint8)
     if arr.ndim == 3:
