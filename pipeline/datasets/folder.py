@@ -16,6 +16,7 @@ from PIL import Image
 
 from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline.datasets.base import DATASETS, DatasetAdapter, ImageRecord
+from kvpipe.roots import existing_root
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -53,18 +54,8 @@ class FolderDataset(DatasetAdapter):
                              f"at the split's own directory")
         super().__init__(root, "default", limit)
 
-    def _root(self) -> Path:
-        if self.root is None:
-            raise UsageError("--data-root is required for dataset 'folder'; pass a directory of images")
-        root = Path(self.root).expanduser()
-        if not root.exists():
-            raise DataError(f"--data-root {root} does not exist; pass a directory of images")
-        if not root.is_dir():
-            raise DataError(f"--data-root {root} is a file, not a directory; pass the directory holding the images")
-        return root.resolve()
-
     def records(self) -> list[ImageRecord]:
-        root = self._root()
+        root = existing_root(self.root, self.name, self.root_hint)
         paths = list_images(root)
         if not paths:
             raise DataError(f"--data-root {root} holds no images (looked recursively for "
