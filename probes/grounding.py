@@ -16,9 +16,12 @@ the rule independent of the feature scale, which differs by orders of magnitude 
 
 from __future__ import annotations
 
+from typing import Callable, ClassVar, Iterable
+
 import numpy as np
 
 from kvpipe.errors import StoreError, UsageError
+from kvpipe.probes.base import Probe, Target
 from kvpipe.probes.tokens import upsample_bilinear
 
 
@@ -51,3 +54,35 @@ def upsampled_scores(tokens: np.ndarray, queries: np.ndarray, grid_hw: tuple[int
     """Normalised scores of every query, upsampled bilinearly to ``out_hw``: (H, W, Q)."""
     norm = normalised_scores(tokens, queries).reshape(int(grid_hw[0]), int(grid_hw[1]), -1)
     return upsample_bilinear(norm, out_hw)
+
+
+class TextGroundedProbe(Probe):
+    """Base of semantic-seg and refexp-seg: a threshold on normalised scores, query indices
+    checked against the store's text queries, and each image's scores of its queries."""
+
+    baseline = False  # text queries have keys and values only: post_proj has no text counterpart
+    needs_text = True
+    primary_metric = "mIoU"
+    defaults = {"threshold": 0.5}
+    example: ClassVar[str] = ""  # datasets with the text queries this probe needs, for errors
+
+    def check_query_indices(self, indices: Iterable[int], what: str) -> None:
+        """Every index must name one of the store's text queries (else the store is damaged)."""
+        n_queries = len(require_text(self.store, self.name, self.example))
+        bad = [q for q in indices if not 0 <= q < n_queries]
+        if bad:
+            raise StoreError(f"store {self.store.root}: {what} index {bad[0]} is outside its {n_queries} "
+                             f"text queries; the store is damaged (re-extract it)")
+
+    def image_scores(self, target: Target) -> Callable[..., np.ndarray]:
+        """Reads ``target`` for ``self.rows`` once; returns scores(row, query indices, out_hw) ->
+        (H, W, Q) normalised, upsampled scores of those text queries on that image."""
+        text = self.store.text(target.kind, target.layer, target.head)
+        feats = self.store.read(target.kind, target.layer, target.head, images=self.rows)
+        index = {r.image_id: i for i, r in enumerate(feats.rows)}
+
+        def scores(row, queries: list[int], out_hw: tuple[int, int]) -> np.ndarray:
+            grid = feats.grid(index[row.image_id])
+            return upsampled_scores(grid.reshape(-1, grid.shape[-1]), text[queries], grid.shape[:2], out_hw)
+
+        return scores

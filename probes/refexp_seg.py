@@ -11,7 +11,7 @@ Metrics (the RefCOCO conventions of LAVT / CRIS, with sentences averaged per ref
 sentence; ``mIoU`` = mean over refs of the mean IoU of the ref's sentences; ``cIoU``
 (cumulative / overall IoU) = sum of intersections / sum of unions over all sentences.
 
-No post-projector baseline: the post_proj features have no text counterpart (``baseline = False``).
+No post-projector baseline: the post_proj features have no text counterpart (``TextGroundedProbe``).
 """
 
 from __future__ import annotations
@@ -19,19 +19,16 @@ from __future__ import annotations
 import numpy as np
 
 from kvpipe.errors import StoreError
-from kvpipe.probes.base import PROBES, Probe, Target
-from kvpipe.probes.grounding import check_threshold, require_text, upsampled_scores
+from kvpipe.probes.base import PROBES, Target
+from kvpipe.probes.grounding import TextGroundedProbe, check_threshold
 from kvpipe.probes.tokens import IGNORE
 
 
 @PROBES.register("refexp-seg")
-class ReferringExpressionSegmentation(Probe):
+class ReferringExpressionSegmentation(TextGroundedProbe):
     name = "refexp-seg"
     description = "referring-expression segmentation: tokens . expression token, mIoU (RefCOCO)"
-    baseline = False
-    needs_text = True
-    primary_metric = "mIoU"
-    defaults = {"threshold": 0.5}
+    example = "refcoco or synthetic"
     version = 1
 
     def prepare(self) -> None:
@@ -49,26 +46,20 @@ class ReferringExpressionSegmentation(Probe):
         if not self.items:
             raise StoreError(f"store {root} has no referring expressions (no image has 'refs' and a mask); "
                              f"refexp-seg needs a dataset such as refcoco or synthetic")
-        n_queries = len(require_text(self.store, self.name, "refcoco or synthetic"))
-        bad = [q for _, _, refs in self.items for _, qs in refs for q in qs if not 0 <= q < n_queries]
-        if bad:
-            raise StoreError(f"store {root}: referring expression index {bad[0]} is outside its {n_queries} "
-                             f"text queries; the store is damaged (re-extract it)")
+        self.check_query_indices((q for _, _, refs in self.items for _, qs in refs for q in qs),
+                                 "referring expression")
         self.items = [(r, self.store.annotation(r).mask, refs) for r, _, refs in self.items]
         self.rows = [r for r, _, _ in self.items]
 
     def score(self, target: Target) -> dict[str, float]:
-        text = self.store.text(target.kind, target.layer, target.head)
-        feats = self.store.read(target.kind, target.layer, target.head, images=self.rows)
-        index = {r.image_id: i for i, r in enumerate(feats.rows)}
+        scores = self.image_scores(target)
         per_ref, inter_total, union_total = [], 0.0, 0.0
         for r, mask, refs in self.items:
             if not refs:
                 continue
-            grid = feats.grid(index[r.image_id])
             queries = [q for _, qs in refs for q in qs]
             owner = np.repeat([label for label, _ in refs], [len(qs) for _, qs in refs])
-            up = upsampled_scores(grid.reshape(-1, grid.shape[-1]), text[queries], grid.shape[:2], mask.shape)
+            up = scores(r, queries, mask.shape)
             pred = np.moveaxis(up, -1, 0).reshape(len(queries), -1) > self.threshold  # (Q, pixels)
             flat = mask.ravel()
             valid = flat != IGNORE

@@ -13,7 +13,7 @@ per class; ``mIoU`` = mean over the classes that occur (union > 0); ``mIoU_fg`` 
 background. Pixels labelled 255 are ignored.
 
 No post-projector baseline: text queries have keys and values only, so the post_proj features
-have no text counterpart (``baseline = False``).
+have no text counterpart (``TextGroundedProbe.baseline = False``).
 """
 
 from __future__ import annotations
@@ -21,20 +21,17 @@ from __future__ import annotations
 import numpy as np
 
 from kvpipe.errors import StoreError
-from kvpipe.probes.base import PROBES, Probe, Target
-from kvpipe.probes.grounding import check_threshold, require_text, upsampled_scores
+from kvpipe.probes.base import PROBES, Target
+from kvpipe.probes.grounding import TextGroundedProbe, check_threshold
 from kvpipe.probes.metrics.segmentation import ClassIoU, confusion
 from kvpipe.probes.tokens import IGNORE, class_map, classes_present
 
 
 @PROBES.register("semantic-seg")
-class SemanticSegmentation(Probe):
+class SemanticSegmentation(TextGroundedProbe):
     name = "semantic-seg"
     description = "zero-shot semantic segmentation: tokens . class-name token, mIoU (ImageNet-S)"
-    baseline = False
-    needs_text = True
-    primary_metric = "mIoU"
-    defaults = {"threshold": 0.5}
+    example = "imagenet-s or synthetic"
     version = 1
 
     def prepare(self) -> None:
@@ -44,12 +41,8 @@ class SemanticSegmentation(Probe):
         if not class_queries:
             raise StoreError(f"store {root} has no class queries; semantic-seg needs a dataset with class-name "
                              f"text queries such as imagenet-s or synthetic")
-        n_queries = len(require_text(self.store, self.name, "imagenet-s or synthetic"))
         self.class_queries = {int(c): int(q) for c, q in class_queries.items()}
-        bad = [q for q in self.class_queries.values() if not 0 <= q < n_queries]
-        if bad:
-            raise StoreError(f"store {root}: class query index {bad[0]} is outside its {n_queries} text queries; "
-                             f"the store is damaged (re-extract it)")
+        self.check_query_indices(self.class_queries.values(), "class query")
         self.items = []  # (row, local ground truth, classes present)
         for r in self.store.images():
             if r.mask_offset < 0:
@@ -69,14 +62,10 @@ class SemanticSegmentation(Probe):
         self.rows = [r for r, _, _ in self.items]
 
     def score(self, target: Target) -> dict[str, float]:
-        text = self.store.text(target.kind, target.layer, target.head)
-        feats = self.store.read(target.kind, target.layer, target.head, images=self.rows)
-        index = {r.image_id: i for i, r in enumerate(feats.rows)}
+        scores = self.image_scores(target)
         acc = ClassIoU()
         for r, gt, present in self.items:
-            grid = feats.grid(index[r.image_id])
-            queries = text[[self.class_queries[c] for c in present]]
-            up = upsampled_scores(grid.reshape(-1, grid.shape[-1]), queries, grid.shape[:2], gt.shape)
+            up = scores(r, [self.class_queries[c] for c in present], gt.shape)
             k = len(present)
             pred = np.where(up.max(axis=-1) > self.threshold, up.argmax(axis=-1) + 1, 0)  # local: 0 = bg
             keep = gt != IGNORE
