@@ -11,7 +11,9 @@ stages of kvpipe's capture path cumulatively and prints images/s for each:
                                    one syncfs per part, parts of two batches, two writers
 
     python benchmarks/capture_stages.py llava-ov 384 64 8      # model, image side, images, batch
-    PINNED=1 CODEC=lz4 python benchmarks/capture_stages.py ...  # pinned host buffers, lz4 codec
+    PAGEABLE=1 CODEC=lz4 DTYPE=int8 SYNC=0 THREADS=4,16 SWITCH=0.005,0.0005 python benchmarks/capture_stages.py ...
+        # pageable host buffers, the lz4 codec, the int8 encoding (copies and writes), no
+        # syncfs, the write stage once per encoder pool size and GIL switch interval (seconds)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kvpipe.pipeline.capture import Selection
 from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.transfer import HostCopier
+from kvpipe.store import chunks
 from kvpipe.store.chunks import TokenSegments, write_chunks
 from kvpipe.store.encoding import compressor
 from kvpipe.store.fs import sync_tree
@@ -42,8 +45,9 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
     images = [r.image() for r in ds.records()]
     batches = [adapter.preprocess(images[i:i + batch_size]) for i in range(0, n, batch_size)]
     sel = Selection(tuple(range(adapter.n_layers)), tuple(range(adapter.n_kv_heads)), ("keys", "values"))
-    copier = HostCopier(torch.device("cuda"), pinned=os.environ.get("PINNED") == "1")
-    codec = compressor("bfloat16", cname=os.environ.get("CODEC", "zstd"))
+    copier = HostCopier(torch.device("cuda"), pinned=os.environ.get("PAGEABLE") != "1")
+    dtype = os.environ.get("DTYPE", "bfloat16")
+    codec = compressor(dtype, cname=os.environ.get("CODEC", "zstd"))
     out = Path(tempfile.mkdtemp(prefix="kvpipe-stages-"))
 
     def run(label: str, stage) -> None:
@@ -65,33 +69,58 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
         return lambda todo: [adapter.gather(b, sel, dtype) for b in todo]
 
     def copies(todo) -> None:
-        copied = [copier.submit(adapter.gather(b, sel, "bfloat16")[0]) for b in todo]
+        copied = [copier.submit(adapter.gather(b, sel, dtype)[0]) for b in todo]
         for c in copied:
             c.wait()
             c.release()
 
+    spent = {"wait for copies": 0.0, "encode + write": 0.0, "syncfs": 0.0}
+
     def write(group: list, name: str) -> None:
+        t0 = time.perf_counter()
         for c in group:
             c.wait()
+        t1 = time.perf_counter()
         for kind in ("keys", "values"):
             seg = TokenSegments([c.host[kind] for c in group], axis=2)
             write_chunks(out / name / kind, seg, (1, 1, *seg.shape[2:]), codec)
-        sync_tree(out / name)
+        t2 = time.perf_counter()
+        if os.environ.get("SYNC", "1") == "1":
+            sync_tree(out / name)
+        t3 = time.perf_counter()
         for c in group:
             c.release()
+        for k, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2)):
+            spent[k] += dt
+
+    runs = [0]
 
     def full(todo) -> None:  # parts of two batches, two parts being written at a time
+        runs[0] += 1  # new files every time: rewriting files whose pages are still dirty skips disk writes
+        shutil.rmtree(out / str(runs[0] - 1), ignore_errors=True)
         with ThreadPoolExecutor(2) as writers:
             for i in range(0, len(todo), 2):
-                group = [copier.submit(adapter.gather(b, sel, "bfloat16")[0]) for b in todo[i:i + 2]]
-                writers.submit(write, group, str(i))
+                group = [copier.submit(adapter.gather(b, sel, dtype)[0]) for b in todo[i:i + 2]]
+                writers.submit(write, group, f"{runs[0]}/{i}")
 
     run("prefill", prefill)
     run("prefill+gather bfloat16", gather("bfloat16"))
     run("prefill+gather int8", gather("int8"))
     run("prefill+gather+copy (pool cold)", copies)
     run("prefill+gather+copy (pool warm)", copies)
-    run("prefill+gather+copy+write", full)
+    for threads in os.environ.get("THREADS", str(chunks.THREADS)).split(","):
+        if int(threads) != chunks.THREADS:  # a new encoder pool of that size
+            chunks.THREADS = int(threads)
+            if chunks._pool is not None:
+                chunks._pool.shutdown()
+                chunks._pool = None
+        for interval in os.environ.get("SWITCH", str(sys.getswitchinterval())).split(","):
+            sys.setswitchinterval(float(interval))  # how long a thread keeps the GIL when others wait
+            for k in spent:
+                spent[k] = 0.0
+            run(f"prefill+gather+copy+write ({threads} encoders, GIL switch {float(interval) * 1e3:g} ms)", full)
+            print("  writer time by phase (both writers, warm-up included):",
+                  ", ".join(f"{k} {v:.2f} s" for k, v in spent.items()), flush=True)
     shutil.rmtree(out, ignore_errors=True)
 
 

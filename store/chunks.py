@@ -13,10 +13,13 @@ Zarr still writes the arrays' metadata (zarr.json).
 from __future__ import annotations
 
 import os
+import sys
 import threading
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 from pathlib import Path
+from typing import Iterator
 
 import numcodecs
 import numpy as np
@@ -31,6 +34,10 @@ THREADS = os.cpu_count() or 1
 # feeds the GPU (Python launching a 7B model's kernels) must get a core the moment it wants
 # one, or the device idles while the previous part compresses on every core.
 NICE = 10
+# How long a thread may keep the GIL while another one waits for it (Python's default: 5 ms).
+# The thread feeding the GPU gives the GIL up around every torch op and must win it back from
+# a dozen encoder threads each time (docs/BENCHMARKS.md has the measurement).
+SWITCH_INTERVAL_S = 0.0002
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -49,6 +56,17 @@ def pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="kvpipe-encode", initializer=_lower_priority)
         return _pool
+
+
+@contextmanager
+def responsive_gil() -> Iterator[None]:
+    """Shorter GIL turns while parts are being captured and written (``SWITCH_INTERVAL_S``)."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, SWITCH_INTERVAL_S))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 def blosc_of(codec: BloscCodec) -> numcodecs.Blosc:
@@ -85,11 +103,26 @@ class TokenSegments:
             raise ValueError(f"a chunk must span the token axis; got {tok}")
         inner = sel[:self.axis] + (slice(None),) + sel[self.axis + 1:]
         parts = [p[inner] for p in self.pieces]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=self.axis)
+        return parts[0] if len(parts) == 1 else _join(parts, self.axis)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = np.concatenate(self.pieces, axis=self.axis)
         return out if dtype is None else out.astype(dtype)
+
+
+def _join(parts: list[np.ndarray], axis: int) -> np.ndarray:
+    """``np.concatenate`` without holding the GIL: numpy's concatenate copies with the GIL
+    held, np.copyto releases it. With a dozen encoder threads joining chunks, the held GIL
+    is what the thread launching the model's kernels waits for."""
+    shape = list(parts[0].shape)
+    shape[axis] = sum(p.shape[axis] for p in parts)
+    out = np.empty(shape, dtype=parts[0].dtype)
+    at = 0
+    for p in parts:
+        index = (slice(None),) * axis + (slice(at, at + p.shape[axis]),)
+        np.copyto(out[index], p)
+        at += p.shape[axis]
+    return out
 
 
 def chunk_keys(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[str, tuple[slice, ...]]]:

@@ -96,3 +96,26 @@ def test_ray_loading_in_tasks_equals_local_run(ray_session, local_ref, tmp_path)
     res = extract(ExtractConfig(out=str(out), executor="ray", workers=2, loader_processes=1, **KW))
     assert res.parts_done == 8 and res.images_ok == 16
     assert_identical_stores(local_ref, out)
+
+
+def test_loaded_batches_reach_the_actor_without_a_copy(ray_session):
+    """A load task's batch travels as numpy arrays: the actor reads them in Ray's shared
+    memory (read-only, not unpickled into fresh memory) and gets back the same tensors."""
+    import torch
+
+    from kvpipe.pipeline.datasets import create_dataset
+    from kvpipe.pipeline.executors.ray_executor import _inputs_as, _to_numpy, _to_torch
+    from kvpipe.pipeline.extract import _load_batch
+    from kvpipe.pipeline.models import load_model
+
+    adapter = load_model("tiny-qwen25vl")
+    records = create_dataset("synthetic", limit=2).records()
+    cfg = ExtractConfig(out="unused", **KW)
+    loaded = _load_batch(adapter, list(enumerate(records)), cfg)
+    back = ray.get(ray.put(_inputs_as(loaded, _to_numpy)))
+    pixels = back.batch.inputs["pixel_values"]
+    assert not pixels.flags.writeable, "a read-only view of the object store, not a copy"
+    restored = _inputs_as(back, _to_torch).batch.inputs
+    assert set(restored) == set(loaded.batch.inputs)
+    for k, v in loaded.batch.inputs.items():
+        assert isinstance(restored[k], torch.Tensor) and torch.equal(restored[k], v)

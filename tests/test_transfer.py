@@ -106,3 +106,40 @@ def test_cuda_copies_land_in_reused_host_buffers(pinned):
         builder.release()
     assert len(copier.pool.free) == 2 and all(b.is_pinned() == pinned for b in copier.pool.free)
     copier.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_buffers_are_unregistered_when_freed():
+    """A registered mapping freed without unregistering leaves a stale range in the driver:
+    a later host buffer at the same address then fails its copies ("invalid argument")."""
+    import gc
+    import mmap
+
+    from kvpipe.pipeline.transfer import on_pin_thread, pinned_host_buffer
+
+    n = 1 << 20
+    buf, registered = pinned_host_buffer(n, torch.bfloat16)
+    assert buf.is_pinned() and buf.numel() == n
+    address = buf.data_ptr()
+    pool = HostBufferPool(pin=True, keep=0)
+    pool.give([buf])  # keep=0: dropped at once
+    assert pool.free == []
+    del buf
+    gc.collect()
+    if registered:  # unregistered when freed: a second unregistration is an error
+        assert on_pin_thread("cudaHostUnregister", address) != 0
+    region = mmap.mmap(-1, 2 * n)  # likely the same addresses again
+    fresh = torch.frombuffer(region, dtype=torch.bfloat16)
+    fresh.fill_(1.5)
+    assert torch.equal(fresh.to("cuda").cpu(), fresh)
+
+
+def test_gil_turns_are_short_while_parts_are_written_and_restored_after():
+    import sys
+
+    from kvpipe.store.chunks import SWITCH_INTERVAL_S, responsive_gil
+
+    before = sys.getswitchinterval()
+    with responsive_gil():
+        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL_S))
+    assert sys.getswitchinterval() == before

@@ -20,13 +20,18 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
 
 from kvpipe.errors import DataError, KvpipeError, UsageError
 from kvpipe.pipeline.executors.base import (DatasetView, Executor, PartOutcome, PartWorker, ProgressFn,
@@ -35,6 +40,7 @@ from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.extract import LOADERS, ExtractConfig, ExtractResult, LoadedBatch, _load_batch, _pieces_of
 from kvpipe.pipeline.models import ModelAdapter
 from kvpipe.pipeline.prefix import apply_prefixes
+from kvpipe.store.chunks import SWITCH_INTERVAL_S
 
 MAX_RESTARTS = 3  # Ray restarts of one actor process
 MAX_TASK_RETRIES = 3  # Ray re-runs of a part whose actor died mid-call
@@ -70,7 +76,30 @@ def _records_for(cfg: ExtractConfig) -> list:
 def load_piece(prep: ModelAdapter, cfg: ExtractConfig, indices: list[int]) -> LoadedBatch:
     """A Ray task: read and preprocess one batch of images on its own core (outside the actor)."""
     records = _records_for(cfg)
-    return _load_batch(prep, [(i, records[i]) for i in indices], cfg)
+    return _inputs_as(_load_batch(prep, [(i, records[i]) for i in indices], cfg), _to_numpy)
+
+
+def _to_numpy(v: Any) -> Any:
+    return v.numpy() if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16 else v
+
+
+def _to_torch(v: Any) -> Any:
+    if not isinstance(v, np.ndarray):
+        return v
+    with warnings.catch_warnings():  # read-only: Ray's shared memory; only ever copied to the device
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(v)
+
+
+def _inputs_as(loaded: LoadedBatch, convert: Callable[[Any], Any]) -> LoadedBatch:
+    """The batch's model inputs converted (tensors <-> numpy arrays). Why: Ray hands numpy
+    arrays to the actor straight from its shared-memory object store, while torch tensors are
+    pickled and copied into fresh memory in the actor, under the GIL that the thread feeding
+    the GPU needs (measured: one actor at 0.81 x the local executor on the same GPU)."""
+    if loaded.batch is None:
+        return loaded
+    inputs = {k: convert(v) for k, v in loaded.batch.inputs.items()}
+    return replace(loaded, batch=replace(loaded.batch, inputs=inputs))
 
 
 class PartActor:
@@ -82,6 +111,7 @@ class PartActor:
     previous one compresses and writes and the next one's images are being loaded."""
 
     def __init__(self, cfg: ExtractConfig, ids_sha256: str):
+        sys.setswitchinterval(SWITCH_INTERVAL_S)  # this process only captures and writes parts
         self.cfg, self.ids_sha256 = cfg, ids_sha256
         self.loader: ThreadPoolExecutor | None = None
         self.device_lock = threading.Lock()
@@ -165,7 +195,7 @@ class PartActor:
         def ordered() -> Iterator[LoadedBatch]:
             for ref in refs:
                 try:
-                    yield ray.get(ref)
+                    yield _inputs_as(ray.get(ref), _to_torch)
                 except ray.exceptions.RayTaskError as err:
                     raise _cause(err) from None
         return ordered()
