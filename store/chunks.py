@@ -13,19 +13,17 @@ Zarr still writes the arrays' metadata (zarr.json).
 from __future__ import annotations
 
 import os
-import sys
 import threading
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from itertools import product
 from pathlib import Path
-from typing import Iterator
 
 import numcodecs
 import numpy as np
 from zarr.codecs import BloscCodec
 
 from kvpipe.store.checksum import bytes_crc32c
+from kvpipe.store.fs import start_writeback
 
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
             "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
@@ -34,10 +32,6 @@ THREADS = os.cpu_count() or 1
 # feeds the GPU (Python launching a 7B model's kernels) must get a core the moment it wants
 # one, or the device idles while the previous part compresses on every core.
 NICE = 10
-# How long a thread may keep the GIL while another one waits for it (Python's default: 5 ms).
-# The thread feeding the GPU gives the GIL up around every torch op and must win it back from
-# a dozen encoder threads each time (docs/BENCHMARKS.md has the measurement).
-SWITCH_INTERVAL_S = 0.0002
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -56,17 +50,6 @@ def pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(THREADS, thread_name_prefix="kvpipe-encode", initializer=_lower_priority)
         return _pool
-
-
-@contextmanager
-def responsive_gil() -> Iterator[None]:
-    """Shorter GIL turns while parts are being captured and written (``SWITCH_INTERVAL_S``)."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, SWITCH_INTERVAL_S))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 def blosc_of(codec: BloscCodec) -> numcodecs.Blosc:
@@ -140,6 +123,7 @@ def _write_one(path: Path, data: np.ndarray | TokenSegments, sel: tuple[slice, .
         view = memoryview(encoded)
         while view:
             view = view[os.write(fd, view):]
+        start_writeback(fd)
     finally:
         os.close(fd)
     return bytes_crc32c(encoded)

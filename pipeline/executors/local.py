@@ -13,7 +13,6 @@ from kvpipe.errors import UsageError
 from kvpipe.pipeline.executors.base import DatasetView, Executor, PartWorker, ProgressFn, Session
 from kvpipe.pipeline.extract import ExtractConfig, ExtractResult
 from kvpipe.pipeline.models import ModelAdapter
-from kvpipe.store.chunks import responsive_gil
 
 
 class LocalSession(Session):
@@ -25,8 +24,7 @@ class LocalSession(Session):
 
     def run(self, parts: list[int], writer: Any, result: ExtractResult, progress: ProgressFn | None,
             on_failure: Callable[[int, BaseException, int], None]) -> None:
-        with responsive_gil():
-            self.worker.run_parts(parts, writer, result, progress, on_failure)
+        self.worker.run_parts(parts, writer, result, progress, on_failure)
 
     def text(self):
         return self.worker.text()

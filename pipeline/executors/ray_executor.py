@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -40,7 +39,6 @@ from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.extract import LOADERS, ExtractConfig, ExtractResult, LoadedBatch, _load_batch, _pieces_of
 from kvpipe.pipeline.models import ModelAdapter
 from kvpipe.pipeline.prefix import apply_prefixes
-from kvpipe.store.chunks import SWITCH_INTERVAL_S
 
 MAX_RESTARTS = 3  # Ray restarts of one actor process
 MAX_TASK_RETRIES = 3  # Ray re-runs of a part whose actor died mid-call
@@ -111,7 +109,6 @@ class PartActor:
     previous one compresses and writes and the next one's images are being loaded."""
 
     def __init__(self, cfg: ExtractConfig, ids_sha256: str):
-        sys.setswitchinterval(SWITCH_INTERVAL_S)  # this process only captures and writes parts
         self.cfg, self.ids_sha256 = cfg, ids_sha256
         self.loader: ThreadPoolExecutor | None = None
         self.device_lock = threading.Lock()
