@@ -11,9 +11,11 @@ stages of kvpipe's capture path cumulatively and prints images/s for each:
                                    one syncfs per part, parts of two batches, two writers
 
     python benchmarks/capture_stages.py llava-ov 384 64 8      # model, image side, images, batch
-    PAGEABLE=1 CODEC=lz4 DTYPE=int8 SYNC=0 THREADS=4,16 SWITCH=0.005,0.0005 python benchmarks/capture_stages.py ...
+    PAGEABLE=1 CODEC=lz4 DTYPE=int8 SYNC=0 THREADS=4,16 SWITCH=0.005,0.0005 DIR=/dev/shm \
+        python benchmarks/capture_stages.py ...
         # pageable host buffers, the lz4 codec, the int8 encoding (copies and writes), no
-        # syncfs, the write stage once per encoder pool size and GIL switch interval (seconds)
+        # syncfs, the write stage once per encoder pool size and GIL switch interval (seconds),
+        # the parts written under DIR (/dev/shm: memory only, no disk)
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
     copier = HostCopier(torch.device("cuda"), pinned=os.environ.get("PAGEABLE") != "1")
     dtype = os.environ.get("DTYPE", "bfloat16")
     codec = compressor(dtype, cname=os.environ.get("CODEC", "zstd"))
-    out = Path(tempfile.mkdtemp(prefix="kvpipe-stages-"))
+    out = Path(tempfile.mkdtemp(prefix="kvpipe-stages-", dir=os.environ.get("DIR")))  # DIR=/dev/shm: no disk
 
     def run(label: str, stage) -> None:
         stage(batches[:1])  # warm-up
