@@ -95,8 +95,8 @@ class TokenSegments:
 
 def _join(parts: list[np.ndarray], axis: int) -> np.ndarray:
     """``np.concatenate`` without holding the GIL: numpy's concatenate copies with the GIL
-    held, np.copyto releases it. With a dozen encoder threads joining chunks, the held GIL
-    is what the thread launching the model's kernels waits for."""
+    held, np.copyto releases it, so a dozen encoder threads joining chunks leave the GIL to
+    the thread that launches the model's kernels."""
     shape = list(parts[0].shape)
     shape[axis] = sum(p.shape[axis] for p in parts)
     out = np.empty(shape, dtype=parts[0].dtype)
