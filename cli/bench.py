@@ -22,7 +22,8 @@ def bench_extract_cmd(
     batch_size: int = typer.Option(8, help="images per forward pass"),
     part_size: int = typer.Option(32, help="images per store part"),
     naive_images: int = typer.Option(16, help="images for the hand-written loop"),
-    kinds: str = typer.Option("keys,values", help="what kvpipe stores"),
+    kinds: Optional[str] = typer.Option(None, help="what kvpipe stores (default: keys,values of an MLM, "
+                                                  "hidden of a vision encoder)"),
     layers: str = typer.Option("all", help="layers kvpipe stores"),
     heads: str = typer.Option("all", help="KV heads kvpipe stores"),
     store_dtype: Optional[str] = typer.Option(None, help="on-disk dtype (default: --dtype)"),

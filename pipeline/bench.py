@@ -11,6 +11,10 @@ and report ratios to each other rather than absolute numbers alone.
                 kvpipe-lz4 / kvpipe-int8: the same with the lz4 codec / the int8 encoding
   naive         what one writes by hand: batch size 1, full forward with use_cache, slice
                 past_key_values at image positions, torch.save one file per image
+
+A vision encoder (``--model dinov2-base``, ...) is measured the same way: its floor is the
+encoder's forward, kvpipe stores every block's output (``hidden``), and the naive loop runs
+one image at a time with ``output_hidden_states`` and saves the patch tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +36,7 @@ from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.extract import ExtractConfig, extract, parse_index_spec, parse_kinds
 from kvpipe.pipeline.models import load_model
 from kvpipe.store.encoding import stored_dim
+from kvpipe.store.schema import HIDDEN, POST_PROJ
 
 
 @dataclass
@@ -47,10 +52,11 @@ class BenchConfig:
     naive_images: int = 16
     store_dtype: str | None = None
     codec: str = "zstd"
-    kinds: str = "keys,values"
+    kinds: str | None = None  # None: keys,values for an MLM, hidden for a vision encoder
     layers: str = "all"
     heads: str = "all"
     out: str | None = None  # store directory (default: a temporary directory, removed after)
+    disk_probe_bytes: int = 1 << 30  # written and fsync'd to measure the disk beside the store
     runs: tuple[str, ...] = ("floor-hf", "floor-kvpipe", "kvpipe", "naive")
 
 
@@ -101,6 +107,8 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
     """Run the selected runs on the same images and model; see the module docstring."""
     adapter = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, init=cfg.init)
     device = adapter.device
+    if cfg.kinds is None:  # what the paper's probes read: K/V of an MLM, block outputs of an encoder
+        cfg = replace(cfg, kinds=",".join(k for k in adapter.kinds if k != POST_PROJ))
     ds_opts = {"n_videos": -(-cfg.images // 8), "n_frames": 8, "width": cfg.size, "height": cfg.size}
     ds = create_dataset("synthetic", limit=cfg.images, **ds_opts)
     images = [r.image() for r in ds.records()]
@@ -114,8 +122,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
     @torch.inference_mode()
     def prefill() -> None:
         for b in batches:
-            inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.inputs.items()}
-            adapter.model.model(**inputs, use_cache=True)
+            _forward(adapter, b, device)
 
     def record(run: str, seconds: float, n: int) -> None:
         result.seconds[run] = seconds
@@ -123,18 +130,14 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         log(f"  {run:13s} {n / seconds:8.2f} img/s  ({n} images, {seconds:.2f} s)")
 
     if "floor-hf" in cfg.runs:
-        _timed(lambda: adapter.model.model(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                                              for k, v in batches[0].inputs.items()}, use_cache=True), device)
+        _timed(lambda: _forward(adapter, batches[0], device), device)  # warm-up
         record("floor-hf", _timed(prefill, device), len(images))
     tmp = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="kvpipe-bench-"))
     if "naive" in cfg.runs:  # with transformers' own kernels, as a hand-written loop would run
         record("naive", _naive(adapter, images[:cfg.naive_images], tmp / "naive", device), cfg.naive_images)
     adapter.accelerate()
     if "floor-kvpipe" in cfg.runs:
-        prefill_one = batches[:1]
-        _timed(lambda: [adapter.model.model(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                                               for k, v in b.inputs.items()}, use_cache=True)
-                        for b in prefill_one], device)
+        _timed(lambda: _forward(adapter, batches[0], device), device)  # warm-up
         record("floor-kvpipe", _timed(prefill, device), len(images))
     try:
         for run, store_dtype, codec in (("kvpipe", cfg.store_dtype, cfg.codec), ("kvpipe-lz4", cfg.store_dtype, "lz4"),
@@ -145,7 +148,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
                         parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), parse_kinds(cfg.kinds))
         store_dtype = cfg.store_dtype or cfg.dtype
         itemsize = {"bfloat16": 2, "float16": 2, "int8": 1}.get(store_dtype, 4)
-        kv = sum(k in sel.kinds for k in ("keys", "values"))
+        kv = sum(k in sel.kinds for k in ("keys", "values", HIDDEN))
         result.bytes_per_image_raw = (len(sel.layers) * len(sel.heads) * n_tok * kv * itemsize
                                       * stored_dim(adapter.head_dim, store_dtype))
     finally:
@@ -153,7 +156,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
             shutil.rmtree(tmp, ignore_errors=True)
     for k, v in result.ratios().items():
         log(f"  {k:28s} {v:6.2f} x")
-    log(f"  K/V per image: {result.bytes_per_image_raw / 1e6:.1f} MB raw, "
+    log(f"  features per image: {result.bytes_per_image_raw / 1e6:.1f} MB raw, "
         f"{result.bytes_per_image_stored / 1e6:.1f} MB stored "
         f"(compression {result.bytes_per_image_raw / max(result.bytes_per_image_stored, 1):.2f} x)")
     for run, stored in result.stored_per_image.items():
@@ -207,36 +210,59 @@ def _extract_run(cfg: BenchConfig, run: str, store_dtype: str | None, codec: str
     if run == "kvpipe" or not result.bytes_per_image_stored:
         result.bytes_per_image_stored = result.stored_per_image[run]
         result.read = bench_read(store)
-        result.disk_write_mb_s = disk_write_rate(store.parent)
+        result.disk_write_mb_s = disk_write_rate(store.parent, cfg.disk_probe_bytes)
     if not cfg.out:
         shutil.rmtree(store, ignore_errors=True)  # the next run's disk is as empty as this one's was
 
 
-@torch.inference_mode()
-def _naive(adapter: Any, images: list, out: Path, device: torch.device) -> float:
-    """Batch size 1, full forward (LM head included), slice the cache, one torch.save per image."""
-    out.mkdir(parents=True, exist_ok=True)
+def _forward(adapter: Any, batch: Any, device: torch.device) -> None:
+    """The floor's forward pass: an MLM's base model through the last image token, with its KV
+    cache (no LM head); a vision encoder's forward."""
+    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.inputs.items()}
+    if HIDDEN in adapter.kinds:
+        adapter.model(**inputs)
+    else:
+        adapter.model.model(**inputs, use_cache=True)
+
+
+def _naive_mlm(adapter: Any, device: torch.device) -> Callable[[Any], dict[str, list[torch.Tensor]]]:
+    """One image: chat prompt, full forward (LM head included), the cache sliced at the image tokens."""
     proc = adapter.processor
     messages = [{"role": "user", "content": [{"type": "image"},
                                              {"type": "text", "text": "Describe the image."}]}]
     text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def run() -> None:
-        for i, img in enumerate(images):
-            inputs = proc(text=[text], images=[img], return_tensors="pt").to(device)
-            outputs = adapter.model(**inputs, use_cache=True)
-            pos = (inputs["input_ids"][0] == adapter.image_token_id).nonzero().squeeze(1)
-            pkv = model_cache(outputs)
-            kv = {"keys": [layer.keys[0][:, pos].cpu() for layer in pkv.layers],
-                  "values": [layer.values[0][:, pos].cpu() for layer in pkv.layers]}
-            torch.save(kv, out / f"{i:06d}.pt")
+    def step(img: Any) -> dict[str, list[torch.Tensor]]:
+        inputs = proc(text=[text], images=[img], return_tensors="pt").to(device)
+        outputs = adapter.model(**inputs, use_cache=True)
+        pos = (inputs["input_ids"][0] == adapter.image_token_id).nonzero().squeeze(1)
+        pkv = model_cache(outputs)
+        return {"keys": [layer.keys[0][:, pos].cpu() for layer in pkv.layers],
+                "values": [layer.values[0][:, pos].cpu() for layer in pkv.layers]}
+    return step
 
-    first = images[:1]
-    saved = images
-    images = first
-    run()  # warm-up
-    images = saved
-    return _timed(run, device)
+
+def _naive_encoder(adapter: Any, device: torch.device) -> Callable[[Any], dict[str, list[torch.Tensor]]]:
+    """One image: the encoder's forward with every block's output, the patch tokens kept."""
+    def step(img: Any) -> dict[str, list[torch.Tensor]]:
+        inputs = adapter.processor(images=[img], return_tensors="pt").to(device)
+        states = adapter.model(**inputs, output_hidden_states=True).hidden_states
+        return {HIDDEN: [h[0, adapter.prefix_tokens:].cpu() for h in states[1:]]}
+    return step
+
+
+@torch.inference_mode()
+def _naive(adapter: Any, images: list, out: Path, device: torch.device) -> float:
+    """Batch size 1, one forward and one torch.save per image (after one warm-up image)."""
+    out.mkdir(parents=True, exist_ok=True)
+    step = (_naive_encoder if HIDDEN in adapter.kinds else _naive_mlm)(adapter, device)
+
+    def run(todo: list) -> None:
+        for i, img in enumerate(todo):
+            torch.save(step(img), out / f"{i:06d}.pt")
+
+    run(images[:1])  # warm-up
+    return _timed(lambda: run(images), device)
 
 
 def disk_write_rate(folder: Path, total: int = 1 << 30, block: int = 64 << 20) -> float:

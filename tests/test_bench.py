@@ -1,0 +1,39 @@
+"""``kvpipe bench extract`` on the CPU with tiny models: every run happens, on the same images,
+and the figures it reports are consistent with the store it wrote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvpipe.pipeline.bench import BenchConfig, bench_extract
+
+RUNS = ("floor-hf", "floor-kvpipe", "kvpipe", "kvpipe-lz4", "kvpipe-int8", "naive")
+
+
+@pytest.mark.parametrize("model, kinds", [("tiny-qwen25vl", ("keys", "values")),
+                                           ("tiny-dinov2", ("hidden",))])
+def test_bench_extract_runs_everything_on_the_same_images(tmp_path, model, kinds):
+    cfg = BenchConfig(model=model, device="cpu", dtype="float32", size=56, images=8, batch_size=2,
+                      part_size=4, naive_images=2, runs=RUNS, out=str(tmp_path), disk_probe_bytes=64 << 20)
+    lines: list[str] = []
+    result = bench_extract(cfg, log=lines.append)
+    assert set(result.images_per_s) >= set(RUNS) | {"kvpipe-steady", "kvpipe-int8-steady"}
+    assert all(v > 0 for v in result.images_per_s.values())
+    assert tuple(result.config["kinds"].split(",")) == kinds  # the model's own kinds by default
+    from kvpipe.store import FeatureStore
+
+    store = FeatureStore.open(tmp_path / "kvpipe")
+    meta = store.meta
+    assert meta.kinds == kinds and len(store.images()) == 8
+    # raw bytes per image: every stored (kind, layer, head) token vector in float32
+    want = len(kinds) * len(meta.layers) * len(meta.heads) * result.image_tokens * meta.head_dim * 4
+    assert result.bytes_per_image_raw == want
+    # int8 stores a quarter of float32 plus a 4-byte scale per token, before compression
+    assert result.stored_per_image["kvpipe-int8"] < result.stored_per_image["kvpipe"]
+    assert len(list((tmp_path / "naive").glob("*.pt"))) == 2
+    ratios = result.ratios()
+    assert ratios["kvpipe / naive"] == pytest.approx(result.images_per_s["kvpipe"] / result.images_per_s["naive"])
+    assert result.disk_write_mb_s > 0 and any("stored per image" in line for line in lines)
+    json.dumps(result.to_dict())  # the --json output
