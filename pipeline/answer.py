@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from kvpipe.errors import DataError, KvpipeError
+from kvpipe.pipeline.capture import inputs_to_device
 from kvpipe.pipeline.knockout import knockout as knockout_ctx
 from kvpipe.pipeline.models.base import ModelAdapter
 from kvpipe.pipeline.vqa.base import VQAItem
@@ -41,7 +42,7 @@ def generate(adapter: ModelAdapter, prompts: Sequence[str], images: Sequence[lis
     """Greedy answers to one batch: each prompt after its images; the decoded new text of each row."""
     inputs = adapter.chat_inputs(list(prompts), [list(x) for x in images])
     device = adapter.device
-    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    inputs = inputs_to_device(inputs, device)
     tok = adapter.processor.tokenizer
     heads = frozenset(knockout or ())
     ctx = (knockout_ctx(adapter, heads, inputs["input_ids"] == adapter.image_token_id) if heads

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kvpipe.pipeline.capture import Selection, model_cache
+from kvpipe.pipeline.capture import Selection, inputs_to_device, model_cache
 from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.extract import ExtractConfig, extract, parse_index_spec, parse_kinds
 from kvpipe.pipeline.models import load_model
@@ -218,7 +218,7 @@ def _extract_run(cfg: BenchConfig, run: str, store_dtype: str | None, codec: str
 def _forward(adapter: Any, batch: Any, device: torch.device) -> None:
     """The floor's forward pass: an MLM's base model through the last image token, with its KV
     cache (no LM head); a vision encoder's forward."""
-    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.inputs.items()}
+    inputs = inputs_to_device(batch.inputs, device)
     if HIDDEN in adapter.kinds:
         adapter.model(**inputs)
     else:

@@ -52,7 +52,8 @@ def _hooks(adapter: ModelAdapter, sel: Selection) -> Iterator[dict[str, Any]]:
             h.remove()
 
 
-def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def inputs_to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Model inputs with every tensor on ``device`` (other values as they are)."""
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
 
@@ -125,7 +126,7 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
     contiguous array per kind ([L, H, tokens, D]; post_proj [tokens, hidden]).
     Returns the device tensors and the tokens per image.
     """
-    inputs = _to_device(batch.inputs, adapter.device)
+    inputs = inputs_to_device(batch.inputs, adapter.device)
     with _hooks(adapter, sel) as seen:
         out = adapter.model.model(**inputs, use_cache=True)  # the base model: no LM head, no logits
     cache = model_cache(out)
@@ -159,7 +160,7 @@ def gather_hidden(adapter: ModelAdapter, batch: Batch, sel: Selection,
     them by construction; ``hidden_states[l + 1]`` is block l. One index_select per layer
     gathers all images' patch tokens (CLS/register positions are not in the layout).
     """
-    inputs = _to_device(batch.inputs, adapter.device)
+    inputs = inputs_to_device(batch.inputs, adapter.device)
     states = adapter.model(**inputs, output_hidden_states=True).hidden_states
     b, s, d = states[0].shape
     flat = torch.cat([lay.positions.to(adapter.device) + i * s for i, lay in enumerate(batch.layouts)])
@@ -185,7 +186,7 @@ def run_text_capture(adapter: ModelAdapter, texts: list[str], sel: Selection,
                      template: str) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
     """Final-token K/V of each text from a text-only pass: {"keys"/"values": [L, H, Q, D]}."""
     enc, last = adapter.text_batch(texts, template)
-    inputs = _to_device(enc, adapter.device)
+    inputs = inputs_to_device(enc, adapter.device)
     with _hooks(adapter, Selection(sel.layers, sel.heads, tuple(k for k in sel.kinds if k != POST_PROJ),
                                     sel.keys_rope)) as seen:
         out = adapter.model.model(**inputs, use_cache=True)
