@@ -70,7 +70,7 @@ def pinned_host_buffer(numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, bo
     mapping freed while registered would leave the driver a stale range that a later
     allocation at the same address trips over). Falls back to torch's pinned allocator
     where that path is missing."""
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if nbytes and hasattr(mmap, "MADV_HUGEPAGE"):
         region = mmap.mmap(-1, nbytes)
         region.madvise(mmap.MADV_HUGEPAGE)

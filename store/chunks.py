@@ -89,7 +89,7 @@ class TokenSegments:
         return parts[0] if len(parts) == 1 else _join(parts, self.axis)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = np.concatenate(self.pieces, axis=self.axis)
+        out = self.pieces[0] if len(self.pieces) == 1 else _join(self.pieces, self.axis)
         return out if dtype is None else out.astype(dtype)
 
 

@@ -291,23 +291,23 @@ def fsync_dir(path: Path) -> None:
 
 
 @functools.cache
-def _syncfs() -> Any:
-    """libc's syncfs, or None where there is none (looked up once per process)."""
+def _libc(name: str, *argtypes: Any) -> Any:
+    """A libc function (errno kept), or None where there is none (looked up once per process)."""
     try:
-        return ctypes.CDLL(None, use_errno=True).syncfs
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-
-
-@functools.cache
-def _sync_file_range() -> Any:
-    """libc's sync_file_range (Linux), or None (looked up once per process)."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    if argtypes:
+        fn.argtypes = list(argtypes)
     return fn
+
+
+def _syncfs() -> Any:
+    return _libc("syncfs")
+
+
+def _sync_file_range() -> Any:
+    return _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
 SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages; do not wait
