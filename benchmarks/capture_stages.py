@@ -27,10 +27,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from kvpipe.pipeline.capture import Selection
+from kvpipe.pipeline.capture import Selection, inputs_to_device
 from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.transfer import HostCopier
@@ -40,13 +41,20 @@ from kvpipe.store.encoding import compressor
 from kvpipe.store.fs import sync_tree
 
 
-def main(model: str, size: int, n: int, batch_size: int) -> None:
+def load_batches(model: str, size: int, n: int, batch_size: int) -> tuple[Any, list, Selection]:
+    """The model (random full-size weights, kvpipe's kernels) on the GPU, ``n`` synthetic images
+    preprocessed in batches, and a selection of every layer's and head's keys and values."""
     adapter = load_model(model, dtype="bfloat16", device="cuda", init="random")
     adapter.accelerate()
     ds = create_dataset("synthetic", limit=n, n_videos=-(-n // 8), n_frames=8, width=size, height=size)
     images = [r.image() for r in ds.records()]
     batches = [adapter.preprocess(images[i:i + batch_size]) for i in range(0, n, batch_size)]
     sel = Selection(tuple(range(adapter.n_layers)), tuple(range(adapter.n_kv_heads)), ("keys", "values"))
+    return adapter, batches, sel
+
+
+def main(model: str, size: int, n: int, batch_size: int) -> None:
+    adapter, batches, sel = load_batches(model, size, n, batch_size)
     copier = HostCopier(torch.device("cuda"), pinned=os.environ.get("PAGEABLE") != "1")
     dtype = os.environ.get("DTYPE", "bfloat16")
     codec = compressor(dtype, cname=os.environ.get("CODEC", "zstd"))
@@ -64,8 +72,7 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
     @torch.inference_mode()
     def prefill(todo) -> None:
         for b in todo:
-            adapter.model.model(**{k: (v.to("cuda") if isinstance(v, torch.Tensor) else v)
-                                   for k, v in b.inputs.items()}, use_cache=True)
+            adapter.model.model(**inputs_to_device(b.inputs, adapter.device), use_cache=True)
 
     def gather(dtype: str):
         return lambda todo: [adapter.gather(b, sel, dtype) for b in todo]

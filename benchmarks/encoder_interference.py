@@ -15,14 +15,13 @@ import os
 import sys
 import threading
 import time
+from typing import Any
 
 import numcodecs
 import numpy as np
 import torch
 
-from kvpipe.pipeline.capture import Selection
-from kvpipe.pipeline.datasets import create_dataset
-from kvpipe.pipeline.models import load_model
+from capture_stages import load_batches  # benchmarks/ (this script's folder) is on sys.path
 from kvpipe.pipeline.transfer import HostCopier
 from kvpipe.store.checksum import bytes_crc32c
 from kvpipe.store.chunks import NICE, TokenSegments, blosc_of
@@ -42,12 +41,7 @@ def encode_loop(stop, cname: str, tokens: int) -> None:
 
 
 def main(model: str, size: int, n: int, batch_size: int) -> None:
-    adapter = load_model(model, dtype="bfloat16", device="cuda", init="random")
-    adapter.accelerate()
-    ds = create_dataset("synthetic", limit=n, n_videos=-(-n // 8), n_frames=8, width=size, height=size)
-    images = [r.image() for r in ds.records()]
-    batches = [adapter.preprocess(images[i:i + batch_size]) for i in range(0, n, batch_size)]
-    sel = Selection(tuple(range(adapter.n_layers)), tuple(range(adapter.n_kv_heads)), ("keys", "values"))
+    adapter, batches, sel = load_batches(model, size, n, batch_size)
     copier = HostCopier(torch.device("cuda"))
     tokens = batch_size * batches[0].layouts[0].n_tokens
 
@@ -64,6 +58,20 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
         torch.cuda.synchronize()
         print(f"{label:55s} {n / (time.perf_counter() - t0):6.2f} img/s", flush=True)
 
+    def beside(label: str, kind: Any, count: int, cname: str, settle_s: float) -> None:
+        """Time the capture while ``count`` encode loops run as ``kind`` (threading or a
+        multiprocessing context: both have Event and Thread/Process with start and join)."""
+        stop = kind.Event()
+        make = kind.Thread if kind is threading else kind.Process
+        runners = [make(target=encode_loop, args=(stop, cname, tokens)) for _ in range(count)]
+        for r in runners:
+            r.start()
+        time.sleep(settle_s)
+        timed(label)
+        stop.set()
+        for r in runners:
+            r.join()
+
     capture()  # warm-up: kernels and host buffers
     timed("capture alone")
     default = sys.getswitchinterval()
@@ -71,26 +79,11 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
         for workers in (16, 8):
             for interval in (default, 0.0002):
                 sys.setswitchinterval(interval)
-                stop = threading.Event()
-                threads = [threading.Thread(target=encode_loop, args=(stop, cname, tokens)) for _ in range(workers)]
-                for t in threads:
-                    t.start()
-                time.sleep(0.5)
-                timed(f"+ {workers} encoder threads {cname}, GIL switch {interval * 1e3:g} ms")
-                stop.set()
-                for t in threads:
-                    t.join()
+                beside(f"+ {workers} encoder threads {cname}, GIL switch {interval * 1e3:g} ms",
+                       threading, workers, cname, 0.5)
             sys.setswitchinterval(default)
-            ctx = mp.get_context("fork")  # the children never touch CUDA
-            pstop = ctx.Event()
-            procs = [ctx.Process(target=encode_loop, args=(pstop, cname, tokens)) for _ in range(workers)]
-            for p in procs:
-                p.start()
-            time.sleep(1.0)
-            timed(f"+ {workers} encoder processes {cname}")
-            pstop.set()
-            for p in procs:
-                p.join()
+            # forked: the children never touch CUDA
+            beside(f"+ {workers} encoder processes {cname}", mp.get_context("fork"), workers, cname, 1.0)
 
 
 if __name__ == "__main__":
