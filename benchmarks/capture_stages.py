@@ -41,6 +41,15 @@ from kvpipe.store.encoding import compressor
 from kvpipe.store.fs import sync_tree
 
 
+def main_thread_sched() -> tuple[float, float]:
+    """Seconds this thread has run on a CPU and waited runnable for one (Linux schedstat)."""
+    try:
+        run_ns, wait_ns, _ = Path("/proc/thread-self/schedstat").read_text().split()
+        return int(run_ns) / 1e9, int(wait_ns) / 1e9
+    except (OSError, ValueError):
+        return 0.0, 0.0
+
+
 def load_batches(model: str, size: int, n: int, batch_size: int) -> tuple[Any, list, Selection]:
     """The model (random full-size weights, kvpipe's kernels) on the GPU, ``n`` synthetic images
     preprocessed in batches, and a selection of every layer's and head's keys and values."""
@@ -63,16 +72,17 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
     def run(label: str, stage) -> None:
         stage(batches[:1])  # warm-up
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, s0 = time.perf_counter(), main_thread_sched()
         stage(batches)
         torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        print(f"{label:40s} {n / dt:7.2f} img/s {dt:6.2f} s", flush=True)
+        dt, s1 = time.perf_counter() - t0, main_thread_sched()
+        print(f"{label:40s} {n / dt:7.2f} img/s {dt:6.2f} s; main thread on a core {s1[0] - s0[0]:.2f} s, "
+              f"waiting for one {s1[1] - s0[1]:.2f} s", flush=True)
 
     @torch.inference_mode()
     def prefill(todo) -> None:
         for b in todo:
-            adapter.model.model(**inputs_to_device(b.inputs, adapter.device), use_cache=True)
+            adapter.model.model(**inputs_to_device(b.inputs, adapter.device, adapter.host_inputs), use_cache=True)
 
     def gather(dtype: str):
         return lambda todo: [adapter.gather(b, sel, dtype) for b in todo]

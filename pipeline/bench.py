@@ -218,7 +218,7 @@ def _extract_run(cfg: BenchConfig, run: str, store_dtype: str | None, codec: str
 def _forward(adapter: Any, batch: Any, device: torch.device) -> None:
     """The floor's forward pass: an MLM's base model through the last image token, with its KV
     cache (no LM head); a vision encoder's forward."""
-    inputs = inputs_to_device(batch.inputs, device)
+    inputs = inputs_to_device(batch.inputs, device, adapter.host_inputs)
     if HIDDEN in adapter.kinds:
         adapter.model(**inputs)
     else:

@@ -52,9 +52,10 @@ def _hooks(adapter: ModelAdapter, sel: Selection) -> Iterator[dict[str, Any]]:
             h.remove()
 
 
-def inputs_to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Model inputs with every tensor on ``device`` (other values as they are)."""
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+def inputs_to_device(inputs: dict[str, Any], device: torch.device, keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Model inputs with every tensor on ``device`` except those named in ``keep`` (read on
+    the host by the model: ``ModelAdapter.host_inputs``); other values as they are."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) and k not in keep else v) for k, v in inputs.items()}
 
 
 def _layer_kv(adapter: ModelAdapter, cache: Any, seen: dict[str, Any], sel: Selection, kind: str, layer: int,
@@ -126,7 +127,7 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
     contiguous array per kind ([L, H, tokens, D]; post_proj [tokens, hidden]).
     Returns the device tensors and the tokens per image.
     """
-    inputs = inputs_to_device(batch.inputs, adapter.device)
+    inputs = inputs_to_device(batch.inputs, adapter.device, adapter.host_inputs)
     with _hooks(adapter, sel) as seen:
         out = adapter.model.model(**inputs, use_cache=True)  # the base model: no LM head, no logits
     cache = model_cache(out)

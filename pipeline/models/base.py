@@ -99,6 +99,9 @@ class ModelAdapter:
     image_placeholder: ClassVar[str] = ""  # text the processor expands into image tokens
     kinds: ClassVar[tuple[str, ...]] = ("keys", "values", POST_PROJ)  # the store kinds it captures
     encodes_text: ClassVar[bool] = True  # text queries get a text-only pass (semantic-seg, refexp-seg)
+    # Inputs the forward pass reads on the host (image sizes in Python loops): left there, a
+    # device copy would cost one host synchronisation per read. Set by ``accelerate``.
+    host_inputs: tuple[str, ...] = ()
 
     def __init__(self, model: torch.nn.Module, processor: Any, source: dict[str, Any]):
         self.model = model.eval().requires_grad_(False)  # kvpipe never trains: no autograd graph, ever
@@ -136,8 +139,11 @@ class ModelAdapter:
         return light
 
     def accelerate(self) -> list[str]:
-        """Swap in faster, numerically equivalent kernels; returns what was changed (default: none)."""
-        return []
+        """Swap in faster, numerically equivalent kernels; returns what was changed. For every
+        MLM: the decoder's elementwise work as fused kernels (``text_kernels``, CUDA only)."""
+        from kvpipe.pipeline.models.text_kernels import fuse_decoder_kernels
+
+        return fuse_decoder_kernels(self.language_model(), self.device)
 
     def decoder_layers(self) -> list[torch.nn.Module]:
         return list(self.model.model.language_model.layers)

@@ -124,6 +124,9 @@ class VisionEncoderAdapter(ModelAdapter):
     def head_dim(self) -> int:
         return int(self.model.config.hidden_size)
 
+    def accelerate(self) -> list[str]:
+        return []  # the encoder's own kernels (the decoder fusions are for language models)
+
     def language_model(self) -> torch.nn.Module:
         raise ModelError(f"{self.source.get('name')} is a vision encoder; it has no language model")
 

@@ -91,6 +91,13 @@ class LlavaNextAdapter(ModelAdapter):
     def model_class(cls) -> type:
         return LlavaNextForConditionalGeneration
 
+    def accelerate(self) -> list[str]:
+        # transformers reads each image's size with .tolist() while packing the image features:
+        # on the device that is a host synchronisation per image (and per sample for OV's
+        # batch_num_images), each leaving the GPU idle until the host launches the next kernels.
+        self.host_inputs = ("image_sizes", "batch_num_images")
+        return ["image sizes read on the host (no device syncs while packing features)"] + super().accelerate()
+
     @classmethod
     def build_processor(cls, config: Any, tiny: bool = False) -> Any:
         from transformers import LlavaNextImageProcessor, LlavaNextProcessor

@@ -104,7 +104,7 @@ class Qwen2VLAdapter(ModelAdapter):
         from kvpipe.pipeline.models.vision_attention import patch_vision_attention
 
         n = patch_vision_attention(self.model)
-        return [f"vision attention: {n} blocks as batched variable-length SDPA"] if n else []
+        return ([f"vision attention: {n} blocks as batched variable-length SDPA"] if n else []) + super().accelerate()
 
     def segments(self, inputs: dict[str, Any], index: int, n_tokens: int) -> tuple[Segment, ...]:
         t, h, w = (int(x) for x in inputs["image_grid_thw"][index])
