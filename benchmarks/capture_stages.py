@@ -11,15 +11,17 @@ stages of kvpipe's capture path cumulatively and prints images/s for each:
                                    one syncfs per part, parts of two batches, two writers
 
     python benchmarks/capture_stages.py llava-ov 384 64 8      # model, image side, images, batch
-    PAGEABLE=1 CODEC=lz4 DTYPE=int8 SYNC=0 THREADS=4,16 SWITCH=0.005,0.0005 DIR=/dev/shm \
+    PAGEABLE=1 CODEC=lz4bit DTYPE=int8 SYNC=0 THREADS=4,16 SWITCH=0.005,0.0005 DIR=/dev/shm \
         python benchmarks/capture_stages.py ...
-        # pageable host buffers, the lz4 codec, the int8 encoding (copies and writes), no
+        # pageable host buffers, the codec (store.encoding.CODECS), the int8 encoding (copies and writes), no
         # syncfs, the write stage once per encoder pool size and GIL switch interval (seconds),
         # the parts written under DIR (/dev/shm: memory only, no disk)
+    SAMPLE=1 python benchmarks/capture_stages.py ...   # where the main thread waits in the write stages
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -37,7 +39,7 @@ from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.transfer import HostCopier
 from kvpipe.store import chunks
 from kvpipe.store.chunks import TokenSegments, write_chunks
-from kvpipe.store.encoding import compressor
+from kvpipe.store.encoding import compressor_for, compressor_meta
 from kvpipe.store.fs import sync_tree
 
 
@@ -48,6 +50,48 @@ def main_thread_sched() -> tuple[float, float]:
         return int(run_ns) / 1e9, int(wait_ns) / 1e9
     except (OSError, ValueError):
         return 0.0, 0.0
+
+
+class MainThreadSampler:
+    """Where the main thread is when it is off its core (SAMPLE=1): every 2 ms, its kernel
+    state and wait channel (/proc) and the Python line it is on, counted while not running."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.tid, self.ident = threading.main_thread().native_id, threading.main_thread().ident
+        self.seen: dict[str, int] = {}
+        self.samples = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        task = Path(f"/proc/self/task/{self.tid}")
+        while not self.stop.wait(0.002):
+            try:
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                wchan = (task / "wchan").read_text().strip() or "-"
+            except OSError:
+                return
+            self.samples += 1
+            if state == "R":
+                continue
+            frame = sys._current_frames().get(self.ident)
+            where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {frame.f_code.co_name}" if frame else "?"
+            key = f"{state} {wchan:24s} {where}"
+            self.seen[key] = self.seen.get(key, 0) + 1
+
+    def __enter__(self) -> "MainThreadSampler":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        total = max(self.samples, 1)
+        print(f"  main thread off its core in {sum(self.seen.values()) / total:.0%} of {self.samples} samples:")
+        for key, k in sorted(self.seen.items(), key=lambda kv: -kv[1])[:10]:
+            print(f"    {k / total:6.1%}  {key}")
 
 
 def load_batches(model: str, size: int, n: int, batch_size: int) -> tuple[Any, list, Selection]:
@@ -66,16 +110,19 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
     adapter, batches, sel = load_batches(model, size, n, batch_size)
     copier = HostCopier(torch.device("cuda"), pinned=os.environ.get("PAGEABLE") != "1")
     dtype = os.environ.get("DTYPE", "bfloat16")
-    codec = compressor(dtype, cname=os.environ.get("CODEC", "zstd"))
+    codec = compressor_for(compressor_meta(dtype, os.environ.get("CODEC", "zstd")), dtype)
     out = Path(tempfile.mkdtemp(prefix="kvpipe-stages-", dir=os.environ.get("DIR")))  # DIR=/dev/shm: no disk
 
     def run(label: str, stage) -> None:
         stage(batches[:1])  # warm-up
         torch.cuda.synchronize()
-        t0, s0 = time.perf_counter(), main_thread_sched()
-        stage(batches)
-        torch.cuda.synchronize()
-        dt, s1 = time.perf_counter() - t0, main_thread_sched()
+        sampling = os.environ.get("SAMPLE") == "1" and "write" in label
+        sampler = MainThreadSampler() if sampling else contextlib.nullcontext()
+        with sampler:
+            t0, s0 = time.perf_counter(), main_thread_sched()
+            stage(batches)
+            torch.cuda.synchronize()
+            dt, s1 = time.perf_counter() - t0, main_thread_sched()
         print(f"{label:40s} {n / dt:7.2f} img/s {dt:6.2f} s; main thread on a core {s1[0] - s0[0]:.2f} s, "
               f"waiting for one {s1[1] - s0[1]:.2f} s", flush=True)
 

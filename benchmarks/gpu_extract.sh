@@ -13,8 +13,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 if [[ $which == llava || $which == all ]]; then
   # LLaVA-OneVision 7B at 384x384 (base view + 1 crop, 1485 tokens), all layers/heads, keys + values
-  kv --model llava-ov --size 384 --images 256 --batch-size 8 --part-size 16 --naive-images 24 \
-     --runs floor-hf,floor-kvpipe,kvpipe,kvpipe-lz4,kvpipe-int8,naive --json "$out/llava-ov-384-b8.json"
+  kv --model llava-ov --size 384 --images 512 --batch-size 8 --part-size 16 --naive-images 24 \
+     --runs floor-hf,floor-kvpipe,kvpipe,kvpipe-lz4bit,kvpipe-int8,naive --json "$out/llava-ov-384-b8.json"
 fi
 if [[ $which == qwen || $which == all ]]; then
   # Qwen2.5-VL 7B at 448x448 (256 image tokens), all layers/heads, keys + values

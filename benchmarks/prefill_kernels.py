@@ -5,7 +5,9 @@ In one process, on the same batches of one model (random full-size weights):
      attention, everything else), GPU idle time, host synchronisations per batch;
   2. each of ``accelerate``'s changes added in turn: images/s;
   3. the K/V of one batch against step 1's (max |difference| relative to the values' scale,
-     fraction of elements that differ) and the same profile again.
+     fraction of elements that differ) and the same profile again. The yardstick for those
+     differences: the stock forward of the batch's first image alone against the same image
+     in its batch (bf16 results depend on the batch's shape through the kernels chosen).
 
     python benchmarks/prefill_kernels.py llava-ov 384 64 8     # model, image side, images, batch
     DEVICE=cpu python benchmarks/prefill_kernels.py tiny-llava-ov 56 4 2     # a smoke run
@@ -102,7 +104,8 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
         import warnings
 
         def note(message, category, filename, lineno, file=None, line=None):
-            frames = [f for f in traceback.extract_stack()[:-1] if "torch/" not in f.filename]
+            frames = [f for f in traceback.extract_stack()[:-1]
+                      if "transformers/" in f.filename or "kvpipe/" in f.filename]
             where = frames[-1] if frames else None
             seen[f"{where.filename.rsplit('/', 2)[-1]}:{where.lineno} {where.line}" if where else "?"] += 1
 
@@ -126,8 +129,28 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
     stock_ips = rate("transformers (stock)")
     report_profile("stock")
     count_syncs()
-    reference, _ = gather_batch(adapter, batches[0], sel, "bfloat16")
+    reference, counts = gather_batch(adapter, batches[0], sel, "bfloat16")
     reference = {k: v.float() for k, v in reference.items()}
+
+    def deviation(label: str, got: dict, ref: dict) -> None:
+        for kind, want in ref.items():
+            diff = (got[kind].float() - want).abs()
+            print(f"  {label} {kind}: max |diff| {diff.max().item():.3g} (max |x| {want.abs().max().item():.3g}), "
+                  f"mean |diff| / mean |x| {diff.mean().item() / want.abs().mean().item():.2e}, "
+                  f"elements that differ {(diff > 0).float().mean().item():.2%}")
+
+    # the yardstick: stock kernels, the first image alone against the same image in its batch
+    alone, _ = gather_batch(adapter, adapter.preprocess(images[:1]), sel, "bfloat16")
+    deviation(f"stock, batch of 1 vs batch of {batch_size}:", alone, {k: v[..., :counts[0], :] for k, v in reference.items()})
+    # and the same weights in float32 (buffers such as RoPE's frequencies stay as they are)
+    params = list(adapter.model.parameters())
+    for p in params:
+        p.data = p.data.float()
+    exact, _ = gather_batch(adapter, batches[0], sel, "float32")
+    for p in params:
+        p.data = p.data.to(torch.bfloat16)  # exact: the values came from bfloat16
+    exact = {k: v.float() for k, v in exact.items()}
+    deviation("stock bfloat16 vs float32 weights:", reference, exact)
 
     steps = []
     if hasattr(adapter, "modeling"):  # LLaVA-NeXT / OV: image sizes read on the host
@@ -142,11 +165,8 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
     report_profile("accelerated")
     count_syncs()
     got, _ = gather_batch(adapter, batches[0], sel, "bfloat16")
-    for kind, ref in reference.items():
-        diff = (got[kind].float() - ref).abs()
-        print(f"  {kind}: max |diff| {diff.max().item():.3g} (values' max |x| {ref.abs().max().item():.3g}), "
-              f"mean |diff| / mean |x| {diff.mean().item() / ref.abs().mean().item():.2e}, "
-              f"elements that differ {(diff > 0).float().mean().item():.2%}")
+    deviation("accelerated vs stock, same batch:", got, reference)
+    deviation("accelerated bfloat16 vs float32 weights:", got, exact)
     print(f"accelerated / stock: {rate('accelerated (again)') / stock_ips:.2f} x")
 
 

@@ -66,7 +66,8 @@ def extract(
                                                     "three) or hidden (a vision encoder's block outputs; its default)"),
     store_dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: --dtype) | int8 (lossy: "
                                                           "8-bit codes and a scale per token, half of bf16)"),
-    codec: str = typer.Option("zstd", help="lossless codec: zstd (smaller) | lz4 (faster to read) | zstd3"),
+    codec: str = typer.Option("zstd", help="lossless codec: zstd (smaller) | lz4bit (lz4, bit shuffle: faster to "
+                                               "write and read) | lz4 | zstd3"),
     batch_size: int = typer.Option(4, help="images per forward pass"),
     part_size: int = typer.Option(32, help="images per store part (the unit of commit and resume)"),
     strict: bool = typer.Option(False, help="stop at the first unreadable image instead of recording it"),

@@ -27,7 +27,7 @@ def bench_extract_cmd(
     layers: str = typer.Option("all", help="layers kvpipe stores"),
     heads: str = typer.Option("all", help="KV heads kvpipe stores"),
     store_dtype: Optional[str] = typer.Option(None, help="on-disk dtype (default: --dtype)"),
-    codec: str = typer.Option("zstd", help="store codec: zstd | lz4 | zstd3"),
+    codec: str = typer.Option("zstd", help="store codec: zstd | lz4bit | lz4 | zstd3"),
     runs: str = typer.Option("floor-hf,floor-kvpipe,kvpipe,naive", help="which runs"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
 ) -> None:

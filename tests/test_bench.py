@@ -9,7 +9,7 @@ import pytest
 
 from kvpipe.pipeline.bench import BenchConfig, bench_extract
 
-RUNS = ("floor-hf", "floor-kvpipe", "kvpipe", "kvpipe-lz4", "kvpipe-int8", "naive")
+RUNS = ("floor-hf", "floor-kvpipe", "kvpipe", "kvpipe-lz4bit", "kvpipe-int8", "naive")
 
 
 @pytest.mark.parametrize("model, kinds", [("tiny-qwen25vl", ("keys", "values")),
