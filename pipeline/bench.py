@@ -153,6 +153,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
             shutil.rmtree(tmp / "warm-up", ignore_errors=True)
         for run, store_dtype, codec in extract_runs:
             if run in cfg.runs:
+                _settle(device)
                 _extract_run(cfg, run, store_dtype, codec, adapter, tmp / run, ds_opts, record, result, log)
         sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
                         parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), parse_kinds(cfg.kinds))
@@ -223,6 +224,18 @@ def _extract_run(cfg: BenchConfig, run: str, store_dtype: str | None, codec: str
         result.disk_write_mb_s = disk_write_rate(store.parent, cfg.disk_probe_bytes)
     if not cfg.out:
         shutil.rmtree(store, ignore_errors=True)  # the next run's disk is as empty as this one's was
+
+
+def _settle(device: torch.device) -> None:
+    """The same start for every extraction run, as a fresh ``kvpipe extract`` process has:
+    the CUDA allocator's cache of earlier runs' blocks released, dirty pages written and the
+    page cache emptied (where permitted)."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _drop_page_cache()
 
 
 def _forward(adapter: Any, batch: Any, device: torch.device) -> None:
