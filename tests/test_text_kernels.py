@@ -58,6 +58,7 @@ def test_patched_decoder_stores_the_same_kv(name, monkeypatch):
     layers = fast.n_layers
     assert f"RMSNorm: {2 * layers + 1} modules as one fused kernel each" in changed
     assert f"MLP activation: {layers} modules with silu(gate) * up fused" in changed
+    assert any(c.startswith("rotary embedding fused (modeling_") for c in changed)
     sel = Selection(tuple(range(stock.n_layers)), tuple(range(stock.n_kv_heads)), ("keys", "values", "post_proj"))
     for a, b in zip(run_capture(stock, stock.preprocess(images), sel), run_capture(fast, fast.preprocess(images), sel)):
         for kind in a:

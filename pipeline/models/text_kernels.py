@@ -16,6 +16,7 @@ launcher), the functions fall back to their eager form with one warning.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import sys
 from typing import Any, Callable
@@ -102,6 +103,12 @@ def _rotary_dispatch(original: Callable[..., Any]) -> Callable[..., Any]:
     return apply_rotary_pos_emb
 
 
+def _calls(method: Callable[..., Any], name: str) -> bool:
+    """Whether ``method`` (under its decorators) refers to the global ``name``."""
+    code = getattr(inspect.unwrap(method), "__code__", None)
+    return code is not None and name in code.co_names
+
+
 def _is_rms_norm(m: torch.nn.Module) -> bool:
     return type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and hasattr(m, "weight")
 
@@ -129,7 +136,7 @@ def fuse_decoder_kernels(language_model: torch.nn.Module, device: torch.device) 
         elif _is_silu_mlp(m):
             m.forward = _mlp_forward.__get__(m)
             mlps += 1
-        elif hasattr(m, "q_proj") and hasattr(m, "k_proj"):
+        elif hasattr(m, "q_proj") and _calls(type(m).forward, "apply_rotary_pos_emb"):
             module = sys.modules[type(m).__module__]
             fn = getattr(module, "apply_rotary_pos_emb", None)
             if fn is not None and not hasattr(fn, "_kvpipe_original"):
