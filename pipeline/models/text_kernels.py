@@ -40,22 +40,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' ``apply_rotary_pos_emb`` with ``unsqueeze_dim=1`` (q, k: [B, heads, S, D])."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
 class Fused:
-    """``fn`` compiled on first use; its eager form for good if compiling fails."""
+    """``fn`` compiled on first use; ``fn`` itself for good if compiling fails."""
 
     def __init__(self, fn: Callable[..., Any]):
-        self.fn, self.eager = fn, fn
+        self.fn = fn
         self.compiled: Callable[..., Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
@@ -73,12 +62,12 @@ class Fused:
             except Exception as err:  # noqa: BLE001 - any compiler failure: run eager instead
                 log.warning("kvpipe: fused %s kernel unavailable (%s); using eager PyTorch",
                             self.fn.__name__, str(err).splitlines()[0][:200])
-                self.compiled = self.eager
-                return self.eager(*args)
+                self.compiled = self.fn
+                return self.fn(*args)
         return self.compiled(*args)
 
 
-FUSED = {f.__name__: Fused(f) for f in (rms_norm, silu_mul, rotary)}
+FUSED = {f.__name__: Fused(f) for f in (rms_norm, silu_mul)}
 
 
 def available(device: torch.device) -> bool:
@@ -94,10 +83,11 @@ def _mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 def _rotary_dispatch(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The model's own ``apply_rotary_pos_emb``, compiled, for CUDA tensors; as it is otherwise."""
+    fused = Fused(original)
+
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if unsqueeze_dim == 1 and q.is_cuda:
-            return FUSED["rotary"](q, k, cos, sin)
-        return original(q, k, cos, sin, unsqueeze_dim)
+        return (fused if q.is_cuda else original)(q, k, cos, sin, unsqueeze_dim)
 
     apply_rotary_pos_emb._kvpipe_original = original
     return apply_rotary_pos_emb
@@ -122,7 +112,7 @@ def fuse_decoder_kernels(language_model: torch.nn.Module, device: torch.device) 
     """Route the decoder's RMSNorms, SiLU MLPs and rotary embedding through the fused kernels.
 
     Rotary is a module-level function of the model's modeling file, replaced there by a
-    dispatcher that sends CUDA tensors to the fused kernel (same numbers) and anything else to
+    dispatcher that sends CUDA tensors to that same function compiled and anything else to
     the original. Returns what was changed (nothing off CUDA or without Triton).
     """
     if not available(device):
