@@ -19,6 +19,8 @@ import os
 import re
 import sys
 import time
+import traceback
+import warnings
 from collections import Counter, defaultdict
 
 import torch
@@ -27,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from kvpipe.pipeline.capture import Selection, gather_batch, inputs_to_device
 from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.models import load_model
+from kvpipe.pipeline.models.llava_next import SIZES_ON_HOST, LlavaNextAdapter
 from kvpipe.pipeline.models.text_kernels import fuse_decoder_kernels
 
 CLASSES = (("matmul", re.compile(r"gemm|cutlass|nvjet|sm\d\d_xmma|cublas|splitK", re.I)),
@@ -100,8 +103,6 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
 
     def count_syncs() -> None:
         seen: Counter = Counter()
-        import traceback
-        import warnings
 
         def note(message, category, filename, lineno, file=None, line=None):
             frames = [f for f in traceback.extract_stack()[:-1]
@@ -109,19 +110,16 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
             where = frames[-1] if frames else None
             seen[f"{where.filename.rsplit('/', 2)[-1]}:{where.lineno} {where.line}" if where else "?"] += 1
 
-        old = warnings.showwarning
-        warnings.showwarning = note
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings():  # restores showwarning and the filters on exit
                 warnings.simplefilter("always")
                 warnings.showwarning = note
                 forward(batches[0])
         finally:
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
-            warnings.showwarning = old
         print(f"  host synchronisations in one batch's forward: {sum(seen.values())}")
         for where, k in seen.most_common(8):
             print(f"    {k:3d} x {where[:150]}")
@@ -153,9 +151,8 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
     deviation("stock bfloat16 vs float32 weights:", reference, exact)
 
     steps = []
-    if hasattr(adapter, "modeling"):  # LLaVA-NeXT / OV: image sizes read on the host
-        steps.append(("+ image sizes on the host", lambda: setattr(adapter, "host_inputs",
-                                                                   ("image_sizes", "batch_num_images"))))
+    if isinstance(adapter, LlavaNextAdapter):  # LLaVA-NeXT / OV: image sizes read on the host
+        steps.append(("+ image sizes on the host", lambda: setattr(adapter, "host_inputs", SIZES_ON_HOST)))
     steps.append(("+ fused RMSNorm, SiLU*up, rotary (torch.compile)",
                   lambda: print("  ", fuse_decoder_kernels(adapter.language_model(), adapter.device))))
     steps.append(("+ the rest of accelerate()", lambda: print("  ", adapter.accelerate())))

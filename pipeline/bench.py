@@ -144,9 +144,10 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         extract_runs = (("kvpipe", cfg.store_dtype, cfg.codec), ("kvpipe-lz4bit", cfg.store_dtype, "lz4bit"),
                         ("kvpipe-int8", "int8", cfg.codec))
         if any(run in cfg.runs for run, _, _ in extract_runs):
-            # a short extraction first, as the floors get a warm-up batch: whichever run came
-            # first otherwise also paid the process's one-time costs (encoder threads and their
-            # memory arenas, the text pass's kernel compile) and ran up to 20% slower
+            # a short extraction first, as the floors get a warm-up batch, so the first timed
+            # run does not also pay the process's one-time costs (encoder threads, the text
+            # pass's first kernel compile). Measured on an H100: the first timed run was still
+            # 10-20% slower after this alone; with _settle before each run, 6% (BENCHMARKS.md)
             warm = replace(cfg, images=min(cfg.images, 2 * cfg.part_size))
             _extract_run(warm, "warm-up", cfg.store_dtype, cfg.codec, adapter, tmp / "warm-up", ds_opts,
                          lambda *a: None, BenchResult({}, "", 0), lambda line: None, measure_disk=False)

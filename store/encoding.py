@@ -28,6 +28,7 @@ CODECS = {"zstd": ("zstd", 1, "shuffle"), "zstd3": ("zstd", 3, "shuffle"), "lz4"
           "lz4bit": ("lz4", 1, "bitshuffle")}
 CLEVEL = 1
 _SHUFFLE_META = {"shuffle": "byte", "bitshuffle": "bit", "noshuffle": "none"}
+_SHUFFLE_OF_META = {v: k for k, v in _SHUFFLE_META.items()}
 
 
 def compressor(store_dtype: str, clevel: int = CLEVEL, cname: str = "zstd", shuffle: str = "shuffle") -> BloscCodec:
@@ -42,7 +43,7 @@ def compressor_meta(store_dtype: str, codec: str = "zstd") -> dict:
 
 def compressor_for(meta_compressor: dict, store_dtype: str) -> BloscCodec:
     """The codec a store's metadata names (stores made before the choice existed: zstd 3)."""
-    shuffle = {v: k for k, v in _SHUFFLE_META.items()}[meta_compressor.get("shuffle", "byte")]
+    shuffle = _SHUFFLE_OF_META[meta_compressor.get("shuffle", "byte")]
     return compressor(store_dtype, int(meta_compressor.get("clevel", 3)), meta_compressor.get("cname", "zstd"), shuffle)
 
 

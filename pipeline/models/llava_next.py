@@ -81,6 +81,10 @@ def llama3_llava_next_8b_config() -> LlavaNextConfig:
                            image_grid_pinpoints=LLAMA3_PINPOINTS, image_seq_length=576)
 
 
+# The inputs LLaVA-NeXT / OV read with .tolist() while packing image features (see accelerate).
+SIZES_ON_HOST = ("image_sizes", "batch_num_images")
+
+
 class LlavaNextAdapter(ModelAdapter):
     family = "llava_next"
     model_types = ("llava_next",)
@@ -95,7 +99,7 @@ class LlavaNextAdapter(ModelAdapter):
         # transformers reads each image's size with .tolist() while packing the image features:
         # on the device that is a host synchronisation per image (and per sample for OV's
         # batch_num_images), each leaving the GPU idle until the host launches the next kernels.
-        self.host_inputs = ("image_sizes", "batch_num_images")
+        self.host_inputs = SIZES_ON_HOST
         return ["image sizes read on the host (no device syncs while packing features)"] + super().accelerate()
 
     @classmethod
