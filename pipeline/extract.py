@@ -23,7 +23,7 @@ import kvpipe
 from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline import prefix as prefixes
 from kvpipe.pipeline.capture import CapturedBatch, Selection
-from kvpipe.pipeline.transfer import Copied, HostCopier
+from kvpipe.pipeline.transfer import Copied, HostCopier, InputUploader, upload_ahead
 from kvpipe.pipeline.datasets import ImageRecord
 from kvpipe.pipeline.models import ModelAdapter
 from kvpipe.store.encoding import CODECS, compressor_meta
@@ -283,8 +283,8 @@ def run_parts(adapter: ModelAdapter, records: list[ImageRecord], pending: list[i
         processes = cfg.loader_processes
         if processes is None:
             processes = LOADER_PROCESSES if adapter.device.type == "cuda" else 0
-        stream = iterate_batches(adapter, [p for part in pending for p in _pieces_of(records, part, cfg)],
-                                 cfg, loader, processes)
+        stream = on_device_ahead(adapter, iterate_batches(
+            adapter, [p for part in pending for p in _pieces_of(records, part, cfg)], cfg, loader, processes))
         try:
             for part in pending:
                 try:
@@ -324,6 +324,21 @@ class LoadedBatch:
     batch: Any  # models.base.Batch, or None when every image failed
     n: int
     fatal: str = ""  # an unreadable image under --strict
+    uploaded: Any = None  # transfer.Uploaded: the batch's inputs already sent to the device
+
+
+def on_device_ahead(adapter: ModelAdapter, batches: Iterator[LoadedBatch]) -> Iterator[LoadedBatch]:
+    """``batches`` with their inputs sent to a CUDA device ahead of their forward pass
+    (``transfer.InputUploader``); on other devices, ``batches`` as they are."""
+    if adapter.device.type != "cuda":
+        return batches
+    uploader = InputUploader(adapter.device, adapter.host_inputs)
+
+    def upload(loaded: LoadedBatch) -> LoadedBatch:
+        if loaded.batch is None:
+            return loaded
+        return replace(loaded, uploaded=uploader.upload(loaded.batch.inputs))
+    return upload_ahead(batches, upload)
 
 
 def _load_batch(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], cfg: ExtractConfig) -> LoadedBatch:
@@ -374,9 +389,13 @@ def iterate_batches(adapter: ModelAdapter, pieces: list[list[tuple[int, ImageRec
             _Pieces(adapter, pieces, cfg), batch_size=None, shuffle=False, num_workers=processes,
             collate_fn=_identity, worker_init_fn=_one_thread, prefetch_factor=2,
             multiprocessing_context="fork")
-        yield from dl
-        return
+        return iter(dl)  # the workers fork here, from the calling thread
     assert loader is not None
+    return _on_threads(adapter, pieces, cfg, loader)
+
+
+def _on_threads(adapter: ModelAdapter, pieces: list[list[tuple[int, ImageRecord]]], cfg: ExtractConfig,
+                loader: ThreadPoolExecutor) -> Iterator[LoadedBatch]:
     ahead = [loader.submit(_load_batch, adapter, p, cfg) for p in pieces[:LOADERS + 1]]
     for i in range(len(pieces)):
         loaded = ahead.pop(0).result()
@@ -406,7 +425,7 @@ def _extract_part(adapter: ModelAdapter, records: list[ImageRecord], part: int, 
     copier = copier or HostCopier(adapter.device)
     builder = PartBuilder(part)
     pieces = _pieces_of(records, part, cfg)
-    source = batches if batches is not None else iterate_batches(adapter, pieces, cfg, loader)
+    source = batches if batches is not None else on_device_ahead(adapter, iterate_batches(adapter, pieces, cfg, loader))
     store_dtype = cfg.store_dtype or cfg.dtype
     for _ in range(len(pieces)):
         t1 = time.perf_counter()
@@ -421,7 +440,8 @@ def _extract_part(adapter: ModelAdapter, records: list[ImageRecord], part: int, 
             result.failures.append((rec.image_id, err))
         if loaded.batch is not None:
             t1 = time.perf_counter()
-            device_arrays, counts = adapter.gather(loaded.batch, sel, store_dtype)
+            batch = loaded.batch if loaded.uploaded is None else replace(loaded.batch, inputs=loaded.uploaded.use())
+            device_arrays, counts = adapter.gather(batch, sel, store_dtype)
             builder.reserve([(index, records[index], size, lay, ann)
                              for (index, size, ann), lay in zip(loaded.items, loaded.batch.layouts)], counts)
             builder.add(copier.submit(device_arrays))

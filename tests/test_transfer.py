@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from kvpipe.pipeline.extract import PartBuilder
-from kvpipe.pipeline.transfer import HostCopier, HostBufferPool
+from kvpipe.pipeline.transfer import HostCopier, HostBufferPool, upload_ahead
 from kvpipe.store import FeatureStore
 
 
@@ -61,6 +62,40 @@ def test_host_buffer_pool_reuses_the_smallest_fitting_buffer():
     assert pool.take(8, torch.int16) is not a  # none left: a new one
     pool.give([a])
     assert pool.take(8, torch.int8) is not a  # another dtype never shares
+
+
+def test_upload_ahead_keeps_order_and_runs_ahead():
+    import threading
+
+    asked: list[int] = []
+
+    def items():
+        for i in range(5):
+            asked.append(i)
+            yield i
+
+    def upload(i: int) -> tuple[int, str]:
+        return i, threading.current_thread().name
+
+    out = upload_ahead(items(), upload, ahead=2)
+    first = next(out)
+    assert first[0] == 0 and first[1].startswith("kvpipe-upload")  # uploaded on its own thread
+    deadline = time.monotonic() + 10
+    while len(asked) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert asked == [0, 1, 2]  # two more fetched before they were asked for, and no more
+    assert [i for i, _ in out] == [1, 2, 3, 4]
+
+
+def test_upload_ahead_raises_where_the_item_would():
+    def items():
+        yield 1
+        raise ValueError("unreadable image")
+
+    out = upload_ahead(items(), lambda i: i * 10)
+    assert next(out) == 10
+    with pytest.raises(ValueError, match="unreadable image"):
+        next(out)
 
 
 def test_direct_chunk_read_equals_zarr(synthetic_store):
@@ -133,3 +168,29 @@ def test_pinned_buffers_are_unregistered_when_freed():
     fresh.fill_(1.5)
     assert torch.equal(fresh.to("cuda").cpu(), fresh)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inputs_uploaded_ahead_equal_a_plain_copy():
+    from kvpipe.pipeline.transfer import InputUploader
+
+    uploader = InputUploader(torch.device("cuda"), keep=("image_sizes",))
+    ids = torch.arange(40).view(4, 10)[:, :7]  # a slice, as the processor's cut leaves it
+    for _ in range(3):  # the page-locked buffers are reused
+        inputs = {"input_ids": ids, "pixel_values": torch.randn(4, 3, 8, 8),
+                  "image_sizes": torch.tensor([[8, 8]] * 4), "flag": True}
+        got = uploader.upload(inputs).use()
+        assert got["pixel_values"].is_cuda and torch.equal(got["pixel_values"].cpu(), inputs["pixel_values"])
+        assert torch.equal(got["input_ids"].cpu(), ids) and got["input_ids"].dtype == torch.int64
+        assert got["image_sizes"] is inputs["image_sizes"] and got["flag"] is True  # kept on the host
+    assert len(uploader.pool.free) == 2 and all(b.is_pinned() for b in uploader.pool.free)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_buffer_taken_under_inference_mode_is_writable_outside_it():
+    from kvpipe.pipeline.transfer import pinned_host_buffer
+
+    with torch.inference_mode():
+        buf, _ = pinned_host_buffer(1 << 20, torch.uint8)
+    buf.fill_(7)  # an inference tensor would refuse this outside inference mode
+    assert int(buf[-1]) == 7
