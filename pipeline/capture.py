@@ -129,9 +129,10 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
                  dtype: str = "float32") -> tuple[dict[str, torch.Tensor], list[int]]:
     """Forward the batch once and gather every image's K/V on the device.
 
-    Why one gather: all images' image positions are selected with a single index_select per
-    (kind, layer) and cast to the store dtype on the device, so the host receives one
-    contiguous array per kind ([L, H, tokens, D]; post_proj [tokens, hidden]).
+    Why one gather: all images' image positions are selected with one indexing kernel per
+    (kind, layer), written straight into the batch's [L, H, tokens, D] array in the store
+    dtype (int8: quantised after), so the host receives one contiguous array per kind
+    (post_proj: [tokens, hidden]) and the K/V are read once, not copied whole first.
     Returns the device tensors and the tokens per image.
     """
     inputs = inputs_to_device(batch.inputs, adapter.device, adapter.host_inputs)
@@ -139,22 +140,29 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
         out = adapter.model.model(**inputs, use_cache=True)  # the base model: no LM head, no logits
     cache = model_cache(out)
     device = adapter.device
+    all_heads = sel.heads == tuple(range(adapter.n_kv_heads))
     heads = torch.tensor(sel.heads, device=device)
     b, s = inputs["input_ids"].shape
-    # flat (image, position) index into [B * S]
-    flat = torch.cat([lay.positions.to(device) + i * s for i, lay in enumerate(batch.layouts)])
+    # (image, position) of every image token, in batch order
+    rows = torch.cat([torch.full_like(lay.positions, i) for i, lay in enumerate(batch.layouts)]).to(device)
+    cols = torch.cat([lay.positions for lay in batch.layouts]).to(device)
     arrays: dict[str, torch.Tensor] = {}
     for kind in ("keys", "values"):
         if kind not in sel.kinds:
             continue
-        per_layer = []
-        for l in sel.layers:
+        gathered = None
+        for i, l in enumerate(sel.layers):
             full = _layer_kv(adapter, cache, seen, sel, kind, l, b, s)  # [B, H, S, D]
-            full = full.index_select(1, heads).transpose(0, 1).reshape(len(sel.heads), b * s, -1)
-            per_layer.append(full.index_select(1, flat))
-        arrays[kind] = to_store_dtype(torch.stack(per_layer), dtype)  # [L, H, tokens, D]
+            if not all_heads:
+                full = full.index_select(1, heads)
+            if gathered is None:
+                into = full.dtype if dtype == "int8" else TORCH_DTYPES[dtype]
+                gathered = torch.empty(len(sel.layers), full.shape[1], rows.numel(), full.shape[-1],
+                                       dtype=into, device=device)
+            gathered[i] = full.transpose(0, 1)[:, rows, cols]  # [H, tokens, D]
+        arrays[kind] = quantize_int8(gathered) if dtype == "int8" else gathered  # [L, H, tokens, D]
     if POST_PROJ in sel.kinds:
-        arrays[POST_PROJ] = to_store_dtype(seen[POST_PROJ].reshape(b * s, -1).index_select(0, flat), dtype)
+        arrays[POST_PROJ] = to_store_dtype(seen[POST_PROJ][rows, cols], dtype)
     return arrays, [int(lay.positions.numel()) for lay in batch.layouts]
 
 

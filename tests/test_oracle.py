@@ -62,6 +62,16 @@ def test_batched_equals_one_at_a_time(adapter):
             torch.testing.assert_close(got[kind], single[kind], atol=1e-6, rtol=0)
 
 
+def test_chosen_layers_and_heads_are_slices_of_the_whole(adapter):
+    batch = adapter.preprocess([image(112, 84, 7), image(84, 112, 8)])
+    whole = run_capture(adapter, batch, all_of(adapter, ("keys", "values")))
+    layers, heads = (0, adapter.n_layers - 1), (adapter.n_kv_heads - 1,)
+    part = run_capture(adapter, batch, Selection(layers, heads, ("keys", "values")))
+    for w, p in zip(whole, part):
+        for kind in ("keys", "values"):
+            assert torch.equal(p[kind], w[kind][list(layers)][:, list(heads)])
+
+
 def test_prefix_changes_image_kv_and_is_recorded(adapter):
     img = image(112, 84, 5)
     plain = adapter.preprocess([img])
