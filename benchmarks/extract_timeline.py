@@ -1,0 +1,239 @@
+"""Where a full extraction's steady time goes, against the same model's bare prefill.
+
+In one process, on one model (random full-size weights, kvpipe's kernels) and one synthetic
+image set:
+  1. the prefill alone over every batch (img/s), then a profiled window of 4 batches: GPU
+     time by kernel class, GPU busy time, idle gaps between kernels and what ran after the
+     largest ones;
+  2. the same prefill while 16 threads encode zstd on the host (does CPU load slow the GPU?);
+  3. ``kvpipe extract`` runs (a short warm-up first), one per variant in VARIANTS:
+       upload    as shipped: batches' inputs sent to the GPU ahead (transfer.InputUploader)
+       noupload  the inputs copied to the GPU by the forward pass itself, as before
+     For each: steady img/s (from the end of the first part), the driver's seconds by phase
+     inside that window, a profiled window of 4 batches mid-run, as in 1;
+  4. GPU clock, power and throttle reasons (nvidia-smi, every 250 ms) during each phase.
+
+    python benchmarks/extract_timeline.py llava-ov 384 512 8 16       # model, side, images, batch, part
+    VARIANTS=noupload,upload,noupload,upload python benchmarks/extract_timeline.py ...
+    DEVICE=cpu python benchmarks/extract_timeline.py tiny-llava-ov 64 64 4 8      # a smoke run
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from kvpipe.pipeline import extract as ex
+from kvpipe.pipeline.bench import _forward, _settle
+from kvpipe.pipeline.datasets import create_dataset
+from kvpipe.pipeline.extract import ExtractConfig, ExtractResult, extract
+from kvpipe.pipeline.models import load_model
+from kvpipe.store.chunks import blosc_of
+from kvpipe.store.encoding import compressor
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prefill_kernels import kernel_class  # noqa: E402
+
+WINDOW = 4  # batches profiled
+
+
+class GpuSampler:
+    """nvidia-smi's clock, power, temperature and throttle reasons, sampled in the background."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple] = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        query = "clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+        try:
+            proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits",
+                                     "-lms", "250"], stdout=subprocess.PIPE, text=True)
+        except OSError:
+            return
+        for line in proc.stdout:
+            try:
+                sm, watts, temp, reasons = (x.strip() for x in line.split(","))
+                self.rows.append((time.perf_counter(), float(sm), float(watts), float(temp), reasons))
+            except ValueError:
+                pass
+
+    def report(self, label: str, t0: float, t1: float) -> None:
+        rows = [r for r in self.rows if t0 <= r[0] <= t1]
+        if rows:
+            n = len(rows)
+            print(f"  [{label}] SM clock {sum(r[1] for r in rows) / n:.0f} MHz (min {min(r[1] for r in rows):.0f}), "
+                  f"power {sum(r[2] for r in rows) / n:.0f} W (max {max(r[2] for r in rows):.0f}), "
+                  f"{max(r[3] for r in rows):.0f} C, throttle reasons {dict(Counter(r[4] for r in rows))}",
+                  flush=True)
+
+
+def report_profile(prof: Any, wall: float, label: str) -> None:
+    """GPU busy time, kernel classes and idle gaps of a profiled window of WINDOW batches."""
+    by_class: dict[str, float] = defaultdict(float)
+    spans = []
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            by_class[kernel_class(ev.name)] += ev.device_time / 1e3
+            spans.append((ev.time_range.start, ev.time_range.end, ev.name))
+    if not spans:
+        print(f"  [{label}] no GPU kernels")
+        return
+    spans.sort()
+    busy, end, gaps = 0.0, None, []
+    for a, b, name in spans:  # union of kernel intervals (us) and the gaps between them
+        if end is not None and a > end:
+            gaps.append((a - end, name))
+        if end is None or a > end:
+            busy, end = busy + b - a, b
+        elif b > end:
+            busy, end = busy + b - end, b
+    per = lambda us: us / 1e3 / WINDOW  # noqa: E731 - ms per batch
+    print(f"  [{label}] per batch: wall {wall * 1e3 / WINDOW:.0f} ms, GPU busy {per(busy):.0f} ms; "
+          + ", ".join(f"{k} {v / WINDOW:.0f} ms" for k, v in sorted(by_class.items()))
+          + f"; idle gaps over 0.5 ms {per(sum(g for g, _ in gaps if g > 500)):.0f} ms", flush=True)
+    print("    largest gaps (ms, kernel after):",
+          "; ".join(f"{g / 1e3:.0f} {n[:40]}" for g, n in sorted(gaps, reverse=True)[:4]))
+
+
+def encoder_load(stop: threading.Event) -> None:
+    """A zstd encoder thread at kvpipe's encoder priority, on bf16-like noise."""
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    rng = np.random.default_rng(threading.get_native_id())
+    a = (rng.standard_normal((16 * 1485, 128)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    codec = blosc_of(compressor("bfloat16"))
+    while not stop.is_set():
+        codec.encode(a)
+
+
+def main(model: str, size: int, n: int, batch_size: int, part_size: int) -> None:
+    device_name = os.environ.get("DEVICE", "cuda")
+    variants = os.environ.get("VARIANTS", "noupload,upload,noupload,upload").split(",")
+    cuda = device_name == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    gpu = GpuSampler() if cuda else None
+    adapter = load_model(model, dtype="bfloat16", device=device_name, init="random")
+    adapter.accelerate()
+    device = adapter.device
+    ds_opts = {"n_videos": -(-n // 8), "n_frames": 8, "width": size, "height": size}
+    images = [r.image() for r in create_dataset("synthetic", limit=n, **ds_opts).records()]
+    batches = [adapter.preprocess(images[i:i + batch_size]) for i in range(0, n, batch_size)]
+    mid = min(len(batches) // 2, max(0, len(batches) - WINDOW))
+
+    def prefill(label: str, load: bool = False) -> None:
+        stop, threads = threading.Event(), []
+        if load:
+            threads = [threading.Thread(target=encoder_load, args=(stop,)) for _ in range(16)]
+            for t in threads:
+                t.start()
+        with torch.inference_mode():
+            _forward(adapter, batches[0], device)
+            sync()
+            t0 = time.perf_counter()
+            for b in batches:
+                _forward(adapter, b, device)
+            sync()
+            t1 = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                w0 = time.perf_counter()
+                for b in batches[mid:mid + WINDOW]:
+                    _forward(adapter, b, device)
+                sync()
+                wall = time.perf_counter() - w0
+        stop.set()
+        for t in threads:
+            t.join()
+        print(f"{label}: {n / (t1 - t0):.2f} img/s", flush=True)
+        if gpu:
+            gpu.report(label, t0, t1)
+        report_profile(prof, wall, label)
+
+    prefill("prefill")
+    prefill("prefill, 16 zstd encoder threads busy", load=True)
+
+    # every phase the driver times, with its start and end (ExtractResult.timed)
+    events: list[tuple[str, float, float]] = []
+    timed = ExtractResult.timed
+
+    def timed_and_kept(self: ExtractResult, key: str, t0: float) -> None:
+        events.append((key, t0, time.perf_counter()))
+        timed(self, key, t0)
+    ExtractResult.timed = timed_and_kept
+
+    # a profiled window of WINDOW batches, from the middle of the run's gathers
+    calls, window = [0], {}
+    gather = adapter.gather
+
+    def gather_in_window(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == mid + 1 and window.get("on"):
+            window["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            window["prof"].start()
+            window["t0"] = time.perf_counter()
+        out = gather(*args, **kwargs)
+        if calls[0] == mid + WINDOW and "prof" in window:
+            sync()
+            window["prof"].stop()
+            window["wall"] = time.perf_counter() - window["t0"]
+        return out
+    adapter.gather = gather_in_window
+
+    tmp = Path(tempfile.mkdtemp(prefix="kvpipe-timeline-"))
+    uploads = ex.on_device_ahead
+
+    def run(label: str, variant: str, images: int, profiled: bool = True) -> None:
+        store = tmp / "store"
+        shutil.rmtree(store, ignore_errors=True)
+        _settle(device)
+        ex.on_device_ahead = uploads if variant == "upload" else (lambda adapter, batches: batches)
+        cfg = ExtractConfig(model=model, dataset="synthetic", out=str(store), limit=images, init="random",
+                            dtype="bfloat16", device=device_name, batch_size=batch_size, part_size=part_size,
+                            dataset_options=ds_opts)
+        stamps: list[tuple[float, int]] = []
+        done = [0]
+
+        def progress(k: int) -> None:
+            done[0] += k
+            stamps.append((time.perf_counter(), done[0]))
+        events.clear()
+        calls[0] = 0
+        window.clear()
+        window["on"] = profiled
+        res = extract(cfg, adapter=adapter, progress=progress)
+        t_end = time.perf_counter()
+        ex.on_device_ahead = uploads
+        start, first = next((t, k) for t, k in stamps if k >= part_size)
+        inside: dict[str, float] = defaultdict(float)
+        for key, a, b in events:
+            if b > max(a, start):
+                inside[key] += b - max(a, start)
+        print(f"{label} ({variant}): steady {(res.images_ok - first) / (t_end - start):.2f} img/s over "
+              f"{t_end - start:.2f} s; inside it: " + ", ".join(f"{k} {v:.2f} s" for k, v in inside.items()),
+              flush=True)
+        if gpu:
+            gpu.report(label, start, t_end)
+        if "wall" in window:
+            report_profile(window["prof"], window["wall"], label)
+
+    try:
+        run("warm-up", "upload", 2 * part_size, profiled=False)
+        for i, variant in enumerate(variants):
+            run(f"extraction {i + 1}", variant, n)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
