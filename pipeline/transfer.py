@@ -202,10 +202,11 @@ class Uploaded:
 
     def use(self) -> dict[str, Any]:
         if self.done is not None:
-            stream = torch.cuda.current_stream()
-            stream.wait_event(self.done)
-            for v in self.inputs.values():
-                if isinstance(v, torch.Tensor) and v.is_cuda:
+            on_device = [v for v in self.inputs.values() if isinstance(v, torch.Tensor) and v.is_cuda]
+            if on_device:
+                stream = torch.cuda.current_stream(on_device[0].device)
+                stream.wait_event(self.done)
+                for v in on_device:
                     v.record_stream(stream)  # freed after the forward's kernels, not before
             self.done = None
         return self.inputs
@@ -217,8 +218,9 @@ class InputUploader:
     Why: the loader hands over pageable memory (a loader process's shared memory). Copying
     pageable memory to the device is a synchronous cudaMemcpy that first waits for all
     queued GPU work, so at every batch start the GPU ran dry while the host staged the
-    pixels: 70-130 ms per LLaVA-OV batch of 8 during an extraction on an H100 host, against
-    about 1 ms in the bare prefill. ``upload`` runs on a thread of its own ahead of the
+    pixels: the GPU idled 102 ms per LLaVA-OV batch of 8 during an extraction on an H100
+    host, 31 ms with this, 1 ms in the bare prefill (``benchmarks/extract_timeline.py``).
+    ``upload`` runs on a thread of its own ahead of the
     forward pass (``upload_ahead``); inputs named in ``keep`` stay on the host
     (``ModelAdapter.host_inputs``)."""
 
