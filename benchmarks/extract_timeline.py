@@ -44,7 +44,7 @@ from kvpipe.store.chunks import blosc_of
 from kvpipe.store.encoding import compressor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prefill_kernels import kernel_class  # noqa: E402
+from prefill_kernels import gpu_time  # noqa: E402
 
 WINDOW = 4  # batches profiled
 
@@ -82,30 +82,15 @@ class GpuSampler:
 
 def report_profile(prof: Any, wall: float, label: str) -> None:
     """GPU busy time, kernel classes and idle gaps of a profiled window of WINDOW batches."""
-    by_class: dict[str, float] = defaultdict(float)
-    spans = []
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-            by_class[kernel_class(ev.name)] += ev.device_time / 1e3
-            spans.append((ev.time_range.start, ev.time_range.end, ev.name))
-    if not spans:
+    by_class, _, busy, gaps = gpu_time(prof)
+    if not by_class:
         print(f"  [{label}] no GPU kernels")
         return
-    spans.sort()
-    busy, end, gaps = 0.0, None, []
-    for a, b, name in spans:  # union of kernel intervals (us) and the gaps between them
-        if end is not None and a > end:
-            gaps.append((a - end, name))
-        if end is None or a > end:
-            busy, end = busy + b - a, b
-        elif b > end:
-            busy, end = busy + b - end, b
-    per = lambda us: us / 1e3 / WINDOW  # noqa: E731 - ms per batch
-    print(f"  [{label}] per batch: wall {wall * 1e3 / WINDOW:.0f} ms, GPU busy {per(busy):.0f} ms; "
+    print(f"  [{label}] per batch: wall {wall * 1e3 / WINDOW:.0f} ms, GPU busy {busy / WINDOW:.0f} ms; "
           + ", ".join(f"{k} {v / WINDOW:.0f} ms" for k, v in sorted(by_class.items()))
-          + f"; idle gaps over 0.5 ms {per(sum(g for g, _ in gaps if g > 500)):.0f} ms", flush=True)
+          + f"; idle gaps over 0.5 ms {sum(g for g, _ in gaps if g > 0.5) / WINDOW:.0f} ms", flush=True)
     print("    largest gaps (ms, kernel after):",
-          "; ".join(f"{g / 1e3:.0f} {n[:40]}" for g, n in sorted(gaps, reverse=True)[:4]))
+          "; ".join(f"{g:.0f} {n[:40]}" for g, n in sorted(gaps, reverse=True)[:4]))
 
 
 def encoder_load(stop: threading.Event) -> None:

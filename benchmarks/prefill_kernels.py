@@ -40,6 +40,28 @@ def kernel_class(name: str) -> str:
     return next((label for label, rx in CLASSES if rx.search(name)), "other")
 
 
+def gpu_time(prof: profile) -> tuple[dict[str, float], Counter, float, list[tuple[float, str]]]:
+    """A profile's GPU kernels: ms by kernel class, ms by kernel name, busy ms (the union of
+    their intervals) and the idle gaps between them (ms, the kernel after each)."""
+    by_class: dict[str, float] = defaultdict(float)
+    by_name: Counter = Counter()
+    spans = []
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
+            by_class[kernel_class(ev.name)] += ev.device_time / 1e3
+            by_name[ev.name[:90]] += ev.device_time / 1e3
+            spans.append((ev.time_range.start, ev.time_range.end, ev.name))
+    busy, end, gaps = 0.0, None, []
+    for a, b, name in sorted(spans):  # union of kernel intervals (us)
+        if end is not None and a > end:
+            gaps.append(((a - end) / 1e3, name))
+        if end is None or a > end:
+            busy, end = busy + b - a, b
+        elif b > end:
+            busy, end = busy + b - end, b
+    return by_class, by_name, busy / 1e3, gaps
+
+
 def main(model: str, size: int, n: int, batch_size: int) -> None:
     device = os.environ.get("DEVICE", "cuda")
     adapter = load_model(model, dtype="bfloat16", device=device, init="random")
@@ -78,25 +100,9 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
                 forward(b)
             sync()
             wall = time.perf_counter() - t0
-        by_class: dict[str, float] = defaultdict(float)
-        by_name: Counter = Counter()
-        spans = []
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA and ev.device_time > 0:
-                by_class[kernel_class(ev.name)] += ev.device_time / 1e3
-                by_name[ev.name[:90]] += ev.device_time / 1e3
-                spans.append((ev.time_range.start, ev.time_range.end))
-        busy = 0.0
-        end = None
-        for a, b in sorted(spans):  # union of kernel intervals (us)
-            if end is None or a > end:
-                busy += b - a
-                end = b
-            elif b > end:
-                busy += b - end
-                end = b
+        by_class, by_name, busy, _ = gpu_time(prof)
         per = 1e3 / len(todo)
-        print(f"  [{label}] per batch: wall {wall * per:.0f} ms, GPU busy {busy / 1e3 / len(todo):.0f} ms; "
+        print(f"  [{label}] per batch: wall {wall * per:.0f} ms, GPU busy {busy / len(todo):.0f} ms; "
               + ", ".join(f"{k} {v / len(todo):.0f} ms" for k, v in sorted(by_class.items())), flush=True)
         for name, ms in by_name.most_common(12):
             print(f"    {ms / len(todo):7.1f} ms  {name}")
