@@ -32,10 +32,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kvpipe.pipeline.capture import Selection, inputs_to_device, model_cache, run_text_capture
+from kvpipe.pipeline.capture import Selection, inputs_to_device, model_cache
 from kvpipe.pipeline.datasets import create_dataset
-from kvpipe.pipeline.executors.base import DatasetView
-from kvpipe.pipeline.extract import ExtractConfig, extract, parse_index_spec, parse_kinds, resolve
+from kvpipe.pipeline.executors.base import PartWorker
+from kvpipe.pipeline.extract import ExtractConfig, extract, parse_index_spec, parse_kinds
 from kvpipe.pipeline.models import load_model
 from kvpipe.store.encoding import stored_dim
 from kvpipe.store.schema import HIDDEN, POST_PROJ
@@ -156,10 +156,10 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
             # and the timed runs' text-query pass, whose shapes (the full dataset's queries)
             # the warm-up's do not cover: its first run compiles kernels for them (0.8-1.8 s
             # on an H100), once per process, as the floors' warm-up batch compiles theirs
-            ecfg, sel = resolve(adapter, _extract_config(cfg, tmp / "warm-up", cfg.store_dtype, cfg.codec, ds_opts))
-            queries = DatasetView.load(ecfg).queries
-            if adapter.encodes_text and queries:
-                run_text_capture(adapter, queries, sel, ecfg.template)
+            worker = PartWorker(replace(_extract_config(cfg, tmp / "warm-up", cfg.store_dtype, cfg.codec, ds_opts),
+                                        fast_kernels=False), adapter=adapter)  # already accelerated above
+            if adapter.encodes_text and worker.data.queries:
+                worker.text()
         for run, store_dtype, codec in extract_runs:
             if run in cfg.runs:
                 _settle(device)
