@@ -288,8 +288,7 @@ def run_parts(adapter: ModelAdapter, records: list[ImageRecord], pending: list[i
         try:
             for part in pending:
                 try:
-                    builder = _extract_part(adapter, records, part, cfg, sel, result, progress, loader,
-                                            copier, stream)
+                    builder = _extract_part(adapter, records, part, cfg, sel, result, progress, copier, stream)
                 except BaseException as err:
                     if on_failure:
                         on_failure(part, err, 1)
@@ -327,12 +326,14 @@ class LoadedBatch:
     uploaded: Any = None  # transfer.Uploaded: the batch's inputs already sent to the device
 
 
-def on_device_ahead(adapter: ModelAdapter, batches: Iterator[LoadedBatch]) -> Iterator[LoadedBatch]:
-    """``batches`` with their inputs sent to a CUDA device ahead of their forward pass
-    (``transfer.InputUploader``); on other devices, ``batches`` as they are."""
+def on_device_ahead(adapter: ModelAdapter, batches: Iterator[LoadedBatch],
+                    uploader: InputUploader | None = None) -> Iterator[LoadedBatch]:
+    """``batches`` with their inputs sent to a CUDA device ahead of their forward pass by
+    ``uploader`` (a new ``transfer.InputUploader`` if None); on other devices, ``batches`` as
+    they are."""
     if adapter.device.type != "cuda":
         return batches
-    uploader = InputUploader(adapter.device, adapter.host_inputs)
+    uploader = uploader or InputUploader(adapter.device, adapter.host_inputs)
 
     def upload(loaded: LoadedBatch) -> LoadedBatch:
         if loaded.batch is None:
@@ -415,21 +416,17 @@ def _pieces_of(records: list[ImageRecord], part: int, cfg: ExtractConfig) -> lis
 
 
 def _extract_part(adapter: ModelAdapter, records: list[ImageRecord], part: int, cfg: ExtractConfig,
-                  sel: Selection, result: ExtractResult, progress: ProgressFn | None,
-                  loader: ThreadPoolExecutor | None, copier: HostCopier | None = None,
-                  batches: Iterator[LoadedBatch] | None = None) -> PartBuilder:
-    """Capture one part. Its batches come from ``batches`` (shared across parts) or are
-    loaded on ``loader`` threads ahead of the GPU; each batch's features travel to the host
-    (``copier``) while the next one runs."""
-    own_copier = copier is None
-    copier = copier or HostCopier(adapter.device)
+                  sel: Selection, result: ExtractResult, progress: ProgressFn | None, copier: HostCopier,
+                  batches: Iterator[LoadedBatch]) -> PartBuilder:
+    """Capture one part. Its batches come, in order, from ``batches`` (which may go on to the
+    next parts' batches); each batch's features travel to the host (``copier``) while the
+    next one runs."""
     builder = PartBuilder(part)
     pieces = _pieces_of(records, part, cfg)
-    source = batches if batches is not None else on_device_ahead(adapter, iterate_batches(adapter, pieces, cfg, loader))
     store_dtype = cfg.store_dtype or cfg.dtype
     for _ in range(len(pieces)):
         t1 = time.perf_counter()
-        loaded = next(source)
+        loaded = next(batches)
         result.timed("load_wait", t1)
         if loaded.fatal:
             raise DataError(loaded.fatal)
@@ -451,7 +448,5 @@ def _extract_part(adapter: ModelAdapter, records: list[ImageRecord], part: int, 
             progress(loaded.n)
     # The part's last host copies are still running: ``builder.arrays()`` (the writer) waits
     # for them, so the next part's first batch goes to the device right away.
-    if own_copier:
-        copier.close()
     builder.rows.sort(key=lambda r: r.index)
     return builder

@@ -16,9 +16,9 @@ import numpy as np
 from kvpipe.errors import DataError
 from kvpipe.pipeline.capture import run_text_capture
 from kvpipe.pipeline.datasets import ImageRecord, create_dataset
-from kvpipe.pipeline.extract import (ExtractConfig, ExtractResult, LoadedBatch, PartBuilder,
-                                     _extract_part, build_meta, resolve, run_parts)
-from kvpipe.pipeline.transfer import HostCopier
+from kvpipe.pipeline.extract import (ExtractConfig, ExtractResult, LoadedBatch, PartBuilder, _extract_part,
+                                     _pieces_of, build_meta, iterate_batches, on_device_ahead, resolve, run_parts)
+from kvpipe.pipeline.transfer import HostCopier, InputUploader
 from kvpipe.pipeline.models import ModelAdapter, load_model
 from kvpipe.pipeline.prefix import apply_prefixes
 from kvpipe.store.schema import FeatureSetMeta, ids_fingerprint, structure_fingerprint
@@ -71,6 +71,7 @@ class PartWorker:
             adapter.accelerate()
         self.adapter = adapter
         self._copier: HostCopier | None = None
+        self._uploader: InputUploader | None = None  # one per worker: its page-locked buffers serve every part
 
     def meta(self) -> FeatureSetMeta:
         d = self.data
@@ -87,13 +88,18 @@ class PartWorker:
         part reuses the host buffers."""
         if self._copier is None:
             self._copier = HostCopier(self.adapter.device)
-        return _extract_part(self.adapter, self.data.records, part, self.cfg, self.sel, result, progress, loader,
-                             self._copier, batches)
+        if self._uploader is None and self.adapter.device.type == "cuda":
+            self._uploader = InputUploader(self.adapter.device, self.adapter.host_inputs)
+        if batches is None:
+            batches = iterate_batches(self.adapter, _pieces_of(self.data.records, part, self.cfg), self.cfg, loader)
+        return _extract_part(self.adapter, self.data.records, part, self.cfg, self.sel, result, progress,
+                             self._copier, on_device_ahead(self.adapter, batches, self._uploader))
 
     def close(self) -> None:
         if self._copier is not None:
             self._copier.close()
             self._copier = None
+        self._uploader = None  # its page-locked buffers go with it
 
     def text(self) -> tuple[list[list[int]], dict[str, np.ndarray]]:
         """Token ids and final-token K/V of the dataset's text queries."""

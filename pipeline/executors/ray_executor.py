@@ -36,8 +36,7 @@ from kvpipe.errors import DataError, KvpipeError, UsageError
 from kvpipe.pipeline.executors.base import (DatasetView, Executor, PartOutcome, PartWorker, ProgressFn,
                                             Session)
 from kvpipe.pipeline.datasets import create_dataset
-from kvpipe.pipeline.extract import (LOADERS, ExtractConfig, ExtractResult, LoadedBatch, _load_batch, _pieces_of,
-                                     on_device_ahead)
+from kvpipe.pipeline.extract import LOADERS, ExtractConfig, ExtractResult, LoadedBatch, _load_batch, _pieces_of
 from kvpipe.pipeline.models import ModelAdapter
 from kvpipe.pipeline.prefix import apply_prefixes
 
@@ -196,7 +195,7 @@ class PartActor:
                     yield _inputs_as(ray.get(ref), _to_torch)
                 except ray.exceptions.RayTaskError as err:
                     raise _cause(err) from None
-        return on_device_ahead(worker.adapter, ordered())
+        return ordered()
 
 
 def _check_address(address: str) -> None:
