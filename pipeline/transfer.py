@@ -220,9 +220,8 @@ class InputUploader:
     queued GPU work, so at every batch start the GPU ran dry while the host staged the
     pixels: the GPU idled 102 ms per LLaVA-OV batch of 8 during an extraction on an H100
     host, 31 ms with this, 1 ms in the bare prefill (``benchmarks/extract_timeline.py``).
-    ``upload`` runs on a thread of its own ahead of the
-    forward pass (``upload_ahead``); inputs named in ``keep`` stay on the host
-    (``ModelAdapter.host_inputs``)."""
+    ``upload`` runs on a thread of its own ahead of the forward pass (``upload_ahead``);
+    inputs named in ``keep`` stay on the host (``ModelAdapter.host_inputs``)."""
 
     def __init__(self, device: torch.device, keep: tuple[str, ...] = ()):
         self.device, self.keep = device, keep
