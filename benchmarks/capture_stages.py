@@ -33,10 +33,10 @@ from typing import Any
 
 import torch
 
-from kvpipe.pipeline.capture import Selection, inputs_to_device
+from kvpipe.pipeline.models.capture import Selection, inputs_to_device
 from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.models import load_model
-from kvpipe.pipeline.transfer import HostCopier
+from kvpipe.pipeline.extraction.transfer import HostCopier
 from kvpipe.store import chunks
 from kvpipe.store.chunks import TokenSegments, write_chunks
 from kvpipe.store.encoding import compressor_for, compressor_meta

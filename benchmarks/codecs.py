@@ -16,10 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numcodecs
 import numpy as np
 
-from kvpipe.pipeline.capture import Selection
+from kvpipe.pipeline.models.capture import Selection
 from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.models import load_model
-from kvpipe.pipeline.transfer import host_view
+from kvpipe.pipeline.extraction.transfer import host_view
 
 BF16 = [("zstd", 1, 1), ("zstd", 3, 1), ("lz4", 1, 1), ("lz4", 1, 2), ("zstd", 1, 2), ("blosclz", 1, 1)]
 INT8 = [("zstd", 1, 0), ("lz4", 1, 0)]

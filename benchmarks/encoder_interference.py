@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from capture_stages import load_batches  # benchmarks/ (this script's folder) is on sys.path
-from kvpipe.pipeline.transfer import HostCopier
+from kvpipe.pipeline.extraction.transfer import HostCopier
 from kvpipe.store.checksum import bytes_crc32c
 from kvpipe.store.chunks import NICE, TokenSegments, blosc_of
 from kvpipe.store.encoding import compressor

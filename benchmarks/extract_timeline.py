@@ -36,9 +36,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from kvpipe.pipeline import extract as ex
-from kvpipe.pipeline.bench import _forward, _settle
+from kvpipe.benchmarks.extract_bench import _forward, _settle
 from kvpipe.pipeline.datasets import create_dataset
-from kvpipe.pipeline.extract import ExtractConfig, ExtractResult, extract
+from kvpipe.pipeline.extraction import ExtractConfig, ExtractResult, extract
 from kvpipe.pipeline.models import load_model
 from kvpipe.store.chunks import blosc_of
 from kvpipe.store.encoding import compressor

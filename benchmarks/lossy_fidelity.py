@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvpipe.pipeline.extract import ExtractConfig, extract
+from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.probes import PROBES
 from kvpipe.probes.runner import run_probe
 from kvpipe.store import FeatureStore

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kvpipe.pipeline.extract import ExtractConfig, extract
+from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.store import FeatureStore
 
 

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kvpipe.pipeline.capture import Selection, gather_batch, inputs_to_device
+from kvpipe.pipeline.models.capture import Selection, gather_batch, inputs_to_device
 from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.models.llava_next import SIZES_ON_HOST, LlavaNextAdapter

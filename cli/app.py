@@ -82,7 +82,7 @@ def extract(
 ) -> None:
     """Run the model once per image and store every layer's and head's image K/V."""
     from kvpipe.cli.progress import extraction_progress
-    from kvpipe.pipeline.extract import ExtractConfig, extract as run_extract
+    from kvpipe.pipeline.extraction import ExtractConfig, extract as run_extract
 
     cfg = ExtractConfig(model=model, dataset=dataset, out=str(out), data_root=data_root, split=split,
                         limit=limit, init=init, revision=revision, dtype=dtype, device=device,

@@ -32,7 +32,7 @@ def bench_extract_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
 ) -> None:
     """Floor (model prefill), kvpipe extraction and a hand-written loop on the same images."""
-    from kvpipe.pipeline.bench import BenchConfig, bench_extract
+    from kvpipe.benchmarks.extract_bench import BenchConfig, bench_extract
 
     cfg = BenchConfig(model=model, init=init, dtype=dtype, device=device, size=size, images=images,
                       batch_size=batch_size, part_size=part_size, naive_images=naive_images, kinds=kinds,

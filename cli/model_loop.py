@@ -1,6 +1,6 @@
 """``kvpipe answer`` and ``kvpipe intervene``: the commands that need the model in the loop.
 
-Thin: options -> ``kvpipe.pipeline.evaluate`` / ``kvpipe.pipeline.intervene``; benchmarks come
+Thin: options -> ``kvpipe.pipeline.evaluation.evaluate`` / ``kvpipe.pipeline.evaluation.intervene``; benchmarks come
 from the ``BENCHMARKS`` registry by name. Registered on the main app by ``register(app)``.
 """
 
@@ -51,7 +51,7 @@ def _benchmark(name: str, data_root: Optional[str], split: Optional[str], limit:
 
 
 def _max_new_tokens(bench: Any, given: Optional[int]) -> int:
-    from kvpipe.pipeline.answer import DEFAULT_MAX_NEW_TOKENS
+    from kvpipe.pipeline.evaluation.answer import DEFAULT_MAX_NEW_TOKENS
 
     if given is not None:
         if given < 1:
@@ -94,7 +94,7 @@ def answer(
     option: list[str] = BENCHMARK_OPTION,
 ) -> None:
     """Answer a benchmark's questions with the model (greedy); write answers and scores."""
-    from kvpipe.pipeline.evaluate import evaluate
+    from kvpipe.pipeline.evaluation.evaluate import evaluate
     from kvpipe.pipeline.models import load_model
 
     _check_batch(batch_size)
@@ -139,8 +139,8 @@ def intervene(
     option: list[str] = BENCHMARK_OPTION,
 ) -> None:
     """Knock-out: the benchmark with text queries blocked from a head set's image keys, and without."""
-    from kvpipe.pipeline.head_sets import HEAD_SETS
-    from kvpipe.pipeline.intervene import knockout_condition, run_intervention
+    from kvpipe.pipeline.evaluation.head_sets import HEAD_SETS
+    from kvpipe.pipeline.evaluation.intervene import knockout_condition, run_intervention
     from kvpipe.pipeline.models import load_model
     from kvpipe.probes.runner import results_dir
     from kvpipe.store import FeatureStore

@@ -1,7 +1,7 @@
-"""Probes: read a feature store (never a model), sweep (layer, head, kind), tabulate, plot."""
+"""Probes: read a feature store (never a model), sweep (layer, head, kind), tabulate, plot.
 
-from kvpipe.probes import cosegmentation, fg_seg, input_agnostic, refexp_seg, semantic_corr, semantic_seg, temporal_corr  # noqa: F401  (register)
-from kvpipe.probes import art_style, spair_vqa, visual_similarity  # noqa: F401  (register the paired tasks)
+Each probe is one module, looked up by name in ``PROBES`` and imported when first used."""
+
 from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.probes.runner import ProbeRun, run_probe
 

@@ -79,9 +79,8 @@ class ReferenceChoice(PairedProbe):
         return {"chance_accuracy": float(np.mean(1.0 / self.n_options))}
 
 
-@PROBES.register("art-style")
+@PROBES.register
 class ArtStyle(ReferenceChoice):
-    name = "art-style"
     description = "BLINK Art_Style from image values: mean-pooled tokens, option most cosine-similar to the reference"
     subtask = "Art_Style"
     extract_hint = "extract with --dataset blink --option subtask=Art_Style (or subtask=paired)"

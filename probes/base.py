@@ -28,7 +28,7 @@ class Target:
 
 
 class Probe:
-    """Base class; subclasses register with ``@PROBES.register(name)``."""
+    """Base class; subclasses register with ``@PROBES.register`` (named after their module)."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -83,4 +83,9 @@ class Probe:
         return [], []
 
 
-PROBES: Registry[type[Probe]] = Registry("task", "--task")
+# The catalog: one module per probe, named after the module (fg_seg -> "fg-seg"), imported
+# when first used; the last three are the paired tasks of the paper's Table 5.
+PROBES: Registry[type[Probe]] = Registry(
+    "task", "--task", package="kvpipe.probes",
+    modules=("cosegmentation", "fg_seg", "input_agnostic", "refexp_seg", "semantic_corr", "semantic_seg",
+             "temporal_corr", "art_style", "spair_vqa", "visual_similarity"))

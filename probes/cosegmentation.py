@@ -120,9 +120,8 @@ def foreground_clusters(labels: Sequence[np.ndarray], borders: Sequence[np.ndarr
     return np.flatnonzero(votes >= np.ceil(len(labels) * votes_percentage / 100))
 
 
-@PROBES.register("cosegmentation")
+@PROBES.register
 class CoSegmentation(Probe):
-    name = "cosegmentation"
     description = "co-segmentation of image sets by k-means over their tokens (Amir et al. 2022), J_m (MSRC)"
     primary_metric = "J_m"
     defaults = {"elbow": 0.975, "max_clusters": 14, "votes_percentage": 75, "sample_interval": 10,

@@ -40,9 +40,8 @@ class Episode:
     class_id: int
 
 
-@PROBES.register("fg-seg")
+@PROBES.register
 class ForegroundSegmentation(Probe):
-    name = "fg-seg"
     description = "few-shot foreground segmentation: logistic regression on support tokens, mIoU (Pascal-5i)"
     primary_metric = "mIoU"
     defaults = {"shots": 5, "C": 1.0, "threshold": 0.5, "max_iter": 50}

@@ -30,9 +30,8 @@ from kvpipe.probes.variance import bimodal_threshold, l2_variance, l2_variance_p
 from kvpipe.store.manifest import ImageRow
 
 
-@PROBES.register("input-agnostic")
+@PROBES.register
 class InputAgnostic(Probe):
-    name = "input-agnostic"
     description = "L2 variance of image keys across images per head; bimodal threshold"
     kinds = ("keys",)
     baseline = False

@@ -24,9 +24,8 @@ from kvpipe.probes.grounding import TextGroundedProbe, check_threshold
 from kvpipe.probes.tokens import IGNORE
 
 
-@PROBES.register("refexp-seg")
+@PROBES.register
 class ReferringExpressionSegmentation(TextGroundedProbe):
-    name = "refexp-seg"
     description = "referring-expression segmentation: tokens . expression token, mIoU (RefCOCO)"
     example = "refcoco or synthetic"
     version = 1

@@ -92,9 +92,8 @@ def base_segment(row: ImageRow) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- probe
-@PROBES.register("semantic-corr")
+@PROBES.register
 class SemanticCorrespondence(Probe):
-    name = "semantic-corr"
     description = "keypoint transfer by nearest token (cosine), PCK@alpha of the target bbox (SPair-71k)"
     primary_metric = "pck"
     # search: the nearest-neighbour backend (probes/neighbours.py); every backend is exact

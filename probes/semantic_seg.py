@@ -27,9 +27,8 @@ from kvpipe.probes.metrics.segmentation import ClassIoU, confusion
 from kvpipe.probes.tokens import IGNORE, class_map, classes_present
 
 
-@PROBES.register("semantic-seg")
+@PROBES.register
 class SemanticSegmentation(TextGroundedProbe):
-    name = "semantic-seg"
     description = "zero-shot semantic segmentation: tokens . class-name token, mIoU (ImageNet-S)"
     example = "imagenet-s or synthetic"
     version = 1

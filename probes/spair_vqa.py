@@ -29,9 +29,8 @@ from kvpipe.probes.paired import PairedProbe, cosine_choice
 from kvpipe.probes.semantic_corr import base_segment, pixel_to_token
 
 
-@PROBES.register("spair-vqa")
+@PROBES.register
 class SPairVQAProbe(PairedProbe):
-    name = "spair-vqa"
     description = "SPair-71k 4-choice correspondence from image values: candidate token nearest the source token"
     benchmark = "spair-vqa"
     extract_hint = "extract with --dataset spair-vqa (the same options as kvpipe answer --benchmark spair-vqa)"

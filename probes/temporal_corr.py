@@ -17,9 +17,8 @@ from kvpipe.probes.metrics.davis import evaluate_video, summarize
 from kvpipe.probes.propagation import labels_to_grid, propagate_video, upsample_to_mask
 
 
-@PROBES.register("temporal-corr")
+@PROBES.register
 class TemporalCorrespondence(Probe):
-    name = "temporal-corr"
     description = "video label propagation from frame 0, J&F (DAVIS protocol)"
     primary_metric = "JF_mean"
     defaults = {"n_last_frames": 7, "size_mask_neighborhood": 12, "topk": 5, "temperature": 0.1}

@@ -11,9 +11,8 @@ from kvpipe.probes.art_style import ReferenceChoice
 from kvpipe.probes.base import PROBES
 
 
-@PROBES.register("visual-similarity")
+@PROBES.register
 class VisualSimilarity(ReferenceChoice):
-    name = "visual-similarity"
     description = ("BLINK Visual_Similarity from image values: mean-pooled tokens, option most cosine-similar "
                    "to the reference")
     subtask = "Visual_Similarity"

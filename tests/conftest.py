@@ -25,7 +25,7 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: str | 
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory) -> Path:
     """tiny-qwen25vl over the default synthetic dataset (4 videos x 6 frames)."""
-    from kvpipe.pipeline.extract import ExtractConfig, extract
+    from kvpipe.pipeline.extraction import ExtractConfig, extract
 
     out = tmp_path_factory.mktemp("stores") / "synthetic"
     extract(ExtractConfig(model="tiny-qwen25vl", dataset="synthetic", out=str(out), batch_size=4, part_size=8))

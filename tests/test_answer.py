@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kvpipe.pipeline.answer import answer_items, generate
+from kvpipe.pipeline.evaluation.answer import answer_items, generate
 from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.vqa.base import BENCHMARKS, Benchmark, VQAItem
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from kvpipe.pipeline.bench import BenchConfig, bench_extract
+from kvpipe.benchmarks.extract_bench import BenchConfig, bench_extract
 
 RUNS = ("floor-hf", "floor-kvpipe", "kvpipe", "kvpipe-lz4bit", "kvpipe-int8", "naive")
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 from conftest import run_cli
 from kvpipe.errors import StoreError, UsageError
-from kvpipe.pipeline.capture import Selection, run_capture
-from kvpipe.pipeline.extract import ExtractConfig, extract
+from kvpipe.pipeline.models.capture import Selection, run_capture
+from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.pipeline.models import MODELS, load_model
 from kvpipe.store import FeatureStore
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from kvpipe.errors import DataError, StoreError, UsageError
-from kvpipe.pipeline.capture import Selection, run_capture
+from kvpipe.pipeline.models.capture import Selection, run_capture
 from kvpipe.pipeline.datasets import create_dataset
-from kvpipe.pipeline.extract import ExtractConfig, extract, parse_index_spec
+from kvpipe.pipeline.extraction import ExtractConfig, extract
+from kvpipe.pipeline.extraction.config import parse_index_spec
 from kvpipe.pipeline.models import load_model
 from kvpipe.store import FeatureStore
 from kvpipe.store import layout

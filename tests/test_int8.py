@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvpipe.pipeline.capture import quantize_int8 as quantize_on_device
-from kvpipe.pipeline.extract import ExtractConfig, extract
+from kvpipe.pipeline.models.capture import quantize_int8 as quantize_on_device
+from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.probes.runner import run_probe
 from kvpipe.store import FeatureStore
 from kvpipe.store.verify import verify_store

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from kvpipe.errors import UsageError
-from kvpipe.pipeline.head_sets import (HEAD_SETS, VarianceTable, layer_range, read_variance_table,
+from kvpipe.pipeline.evaluation.head_sets import (HEAD_SETS, VarianceTable, layer_range, read_variance_table,
                                        select_heads)
-from kvpipe.pipeline.knockout import knockout, query_heads
+from kvpipe.pipeline.evaluation.knockout import knockout, query_heads
 from kvpipe.pipeline.models import load_model
 
 FAMILIES = ["tiny-qwen25vl", "tiny-llava-next-llama3", "tiny-llava-ov"]

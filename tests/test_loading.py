@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from kvpipe.errors import ModelError, UsageError
-from kvpipe.pipeline.capture import Selection, run_capture
+from kvpipe.pipeline.models.capture import Selection, run_capture
 from kvpipe.pipeline.models import MODELS, load_model
 
 TINY = MODELS.names("tiny-*")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kvpipe.errors import StoreError
-from kvpipe.pipeline.extract import ExtractConfig, extract
+from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.store import FeatureStore, layout
 from kvpipe.store.fs import ObjectLocation
 from kvpipe.store.verify import verify_store

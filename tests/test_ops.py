@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvpipe.errors import DataError, StoreError, UsageError
-from kvpipe.pipeline.extract import ExtractConfig, extract
+from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.store import layout
 from kvpipe.store.status import FailureLog, store_status
 from kvpipe.store.fs import open_location

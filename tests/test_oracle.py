@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kvpipe.pipeline.capture import Selection, run_capture
+from kvpipe.pipeline.models.capture import Selection, run_capture
 from kvpipe.pipeline.models import load_model
 
 TINY = ["tiny-qwen25vl", "tiny-qwen2vl", "tiny-llava-ov", "tiny-llava-next-llama3"]

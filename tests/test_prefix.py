@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from kvpipe.errors import DataError, StoreError, UsageError
-from kvpipe.pipeline.capture import Selection, run_capture
+from kvpipe.pipeline.models.capture import Selection, run_capture
 from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.datasets.bdd10k import domain_text
-from kvpipe.pipeline.extract import ExtractConfig, extract
+from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.pipeline.models import load_model
-from kvpipe.pipeline.prefix import RANDOM_PREFIX, resolve_prefixes
+from kvpipe.pipeline.extraction.prefix import RANDOM_PREFIX, resolve_prefixes
 from kvpipe.store import FeatureStore
 from kvpipe.store.schema import FeatureSetMeta
 

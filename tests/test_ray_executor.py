@@ -13,7 +13,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from kvpipe.pipeline.extract import ExtractConfig, extract  # noqa: E402
+from kvpipe.pipeline.extraction import ExtractConfig, extract  # noqa: E402
 
 from storecmp import assert_identical_stores  # noqa: E402
 
@@ -104,14 +104,14 @@ def test_loaded_batches_reach_the_actor_without_a_copy(ray_session):
     import torch
 
     from kvpipe.pipeline.datasets import create_dataset
-    from kvpipe.pipeline.executors.ray_executor import _inputs_as, _to_numpy, _to_torch
-    from kvpipe.pipeline.extract import _load_batch
+    from kvpipe.pipeline.extraction.ray_executor import _inputs_as, _to_numpy, _to_torch
+    from kvpipe.pipeline.extraction.loading import load_batch
     from kvpipe.pipeline.models import load_model
 
     adapter = load_model("tiny-qwen25vl")
     records = create_dataset("synthetic", limit=2).records()
     cfg = ExtractConfig(out="unused", **KW)
-    loaded = _load_batch(adapter, list(enumerate(records)), cfg)
+    loaded = load_batch(adapter, list(enumerate(records)), cfg)
     back = ray.get(ray.put(_inputs_as(loaded, _to_numpy)))
     pixels = back.batch.inputs["pixel_values"]
     assert not pixels.flags.writeable, "a read-only view of the object store, not a copy"

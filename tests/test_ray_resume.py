@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from kvpipe.pipeline.extract import ExtractConfig, extract  # noqa: E402
+from kvpipe.pipeline.extraction import ExtractConfig, extract  # noqa: E402
 from kvpipe.store import layout  # noqa: E402
 
 from storecmp import assert_identical_stores  # noqa: E402

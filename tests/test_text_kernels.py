@@ -10,7 +10,7 @@ from PIL import Image
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
-from kvpipe.pipeline.capture import Selection, run_capture
+from kvpipe.pipeline.models.capture import Selection, run_capture
 from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.models import text_kernels
 from kvpipe.pipeline.models.text_kernels import Fused, fuse_decoder_kernels, rms_norm, silu_mul

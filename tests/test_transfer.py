@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvpipe.pipeline.extract import PartBuilder
-from kvpipe.pipeline.transfer import HostCopier, HostBufferPool, upload_ahead
+from kvpipe.pipeline.extraction.parts import PartBuilder
+from kvpipe.pipeline.extraction.transfer import HostCopier, HostBufferPool, upload_ahead
 from kvpipe.store import FeatureStore
 
 
@@ -110,7 +110,7 @@ def test_direct_chunk_read_equals_zarr(synthetic_store):
 
 
 def test_loader_processes_give_the_same_store(tmp_path):
-    from kvpipe.pipeline.extract import ExtractConfig, extract
+    from kvpipe.pipeline.extraction import ExtractConfig, extract
 
     stores = []
     for name, procs in (("threads", 0), ("processes", 2)):
@@ -150,7 +150,7 @@ def test_pinned_buffers_are_unregistered_when_freed():
     import gc
     import mmap
 
-    from kvpipe.pipeline.transfer import on_pin_thread, pinned_host_buffer
+    from kvpipe.pipeline.extraction.transfer import on_pin_thread, pinned_host_buffer
 
     n = 1 << 20
     buf, registered = pinned_host_buffer(n, torch.bfloat16)
@@ -172,7 +172,7 @@ def test_pinned_buffers_are_unregistered_when_freed():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_inputs_uploaded_ahead_equal_a_plain_copy():
-    from kvpipe.pipeline.transfer import InputUploader
+    from kvpipe.pipeline.extraction.transfer import InputUploader
 
     uploader = InputUploader(torch.device("cuda"), keep=("image_sizes",))
     ids = torch.arange(40).view(4, 10)[:, :7]  # a slice, as the processor's cut leaves it
@@ -188,7 +188,7 @@ def test_inputs_uploaded_ahead_equal_a_plain_copy():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_pinned_buffer_taken_under_inference_mode_is_writable_outside_it():
-    from kvpipe.pipeline.transfer import pinned_host_buffer
+    from kvpipe.pipeline.extraction.transfer import pinned_host_buffer
 
     with torch.inference_mode():
         buf, _ = pinned_host_buffer(1 << 20, torch.uint8)

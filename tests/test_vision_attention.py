@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kvpipe.pipeline.capture import Selection, run_capture
+from kvpipe.pipeline.models.capture import Selection, run_capture
 from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.models.vision_attention import segment_runs, varlen_attention
 

@@ -1,4 +1,4 @@
-"""Dataset adapters: importing this package registers every built-in dataset.
+"""Dataset adapters, looked up by name in ``DATASETS`` (each imported when first used).
 
 ``create_dataset`` is the one way the CLI and library build an adapter, so a missing
 --data-root or a misspelt option gets the same one-line UsageError everywhere.
@@ -6,17 +6,15 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from kvpipe.errors import UsageError
-from kvpipe.registry import keyword_options
+from kvpipe.registry import create, keyword_options
 from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord, load_palette_mask
-from kvpipe.pipeline.datasets import bdd10k, coco, davis, folder, imagenet_s, msrc, pascal5i, refcoco, spair, synthetic  # noqa: F401  (registers the adapters)
-from kvpipe.pipeline.datasets import blink, spair_vqa  # noqa: F401  (paired tasks: BLINK and SPair-as-VQA images)
 
 __all__ = ["DATASETS", "Annotation", "DatasetAdapter", "ImageRecord", "create_dataset", "dataset_options",
            "load_palette_mask"]
+
 
 def dataset_options(cls: type[DatasetAdapter]) -> dict[str, Any]:
     """The adapter's keyword options and their defaults (beyond root, split and limit)."""
@@ -30,10 +28,4 @@ def create_dataset(name: str, root: str | None = None, split: str | None = None,
     if cls.needs_root and root is None:
         hint = getattr(cls, "root_hint", "the dataset's directory in its official layout")
         raise UsageError(f"--data-root is required for dataset {name!r}; point it at {hint}")
-    known = dataset_options(cls)
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
-    unknown = sorted(set(options) - set(known))
-    if unknown and not takes_any:
-        listed = ", ".join(known) if known else "none"
-        raise UsageError(f"dataset {name!r} has no option {unknown[0]!r}; its options: {listed}")
-    return cls(root=root, split=split, limit=limit, **options)
+    return create(DATASETS, name, root=root, split=split, limit=limit, **options)

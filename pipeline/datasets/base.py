@@ -119,7 +119,12 @@ class DatasetAdapter:
         return {"name": self.name, "root": self.root, "split": self.split, "limit": self.limit}
 
 
-DATASETS: Registry[type[DatasetAdapter]] = Registry("dataset", "--dataset")
+# The catalog: one module per dataset, named after the module (imagenet_s -> "imagenet-s");
+# imported when first used. blink and spair_vqa hold the paired tasks' images.
+DATASETS: Registry[type[DatasetAdapter]] = Registry(
+    "dataset", "--dataset", package="kvpipe.pipeline.datasets",
+    modules=("bdd10k", "blink", "coco", "davis", "folder", "imagenet_s", "msrc", "pascal5i", "refcoco", "spair",
+             "spair_vqa", "synthetic"))
 
 
 def read_mask_image(path: str | Path, what: str = "mask file") -> tuple[str, np.ndarray]:

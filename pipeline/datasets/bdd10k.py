@@ -109,11 +109,10 @@ def read_frame_tags(path: Path) -> dict[str, dict[str, Any]]:
     return tags
 
 
-@DATASETS.register("bdd10k")
+@DATASETS.register
 class Bdd10kDataset(DatasetAdapter):
     """BDD100K 10K sem_seg images of a split with trainId masks and frame tags, optionally filtered."""
 
-    name = "bdd10k"
     tasks = ("semantic-seg", "input-agnostic")
     needs_root = True
     root_hint = "the folder holding bdd100k/images/10k and bdd100k/labels/sem_seg (or bdd100k/ itself)"

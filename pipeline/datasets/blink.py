@@ -54,11 +54,10 @@ def _source(loader: Any, image_id: str) -> str:
     return f"{path}#row={row}&column={column}" if path is not None else f"blink:{image_id}"
 
 
-@DATASETS.register("blink")
+@DATASETS.register
 class BLINKImages(DatasetAdapter):
     """Every image of the chosen BLINK reference-and-options sub-tasks."""
 
-    name = "blink"
     tasks = ("art-style", "visual-similarity", "input-agnostic")
     needs_root = True
     root_hint = BLINK.root_hint

@@ -19,11 +19,10 @@ from kvpipe.pipeline.datasets.folder import open_image
 EXTENSIONS = (".jpg", ".jpeg")
 
 
-@DATASETS.register("coco")
+@DATASETS.register
 class CocoDataset(DatasetAdapter):
     """The images of <root>/<split>/ (default val2017), ids = file stems."""
 
-    name = "coco"
     tasks = ("input-agnostic",)
     needs_root = True
     root_hint = "the COCO folder holding val2017/ (or train2014/, ...) with the .jpg images"

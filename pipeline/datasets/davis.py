@@ -58,11 +58,10 @@ def _annotation(root: Path, seq: str, mask: Path | None) -> Annotation:
                       {"sequence": seq, "mask_file": mask.relative_to(root).as_posix()})
 
 
-@DATASETS.register("davis")
+@DATASETS.register
 class DavisDataset(DatasetAdapter):
     """Every frame of every sequence of a DAVIS-2017 split, with its object mask when it has one."""
 
-    name = "davis"
     tasks = ("temporal-corr", "input-agnostic")
     needs_root = True
     root_hint = "the DAVIS-2017 folder holding JPEGImages/, Annotations/ and ImageSets/"

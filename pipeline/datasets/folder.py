@@ -39,11 +39,10 @@ def list_images(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-@DATASETS.register("folder")
+@DATASETS.register
 class FolderDataset(DatasetAdapter):
     """Images under --data-root, ids = their paths relative to it; no annotations."""
 
-    name = "folder"
     tasks = ("input-agnostic",)
     needs_root = True
     root_hint = "a directory of images (searched recursively)"

@@ -95,11 +95,10 @@ def _search_dirs(root: Path, base: Path) -> list[Path]:
     return list(dict.fromkeys((root, base, base.parent)))
 
 
-@DATASETS.register("imagenet-s")
+@DATASETS.register
 class ImageNetSDataset(DatasetAdapter):
     """Every image of an ImageNet-S split with its semantic mask; class names as text queries."""
 
-    name = "imagenet-s"
     tasks = ("semantic-seg", "input-agnostic")
     needs_root = True
     root_hint = "the folder holding ImageNetS50/, ImageNetS300/ or ImageNetS919/ (or one of them)"

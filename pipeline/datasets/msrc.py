@@ -67,11 +67,10 @@ def parse_sets(value: Any) -> list[str] | None:
     return sorted(set(names))
 
 
-@DATASETS.register("msrc")
+@DATASETS.register
 class MsrcDataset(DatasetAdapter):
     """Every image of every co-segmentation set under --data-root, with its binary object mask."""
 
-    name = "msrc"
     tasks = ("cosegmentation", "input-agnostic")
     needs_root = True
     root_hint = "the folder holding one folder per image set, each with its images and a GroundTruth/ folder"

@@ -84,11 +84,10 @@ def read_fold_list(path: Path, classes: list[int], images: set[str]) -> list[tup
     return sorted(set(pairs))
 
 
-@DATASETS.register("pascal5i")
+@DATASETS.register
 class Pascal5iDataset(DatasetAdapter):
     """Query and support images of Pascal-5i test episodes of one fold, with their VOC class masks."""
 
-    name = "pascal5i"
     tasks = ("fg-seg", "input-agnostic")
     needs_root = True
     root_hint = "the folder holding VOCdevkit/VOC2012 (JPEGImages/, SegmentationClass[Aug]/, ImageSets/)"

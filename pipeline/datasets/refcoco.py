@@ -226,11 +226,10 @@ class _Image:
     queries: tuple[tuple[int, ...], ...]  # per label: indices into text_queries()
 
 
-@DATASETS.register("refcoco")
+@DATASETS.register
 class RefCocoDataset(DatasetAdapter):
     """Images of a RefCOCO (UNC) split with one mask label per referred object."""
 
-    name = "refcoco"
     tasks = ("refexp-seg", "input-agnostic")
     needs_root = True
     root_hint = (f"the refer toolkit's data folder holding {DATASET_DIR}/{REFS_FILE}, "

@@ -125,11 +125,10 @@ def _n_pairs_option(value: Any) -> int | None:
     return value
 
 
-@DATASETS.register("spair")
+@DATASETS.register
 class SPairDataset(DatasetAdapter):
     """The images of SPair-71k pairs, with the pairs' keypoints as dataset structure."""
 
-    name = "spair"
     tasks = ("semantic-corr", "input-agnostic")
     needs_root = True
     root_hint = f"the folder holding {DATASET_DIR}/ (with JPEGImages/, PairAnnotation/ and Layout/)"

@@ -33,11 +33,10 @@ def question_entry(item: VQAItem) -> dict[str, Any]:
             "answer": LABELS.index(item.answer), "target_bbox": list(m["target_bbox"])}
 
 
-@DATASETS.register("spair-vqa")
+@DATASETS.register
 class SPairVQAImages(DatasetAdapter):
     """The unmarked images of the SPair-as-VQA questions, with the questions as structure."""
 
-    name = "spair-vqa"
     tasks = ("spair-vqa", "input-agnostic")
     needs_root = True
     root_hint = SPairVQA.root_hint

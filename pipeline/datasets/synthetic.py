@@ -341,11 +341,10 @@ def _check_positive(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
-@DATASETS.register("synthetic")
+@DATASETS.register
 class SyntheticDataset(DatasetAdapter):
     """Moving textured shapes; default 4 videos x 6 frames of 224x168 (deliberately not square)."""
 
-    name = "synthetic"
     tasks = ("temporal-corr", "input-agnostic", "fg-seg", "cosegmentation", "semantic-seg", "refexp-seg",
              "semantic-corr")
     needs_root = False

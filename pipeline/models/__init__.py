@@ -1,8 +1,23 @@
-"""Model adapters: one file per MLM family, looked up by name in ``MODELS``."""
+"""Model adapters: one file per MLM family, looked up by name in ``MODELS`` (the catalog).
 
-from kvpipe.pipeline.models import llava_next, llava_ov, qwen2vl, qwen25vl  # noqa: F401  (register)
-from kvpipe.pipeline.models import clip, dino, dinov2, siglip  # noqa: F401  (vision-encoder baselines)
-from kvpipe.pipeline.models.base import MODELS, Batch, ModelAdapter, Segment, TokenLayout
-from kvpipe.pipeline.models.loading import load_model
+The package imports nothing heavy by itself: ``MODELS`` (catalog) lists names without torch or
+transformers; the adapter contract and ``load_model`` import torch when first touched.
+"""
 
-__all__ = ["MODELS", "Batch", "ModelAdapter", "Segment", "TokenLayout", "load_model"]
+from __future__ import annotations
+
+from typing import Any
+
+from kvpipe.pipeline.models.catalog import MODELS, ModelEntry
+
+__all__ = ["MODELS", "Batch", "ModelAdapter", "ModelEntry", "Segment", "TokenLayout", "load_model"]
+
+_LAZY = {"Batch": "base", "ModelAdapter": "base", "Segment": "base", "TokenLayout": "base", "load_model": "loading"}
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: torch is imported on first use, not by `import`
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

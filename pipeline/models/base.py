@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from kvpipe.errors import ModelError, UsageError
-from kvpipe.registry import Registry
+from kvpipe.pipeline.models.capture import gather_batch
 from kvpipe.store.schema import POST_PROJ
 
 TEMPLATES = ("chat", "none")
@@ -75,20 +75,6 @@ class Batch:
     inputs: dict[str, Any]
     layouts: list[TokenLayout]
     prefix_ids: list[list[int]]  # the token ids before each image's first image token
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """A registry entry: which adapter, which checkpoint, which config preset for random init."""
-
-    adapter: type["ModelAdapter"]
-    checkpoint: str | None  # default hub id; None for tiny presets (always built in code)
-    preset: Callable[[], Any]  # returns the transformers config for init="random"
-    description: str = ""
-    tiny: bool = False
-
-
-MODELS: Registry[ModelEntry] = Registry("model", "--model")
 
 
 class ModelAdapter:
@@ -182,7 +168,6 @@ class ModelAdapter:
         """Run one batch and gather every image's features on the device in the store dtype:
         (kind -> tensor with the token axis second to last, tokens per image). An MLM's image
         K/V come from its own cache (``capture.gather_batch``)."""
-        from kvpipe.pipeline.capture import gather_batch
 
         return gather_batch(self, batch, sel, dtype)
 

@@ -10,7 +10,6 @@ from typing import Any
 
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-from kvpipe.pipeline.models.base import MODELS, ModelEntry
 from kvpipe.pipeline.models.encoder import BICUBIC, CLIP_MEAN, CLIP_STD, VisionEncoderAdapter
 
 
@@ -45,11 +44,3 @@ class ClipEncoderAdapter(VisionEncoderAdapter):
     def decoder_layers(self) -> list[Any]:
         return list(self.model.vision_model.encoder.layers) if hasattr(self.model, "vision_model") \
             else list(self.model.encoder.layers)
-
-
-MODELS.add("clip-vit-l14", ModelEntry(ClipEncoderAdapter, "openai/clip-vit-large-patch14", clip_vit_l14_config,
-                                      "CLIP ViT-L/14 at 224 px, vision tower"))
-MODELS.add("clip-vit-l14-336", ModelEntry(ClipEncoderAdapter, "openai/clip-vit-large-patch14-336",
-                                          lambda: clip_vit_l14_config(336), "CLIP ViT-L/14 at 336 px, vision tower"))
-MODELS.add("tiny-clip", ModelEntry(ClipEncoderAdapter, None, tiny_clip_config,
-                                   "2-block random CLIP vision tower for tests", tiny=True))

@@ -11,7 +11,6 @@ from typing import Any
 
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
-from kvpipe.pipeline.models.base import MODELS, ModelEntry
 from kvpipe.pipeline.models.encoder import BILINEAR, VisionEncoderAdapter
 
 
@@ -43,9 +42,3 @@ class VitEncoderAdapter(VisionEncoderAdapter):
 
     def decoder_layers(self) -> list[Any]:
         return list(self.model.layers) if hasattr(self.model, "layers") else list(self.model.encoder.layer)
-
-
-MODELS.add("dino-vitb16", ModelEntry(VitEncoderAdapter, "facebook/dino-vitb16", dino_vitb16_config,
-                                     "DINO ViT-B/16 at 224 px"))
-MODELS.add("tiny-dino", ModelEntry(VitEncoderAdapter, None, tiny_dino_config,
-                                   "2-block random ViT (DINO architecture) for tests", tiny=True))

@@ -12,7 +12,6 @@ from typing import Any
 
 from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
 
-from kvpipe.pipeline.models.base import MODELS, ModelEntry
 from kvpipe.pipeline.models.encoder import BICUBIC, VisionEncoderAdapter
 
 EVAL_SIDE = 224  # crop_size of facebook/dinov2-*'s preprocessor_config.json
@@ -50,11 +49,3 @@ class Dinov2EncoderAdapter(VisionEncoderAdapter):
 
     def decoder_layers(self) -> list[Any]:
         return list(self.model.encoder.layer)
-
-
-MODELS.add("dinov2-base", ModelEntry(Dinov2EncoderAdapter, "facebook/dinov2-base", lambda: dinov2_config(768, 12, 12),
-                                     "DINOv2 ViT-B/14 at 224 px"))
-MODELS.add("dinov2-large", ModelEntry(Dinov2EncoderAdapter, "facebook/dinov2-large",
-                                      lambda: dinov2_config(1024, 24, 16), "DINOv2 ViT-L/14 at 224 px"))
-MODELS.add("tiny-dinov2", ModelEntry(Dinov2EncoderAdapter, None, tiny_dinov2_config,
-                                     "2-block random DINOv2 for tests", tiny=True))

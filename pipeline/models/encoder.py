@@ -23,6 +23,7 @@ from PIL import Image
 
 from kvpipe.errors import ModelError, UsageError
 from kvpipe.pipeline.models.base import Batch, ModelAdapter, Segment, TokenLayout
+from kvpipe.pipeline.models.capture import gather_hidden
 from kvpipe.store.schema import HIDDEN
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -142,7 +143,6 @@ class VisionEncoderAdapter(ModelAdapter):
             raise UsageError(f"--keys needs an MLM: {name} is a vision encoder and stores no keys")
 
     def gather(self, batch: Batch, sel: Any, dtype: str = "float32") -> tuple[dict[str, torch.Tensor], list[int]]:
-        from kvpipe.pipeline.capture import gather_hidden
 
         return gather_hidden(self, batch, sel, dtype)
 

@@ -18,7 +18,7 @@ from tokenizers import processors
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 from transformers.models.llava_next import modeling_llava_next
 
-from kvpipe.pipeline.models.base import MODELS, ModelAdapter, ModelEntry, Segment
+from kvpipe.pipeline.models.base import ModelAdapter, Segment
 from kvpipe.pipeline.models.tokenizer import build_word_tokenizer
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
@@ -136,9 +136,3 @@ class LlavaNextAdapter(ModelAdapter):
         side = self.side
         rows, cols = self.crops_grid(inputs["image_sizes"][index])
         return (Segment("base", 0, side, side), Segment("crops", side * side, rows, cols, newline=True))
-
-
-MODELS.add("llava-next-llama3", ModelEntry(LlavaNextAdapter, "llava-hf/llama3-llava-next-8b-hf",
-                                           llama3_llava_next_8b_config, "LLaVA-NeXT (LLaVA-1.6) Llama-3 8B"))
-MODELS.add("tiny-llava-next-llama3", ModelEntry(LlavaNextAdapter, None, tiny_llava_next_config,
-                                                "2-layer random LLaVA-NeXT (Llama-3, CLIP) for tests", tiny=True))

@@ -17,7 +17,7 @@ from typing import Any
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_onevision import modeling_llava_onevision
 
-from kvpipe.pipeline.models.base import MODELS, ModelEntry, Segment
+from kvpipe.pipeline.models.base import Segment
 from kvpipe.pipeline.models.llava_next import LlavaNextAdapter
 from kvpipe.pipeline.models.tokenizer import build_word_tokenizer
 
@@ -150,13 +150,3 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             if counts[sample] != 1:  # multi-image sample: base view + one newline, no crops
                 return (Segment("base", 0, side, side), Segment("newline", side * side, 1, 0, newline=True))
         return super().segments(inputs, index, n_tokens)
-
-
-MODELS.add("llava-ov", ModelEntry(LlavaOnevisionAdapter, "llava-hf/llava-onevision-qwen2-7b-ov-hf",
-                                  llava_ov_7b_config, "LLaVA-OneVision Qwen2 7B (ov)"))
-MODELS.add("llava-ov-0.5b", ModelEntry(LlavaOnevisionAdapter, "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
-                                       llava_ov_05b_config, "LLaVA-OneVision Qwen2 0.5B (ov)"))
-MODELS.add("llava-ov-72b", ModelEntry(LlavaOnevisionAdapter, "llava-hf/llava-onevision-qwen2-72b-ov-hf",
-                                      llava_ov_72b_config, "LLaVA-OneVision Qwen2 72B (ov)"))
-MODELS.add("tiny-llava-ov", ModelEntry(LlavaOnevisionAdapter, None, tiny_llava_ov_config,
-                                       "2-layer random LLaVA-OneVision (Qwen2, SigLIP) for tests", tiny=True))

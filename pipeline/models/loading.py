@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from kvpipe.errors import ModelError, UsageError
-from kvpipe.pipeline.models.base import MODELS, ModelAdapter, ModelEntry
+from kvpipe.pipeline.models.base import ModelAdapter
+from kvpipe.pipeline.models.catalog import MODELS, ModelEntry
 
 INITS = ("pretrained", "random")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

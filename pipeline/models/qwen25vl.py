@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from kvpipe.pipeline.models.base import MODELS, ModelEntry
 from kvpipe.pipeline.models.qwen2vl import (Qwen2VLAdapter, qwen7b_text_config, qwen_tokenizer,
                                             special_ids, tiny_text_config)
 
@@ -39,9 +38,3 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
         from transformers import Qwen2_5_VLProcessor
 
         return Qwen2_5_VLProcessor
-
-
-MODELS.add("qwen25vl", ModelEntry(Qwen25VLAdapter, "Qwen/Qwen2.5-VL-7B-Instruct", qwen25vl_7b_config,
-                                  "Qwen2.5-VL 7B Instruct"))
-MODELS.add("tiny-qwen25vl", ModelEntry(Qwen25VLAdapter, None, tiny_qwen25vl_config,
-                                       "2-layer random Qwen2.5-VL for tests and the demo", tiny=True))

@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
-from kvpipe.pipeline.models.base import MODELS, ModelAdapter, ModelEntry, Segment
+from kvpipe.pipeline.models.base import ModelAdapter, Segment
 from kvpipe.pipeline.models.tokenizer import build_word_tokenizer
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -110,9 +110,3 @@ class Qwen2VLAdapter(ModelAdapter):
         t, h, w = (int(x) for x in inputs["image_grid_thw"][index])
         merge = int(self.processor.image_processor.merge_size)
         return (Segment("base", 0, t * h // merge, w // merge),)
-
-
-MODELS.add("qwen2vl", ModelEntry(Qwen2VLAdapter, "Qwen/Qwen2-VL-7B-Instruct", qwen2vl_7b_config,
-                                 "Qwen2-VL 7B Instruct"))
-MODELS.add("tiny-qwen2vl", ModelEntry(Qwen2VLAdapter, None, tiny_qwen2vl_config,
-                                      "2-layer random Qwen2-VL for tests and the demo", tiny=True))

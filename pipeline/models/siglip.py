@@ -11,7 +11,6 @@ from typing import Any
 
 from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-from kvpipe.pipeline.models.base import MODELS, ModelEntry
 from kvpipe.pipeline.models.encoder import BICUBIC, VisionEncoderAdapter
 
 
@@ -45,9 +44,3 @@ class SiglipEncoderAdapter(VisionEncoderAdapter):
     def decoder_layers(self) -> list[Any]:
         return list(self.model.vision_model.encoder.layers) if hasattr(self.model, "vision_model") \
             else list(self.model.encoder.layers)
-
-
-MODELS.add("siglip", ModelEntry(SiglipEncoderAdapter, "google/siglip-so400m-patch14-384", siglip_so400m_384_config,
-                                "SigLIP so400m/14 at 384 px, vision tower (LLaVA-OneVision's, before MLM fine-tuning)"))
-MODELS.add("tiny-siglip", ModelEntry(SiglipEncoderAdapter, None, tiny_siglip_config,
-                                     "2-block random SigLIP vision tower for tests", tiny=True))

@@ -1,23 +1,22 @@
 """Question-answering benchmarks: readers of each benchmark's own files plus its scoring.
 
-Importing this package registers every benchmark in ``BENCHMARKS``; ``create_benchmark`` is
-the one way to build one, so an unknown name or option gets the same one-line UsageError
-everywhere. Nothing here imports torch: the model's answering loop lives elsewhere and calls
-``items()``, ``parse()`` and ``score()``.
+Benchmarks are looked up by name in ``BENCHMARKS`` (each imported when first used);
+``create_benchmark`` is the one way to build one, so an unknown name or option gets the same
+one-line UsageError everywhere. Nothing here imports torch: the model's answering loop lives
+in ``pipeline.evaluation`` and calls ``items()``, ``parse()`` and ``score()``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from kvpipe.errors import UsageError
-from kvpipe.registry import keyword_options
+from kvpipe.registry import create, keyword_options
 from kvpipe.pipeline.vqa.base import BENCHMARKS, Benchmark, VQAItem
-from kvpipe.pipeline.vqa import blink, cvbench, mme, pope, spair_vqa  # noqa: F401  (registers the benchmarks)
 from kvpipe.pipeline.vqa.scoring import paired_rows, paired_table
 
 __all__ = ["BENCHMARKS", "Benchmark", "VQAItem", "benchmark_options", "create_benchmark", "paired_rows",
            "paired_table"]
+
 
 def benchmark_options(cls: type[Benchmark]) -> dict[str, Any]:
     """The benchmark's keyword options and their defaults (beyond root, split and limit)."""
@@ -27,10 +26,4 @@ def benchmark_options(cls: type[Benchmark]) -> dict[str, Any]:
 def create_benchmark(name: str, root: str | None = None, split: str | None = None, limit: int | None = None,
                      **options: Any) -> Benchmark:
     """Build the registered benchmark ``name``; unknown names or options are UsageErrors."""
-    cls = BENCHMARKS.get(name)
-    known = benchmark_options(cls)
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        listed = ", ".join(known) if known else "none"
-        raise UsageError(f"benchmark {name!r} has no option {unknown[0]!r}; its options: {listed}")
-    return cls(root, split=split, limit=limit, **options)
+    return create(BENCHMARKS, name, root, split=split, limit=limit, **options)

@@ -45,7 +45,7 @@ class VQAItem:
 
 
 class Benchmark:
-    """Base class; subclasses register with ``@BENCHMARKS.register(name)``."""
+    """Base class; subclasses register with ``@BENCHMARKS.register`` (named after their module)."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -72,4 +72,6 @@ class Benchmark:
         return {it.qid: self.parse(it, text) == it.answer for it, text in zip(items, texts)}
 
 
-BENCHMARKS: Registry[type[Benchmark]] = Registry("benchmark", "--benchmark")
+# The catalog: one module per benchmark, named after the module, imported when first used.
+BENCHMARKS: Registry[type[Benchmark]] = Registry(
+    "benchmark", "--benchmark", package="kvpipe.pipeline.vqa", modules=("blink", "cvbench", "mme", "pope", "spair_vqa"))

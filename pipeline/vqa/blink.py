@@ -45,11 +45,10 @@ def valid_letters(n_choices: int) -> str:
     return LETTERS[:n_choices] or LETTERS
 
 
-@BENCHMARKS.register("blink")
+@BENCHMARKS.register
 class BLINK(Benchmark):
     """BLINK val questions of the chosen sub-tasks."""
 
-    name = "blink"
     description = "BLINK multiple-choice perception questions, one sub-task per folder (val split)"
     subsets = SUBTASKS
     root_hint = "a copy of BLINK-Benchmark/BLINK with one folder per sub-task (e.g. Art_Style/val-*.parquet)"

@@ -44,11 +44,10 @@ def cv_bench_combined(source_accuracy: dict[str, float]) -> float:
     return ((source_accuracy["ADE20K"] + source_accuracy["COCO"]) / 2 + source_accuracy["Omni3D"]) / 2
 
 
-@BENCHMARKS.register("cvbench")
+@BENCHMARKS.register
 class CVBench(Benchmark):
     """CV-Bench test questions of the chosen tasks."""
 
-    name = "cvbench"
     description = "CV-Bench 2D (Count, Relation) and 3D (Depth, Distance) multiple-choice questions"
     subsets = TASKS
     root_hint = "a copy of nyu-visionx/CV-Bench (test_2d.parquet and test_3d.parquet, or a save_to_disk folder)"

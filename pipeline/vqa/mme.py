@@ -90,11 +90,10 @@ def _answer(value: Any, where: str) -> str:
     return answer
 
 
-@BENCHMARKS.register("mme")
+@BENCHMARKS.register
 class MME(Benchmark):
     """MME from lmms-lab/MME or the original release; items come in image pairs."""
 
-    name = "mme"
     description = "MME yes/no questions, two per image (acc, acc+ and score per category)"
     subsets = CATEGORIES
     root_hint = ("a copy of lmms-lab/MME (data/*.parquet or a save_to_disk folder) or the original "

@@ -94,11 +94,10 @@ def _stem(name: Any) -> str:
     return name.rsplit(".", 1)[0] if name.lower().endswith((".jpg", ".jpeg", ".png")) else name
 
 
-@BENCHMARKS.register("pope")
+@BENCHMARKS.register
 class POPE(Benchmark):
     """POPE random / popular / adversarial, from lmms-lab/POPE or the original JSON files."""
 
-    name = "pope"
     description = "POPE object hallucination yes/no questions (random, popular, adversarial)"
     subsets = SPLITS
     root_hint = ("a copy of lmms-lab/POPE (data/*.parquet, Full/*.parquet or a save_to_disk folder) or the "

@@ -118,11 +118,10 @@ def choose_distractors(points: Sequence[Sequence[float]], gold: int, min_dist: f
     return None
 
 
-@BENCHMARKS.register("spair-vqa")
+@BENCHMARKS.register
 class SPairVQA(Benchmark):
     """SPair-71k correspondence questions drawn as BLINK Semantic_Correspondence questions."""
 
-    name = "spair-vqa"
     description = "SPair-71k keypoint correspondence as BLINK-style 4-choice VQA (REF + A-D markers)"
     root_hint = "the folder holding SPair-71k/ (with JPEGImages/, PairAnnotation/ and Layout/)"
 

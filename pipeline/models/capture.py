@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 
-from kvpipe.pipeline.models.base import Batch, ModelAdapter
 from kvpipe.store.schema import HIDDEN, POST_PROJ
+
+if TYPE_CHECKING:  # the adapter calls into this module; annotations only
+    from kvpipe.pipeline.models.base import Batch, ModelAdapter
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Why threads: the next part's forward passes run while up to two finished parts are being
 compressed and committed by writer threads (zstd and file I/O release the GIL), and the next
-batches are read and preprocessed ahead of the device (``extract.run_parts``).
+batches are read and preprocessed ahead of the device (``PartWorker.run_parts``).
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from kvpipe.errors import UsageError
-from kvpipe.pipeline.executors.base import DatasetView, Executor, PartWorker, ProgressFn, Session
-from kvpipe.pipeline.extract import ExtractConfig, ExtractResult
-from kvpipe.pipeline.models import ModelAdapter
+from kvpipe.pipeline.extraction.config import ExtractConfig, ExtractResult
+from kvpipe.pipeline.extraction.executor import Executor, Session
+from kvpipe.pipeline.extraction.worker import DatasetView, PartWorker, ProgressFn
+from kvpipe.pipeline.models.base import ModelAdapter
 
 
 class LocalSession(Session):
@@ -31,8 +32,6 @@ class LocalSession(Session):
 
 
 class LocalExecutor(Executor):
-    name = "local"
-
     def check(self, cfg: ExtractConfig) -> None:
         if cfg.ray_address or cfg.workers not in (None, 1):
             raise UsageError("--ray-address and --workers need --executor ray")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from kvpipe.pipeline.evaluate import (Condition, EvalResult, evaluate, with_condition,
+from kvpipe.pipeline.evaluation.evaluate import (Condition, EvalResult, evaluate, with_condition,
                                       write_condition_table)
-from kvpipe.pipeline.head_sets import layer_range, read_variance_table, select_heads
+from kvpipe.pipeline.evaluation.head_sets import layer_range, read_variance_table, select_heads
 from kvpipe.pipeline.models.base import ModelAdapter
 from kvpipe.pipeline.vqa.base import Benchmark, VQAItem
 

@@ -33,12 +33,13 @@ import numpy as np
 import torch
 
 from kvpipe.errors import DataError, KvpipeError, UsageError
-from kvpipe.pipeline.executors.base import (DatasetView, Executor, PartOutcome, PartWorker, ProgressFn,
-                                            Session)
 from kvpipe.pipeline.datasets import create_dataset
-from kvpipe.pipeline.extract import LOADERS, ExtractConfig, ExtractResult, LoadedBatch, _load_batch, _pieces_of
-from kvpipe.pipeline.models import ModelAdapter
-from kvpipe.pipeline.prefix import apply_prefixes
+from kvpipe.pipeline.extraction.config import ExtractConfig, ExtractResult
+from kvpipe.pipeline.extraction.executor import Executor, PartOutcome, Session
+from kvpipe.pipeline.extraction.loading import LOADERS, LoadedBatch, load_batch
+from kvpipe.pipeline.extraction.prefix import apply_prefixes
+from kvpipe.pipeline.extraction.worker import DatasetView, PartWorker, ProgressFn
+from kvpipe.pipeline.models.base import ModelAdapter
 
 MAX_RESTARTS = 3  # Ray restarts of one actor process
 MAX_TASK_RETRIES = 3  # Ray re-runs of a part whose actor died mid-call
@@ -74,7 +75,7 @@ def _records_for(cfg: ExtractConfig) -> list:
 def load_piece(prep: ModelAdapter, cfg: ExtractConfig, indices: list[int]) -> LoadedBatch:
     """A Ray task: read and preprocess one batch of images on its own core (outside the actor)."""
     records = _records_for(cfg)
-    return _inputs_as(_load_batch(prep, [(i, records[i]) for i in indices], cfg), _to_numpy)
+    return _inputs_as(load_batch(prep, [(i, records[i]) for i in indices], cfg), _to_numpy)
 
 
 def _to_numpy(v: Any) -> Any:
@@ -149,7 +150,8 @@ class PartActor:
         with self.device_lock:
             res.timed("actor_device_wait", t0)
             t0 = time.perf_counter()
-            builder = worker.extract_part(part, res, None, self.loader, batches)
+            stream = worker.load_part(part, self.loader) if batches is None else worker.stream_for(batches)
+            builder = worker.extract_part(part, res, None, stream)
             res.timed("actor_capture", t0)
         t0 = time.perf_counter()
         out = self.cfg.out
@@ -187,7 +189,7 @@ class PartActor:
                 self._prep = ray.put(worker.adapter.preprocessor())
                 self._load_task = ray.remote(num_cpus=cpus, scheduling_strategy=here, max_retries=2)(load_piece)
         refs = [self._load_task.remote(self._prep, self.cfg, [i for i, _ in piece])
-                for piece in _pieces_of(worker.data.records, part, self.cfg)]
+                for piece in worker.pieces(part)]
 
         def ordered() -> Iterator[LoadedBatch]:
             for ref in refs:
@@ -372,8 +374,6 @@ class RaySession(Session):
 
 
 class RayExecutor(Executor):
-    name = "ray"
-
     def check(self, cfg: ExtractConfig) -> None:
         _import_ray()
         if cfg.workers is not None and cfg.workers < 1:

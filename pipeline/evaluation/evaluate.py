@@ -24,7 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from kvpipe.errors import UsageError
-from kvpipe.pipeline.answer import answer_items
+from kvpipe.pipeline.evaluation.answer import answer_items
 from kvpipe.pipeline.models.base import ModelAdapter
 from kvpipe.pipeline.vqa.base import Benchmark, VQAItem
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from kvpipe.errors import DataError, KvpipeError
-from kvpipe.pipeline.capture import inputs_to_device
-from kvpipe.pipeline.knockout import knockout as knockout_ctx
+from kvpipe.pipeline.models.capture import inputs_to_device
+from kvpipe.pipeline.evaluation.knockout import knockout as knockout_ctx
 from kvpipe.pipeline.models.base import ModelAdapter
 from kvpipe.pipeline.vqa.base import VQAItem
 
@@ -62,7 +62,7 @@ def answer_items(adapter: ModelAdapter, items: Sequence[VQAItem], max_new_tokens
     """The model's generated text per question id, in batches of ``batch_size`` questions.
 
     ``knockout``: (layer, kv_head) pairs whose image keys text queries may not attend to
-    (see ``kvpipe.pipeline.knockout``); None or empty runs the unmodified model.
+    (see ``kvpipe.pipeline.evaluation.knockout``); None or empty runs the unmodified model.
     ``progress(n)`` after each batch of n questions; ``on_batch(answers)`` gets each batch's
     answers as soon as they exist (the caller's resume log).
     """

@@ -32,10 +32,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kvpipe.pipeline.capture import Selection, inputs_to_device, model_cache
+from kvpipe.pipeline.models.capture import Selection, inputs_to_device, model_cache
 from kvpipe.pipeline.datasets import create_dataset
-from kvpipe.pipeline.executors.base import PartWorker
-from kvpipe.pipeline.extract import ExtractConfig, extract, parse_index_spec, parse_kinds
+from kvpipe.pipeline.extraction.worker import PartWorker
+from kvpipe.pipeline.extraction import ExtractConfig, extract
+from kvpipe.pipeline.extraction.config import parse_index_spec, parse_kinds
 from kvpipe.pipeline.models import load_model
 from kvpipe.store.encoding import stored_dim
 from kvpipe.store.schema import HIDDEN, POST_PROJ

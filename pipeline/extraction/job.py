@@ -1,9 +1,10 @@
-"""Executors run an extraction's parts: ``local`` (this process) or ``ray`` (a Ray cluster).
+"""The extraction job: dataset -> model -> feature store, resumable part by part.
 
-Why a registry: ``--executor NAME`` looks the executor up like models and datasets; adding
-one (e.g. a batch scheduler) is one file and one ``EXECUTORS.add``. ``run_job`` is the part
-every executor shares: open or resume the store, optionally repair it, run the pending parts,
-commit the text queries, keep the failure log. ``extract()`` calls it.
+Why parts: a part (a fixed slice of the dataset's order) is the unit of work and of commit.
+A rerun of the same command opens the same store, skips committed parts and redoes the rest;
+Ray workers (or one local process) can each own parts without ever sharing a file. ``run_job``
+is what every executor shares: open or resume the store, optionally repair it, run the pending
+parts, commit the text queries, keep the failure log.
 """
 
 from __future__ import annotations
@@ -11,25 +12,31 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from kvpipe.pipeline.executors.base import DatasetView, Executor, PartOutcome, PartWorker, Session
-from kvpipe.pipeline.executors.local import LocalExecutor
-from kvpipe.pipeline.executors.ray_executor import RayExecutor
-from kvpipe.registry import Registry
+from kvpipe.pipeline.extraction.config import ExtractConfig, ExtractResult, validate
+from kvpipe.pipeline.extraction.executor import EXECUTORS
+from kvpipe.pipeline.extraction.worker import DatasetView, ProgressFn
+from kvpipe.pipeline.models.base import ModelAdapter
+from kvpipe.store.fs import open_location
+from kvpipe.store.repair import drop_damaged_parts
+from kvpipe.store.status import FailureLog, require_store
+from kvpipe.store.writer import StoreWriter
 
-EXECUTORS: Registry[type[Executor]] = Registry("executor", "--executor")
-EXECUTORS.add("local", LocalExecutor)
-EXECUTORS.add("ray", RayExecutor)
+
+def extract(cfg: ExtractConfig, progress: ProgressFn | None = None,
+            on_start: Callable[[int, int], None] | None = None, adapter: ModelAdapter | None = None) -> ExtractResult:
+    """Run (or resume) an extraction. ``progress(n)`` is told of every n images done;
+    ``on_start(images to do, images in all)`` once the store is open.
+
+    ``adapter``: an already loaded model (benchmarks reuse one across runs); it must be the
+    model ``cfg.model`` names.
+    """
+    validate(cfg)
+    return run_job(cfg, progress, on_start, adapter)
 
 
-def run_job(cfg, progress: Callable[[int], None] | None = None,
-            on_start: Callable[[int, int], None] | None = None, adapter=None):
+def run_job(cfg: ExtractConfig, progress: ProgressFn | None = None,
+            on_start: Callable[[int, int], None] | None = None, adapter: ModelAdapter | None = None) -> ExtractResult:
     """The body of ``extract()``: everything but option validation."""
-    from kvpipe.pipeline.extract import ExtractResult
-    from kvpipe.store.fs import open_location
-    from kvpipe.store.repair import drop_damaged_parts
-    from kvpipe.store.status import FailureLog, require_store
-    from kvpipe.store.writer import StoreWriter
-
     t0 = time.perf_counter()
     executor = EXECUTORS.get(cfg.executor)()
     executor.check(cfg)
@@ -63,6 +70,3 @@ def run_job(cfg, progress: Callable[[int], None] | None = None,
     result.seconds = time.perf_counter() - t0
     result.timings["other"] = result.seconds - sum(result.timings.values())
     return result
-
-
-__all__ = ["EXECUTORS", "DatasetView", "Executor", "PartOutcome", "PartWorker", "Session", "run_job"]

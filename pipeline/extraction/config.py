@@ -1,0 +1,158 @@
+"""What an extraction does: its options, their checks, the model's defaults, the store metadata.
+
+Why one module: every executor and the benchmark build the same ``ExtractConfig`` and turn it
+into a ``Selection`` (what to capture) and a ``FeatureSetMeta`` (what the store records) here,
+so a store made by any of them describes itself the same way.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import kvpipe
+from kvpipe.errors import UsageError
+from kvpipe.pipeline.datasets import ImageRecord
+from kvpipe.pipeline.extraction import prefix as prefixes
+from kvpipe.pipeline.models.base import ModelAdapter
+from kvpipe.pipeline.models.capture import Selection
+from kvpipe.store.encoding import CODECS, compressor_meta
+from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, FeatureSetMeta, ids_fingerprint
+
+
+@dataclass
+class ExtractConfig:
+    """Every option of ``kvpipe extract`` (CLI flags map one to one)."""
+
+    model: str
+    dataset: str
+    out: str
+    data_root: str | None = None
+    split: str | None = None
+    limit: int | None = None
+    init: str = "pretrained"
+    revision: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    prefix: str = ""
+    prefix_from: str | None = None  # per-image prefixes: pipeline.prefix.PREFIX_SOURCES (caption | class | domain)
+    prefix_control: str = "none"  # none | random | incorrect (pipeline.prefix.PREFIX_CONTROLS)
+    template: str = "chat"
+    keys: str | None = None  # None: post-rope (an MLM's default; a vision encoder stores no keys)
+    layers: str = "all"
+    heads: str = "all"
+    kinds: str | None = None  # None: the model's own kinds (MLM: keys,values,post_proj; encoder: hidden)
+    store_dtype: str | None = None  # default: the compute dtype
+    batch_size: int = 4
+    part_size: int = 32
+    codec: str = "zstd"  # store.encoding.CODECS
+    loader_processes: int | None = None  # None: LOADER_PROCESSES on a GPU, threads on a CPU
+    fast_kernels: bool = True  # numerically equivalent faster kernels (ModelAdapter.accelerate)
+    strict: bool = False
+    seed: int = 0
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+    executor: str = "local"  # extraction.executor.EXECUTORS: local | ray
+    ray_address: str | None = None  # None: a local Ray instance (or RAY_ADDRESS / ray start's)
+    workers: int | None = None  # Ray actors; default: one per GPU of the cluster (1 on CPU)
+    repair: bool = False  # redo the parts kvpipe verify finds damaged
+
+
+@dataclass
+class ExtractResult:
+    store: str
+    parts_done: int
+    parts_skipped: int
+    images_ok: int
+    images_failed: int
+    seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    parts_repaired: list[int] = field(default_factory=list)  # damaged parts redone by --repair
+    # where the driver's time went: waiting for loaded batches, capturing, waiting for writes
+    timings: dict[str, float] = field(default_factory=lambda: {"load_wait": 0.0, "capture": 0.0,
+                                                                "write_wait": 0.0})
+
+    def timed(self, key: str, t0: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def parse_index_spec(spec: str, n: int, option: str) -> tuple[int, ...]:
+    """ "all" | "0-3,7" | "-4:" style -> sorted unique indices below n."""
+    if spec.strip() == "all":
+        return tuple(range(n))
+    out: set[int] = set()
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+                out.update(range(int(a), int(b) + 1))
+            else:
+                i = int(part)
+                out.add(i if i >= 0 else n + i)
+    except ValueError:
+        raise UsageError(f"{option} {spec!r} is not a list like 'all', '0-3,7' or '-1'") from None
+    bad = sorted(i for i in out if not 0 <= i < n)
+    if bad:
+        raise UsageError(f"{option} {spec!r} names {bad}, but the model has {n} (0-{n - 1})")
+    return tuple(sorted(out))
+
+
+def parse_kinds(spec: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip().replace("-", "_") for k in spec.split(",") if k.strip())
+    bad = [k for k in kinds if k not in ALL_KINDS]
+    if bad or not kinds:
+        raise UsageError(f"--kinds {spec!r}: use a comma list of {', '.join(ALL_KINDS)}")
+    return tuple(k for k in ALL_KINDS if k in kinds)
+
+
+def validate(cfg: ExtractConfig) -> None:
+    """Option combinations that make no sense, caught before any work."""
+    if cfg.keys is not None and cfg.keys not in KEY_ROPE:
+        raise UsageError(f"--keys must be one of {', '.join(KEY_ROPE)}, not {cfg.keys!r}")
+    if cfg.store_dtype is not None and cfg.store_dtype not in STORE_DTYPES:
+        raise UsageError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
+    if cfg.codec not in CODECS:
+        raise UsageError(f"--codec must be one of {', '.join(CODECS)}, not {cfg.codec!r}")
+    if cfg.batch_size < 1 or cfg.part_size < 1:
+        raise UsageError("--batch-size and --part-size must be at least 1")
+    if cfg.part_size % cfg.batch_size:
+        raise UsageError(f"--part-size {cfg.part_size} must be a multiple of --batch-size {cfg.batch_size}")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    prefixes.check_options(cfg)
+
+
+def resolve(adapter: ModelAdapter, cfg: ExtractConfig) -> tuple[ExtractConfig, Selection]:
+    """``cfg`` with the model's defaults filled in (kinds, keys) and what to capture; a
+    one-line UsageError for an option the model cannot honour (e.g. --prefix on an encoder)."""
+    kinds = parse_kinds(cfg.kinds) if cfg.kinds is not None else adapter.kinds
+    adapter.check_options(kinds, prefix=cfg.prefix, keys=cfg.keys)
+    if prefixes.per_image(cfg) and not adapter.encodes_text:
+        raise UsageError(f"--prefix-from / --prefix-control need an MLM: {adapter.source.get('name')} is a "
+                         f"vision encoder and reads no text")
+    cfg = replace(cfg, kinds=",".join(kinds), keys=cfg.keys or KEY_ROPE[0])
+    sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
+                    parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), kinds, cfg.keys)
+    return cfg, sel
+
+
+def build_meta(adapter: ModelAdapter, records: list[ImageRecord], dataset_desc: dict[str, Any],
+               queries: list[str], cfg: ExtractConfig, sel: Selection) -> FeatureSetMeta:
+    store_dtype = cfg.store_dtype or cfg.dtype
+    return FeatureSetMeta(
+        model=adapter.source, dataset=dataset_desc, layers=sel.layers, heads=sel.heads,
+        kinds=sel.kinds, n_layers=adapter.n_layers,
+        n_kv_heads=adapter.n_kv_heads, head_dim=adapter.head_dim, hidden_size=adapter.hidden_size,
+        compute_dtype=cfg.dtype, store_dtype=store_dtype,
+        **adapter.input_meta(prefixes.shared_prefix(cfg), cfg.template, sel.keys_rope),
+        prefix_choice=prefixes.prefix_choice(cfg),
+        part_size=cfg.part_size, n_images=len(records),
+        image_ids_sha256=ids_fingerprint([r.image_id for r in records]),
+        text_queries=tuple(queries) if adapter.encodes_text else (),
+        compressor=compressor_meta(store_dtype, codec=cfg.codec),
+        command=cfg.command or " ".join(shlex.quote(a) for a in sys.argv),
+        kvpipe_version=kvpipe.__version__)

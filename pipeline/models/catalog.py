@@ -1,0 +1,90 @@
+"""The model catalog: every ``--model`` name as data (adapter, checkpoint, config preset).
+
+Why data: ``kvpipe models`` and every usage error list these names without importing torch or
+transformers; an entry's adapter class and config preset are imported when the model is
+loaded. Adding a family = one adapter file + its entries here (timm's ``_pretrained`` style).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kvpipe.registry import Registry, import_target
+
+_PKG = "kvpipe.pipeline.models"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registry entry: which adapter, which checkpoint, which config preset for random init.
+
+    ``adapter`` and ``preset`` are ``"module:attr"`` inside kvpipe.pipeline.models."""
+
+    adapter_path: str
+    checkpoint: str | None  # default hub id; None for tiny presets (always built in code)
+    preset_path: str  # a function returning the transformers config for init="random"
+    description: str = ""
+    tiny: bool = False
+    preset_args: tuple[Any, ...] = ()
+
+    @property
+    def adapter(self) -> Any:
+        """The adapter class (imported now)."""
+        return import_target(f"{_PKG}.{self.adapter_path}")
+
+    def preset(self) -> Any:
+        """The transformers config of the full-size (or tiny) architecture."""
+        return import_target(f"{_PKG}.{self.preset_path}")(*self.preset_args)
+
+
+MODELS: Registry[ModelEntry] = Registry("model", "--model")
+
+
+def _add(name: str, adapter: str, checkpoint: str | None, preset: str, description: str, *preset_args: Any,
+         tiny: bool = False) -> None:
+    MODELS.add(name, ModelEntry(adapter, checkpoint, preset, description, tiny, tuple(preset_args)))
+
+
+# MLMs
+_add("qwen25vl", "qwen25vl:Qwen25VLAdapter", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen25vl:qwen25vl_7b_config",
+     "Qwen2.5-VL 7B Instruct")
+_add("tiny-qwen25vl", "qwen25vl:Qwen25VLAdapter", None, "qwen25vl:tiny_qwen25vl_config",
+     "2-layer random Qwen2.5-VL for tests and the demo", tiny=True)
+_add("qwen2vl", "qwen2vl:Qwen2VLAdapter", "Qwen/Qwen2-VL-7B-Instruct", "qwen2vl:qwen2vl_7b_config",
+     "Qwen2-VL 7B Instruct")
+_add("tiny-qwen2vl", "qwen2vl:Qwen2VLAdapter", None, "qwen2vl:tiny_qwen2vl_config",
+     "2-layer random Qwen2-VL for tests and the demo", tiny=True)
+_add("llava-ov", "llava_ov:LlavaOnevisionAdapter", "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+     "llava_ov:llava_ov_7b_config", "LLaVA-OneVision Qwen2 7B (ov)")
+_add("llava-ov-0.5b", "llava_ov:LlavaOnevisionAdapter", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+     "llava_ov:llava_ov_05b_config", "LLaVA-OneVision Qwen2 0.5B (ov)")
+_add("llava-ov-72b", "llava_ov:LlavaOnevisionAdapter", "llava-hf/llava-onevision-qwen2-72b-ov-hf",
+     "llava_ov:llava_ov_72b_config", "LLaVA-OneVision Qwen2 72B (ov)")
+_add("tiny-llava-ov", "llava_ov:LlavaOnevisionAdapter", None, "llava_ov:tiny_llava_ov_config",
+     "2-layer random LLaVA-OneVision (Qwen2, SigLIP) for tests", tiny=True)
+_add("llava-next-llama3", "llava_next:LlavaNextAdapter", "llava-hf/llama3-llava-next-8b-hf",
+     "llava_next:llama3_llava_next_8b_config", "LLaVA-NeXT (LLaVA-1.6) Llama-3 8B")
+_add("tiny-llava-next-llama3", "llava_next:LlavaNextAdapter", None, "llava_next:tiny_llava_next_config",
+     "2-layer random LLaVA-NeXT (Llama-3, CLIP) for tests", tiny=True)
+# Vision encoders (the paper's baselines): they store the "hidden" kind
+_add("siglip", "siglip:SiglipEncoderAdapter", "google/siglip-so400m-patch14-384", "siglip:siglip_so400m_384_config",
+     "SigLIP so400m/14 at 384 px, vision tower (LLaVA-OneVision's, before MLM fine-tuning)")
+_add("tiny-siglip", "siglip:SiglipEncoderAdapter", None, "siglip:tiny_siglip_config",
+     "2-block random SigLIP vision tower for tests", tiny=True)
+_add("clip-vit-l14", "clip:ClipEncoderAdapter", "openai/clip-vit-large-patch14", "clip:clip_vit_l14_config",
+     "CLIP ViT-L/14 at 224 px, vision tower")
+_add("clip-vit-l14-336", "clip:ClipEncoderAdapter", "openai/clip-vit-large-patch14-336", "clip:clip_vit_l14_config",
+     "CLIP ViT-L/14 at 336 px, vision tower", 336)
+_add("tiny-clip", "clip:ClipEncoderAdapter", None, "clip:tiny_clip_config",
+     "2-block random CLIP vision tower for tests", tiny=True)
+_add("dino-vitb16", "dino:VitEncoderAdapter", "facebook/dino-vitb16", "dino:dino_vitb16_config",
+     "DINO ViT-B/16 at 224 px")
+_add("tiny-dino", "dino:VitEncoderAdapter", None, "dino:tiny_dino_config",
+     "2-block random ViT (DINO architecture) for tests", tiny=True)
+_add("dinov2-base", "dinov2:Dinov2EncoderAdapter", "facebook/dinov2-base", "dinov2:dinov2_config",
+     "DINOv2 ViT-B/14 at 224 px", 768, 12, 12)
+_add("dinov2-large", "dinov2:Dinov2EncoderAdapter", "facebook/dinov2-large", "dinov2:dinov2_config",
+     "DINOv2 ViT-L/14 at 224 px", 1024, 24, 16)
+_add("tiny-dinov2", "dinov2:Dinov2EncoderAdapter", None, "dinov2:tiny_dinov2_config",
+     "2-block random DINOv2 for tests", tiny=True)
