@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from kvpipe.cli.common import console, err_console, parse_params
 from kvpipe.errors import KvpipeError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Extract image keys/values of multimodal LMs into a Zarr store; probe them.")
-console = Console()
-err_console = Console(stderr=True)
 
 
 def _add_subcommands() -> None:
@@ -91,7 +89,7 @@ def extract(
                         kinds=kinds, store_dtype=store_dtype, batch_size=batch_size,
                         part_size=part_size, strict=strict, seed=seed, executor=executor,
                         ray_address=ray_address, workers=workers, repair=repair,
-                        dataset_options=_parse_params(option, "--option"), codec=codec,
+                        dataset_options=parse_params(option, "--option"), codec=codec,
                         command="kvpipe " + " ".join(sys.argv[1:]))
     with extraction_progress(console) as (on_start, advance):
         res = run_extract(cfg, progress=advance, on_start=on_start)
@@ -121,7 +119,7 @@ def probe(
     from kvpipe.probes import PROBES, run_probe
     from kvpipe.store import FeatureStore
 
-    params = _parse_params(param)
+    params = parse_params(param)
     meta = FeatureStore.open(store).meta
     dataset = meta.dataset
     supported = dataset.get("tasks")
@@ -268,21 +266,6 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="where the store and re
             strict=False, seed=0, executor="local", ray_address=None, workers=None, repair=False, option=[])
     probe(task="all", store=store, out=None, param=[], no_cache=False)
     report(store=store, out=out / "report.md")
-
-
-def _parse_params(items: list[str], flag: str = "--param") -> dict[str, object]:
-    import json
-
-    params: dict[str, object] = {}
-    for item in items:
-        if "=" not in item:
-            raise UsageError(f"{flag} {item!r} must look like KEY=VALUE")
-        k, v = item.split("=", 1)
-        try:
-            params[k] = json.loads(v)
-        except ValueError:
-            params[k] = v
-    return params
 
 
 def main() -> None:

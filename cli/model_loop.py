@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from kvpipe.cli.common import console, parse_params
 from kvpipe.errors import DataError, UsageError
 
 HEAD_KINDS = "input-agnostic | input-dependent | random"
@@ -32,18 +32,12 @@ MAX_NEW_TOKENS = typer.Option(None, help="greedy decoding length (default: the b
 BENCHMARK_OPTION = typer.Option([], help="benchmark option KEY=VALUE (repeatable), e.g. parser=pope")
 
 
-def _console() -> Console:
-    from kvpipe.cli.app import console
-
-    return console
-
 
 def _benchmark(name: str, data_root: Optional[str], split: Optional[str], limit: Optional[int],
                option: list[str]):
-    from kvpipe.cli.app import _parse_params
     from kvpipe.pipeline.vqa import create_benchmark  # importing the package registers the readers
 
-    bench = create_benchmark(name, data_root, split, limit, **_parse_params(option, "--option"))
+    bench = create_benchmark(name, data_root, split, limit, **parse_params(option, "--option"))
     items = bench.items()
     if not items:
         raise DataError(f"--benchmark {name} found no questions under {data_root} (split {split or 'default'})")
@@ -65,7 +59,7 @@ def _progress(total: int) -> Iterator[Callable[[str, int], None]]:
     from kvpipe.cli.progress import RateColumn
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("q"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=_console()) as bar:
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
         tasks: dict[str, Any] = {}
 
         def advance(name: str, n: int) -> None:
@@ -104,7 +98,6 @@ def answer(
     with _progress(len(items)) as advance:
         res = evaluate(adapter, bench, items, out, max_new_tokens=_max_new_tokens(bench, max_new_tokens),
                        batch_size=batch_size, progress=lambda n: advance(benchmark, n))
-    console = _console()
     table = Table("subset", "metric", "value", title=f"{res.answers[0]['model']} on {benchmark}")
     for r in res.scores:
         table.add_row(r["subset"], r["metric"], f"{r['value']:.4g}")
@@ -157,7 +150,6 @@ def intervene(
     if (adapter.n_layers, adapter.n_kv_heads) != (meta.n_layers, meta.n_kv_heads):
         raise UsageError(f"--store {store} was extracted from a model with {meta.n_layers} layers x "
                          f"{meta.n_kv_heads} KV heads, --model {model} has {adapter.n_layers} x {adapter.n_kv_heads}")
-    console = _console()
     if meta.model.get("name") != adapter.source.get("name"):
         console.print(f"[yellow]note[/]: the store was extracted with {meta.model.get('name')}, answering with "
                       f"{adapter.source.get('name')}")

@@ -13,16 +13,12 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from kvpipe.cli.common import console, parse_params
 from kvpipe.errors import UsageError
 
 TABLE5 = (("mlm_right", "MLM ✓"), ("value_right_mlm_wrong", "Value ✓ MLM ✗"),
           ("value_wrong_mlm_right", "Value ✗ MLM ✓"), ("either_right", "(MLM ∪ Value) ✓"))
 
-
-def _console():
-    from kvpipe.cli.app import console
-
-    return console
 
 
 def paired(
@@ -38,13 +34,12 @@ def paired(
     param: list[str] = typer.Option([], help="probe parameter KEY=VALUE (repeatable), e.g. tokens=base"),
 ) -> None:
     """Table 5: questions by MLM right/wrong x image values right/wrong, for one paired task."""
-    from kvpipe.cli.app import _parse_params
     from kvpipe.pipeline.vqa.scoring import CELLS, paired_rows, paired_table
     from kvpipe.probes.paired import (pair_answers, paired_probe, read_mlm_answers, resolve_target,
                                       write_paired)
     from kvpipe.probes.runner import results_dir, run_probe
 
-    params = _parse_params(param)
+    params = parse_params(param)
     probe = paired_probe(store, task, params)
     fs = probe.store
     how = "chosen"
@@ -63,7 +58,6 @@ def paired(
     base = {"model": fs.meta.model.get("name"), "dataset": fs.meta.dataset.get("name")}
     paths = write_paired(out, pairs, rows, base)
 
-    console = _console()
     where = "post-proj" if target.kind == "post_proj" else f"layer {target.layer}, KV head {target.head}"
     view = Table("", "%", "questions",
                  title=f"{task}: MLM vs image {target.kind} ({where}, {how}) on {table['n']} questions")
@@ -106,7 +100,6 @@ def figure3(
     if not points:
         raise UsageError("give at least one --point NAME:STORES:SCORES or a --spec file")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    console = _console()
     res = make_figure(points, out, names, y_mode=y, use_cache=not no_cache,
                       on_task=lambda m, t, s: console.print(f"  {m}: {t} on {s}", highlight=False))
     view = Table("model", "x: segmentation (mean best)", "y: MLM accuracy", "questions",

@@ -11,6 +11,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from kvpipe.cli.common import console
+
 
 def report_prefix(
     store: list[str] = typer.Option(..., help="a store made by kvpipe extract (repeatable: one per prefix "
@@ -20,7 +22,6 @@ def report_prefix(
     metric: Optional[str] = typer.Option(None, help="metric to rank heads by (default: the probe's primary one)"),
 ) -> None:
     """Best (layer, head) score of each store side by side, rows named by the store's prefix condition."""
-    from kvpipe.cli.app import console
     from kvpipe.probes.prefix_report import compare_prefixes
 
     rows = compare_prefixes(store, task, kind=kind, metric=metric)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import inspect
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, Iterator, TypeVar
 
 from kvpipe.errors import UsageError
 

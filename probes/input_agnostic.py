@@ -29,13 +29,20 @@ from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.probes.variance import bimodal_threshold, l2_variance, l2_variance_pooled
 from kvpipe.store.manifest import ImageRow
 
+# The results table's metric names: written here, read by the knock-out's head sets
+# (pipeline.evaluation.head_sets), which import them from this module.
+VARIANCE = "l2_variance"  # per (layer, head) of the keys: the estimator's value
+FLAG = "input_agnostic"  # 1.0 where the variance is below the threshold
+THRESHOLD_PREFIX = "threshold_"  # + how it was chosen (user, valley, ...): one row, layer = head = -1
+PCA_LAYER = "pca_layer"
+
 
 @PROBES.register
 class InputAgnostic(Probe):
     description = "L2 variance of image keys across images per head; bimodal threshold"
     kinds = ("keys",)
     baseline = False
-    primary_metric = "l2_variance"
+    primary_metric = VARIANCE
     ranked = False  # a statistic of the keys, not a score to maximise
     defaults = {"max_images": 1000, "threshold": None, "pca_layer": None, "pca_images": None}
 
@@ -59,33 +66,33 @@ class InputAgnostic(Probe):
         feats = self.store.read("keys", target.layer, target.head, images=self.rows)
         if self.same_layout:
             stacked = feats.data.reshape(len(feats), -1, feats.data.shape[-1])
-            return {"l2_variance": l2_variance(stacked)}
-        return {"l2_variance": l2_variance_pooled([feats.image(i) for i in range(len(feats))])}
+            return {VARIANCE: l2_variance(stacked)}
+        return {VARIANCE: l2_variance_pooled([feats.image(i) for i in range(len(feats))])}
 
     def summarize(self, rows: list[dict[str, Any]], out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
         from kvpipe.probes.plots import plot_variance_heatmap, plot_variance_histogram
         from kvpipe.probes.runner import layer_head_matrix
         import pyarrow as pa
 
-        values = np.array([r["value"] for r in rows if r["metric"] == "l2_variance"])
+        values = np.array([r["value"] for r in rows if r["metric"] == VARIANCE])
         if self.params["threshold"] is not None:
             threshold, method = float(self.params["threshold"]), "user"
         else:
             th = bimodal_threshold(values)
             threshold, method = th.value, th.method
-        extra = [{"layer": r["layer"], "head": r["head"], "kind": "keys", "metric": "input_agnostic",
-                  "value": float(r["value"] < threshold)} for r in rows if r["metric"] == "l2_variance"]
-        extra.append({"layer": -1, "head": -1, "kind": "keys", "metric": f"threshold_{method}",
+        extra = [{"layer": r["layer"], "head": r["head"], "kind": "keys", "metric": FLAG,
+                  "value": float(r["value"] < threshold)} for r in rows if r["metric"] == VARIANCE]
+        extra.append({"layer": -1, "head": -1, "kind": "keys", "metric": THRESHOLD_PREFIX + method,
                       "value": threshold})
         meta = self.store.meta
-        matrix = layer_head_matrix(pa.Table.from_pylist(rows), "l2_variance", "keys", meta.layers, meta.heads)
+        matrix = layer_head_matrix(pa.Table.from_pylist(rows), VARIANCE, "keys", meta.layers, meta.heads)
         title = f"{meta.model.get('name')} on {meta.dataset.get('name')} ({len(self.rows)} images)"
         plots = [Path(plot_variance_histogram(values, threshold, out_dir / "input-agnostic-histogram.png", title)),
                  Path(plot_variance_heatmap(matrix, threshold, out_dir / "input-agnostic-heatmap.png", title))]
-        flags = {(r["layer"], r["head"]): bool(r["value"]) for r in extra if r["metric"] == "input_agnostic"}
+        flags = {(r["layer"], r["head"]): bool(r["value"]) for r in extra if r["metric"] == FLAG}
         pca_plot, pca_layer = self.plot_pca(flags, out_dir / "input-agnostic-keys-pca.png")
         plots.append(pca_plot)
-        extra.append({"layer": -1, "head": -1, "kind": "keys", "metric": "pca_layer", "value": float(pca_layer)})
+        extra.append({"layer": -1, "head": -1, "kind": "keys", "metric": PCA_LAYER, "value": float(pca_layer)})
         return extra, plots
 
     def _pca_rows(self) -> list[ImageRow]:

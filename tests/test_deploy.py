@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvpipe.cli.ops import check_command
+from kvpipe.cli.check import check_command
 from kvpipe.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]

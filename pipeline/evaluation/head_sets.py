@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from kvpipe.errors import UsageError
+from kvpipe.probes.input_agnostic import FLAG, THRESHOLD_PREFIX, VARIANCE
 from kvpipe.registry import Registry
 
 Head = tuple[int, int]  # (layer, kv_head)
@@ -49,11 +50,11 @@ def read_variance_table(path: str | Path, n_layers: int, n_kv_heads: int,
                          f"--store STORE first")
     rows = pq.read_table(path).to_pylist()
     variance = {(int(r["layer"]), int(r["head"])): float(r["value"]) for r in rows
-                if r["metric"] == "l2_variance" and r["kind"] == "keys"}
-    flags = {(int(r["layer"]), int(r["head"])): bool(r["value"]) for r in rows if r["metric"] == "input_agnostic"}
-    stored = [float(r["value"]) for r in rows if str(r["metric"]).startswith("threshold_")]
+                if r["metric"] == VARIANCE and r["kind"] == "keys"}
+    flags = {(int(r["layer"]), int(r["head"])): bool(r["value"]) for r in rows if r["metric"] == FLAG}
+    stored = [float(r["value"]) for r in rows if str(r["metric"]).startswith(THRESHOLD_PREFIX)]
     if not variance or (threshold is None and (not flags or not stored)):
-        raise UsageError(f"{path} is not an input-agnostic results table (no l2_variance / input_agnostic rows); "
+        raise UsageError(f"{path} is not an input-agnostic results table (no {VARIANCE} / {FLAG} rows); "
                          f"rerun kvpipe probe --task input-agnostic")
     outside = sorted(k for k in variance if not (0 <= k[0] < n_layers and 0 <= k[1] < n_kv_heads))
     if outside:
