@@ -89,12 +89,16 @@ def parse_index_spec(spec: str, n: int, option: str) -> tuple[int, ...]:
             part = part.strip()
             if "-" in part[1:]:
                 a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+                if int(b) < int(a):
+                    raise UsageError(f"{option} {spec!r}: the range {part} runs backwards; write {b}-{a}")
                 out.update(range(int(a), int(b) + 1))
             else:
                 i = int(part)
                 out.add(i if i >= 0 else n + i)
     except ValueError:
         raise UsageError(f"{option} {spec!r} is not a list like 'all', '0-3,7' or '-1'") from None
+    if not out:
+        raise UsageError(f"{option} {spec!r} names nothing; give at least one index, or 'all'")
     bad = sorted(i for i in out if not 0 <= i < n)
     if bad:
         raise UsageError(f"{option} {spec!r} names {bad}, but the model has {n} (0-{n - 1})")

@@ -71,8 +71,35 @@ def load_batch(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], cfg:
         items.append((index, img.size, ann))
         images.append(img)
         texts.append(cfg.prefix if rec.prefix is None else rec.prefix)
-    batch = adapter.preprocess(images, texts, cfg.template) if images else None
+    batch = None
+    if images:
+        try:
+            batch = adapter.preprocess(images, texts, cfg.template)
+        except Exception:  # one image the processor refuses (e.g. a 1x2000 strip) must not cost the batch
+            keep, refused = _processable(adapter, images, texts, cfg.template)
+            if not refused:
+                raise
+            if cfg.strict:
+                index, why = items[refused[0][0]][0], refused[0][1]
+                return LoadedBatch([], [], None, len(chunk), fatal=f"image {index}: {why} (--strict)")
+            failed += [(items[k][0], why) for k, why in refused]
+            items, images, texts = ([seq[k] for k in keep] for seq in (items, images, texts))
+            batch = adapter.preprocess(images, texts, cfg.template) if images else None
     return LoadedBatch(items, failed, batch, len(chunk))
+
+
+def _processable(adapter: ModelAdapter, images: list, texts: list[str],
+                 template: str) -> tuple[list[int], list[tuple[int, str]]]:
+    """Which images the model's processor takes one by one: (kept positions, [(position, why)])."""
+    keep, refused = [], []
+    for k, (img, text) in enumerate(zip(images, texts)):
+        try:
+            adapter.preprocess([img], [text], template)
+            keep.append(k)
+        except Exception as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            refused.append((k, f"the model's image processor refused this {img.size[0]}x{img.size[1]} image: {first}"))
+    return keep, refused
 
 
 class _Pieces(torch.utils.data.Dataset):
