@@ -226,9 +226,9 @@ def models(pattern: str = typer.Argument("*", help="wildcard filter")) -> None:
     """List registered models."""
     from kvpipe.pipeline.models import MODELS
 
-    table = Table("name", "family", "checkpoint", "description")
-    for name, e in MODELS.items(pattern):
-        table.add_row(name, e.adapter.family, e.checkpoint or "(built in code)", e.description)
+    table = Table("name", "adapter", "checkpoint", "description")
+    for name, e in MODELS.items(pattern):  # catalog data: lists without importing any model code
+        table.add_row(name, e.adapter_module, e.checkpoint or "(built in code)", e.description)
     console.print(table)
 
 

@@ -29,6 +29,11 @@ class ModelEntry:
     preset_args: tuple[Any, ...] = ()
 
     @property
+    def adapter_module(self) -> str:
+        """The adapter's module (its family file), e.g. ``qwen25vl``; imports nothing."""
+        return self.adapter_path.partition(":")[0]
+
+    @property
     def adapter(self) -> Any:
         """The adapter class (imported now)."""
         return import_target(f"{_PKG}.{self.adapter_path}")
