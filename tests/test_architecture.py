@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # import package -> source folder (pyproject's package-dir)
-PACKAGES = {"kvpipe": "kvpipe", "kvpipe.pipeline": "pipeline", "kvpipe.store": "store", "kvpipe.probes": "probes",
+PACKAGES = {"kvpipe": "core", "kvpipe.pipeline": "pipeline", "kvpipe.store": "store", "kvpipe.probes": "probes",
             "kvpipe.cli": "cli", "kvpipe.benchmarks": "benchmarks"}
 
 # Floors, lowest first: a module may import its own floor and the floors below it.

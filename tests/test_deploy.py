@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,8 @@ def test_dockerfile_installs_kvpipe_with_pinned_ray():
     run = " ".join(re.findall(r"^RUN (.+?)(?<!\\)$", text.replace("\\\n", " "), re.M | re.S))
     assert "pip install" in run and "-c constraints.txt" in run and '".[ray,s3]"' in run
     assert "kvpipe --help" in run  # the entry point works in the image
-    for src in ("pyproject.toml", "constraints.txt", "kvpipe", "pipeline", "store", "probes", "cli"):
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    for src in ("pyproject.toml", "constraints.txt", *folders):  # every source folder the install needs
         assert re.search(rf"^COPY .*\b{re.escape(src)}\b", text, re.M), src
         assert (ROOT / src).exists()
 
