@@ -15,11 +15,26 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from kvpipe.cli.common import console, err_console, parse_params
+from kvpipe.cli.common import STORE_ARG, STORE_OPT, console, err_console, one_store, parse_params
 from kvpipe.errors import KvpipeError, UsageError
+
+
+def _version(value: bool) -> None:
+    if value:
+        import kvpipe
+
+        console.print(f"kvpipe {kvpipe.__version__}")
+        raise typer.Exit()
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Extract image keys/values of multimodal LMs into a Zarr store; probe them.")
+
+
+@app.callback()
+def _global(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                         help="print kvpipe's version and exit")) -> None:
+    """Extract image keys/values of multimodal LMs into a Zarr store; probe them."""
 
 
 def _add_subcommands() -> None:
@@ -48,8 +63,9 @@ def extract(
     limit: Optional[int] = typer.Option(None, help="use only the first N images"),
     init: str = typer.Option("pretrained", help="pretrained | random (full-size architecture, random weights)"),
     revision: Optional[str] = typer.Option(None, help="hub revision (branch, tag or commit)"),
-    dtype: str = typer.Option("float32", help="compute dtype: float32 | bfloat16 | float16"),
-    device: str = typer.Option("cpu", help="torch device, e.g. cuda:0"),
+    dtype: str = typer.Option("auto", help="compute dtype: auto (bfloat16 on a GPU, float32 on a CPU) | float32 | "
+                                           "bfloat16 | float16 (or fp32, bf16, fp16)"),
+    device: str = typer.Option("auto", help="auto (the first GPU when there is one, else the CPU) | cpu | cuda:0 ..."),
     prefix: str = typer.Option("", help="text placed right before the image"),
     prefix_from: Annotated[Optional[str], typer.Option(help="per-image prefix: caption | class | domain (from what "
                                                             "the dataset knows of each image)")] = None,
@@ -67,7 +83,8 @@ def extract(
     codec: str = typer.Option("zstd", help="lossless codec: zstd (smaller) | lz4bit (lz4, bit shuffle: faster to "
                                                "write and read) | lz4 | zstd3"),
     batch_size: int = typer.Option(4, help="images per forward pass"),
-    part_size: int = typer.Option(32, help="images per store part (the unit of commit and resume)"),
+    part_size: Optional[int] = typer.Option(None, help="images per store part, the unit of commit and resume "
+                                                       "(default: whole batches, up to 32 images)"),
     strict: bool = typer.Option(False, help="stop at the first unreadable image instead of recording it"),
     seed: int = typer.Option(0, help="seed for --init random and tiny models"),
     executor: str = typer.Option("local", help="local (this process) | ray (one actor per GPU of a Ray cluster)"),
@@ -80,7 +97,7 @@ def extract(
 ) -> None:
     """Run the model once per image and store every layer's and head's image K/V."""
     from kvpipe.cli.progress import extraction_progress
-    from kvpipe.pipeline.extraction import ExtractConfig, extract as run_extract
+    from kvpipe.pipeline.extraction.config import ExtractConfig, validate
 
     cfg = ExtractConfig(model=model, dataset=dataset, out=str(out), data_root=data_root, split=split,
                         limit=limit, init=init, revision=revision, dtype=dtype, device=device,
@@ -91,6 +108,9 @@ def extract(
                         ray_address=ray_address, workers=workers, repair=repair,
                         dataset_options=parse_params(option, "--option"), codec=codec,
                         command="kvpipe " + " ".join(sys.argv[1:]))
+    validate(cfg)  # usage errors answer before torch and the model are imported
+    from kvpipe.pipeline.extraction.job import extract as run_extract
+
     with extraction_progress(console) as (on_start, advance):
         res = run_extract(cfg, progress=advance, on_start=on_start)
     console.print(f"[bold]stored[/] {res.images_ok} images ({res.images_failed} failed) in "
@@ -111,7 +131,7 @@ def probe(
                                                   "with --task all, OUT/TASK)"),
     param: list[str] = typer.Option([], help="probe parameter KEY=VALUE (repeatable); with --task all it "
                                              "goes to every task that has that parameter"),
-    no_cache: bool = typer.Option(False, help="recompute even if cached results exist"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="recompute even if cached results exist"),
 ) -> None:
     """Sweep a probe over every (layer, head, kind) + post-proj; write table and plots."""
     from kvpipe.cli.progress import probe_progress
@@ -184,22 +204,22 @@ def report(
 
 
 @app.command()
-def info(store: str = typer.Argument(..., help="store directory or URL")) -> None:
+def info(store_arg: Optional[str] = STORE_ARG, store: Optional[str] = STORE_OPT) -> None:
     """Describe a store: model, dataset, layers, heads, kinds, encoding, size."""
     from kvpipe.store import FeatureStore
 
     table = Table(show_header=False, box=None)
-    for k, v in FeatureStore.open(store).describe().items():
+    for k, v in FeatureStore.open(one_store(store_arg, store)).describe().items():
         table.add_row(f"[bold]{k}[/]", str(v))
     console.print(table)
 
 
 @app.command()
-def verify(store: str = typer.Argument(..., help="store directory or URL")) -> None:
+def verify(store_arg: Optional[str] = STORE_ARG, store: Optional[str] = STORE_OPT) -> None:
     """Check every committed part's checksums and arrays; exit 1 if anything is damaged."""
     from kvpipe.store.verify import verify_store
 
-    report = verify_store(store)
+    report = verify_store(one_store(store_arg, store))
     for part, problems in sorted(report.problems.items()):
         for p in problems:
             console.print(f"[red]part p{part:06d}[/]: {p}")
@@ -212,13 +232,13 @@ def verify(store: str = typer.Argument(..., help="store directory or URL")) -> N
 
 
 @app.command()
-def status(store: str = typer.Argument(..., help="store directory or URL"),
+def status(store_arg: Optional[str] = STORE_ARG, store: Optional[str] = STORE_OPT,
            all_parts: bool = typer.Option(False, "--all", help="list every part, not only failed ones")) -> None:
     """Parts done, pending and failed (with why); rerun the same extract to finish the store."""
     from kvpipe.cli.ops import print_status
     from kvpipe.store.status import store_status
 
-    print_status(console, store_status(store), all_parts)
+    print_status(console, store_status(one_store(store_arg, store)), all_parts)
 
 
 @app.command()
@@ -236,10 +256,12 @@ def models(pattern: str = typer.Argument("*", help="wildcard filter")) -> None:
 def datasets(pattern: str = typer.Argument("*", help="wildcard filter")) -> None:
     """List registered datasets and the tasks their annotations support."""
     from kvpipe.pipeline.datasets import DATASETS
+    from kvpipe.registry import keyword_options
 
-    table = Table("name", "tasks", "needs --data-root")
+    table = Table("name", "tasks", "needs --data-root", "options (--option KEY=VALUE, default)")
     for name, cls in DATASETS.items(pattern):
-        table.add_row(name, ", ".join(cls.tasks), "yes" if cls.needs_root else "no")
+        opts = ", ".join(f"{k}={v!r}" for k, v in keyword_options(cls).items())
+        table.add_row(name, ", ".join(cls.tasks), "yes" if cls.needs_root else "no", opts or "-")
     console.print(table)
 
 

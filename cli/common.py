@@ -7,13 +7,36 @@ not import the app back.
 from __future__ import annotations
 
 import json
+import os
+import sys
+from typing import Optional
 
+import typer
 from rich.console import Console
 
 from kvpipe.errors import UsageError
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _width(stream) -> int | None:
+    """A terminal's own width; piped or redirected output is not wrapped at 80 columns."""
+    return None if stream.isatty() else int(os.environ.get("COLUMNS", 200))
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
+
+# The store: --store everywhere; info, status and verify also take it as their argument.
+STORE_ARG = typer.Argument(None, help="store directory or URL (or --store)", show_default=False)
+STORE_OPT = typer.Option(None, "--store", help="store directory or URL")
+
+
+def one_store(positional: Optional[str], option: Optional[str]) -> str:
+    if positional and option and positional != option:
+        raise UsageError(f"two stores given ({positional} and --store {option}); give one")
+    store = positional or option
+    if not store:
+        raise UsageError("give the store: --store PATH (a directory or URL made by kvpipe extract)")
+    return store
 
 
 def parse_params(items: list[str], flag: str = "--param") -> dict[str, object]:

@@ -23,8 +23,9 @@ HEAD_KINDS = "input-agnostic | input-dependent | random"
 DATA_ROOT = typer.Option(None, help="the benchmark's files in its official layout")
 SPLIT = typer.Option(None, help="benchmark split (default: the reader's)")
 LIMIT = typer.Option(None, help="answer only the first N questions")
-DEVICE = typer.Option("cpu", help="torch device, e.g. cuda:0")
-DTYPE = typer.Option("float32", help="compute dtype: float32 | bfloat16 | float16")
+DEVICE = typer.Option("auto", help="auto (the first GPU when there is one, else the CPU) | cpu | cuda:0 ...")
+DTYPE = typer.Option("auto", help="compute dtype: auto (bfloat16 on a GPU, float32 on a CPU) | float32 | bfloat16 | "
+                                  "float16 (or fp32, bf16, fp16)")
 INIT = typer.Option("pretrained", help="pretrained | random")
 REVISION = typer.Option(None, help="hub revision (branch, tag or commit)")
 BATCH_SIZE = typer.Option(8, help="questions per generate call")

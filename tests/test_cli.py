@@ -84,7 +84,8 @@ def test_probes_run_without_transformers(tmp_path, synthetic_store):
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCK_TRANSFORMERS)
     env = {"PYTHONPATH": str(site)}
-    check = run_cli("models", check=False, env=env)
+    check = run_cli("extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--limit", "1", "--out",
+                    str(tmp_path / "blocked"), check=False, env=env)
     assert check.returncode != 0, "the block must really stop transformers"
     for task in ("temporal-corr", "input-agnostic"):
         proc = run_cli("probe", "--task", task, "--store", str(synthetic_store), "--out",

@@ -11,16 +11,21 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kvpipe
 from kvpipe.errors import UsageError
-from kvpipe.pipeline.datasets import ImageRecord
+from kvpipe.pipeline.datasets import ImageRecord, create_dataset
 from kvpipe.pipeline.extraction import prefix as prefixes
-from kvpipe.pipeline.models.base import ModelAdapter
-from kvpipe.pipeline.models.capture import Selection
+from kvpipe.pipeline.models.catalog import model_source
+from kvpipe.pipeline.models.options import check_init, dtype_name
+from kvpipe.pipeline.models.selection import Selection
+from kvpipe.roots import existing_root
 from kvpipe.store.encoding import CODECS, compressor_meta
 from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, FeatureSetMeta, ids_fingerprint
+
+if TYPE_CHECKING:  # config is checked before any model code is imported
+    from kvpipe.pipeline.models.base import ModelAdapter
 
 
 @dataclass
@@ -35,8 +40,8 @@ class ExtractConfig:
     limit: int | None = None
     init: str = "pretrained"
     revision: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU (the store records what ran)
+    device: str = "auto"  # auto: the first GPU when torch sees one, else the CPU
     prefix: str = ""
     prefix_from: str | None = None  # per-image prefixes: pipeline.prefix.PREFIX_SOURCES (caption | class | domain)
     prefix_control: str = "none"  # none | random | incorrect (pipeline.prefix.PREFIX_CONTROLS)
@@ -47,7 +52,7 @@ class ExtractConfig:
     kinds: str | None = None  # None: the model's own kinds (MLM: keys,values,post_proj; encoder: hidden)
     store_dtype: str | None = None  # default: the compute dtype
     batch_size: int = 4
-    part_size: int = 32
+    part_size: int | None = None  # None: the multiple of batch_size nearest below PART_IMAGES
     codec: str = "zstd"  # store.encoding.CODECS
     loader_processes: int | None = None  # None: LOADER_PROCESSES on a GPU, threads on a CPU
     fast_kernels: bool = True  # numerically equivalent faster kernels (ModelAdapter.accelerate)
@@ -79,10 +84,11 @@ class ExtractResult:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - t0
 
 
-def parse_index_spec(spec: str, n: int, option: str) -> tuple[int, ...]:
-    """ "all" | "0-3,7" | "-4:" style -> sorted unique indices below n."""
+def parse_index_spec(spec: str, n: int | None, option: str) -> tuple[int, ...]:
+    """ "all" | "0-3,7" | "-1" style -> sorted unique indices below n (n None: the syntax is checked,
+    nothing is returned)."""
     if spec.strip() == "all":
-        return tuple(range(n))
+        return tuple(range(n)) if n is not None else ()
     out: set[int] = set()
     try:
         for part in spec.split(","):
@@ -94,11 +100,13 @@ def parse_index_spec(spec: str, n: int, option: str) -> tuple[int, ...]:
                 out.update(range(int(a), int(b) + 1))
             else:
                 i = int(part)
-                out.add(i if i >= 0 else n + i)
+                out.add(i if i >= 0 or n is None else n + i)
     except ValueError:
         raise UsageError(f"{option} {spec!r} is not a list like 'all', '0-3,7' or '-1'") from None
     if not out:
         raise UsageError(f"{option} {spec!r} names nothing; give at least one index, or 'all'")
+    if n is None:
+        return ()
     bad = sorted(i for i in out if not 0 <= i < n)
     if bad:
         raise UsageError(f"{option} {spec!r} names {bad}, but the model has {n} (0-{n - 1})")
@@ -113,21 +121,47 @@ def parse_kinds(spec: str) -> tuple[str, ...]:
     return tuple(k for k in ALL_KINDS if k in kinds)
 
 
+PART_IMAGES = 32  # images per part when --part-size is not given
+
+
+def default_part_size(batch_size: int) -> int:
+    """Parts hold whole batches: the largest multiple of ``batch_size`` up to PART_IMAGES (at least one batch)."""
+    return max(1, PART_IMAGES // batch_size) * batch_size
+
+
+def with_defaults(cfg: ExtractConfig) -> ExtractConfig:
+    """``cfg`` with the sizes the user left out filled in (the part size follows --batch-size)."""
+    if cfg.part_size is None:
+        return replace(cfg, part_size=default_part_size(cfg.batch_size))
+    return cfg
+
+
 def validate(cfg: ExtractConfig) -> None:
-    """Option combinations that make no sense, caught before any work."""
+    """Option combinations that make no sense, caught before any work (imports no model code)."""
     if cfg.keys is not None and cfg.keys not in KEY_ROPE:
         raise UsageError(f"--keys must be one of {', '.join(KEY_ROPE)}, not {cfg.keys!r}")
     if cfg.store_dtype is not None and cfg.store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
     if cfg.codec not in CODECS:
         raise UsageError(f"--codec must be one of {', '.join(CODECS)}, not {cfg.codec!r}")
-    if cfg.batch_size < 1 or cfg.part_size < 1:
+    if cfg.batch_size < 1 or (cfg.part_size is not None and cfg.part_size < 1):
         raise UsageError("--batch-size and --part-size must be at least 1")
-    if cfg.part_size % cfg.batch_size:
+    if cfg.part_size is not None and cfg.part_size % cfg.batch_size:
         raise UsageError(f"--part-size {cfg.part_size} must be a multiple of --batch-size {cfg.batch_size}")
     if cfg.limit is not None and cfg.limit < 1:
         raise UsageError("--limit must be at least 1")
+    dtype_name(cfg.dtype)  # bf16 / fp32 aliases are fine; anything else is refused now
+    if cfg.kinds is not None:
+        parse_kinds(cfg.kinds)
+    for spec, option in ((cfg.layers, "--layers"), (cfg.heads, "--heads")):
+        parse_index_spec(spec, None, option)  # syntax and order now; bounds once the model is known
+    check_init(cfg.init)
+    model_source(cfg.model, cfg.init)  # a misspelt name or a missing directory
+    create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, limit=cfg.limit, **cfg.dataset_options)
+    if cfg.data_root is not None and "://" not in cfg.data_root:
+        existing_root(cfg.data_root, cfg.dataset, "the dataset's directory in its official layout")
     prefixes.check_options(cfg)
+
 
 
 def resolve(adapter: ModelAdapter, cfg: ExtractConfig) -> tuple[ExtractConfig, Selection]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from kvpipe.pipeline.extraction.config import ExtractConfig, ExtractResult, validate
+from kvpipe.pipeline.extraction.config import ExtractConfig, ExtractResult, validate, with_defaults
 from kvpipe.pipeline.extraction.executor import EXECUTORS
 from kvpipe.pipeline.extraction.worker import DatasetView, ProgressFn
 from kvpipe.pipeline.models.base import ModelAdapter
@@ -31,7 +31,7 @@ def extract(cfg: ExtractConfig, progress: ProgressFn | None = None,
     model ``cfg.model`` names.
     """
     validate(cfg)
-    return run_job(cfg, progress, on_start, adapter)
+    return run_job(with_defaults(cfg), progress, on_start, adapter)
 
 
 def run_job(cfg: ExtractConfig, progress: ProgressFn | None = None,

@@ -245,9 +245,11 @@ class RaySession(Session):
         self.ray = _import_ray()
         self.cfg, self.data, self.started_ray = cfg, data, started_ray
         self.run_id = uuid.uuid4().hex[:8]
-        self.gpu = cfg.device.startswith("cuda")
+        # --device auto: the actors take GPUs when the cluster has any (the driver may have none)
+        self.gpu = cfg.device.startswith("cuda") or (
+            cfg.device == "auto" and self.ray.cluster_resources().get("GPU", 0) > 0)
         # each actor sees only its own GPU (Ray sets CUDA_VISIBLE_DEVICES)
-        self.actor_cfg = replace(cfg, device="cuda" if self.gpu else cfg.device)
+        self.actor_cfg = replace(cfg, device="cuda" if self.gpu else "cpu" if cfg.device == "auto" else cfg.device)
         opts: dict[str, Any] = dict(max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES,
                                     max_concurrency=PARTS_IN_FLIGHT, num_cpus=1)
         if self.gpu:

@@ -24,7 +24,7 @@ from kvpipe.pipeline.extraction.parts import PartBuilder
 from kvpipe.pipeline.extraction.prefix import apply_prefixes
 from kvpipe.pipeline.extraction.transfer import HostCopier, InputUploader
 from kvpipe.pipeline.models.base import ModelAdapter
-from kvpipe.pipeline.models.loading import load_model
+from kvpipe.pipeline.models.loading import load_model, resolve_device, resolve_dtype
 from kvpipe.pipeline.models.capture import run_text_capture
 from kvpipe.store.schema import FeatureSetMeta, ids_fingerprint, structure_fingerprint
 from kvpipe.store.writer import StoreWriter
@@ -69,6 +69,7 @@ class PartWorker:
     def __init__(self, cfg: ExtractConfig, data: DatasetView | None = None,
                  adapter: ModelAdapter | None = None):
         self.data = data or DatasetView.load(cfg)
+        cfg = resolve_runtime(cfg, adapter)  # here, on the machine that runs the model
         if adapter is None:
             adapter = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, init=cfg.init,
                                  revision=cfg.revision, seed=cfg.seed)
@@ -200,6 +201,13 @@ class PartWorker:
         """Token ids and final-token K/V of the dataset's text queries."""
         feats, ids = run_text_capture(self.adapter, self.data.queries, self.sel, self.cfg.template)
         return ids, {k: v.numpy() for k, v in feats.items()}
+
+
+def resolve_runtime(cfg: ExtractConfig, adapter: ModelAdapter | None = None) -> ExtractConfig:
+    """``--device auto`` / ``--dtype auto`` made concrete where the model runs, so the store records
+    what ran (an already loaded ``adapter`` decides the device)."""
+    device = str(adapter.device) if adapter is not None else resolve_device(cfg.device)
+    return replace(cfg, device=device, dtype=resolve_dtype(cfg.dtype, device))
 
 
 def _write_and_release(writer: StoreWriter, builder: PartBuilder) -> None:

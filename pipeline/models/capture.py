@@ -17,20 +17,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
+from kvpipe.pipeline.models.selection import Selection
 from kvpipe.store.schema import HIDDEN, POST_PROJ
 
 if TYPE_CHECKING:  # the adapter calls into this module; annotations only
     from kvpipe.pipeline.models.base import Batch, ModelAdapter
-
-
-@dataclass(frozen=True)
-class Selection:
-    """What to capture: model layer indices, KV head indices, kinds, key convention."""
-
-    layers: tuple[int, ...]
-    heads: tuple[int, ...]
-    kinds: tuple[str, ...]
-    keys_rope: str = "post-rope"
 
 
 @contextmanager

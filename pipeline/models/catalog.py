@@ -7,9 +7,11 @@ loaded. Adding a family = one adapter file + its entries here (timm's ``_pretrai
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+from kvpipe.errors import UsageError
 from kvpipe.registry import Registry, import_target
 
 _PKG = "kvpipe.pipeline.models"
@@ -44,6 +46,34 @@ class ModelEntry:
 
 
 MODELS: Registry[ModelEntry] = Registry("model", "--model")
+
+Source = Literal["registry", "local", "hub"]
+
+
+def model_source(name_or_path: str, init: str = "pretrained") -> tuple[Source, str]:
+    """Where ``--model`` points, decided without importing model code: ("registry", name),
+    ("local", directory) or ("hub", "org/name"); a one-line UsageError for a misspelt name, a
+    missing directory, or --init random without a registry name."""
+    if name_or_path in MODELS:
+        return "registry", name_or_path
+    if init == "random":
+        raise UsageError(f"--init random needs a registry name (one of {', '.join(MODELS.names())}), "
+                         f"not {name_or_path!r}")
+    path = os.path.expanduser(name_or_path)
+    if "/" not in path and not os.path.exists(path):  # hub ids are "org/name": this is a mistyped name
+        MODELS.get(name_or_path)  # raises "unknown model ..., known: ..."
+    if _looks_local(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"--model {name_or_path}: no such directory; give a registry name "
+                             f"({', '.join(MODELS.names())}), a hub id or a checkpoint directory")
+        return "local", path
+    return "hub", name_or_path
+
+
+def _looks_local(path: str) -> bool:
+    """A path, not a hub id ("org/name"): it exists, is explicitly relative/absolute, or is nested deeper."""
+    return (os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1
+            or (os.sep != "/" and os.sep in path))
 
 
 def _add(name: str, adapter: str, checkpoint: str | None, preset: str, description: str, *preset_args: Any,

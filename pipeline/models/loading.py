@@ -7,24 +7,40 @@ one clear line instead of a traceback from deep inside transformers.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from kvpipe.errors import ModelError, UsageError
 from kvpipe.pipeline.models.base import ModelAdapter
-from kvpipe.pipeline.models.catalog import MODELS, ModelEntry
+from kvpipe.pipeline.models.catalog import MODELS, ModelEntry, model_source
+from kvpipe.pipeline.models.options import check_init, dtype_name
 
-INITS = ("pretrained", "random")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, not {name!r}") from None
+    name = dtype_name(name)
+    if name == "auto":
+        raise UsageError("--dtype auto must be resolved for a device first (resolve_dtype)")
+    return DTYPES[name]
+
+
+def resolve_device(spec: str) -> str:
+    """``--device auto``: the first GPU when torch sees one, else the CPU; anything else as given."""
+    if spec == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: torch sees no CUDA device here; use --device auto or cpu")
+    return spec
+
+
+def resolve_dtype(spec: str, device: str) -> str:
+    """``--dtype auto``: bfloat16 on a GPU, float32 on a CPU (what each runs fast and exactly)."""
+    name = dtype_name(spec)
+    if name == "auto":
+        return "bfloat16" if str(device).startswith("cuda") else "float32"
+    return name
 
 
 def adapter_for_model_type(model_type: str) -> type[ModelAdapter]:
@@ -67,13 +83,16 @@ def _random_model(entry: ModelEntry, config: Any, dtype: torch.dtype, seed: int,
     return model
 
 
-def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu",
+def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
                init: str = "pretrained", revision: str | None = None, seed: int = 0) -> ModelAdapter:
-    """Build the adapter for a registry name, a local checkpoint directory or a hub id."""
-    if init not in INITS:
-        raise UsageError(f"--init must be one of {', '.join(INITS)}, not {init!r}")
-    torch_dtype = parse_dtype(dtype)
-    if name_or_path in MODELS:
+    """Build the adapter for a registry name, a local checkpoint directory or a hub id.
+
+    ``device``/``dtype`` "auto": the first GPU in bfloat16 when there is one, else the CPU in float32."""
+    check_init(init)
+    device = resolve_device(device)
+    torch_dtype = parse_dtype(resolve_dtype(dtype, device))
+    where, target = model_source(name_or_path, init)
+    if where == "registry":
         entry = MODELS.get(name_or_path)
         if entry.tiny or init == "random":
             if revision:
@@ -87,24 +106,7 @@ def load_model(name_or_path: str, *, dtype: str = "float32", device: str = "cpu"
                       "init": "random", "seed": seed, "family": entry.adapter.family}
             return _finish(entry.adapter, model, processor, source, device)
         return _from_pretrained(entry.checkpoint or name_or_path, name_or_path, torch_dtype, device, revision)
-    if init == "random":
-        raise UsageError(f"--init random needs a registry name (one of {', '.join(MODELS.names())}), "
-                         f"not {name_or_path!r}")
-    path = os.path.expanduser(name_or_path)
-    if "/" not in path and not os.path.exists(path):  # hub ids are "org/name": this is a mistyped name
-        MODELS.get(name_or_path)  # raises "unknown model ..., known: ..."
-    if _looks_local(path):
-        if not os.path.isdir(path):
-            raise UsageError(f"--model {name_or_path}: no such directory; give a registry name "
-                             f"({', '.join(MODELS.names())}), a hub id or a checkpoint directory")
-        return _from_pretrained(path, name_or_path, torch_dtype, device, revision, local=True)
-    return _from_pretrained(name_or_path, name_or_path, torch_dtype, device, revision)
-
-
-def _looks_local(path: str) -> bool:
-    """A path, not a hub id ("org/name"): it exists, is explicitly relative/absolute, or is nested deeper."""
-    return (os.path.exists(path) or path.startswith((".", "/")) or path.count("/") > 1
-            or (os.sep != "/" and os.sep in path))
+    return _from_pretrained(target, name_or_path, torch_dtype, device, revision, local=where == "local")
 
 
 def _first_line(err: BaseException) -> str:
