@@ -94,7 +94,7 @@ class MainThreadSampler:
 
 
 def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
-    parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "data", "output"))
+    parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "data", "out"))
     parser.add_argument("--store-dtype", default="bfloat16",
                         help="encoding of the gathers, copies and writes: bfloat16 | int8 (default: %(default)s)")
     parser.add_argument("--codec", default="zstd", help="store codec (store.encoding.CODECS; default: %(default)s)")

@@ -27,7 +27,7 @@ SAMPLE = 40  # chunks timed on one thread
 
 
 def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
-    parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "data", "output"))
+    parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "data"))
     parser.add_argument("--threads", type=int, default=16, help="encoder threads together (default: %(default)s)")
     parser.set_defaults(model="llava-ov", image_size=384, images=4, batch_size=4)
     return parser

@@ -4,7 +4,7 @@ sync, results printed and written as JSON).
 
 Each script builds its parser as
 
-    parser = get_args_parser(__doc__, groups=("model", "device", "data", "output"))
+    parser = get_args_parser(__doc__, groups=("model", "device", "data", "out"))
     parser.add_argument(...)                      # its own flags
     parser.set_defaults(model="llava-ov", ...)    # its own defaults for shared flags
 
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-GROUPS = ("model", "device", "data", "output")
+GROUPS = ("model", "device", "data", "parts", "out")
 
 
 def default_device() -> str:
@@ -32,12 +32,14 @@ def default_device() -> str:
 
 def get_args_parser(description: str | None = None, parents: Sequence[argparse.ArgumentParser] = (),
                     add_help: bool = True, groups: Iterable[str] = GROUPS) -> argparse.ArgumentParser:
-    """The benchmarks' shared flags, in the named ``groups``:
+    """The benchmarks' shared flags: ``--json`` (the results as JSON) and those of the named
+    ``groups`` (the ones a script uses):
 
     model   --model, --init, --dtype (the model and its compute dtype)
     device  --device (default: cuda if available, else cpu)
-    data    --images, --batch-size, --part-size, --image-size, --seed (synthetic images)
-    output  --out/--dir (where files go), --json (the results as JSON)
+    data    --images, --batch-size, --image-size, --seed (synthetic images)
+    parts   --part-size (images per store part)
+    out     --out/--dir (where the benchmark writes its files)
     """
     groups = set(groups)
     unknown = groups - set(GROUPS)
@@ -58,14 +60,15 @@ def get_args_parser(description: str | None = None, parents: Sequence[argparse.A
     if "data" in groups:
         shared.add_argument("--images", type=int, default=64, help="synthetic images (default: %(default)s)")
         shared.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: %(default)s)")
-        shared.add_argument("--part-size", type=int, default=32, help="images per store part (default: %(default)s)")
         shared.add_argument("--image-size", type=int, default=448, help="square image side in pixels "
                                                                         "(default: %(default)s)")
         shared.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    if "output" in groups:
+    if "parts" in groups:
+        shared.add_argument("--part-size", type=int, default=32, help="images per store part (default: %(default)s)")
+    if "out" in groups:
         shared.add_argument("--out", "--dir", dest="out", type=Path, default=None,
                             help="directory for the files the benchmark writes")
-        shared.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    shared.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     return parser
 
 

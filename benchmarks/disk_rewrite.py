@@ -18,7 +18,7 @@ from kvpipe.benchmarks.common import finish, parse_args
 
 
 def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
-    parser = common.get_args_parser(description, parents, add_help, groups=("output",))
+    parser = common.get_args_parser(description, parents, add_help, groups=("out",))
     parser.add_argument("--rounds", type=int, default=3, help="rounds of writes (default: %(default)s)")
     parser.add_argument("--round-mib", type=int, default=6 << 10, help="MiB written per round (default: %(default)s)")
     parser.add_argument("--block-mib", type=int, default=64, help="MiB per write call (default: %(default)s)")

@@ -42,7 +42,7 @@ def encode_loop(stop, cname: str, tokens: int) -> None:
 
 
 def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
-    parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "data", "output"))
+    parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "data"))
     parser.add_argument("--codecs", default="zstd,lz4", help="Blosc codecs of the encoder loops (default: %(default)s)")
     parser.add_argument("--workers", default="16,8", help="encoder loops beside the capture, comma list "
                                                           "(default: %(default)s)")

@@ -103,7 +103,8 @@ def encoder_load(stop: threading.Event) -> None:
 
 
 def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
-    parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "data", "output"))
+    parser = common.get_args_parser(description, parents, add_help,
+                                    groups=("model", "device", "data", "parts", "out"))
     parser.add_argument("--variants", default="noupload,upload,noupload,upload",
                         help="extraction runs, comma list of upload | noupload (default: %(default)s)")
     parser.add_argument("--load-threads", type=int, default=16,
