@@ -34,12 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import profile
 
 from kvpipe.benchmarks import common
 from kvpipe.benchmarks.common import (comma_list, finish, forward, load_batches, parse_args, settle, sync,
                                       synthetic_options)
-from kvpipe.benchmarks.prefill_kernels import gpu_time
+from kvpipe.benchmarks.prefill_kernels import activities, gpu_time
 from kvpipe.pipeline.extraction import ExtractConfig, ExtractResult, extract
 from kvpipe.pipeline.extraction import worker as extraction_worker
 from kvpipe.store.chunks import NICE, blosc_of
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                 forward(adapter, b, device)
             sync(device)
             t1 = time.perf_counter()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with profile(activities=activities(device)) as prof:
                 w0 = time.perf_counter()
                 for b in batches[mid:mid + WINDOW]:
                     forward(adapter, b, device)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     def gather_in_window(*a: Any, **kw: Any) -> Any:
         calls[0] += 1
         if calls[0] == mid + 1 and window.get("on"):
-            window["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            window["prof"] = profile(activities=activities(device))
             window["prof"].start()
             window["t0"] = time.perf_counter()
         out = gather(*a, **kw)

@@ -40,6 +40,11 @@ def kernel_class(name: str) -> str:
     return next((label for label, rx in CLASSES if rx.search(name)), "other")
 
 
+def activities(device: torch.device) -> list[ProfilerActivity]:
+    """What the profiler records: host calls, and the GPU's kernels on a CUDA device."""
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
 def gpu_time(prof: profile) -> tuple[dict[str, float], Counter, float, list[tuple[float, str]]]:
     """A profile's GPU kernels: ms by kernel class, ms by kernel name, busy ms (the union of
     their intervals) and the idle gaps between them (ms, the kernel after each)."""
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     def report_profile(label: str) -> None:
         todo = batches[:2]
         sync(device)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=activities(device)) as prof:
             t0 = time.perf_counter()
             for b in todo:
                 run_forward(b)
