@@ -103,7 +103,8 @@ def synthetic_images(images: int, size: int, seed: int = 0) -> list:
     """``images`` synthetic PIL images of ``size`` x ``size`` pixels."""
     from kvpipe.pipeline.datasets import create_dataset
 
-    return [r.image() for r in create_dataset("synthetic", limit=images, **synthetic_options(images, size, seed)).records()]
+    dataset = create_dataset("synthetic", limit=images, **synthetic_options(images, size, seed))
+    return [r.image() for r in dataset.records()]
 
 
 def load_batches(args: argparse.Namespace, accelerate: bool = True) -> tuple[Any, list, list, Any]:

@@ -51,7 +51,8 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
     parser.add_argument("--no-processes", dest="processes", action="store_false",
                         help="encoder loops in threads only (no forked processes)")
     parser.add_argument("--settle", type=float, default=0.5,
-                        help="seconds the loops run before the capture is timed (processes: twice; default: %(default)s)")
+                        help="seconds the loops run before the capture is timed (processes: twice; "
+                             "default: %(default)s)")
     parser.set_defaults(model="llava-ov", image_size=384, images=64, batch_size=8)
     return parser
 

@@ -49,7 +49,8 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--images", type=int, default=None, help="images of the dataset (default: all)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: %(default)s)")
-    parser.add_argument("--reference-dtype", default="float32", help="the lossless store's dtype (default: %(default)s)")
+    parser.add_argument("--reference-dtype", default="float32",
+                        help="the lossless store's dtype (default: %(default)s)")
     parser.add_argument("--tasks", default=None, help="probes to compare, comma list (default: every probe the "
                                                       "dataset supports)")
     parser.set_defaults(model="tiny-qwen25vl", init="pretrained", dtype="float32", device="cpu", part_size=8)
