@@ -123,7 +123,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         record("floor-hf", timed(prefill, device), len(images))
     tmp = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="kvpipe-bench-"))
     if "naive" in cfg.runs:  # with transformers' own kernels, as a hand-written loop would run
-        record("naive", _naive(adapter, images[:cfg.naive_images], tmp / "naive", device), cfg.naive_images)
+        record("naive", naive_loop(adapter, images[:cfg.naive_images], tmp / "naive", device), cfg.naive_images)
     adapter.accelerate()
     if "floor-kvpipe" in cfg.runs:
         timed(lambda: forward(adapter, batches[0], device), device)  # warm-up
@@ -254,7 +254,7 @@ def _naive_encoder(adapter: Any, device: torch.device) -> Callable[[Any], dict[s
 
 
 @torch.inference_mode()
-def _naive(adapter: Any, images: list, out: Path, device: torch.device) -> float:
+def naive_loop(adapter: Any, images: list, out: Path, device: torch.device) -> float:
     """Batch size 1, one forward and one torch.save per image (after one warm-up image)."""
     out.mkdir(parents=True, exist_ok=True)
     step = (_naive_encoder if HIDDEN in adapter.kinds else _naive_mlm)(adapter, device)
