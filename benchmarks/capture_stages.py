@@ -10,32 +10,30 @@ stages of kvpipe's capture path cumulatively and prints images/s for each:
   prefill+gather+copy+write        + each part's chunks encoded and written (store.chunks),
                                    one syncfs per part, parts of two batches, two writers
 
-    python benchmarks/capture_stages.py llava-ov 384 64 8      # model, image side, images, batch
-    PAGEABLE=1 CODEC=lz4bit DTYPE=int8 SYNC=0 THREADS=4,16 SWITCH=0.005,0.0005 DIR=/dev/shm \
-        python benchmarks/capture_stages.py ...
+    python -m kvpipe.benchmarks.capture_stages --model llava-ov --image-size 384 --images 64 --batch-size 8
+    python -m kvpipe.benchmarks.capture_stages ... --pageable --codec lz4bit --store-dtype int8 --no-sync \
+        --threads 4,16 --switch 0.005,0.0005 --dir /dev/shm
         # pageable host buffers, the codec (store.encoding.CODECS), the int8 encoding (copies and writes), no
         # syncfs, the write stage once per encoder pool size and GIL switch interval (seconds),
-        # the parts written under DIR (/dev/shm: memory only, no disk)
-    SAMPLE=1 python benchmarks/capture_stages.py ...   # where the main thread waits in the write stages
+        # the parts written under --dir (/dev/shm: memory only, no disk)
+    python -m kvpipe.benchmarks.capture_stages ... --sample   # where the main thread waits in the write stages
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import os
 import shutil
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from kvpipe.pipeline.models.capture import Selection, inputs_to_device
-from kvpipe.pipeline.datasets import create_dataset
-from kvpipe.pipeline.models import load_model
+from kvpipe.benchmarks import common
+from kvpipe.benchmarks.common import comma_list, finish, forward, load_batches, parse_args, sync
 from kvpipe.pipeline.extraction.transfer import HostCopier
 from kvpipe.store import chunks
 from kvpipe.store.chunks import TokenSegments, write_chunks
@@ -53,7 +51,7 @@ def main_thread_sched() -> tuple[float, float]:
 
 
 class MainThreadSampler:
-    """Where the main thread is when it is off its core (SAMPLE=1): every 2 ms, its kernel
+    """Where the main thread is when it is off its core (--sample): every 2 ms, its kernel
     state and wait channel (/proc) and the Python line it is on, counted while not running."""
 
     def __init__(self) -> None:
@@ -94,42 +92,52 @@ class MainThreadSampler:
             print(f"    {k / total:6.1%}  {key}")
 
 
-def load_batches(model: str, size: int, n: int, batch_size: int) -> tuple[Any, list, Selection]:
-    """The model (random full-size weights, kvpipe's kernels) on the GPU, ``n`` synthetic images
-    preprocessed in batches, and a selection of every layer's and head's keys and values."""
-    adapter = load_model(model, dtype="bfloat16", device="cuda", init="random")
-    adapter.accelerate()
-    ds = create_dataset("synthetic", limit=n, n_videos=-(-n // 8), n_frames=8, width=size, height=size)
-    images = [r.image() for r in ds.records()]
-    batches = [adapter.preprocess(images[i:i + batch_size]) for i in range(0, n, batch_size)]
-    sel = Selection(tuple(range(adapter.n_layers)), tuple(range(adapter.n_kv_heads)), ("keys", "values"))
-    return adapter, batches, sel
+def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
+    parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "data", "out"))
+    parser.add_argument("--store-dtype", default="bfloat16",
+                        help="encoding of the gathers, copies and writes: bfloat16 | int8 (default: %(default)s)")
+    parser.add_argument("--codec", default="zstd", help="store codec (store.encoding.CODECS; default: %(default)s)")
+    parser.add_argument("--pageable", action="store_true", help="pageable host buffers instead of page-locked ones")
+    parser.add_argument("--no-sync", dest="sync", action="store_false", help="no syncfs after each part's writes")
+    parser.add_argument("--threads", default=None,
+                        help="encoder pool sizes, comma list: the write stage once per size (default: kvpipe's)")
+    parser.add_argument("--switch", default=None,
+                        help="GIL switch intervals in seconds, comma list: the write stage once per interval "
+                             "(default: Python's)")
+    parser.add_argument("--sample", action="store_true", help="where the main thread waits in the write stages")
+    parser.set_defaults(model="llava-ov", image_size=384, images=64, batch_size=8)
+    return parser
 
 
-def main(model: str, size: int, n: int, batch_size: int) -> None:
-    adapter, batches, sel = load_batches(model, size, n, batch_size)
-    copier = HostCopier(torch.device("cuda"), pinned=os.environ.get("PAGEABLE") != "1")
-    dtype = os.environ.get("DTYPE", "bfloat16")
-    codec = compressor_for(compressor_meta(dtype, os.environ.get("CODEC", "zstd")), dtype)
-    out = Path(tempfile.mkdtemp(prefix="kvpipe-stages-", dir=os.environ.get("DIR")))  # DIR=/dev/shm: no disk
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(get_args_parser(), argv)
+    adapter, _, batches, sel = load_batches(args)
+    n = args.images
+    device = adapter.device
+    copier = HostCopier(device, pinned=not args.pageable)
+    dtype = args.store_dtype
+    codec = compressor_for(compressor_meta(dtype, args.codec), dtype)
+    out = Path(tempfile.mkdtemp(prefix="kvpipe-stages-", dir=args.out))  # --dir /dev/shm: no disk
+    results: dict[str, float] = {}
 
     def run(label: str, stage) -> None:
         stage(batches[:1])  # warm-up
-        torch.cuda.synchronize()
-        sampling = os.environ.get("SAMPLE") == "1" and "write" in label
+        sync(device)
+        sampling = args.sample and "write" in label
         sampler = MainThreadSampler() if sampling else contextlib.nullcontext()
         with sampler:
             t0, s0 = time.perf_counter(), main_thread_sched()
             stage(batches)
-            torch.cuda.synchronize()
+            sync(device)
             dt, s1 = time.perf_counter() - t0, main_thread_sched()
+        results[label] = n / dt
         print(f"{label:40s} {n / dt:7.2f} img/s {dt:6.2f} s; main thread on a core {s1[0] - s0[0]:.2f} s, "
               f"waiting for one {s1[1] - s0[1]:.2f} s", flush=True)
 
     @torch.inference_mode()
     def prefill(todo) -> None:
         for b in todo:
-            adapter.model.model(**inputs_to_device(b.inputs, adapter.device, adapter.host_inputs), use_cache=True)
+            forward(adapter, b, device)
 
     def gather(dtype: str):
         return lambda todo: [adapter.gather(b, sel, dtype) for b in todo]
@@ -151,7 +159,7 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
             seg = TokenSegments([c.host[kind] for c in group], axis=2)
             write_chunks(out / name / kind, seg, (1, 1, *seg.shape[2:]), codec)
         t2 = time.perf_counter()
-        if os.environ.get("SYNC", "1") == "1":
+        if args.sync:
             sync_tree(out / name)
         t3 = time.perf_counter()
         for c in group:
@@ -169,26 +177,28 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
                 group = [copier.submit(adapter.gather(b, sel, dtype)[0]) for b in todo[i:i + 2]]
                 writers.submit(write, group, f"{runs[0]}/{i}")
 
-    run("prefill", prefill)
-    run("prefill+gather bfloat16", gather("bfloat16"))
-    run("prefill+gather int8", gather("int8"))
-    run("prefill+gather+copy (pool cold)", copies)
-    run("prefill+gather+copy (pool warm)", copies)
-    for threads in os.environ.get("THREADS", str(chunks.THREADS)).split(","):
-        if int(threads) != chunks.THREADS:  # a new encoder pool of that size
-            chunks.THREADS = int(threads)
-            if chunks._pool is not None:
-                chunks._pool.shutdown()
-                chunks._pool = None
-        for interval in os.environ.get("SWITCH", str(sys.getswitchinterval())).split(","):
-            sys.setswitchinterval(float(interval))  # how long a thread keeps the GIL when others wait
-            for k in spent:
-                spent[k] = 0.0
-            run(f"prefill+gather+copy+write ({threads} encoders, GIL switch {float(interval) * 1e3:g} ms)", full)
-            print("  writer time by phase (both writers, warm-up included):",
-                  ", ".join(f"{k} {v:.2f} s" for k, v in spent.items()), flush=True)
-    shutil.rmtree(out, ignore_errors=True)
+    threads_before, switch_before = chunks.THREADS, sys.getswitchinterval()
+    try:
+        run("prefill", prefill)
+        run("prefill+gather bfloat16", gather("bfloat16"))
+        run("prefill+gather int8", gather("int8"))
+        run("prefill+gather+copy (pool cold)", copies)
+        run("prefill+gather+copy (pool warm)", copies)
+        for threads in comma_list(args.threads or str(chunks.THREADS), int):
+            chunks.set_threads(threads)  # a new encoder pool of that size
+            for interval in comma_list(args.switch or str(sys.getswitchinterval()), float):
+                sys.setswitchinterval(interval)  # how long a thread keeps the GIL when others wait
+                for k in spent:
+                    spent[k] = 0.0
+                run(f"prefill+gather+copy+write ({threads} encoders, GIL switch {interval * 1e3:g} ms)", full)
+                print("  writer time by phase (both writers, warm-up included):",
+                      ", ".join(f"{k} {v:.2f} s" for k, v in spent.items()), flush=True)
+    finally:
+        chunks.set_threads(threads_before)
+        sys.setswitchinterval(switch_before)
+        shutil.rmtree(out, ignore_errors=True)
+    return finish(args, {"images_per_s": results})
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main()

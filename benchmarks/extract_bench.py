@@ -32,8 +32,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from kvpipe.pipeline.models.capture import Selection, inputs_to_device, model_cache
-from kvpipe.pipeline.datasets import create_dataset
+from kvpipe.benchmarks.common import (device_name, drop_page_cache, forward, settle, synthetic_images,
+                                      synthetic_options, timed)
+from kvpipe.pipeline.models.capture import Selection, model_cache
 from kvpipe.pipeline.extraction.worker import PartWorker
 from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.pipeline.extraction.config import parse_index_spec, parse_kinds
@@ -92,32 +93,17 @@ class BenchResult:
         return {**asdict(self), "ratios": self.ratios()}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
 def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
     """Run the selected runs on the same images and model; see the module docstring."""
     adapter = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, init=cfg.init)
     device = adapter.device
     if cfg.kinds is None:  # what the paper's probes read: K/V of an MLM, block outputs of an encoder
         cfg = replace(cfg, kinds=",".join(k for k in adapter.kinds if k != POST_PROJ))
-    ds_opts = {"n_videos": -(-cfg.images // 8), "n_frames": 8, "width": cfg.size, "height": cfg.size}
-    ds = create_dataset("synthetic", limit=cfg.images, **ds_opts)
-    images = [r.image() for r in ds.records()]
+    ds_opts = synthetic_options(cfg.images, cfg.size)
+    images = synthetic_images(cfg.images, cfg.size)
     batches = [adapter.preprocess(images[i:i + cfg.batch_size]) for i in range(0, len(images), cfg.batch_size)]
     n_tok = int(batches[0].layouts[0].positions.numel())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name = device_name(device)
     result = BenchResult(asdict(cfg), name, n_tok)
     log(f"{cfg.model} ({cfg.init}, {cfg.dtype}) on {name}: {len(images)} images {cfg.size}x{cfg.size}, "
         f"{n_tok} image tokens, batch {cfg.batch_size}")
@@ -125,7 +111,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
     @torch.inference_mode()
     def prefill() -> None:
         for b in batches:
-            _forward(adapter, b, device)
+            forward(adapter, b, device)
 
     def record(run: str, seconds: float, n: int) -> None:
         result.seconds[run] = seconds
@@ -133,15 +119,15 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         log(f"  {run:13s} {n / seconds:8.2f} img/s  ({n} images, {seconds:.2f} s)")
 
     if "floor-hf" in cfg.runs:
-        _timed(lambda: _forward(adapter, batches[0], device), device)  # warm-up
-        record("floor-hf", _timed(prefill, device), len(images))
+        timed(lambda: forward(adapter, batches[0], device), device)  # warm-up
+        record("floor-hf", timed(prefill, device), len(images))
     tmp = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="kvpipe-bench-"))
     if "naive" in cfg.runs:  # with transformers' own kernels, as a hand-written loop would run
-        record("naive", _naive(adapter, images[:cfg.naive_images], tmp / "naive", device), cfg.naive_images)
+        record("naive", naive_loop(adapter, images[:cfg.naive_images], tmp / "naive", device), cfg.naive_images)
     adapter.accelerate()
     if "floor-kvpipe" in cfg.runs:
-        _timed(lambda: _forward(adapter, batches[0], device), device)  # warm-up
-        record("floor-kvpipe", _timed(prefill, device), len(images))
+        timed(lambda: forward(adapter, batches[0], device), device)  # warm-up
+        record("floor-kvpipe", timed(prefill, device), len(images))
     try:
         extract_runs = (("kvpipe", cfg.store_dtype, cfg.codec), ("kvpipe-lz4bit", cfg.store_dtype, "lz4bit"),
                         ("kvpipe-int8", "int8", cfg.codec))
@@ -149,7 +135,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
             # a short extraction first, as the floors get a warm-up batch, so the first timed
             # run does not also pay the process's one-time costs (encoder threads, the text
             # pass's first kernel compile). Measured on an H100: the first timed run was still
-            # 10-20% slower after this alone; with _settle before each run, 6% (BENCHMARKS.md)
+            # 10-20% slower after this alone; with settle before each run, 6% (BENCHMARKS.md)
             warm = replace(cfg, images=min(cfg.images, 2 * cfg.part_size))
             _extract_run(warm, "warm-up", cfg.store_dtype, cfg.codec, adapter, tmp / "warm-up", ds_opts,
                          lambda *a: None, BenchResult({}, "", 0), lambda line: None, measure_disk=False)
@@ -163,7 +149,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
                 worker.text()
         for run, store_dtype, codec in extract_runs:
             if run in cfg.runs:
-                _settle(device)
+                settle(device)
                 _extract_run(cfg, run, store_dtype, codec, adapter, tmp / run, ds_opts, record, result, log)
         sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
                         parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), parse_kinds(cfg.kinds))
@@ -241,28 +227,6 @@ def _extract_config(cfg: BenchConfig, store: Path, store_dtype: str | None, code
                          codec=codec, command="kvpipe bench extract")
 
 
-def _settle(device: torch.device) -> None:
-    """The same start for every extraction run, as a fresh ``kvpipe extract`` process has:
-    the CUDA allocator's cache of earlier runs' blocks released, dirty pages written and the
-    page cache emptied (where permitted)."""
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    _drop_page_cache()
-
-
-def _forward(adapter: Any, batch: Any, device: torch.device) -> None:
-    """The floor's forward pass: an MLM's base model through the last image token, with its KV
-    cache (no LM head); a vision encoder's forward."""
-    inputs = inputs_to_device(batch.inputs, device, adapter.host_inputs)
-    if HIDDEN in adapter.kinds:
-        adapter.model(**inputs)
-    else:
-        adapter.model.model(**inputs, use_cache=True)
-
-
 def _naive_mlm(adapter: Any, device: torch.device) -> Callable[[Any], dict[str, list[torch.Tensor]]]:
     """One image: chat prompt, full forward (LM head included), the cache sliced at the image tokens."""
     proc = adapter.processor
@@ -290,7 +254,7 @@ def _naive_encoder(adapter: Any, device: torch.device) -> Callable[[Any], dict[s
 
 
 @torch.inference_mode()
-def _naive(adapter: Any, images: list, out: Path, device: torch.device) -> float:
+def naive_loop(adapter: Any, images: list, out: Path, device: torch.device) -> float:
     """Batch size 1, one forward and one torch.save per image (after one warm-up image)."""
     out.mkdir(parents=True, exist_ok=True)
     step = (_naive_encoder if HIDDEN in adapter.kinds else _naive_mlm)(adapter, device)
@@ -300,7 +264,7 @@ def _naive(adapter: Any, images: list, out: Path, device: torch.device) -> float
             torch.save(step(img), out / f"{i:06d}.pt")
 
     run(images[:1])  # warm-up
-    return _timed(lambda: run(images), device)
+    return timed(lambda: run(images), device)
 
 
 def disk_write_rate(folder: Path, total: int = 1 << 30, block: int = 64 << 20) -> float:
@@ -318,16 +282,6 @@ def disk_write_rate(folder: Path, total: int = 1 << 30, block: int = 64 << 20) -
     return total / seconds / 1e6
 
 
-def _drop_page_cache() -> bool:
-    """Empty the OS page cache (root on Linux only) so reads come from the disk."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def bench_read(store_path: Path, repeats: int = 3) -> dict[str, float]:
     """Reading one (layer, head, kind) across the store vs reading the same chunk files raw.
 
@@ -343,18 +297,18 @@ def bench_read(store_path: Path, repeats: int = 3) -> dict[str, float]:
     nbytes = sum(f.stat().st_size for f in files)
     out: dict[str, float] = {"disk_bytes": float(nbytes), "files": float(len(files))}
     for mode in ("cold", "warm"):
-        if mode == "cold" and not _drop_page_cache():
+        if mode == "cold" and not drop_page_cache():
             continue
         t_store, t_raw = [], []
         for _ in range(repeats):
             if mode == "cold":
-                _drop_page_cache()
+                drop_page_cache()
             store = FeatureStore.open(store_path)
             t0 = time.perf_counter()
             store.read(kind, meta.layers[li], meta.heads[hi])
             t_store.append(time.perf_counter() - t0)
             if mode == "cold":
-                _drop_page_cache()
+                drop_page_cache()
             t0 = time.perf_counter()
             for f in files:
                 with open(f, "rb") as fh:

@@ -6,24 +6,25 @@ image set:
      time by kernel class, GPU busy time, idle gaps between kernels and what ran after the
      largest ones;
   2. the same prefill while 16 threads encode zstd on the host (does CPU load slow the GPU?);
-  3. ``kvpipe extract`` runs (a short warm-up first), one per variant in VARIANTS:
+  3. ``kvpipe extract`` runs (a short warm-up first), one per variant in ``--variants``:
        upload    as shipped: batches' inputs sent to the GPU ahead (transfer.InputUploader)
        noupload  the inputs copied to the GPU by the forward pass itself, as before
      For each: steady img/s (from the end of the first part), the driver's seconds by phase
      inside that window, a profiled window of 4 batches mid-run, as in 1;
   4. GPU clock, power and throttle reasons (nvidia-smi, every 250 ms) during each phase.
 
-    python benchmarks/extract_timeline.py llava-ov 384 512 8 16       # model, side, images, batch, part
-    VARIANTS=noupload,upload,noupload,upload python benchmarks/extract_timeline.py ...
-    DEVICE=cpu python benchmarks/extract_timeline.py tiny-llava-ov 64 64 4 8      # a smoke run
+    python -m kvpipe.benchmarks.extract_timeline --model llava-ov --image-size 384 --images 512 \
+        --batch-size 8 --part-size 16 --variants noupload,upload,noupload,upload
+    python -m kvpipe.benchmarks.extract_timeline --device cpu --model tiny-llava-ov --image-size 64 \
+        --images 64 --batch-size 4 --part-size 8      # a smoke run
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,18 +34,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import profile
 
-from kvpipe.pipeline import extract as ex
-from kvpipe.benchmarks.extract_bench import _forward, _settle
-from kvpipe.pipeline.datasets import create_dataset
+from kvpipe.benchmarks import common
+from kvpipe.benchmarks.common import (comma_list, finish, forward, load_batches, parse_args, settle, sync,
+                                      synthetic_options)
+from kvpipe.benchmarks.prefill_kernels import activities, gpu_time
 from kvpipe.pipeline.extraction import ExtractConfig, ExtractResult, extract
-from kvpipe.pipeline.models import load_model
-from kvpipe.store.chunks import blosc_of
+from kvpipe.pipeline.extraction import worker as extraction_worker
+from kvpipe.store.chunks import NICE, blosc_of
 from kvpipe.store.encoding import compressor
-
-sys.path.insert(0, str(Path(__file__).parent))
-from prefill_kernels import gpu_time  # noqa: E402
 
 WINDOW = 4  # batches profiled
 
@@ -95,7 +94,7 @@ def report_profile(prof: Any, wall: float, label: str) -> None:
 
 def encoder_load(stop: threading.Event) -> None:
     """A zstd encoder thread at kvpipe's encoder priority, on bf16-like noise."""
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
     rng = np.random.default_rng(threading.get_native_id())
     a = (rng.standard_normal((16 * 1485, 128)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
     codec = blosc_of(compressor("bfloat16"))
@@ -103,50 +102,62 @@ def encoder_load(stop: threading.Event) -> None:
         codec.encode(a)
 
 
-def main(model: str, size: int, n: int, batch_size: int, part_size: int) -> None:
-    device_name = os.environ.get("DEVICE", "cuda")
-    variants = os.environ.get("VARIANTS", "noupload,upload,noupload,upload").split(",")
-    cuda = device_name == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    gpu = GpuSampler() if cuda else None
-    adapter = load_model(model, dtype="bfloat16", device=device_name, init="random")
-    adapter.accelerate()
+def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
+    parser = common.get_args_parser(description, parents, add_help,
+                                    groups=("model", "device", "data", "parts", "out"))
+    parser.add_argument("--variants", default="noupload,upload,noupload,upload",
+                        help="extraction runs, comma list of upload | noupload (default: %(default)s)")
+    parser.add_argument("--load-threads", type=int, default=16,
+                        help="zstd encoder threads beside the second prefill (default: %(default)s)")
+    parser.set_defaults(model="llava-ov", image_size=384, images=512, batch_size=8, part_size=16)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(get_args_parser(), argv)
+    variants = comma_list(args.variants)
+    unknown = set(variants) - {"upload", "noupload"}
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(sorted(unknown))}; known: upload, noupload")
+    n, batch_size, part_size = args.images, args.batch_size, args.part_size
+    adapter, _, batches, _ = load_batches(args)
     device = adapter.device
-    ds_opts = {"n_videos": -(-n // 8), "n_frames": 8, "width": size, "height": size}
-    images = [r.image() for r in create_dataset("synthetic", limit=n, **ds_opts).records()]
-    batches = [adapter.preprocess(images[i:i + batch_size]) for i in range(0, n, batch_size)]
+    gpu = GpuSampler() if device.type == "cuda" else None
+    ds_opts = synthetic_options(n, args.image_size, args.seed)
     mid = min(len(batches) // 2, max(0, len(batches) - WINDOW))
+    results: dict[str, dict] = {}
 
     def prefill(label: str, load: bool = False) -> None:
         stop, threads = threading.Event(), []
         if load:
-            threads = [threading.Thread(target=encoder_load, args=(stop,)) for _ in range(16)]
+            threads = [threading.Thread(target=encoder_load, args=(stop,)) for _ in range(args.load_threads)]
             for t in threads:
                 t.start()
         with torch.inference_mode():
-            _forward(adapter, batches[0], device)
-            sync()
+            forward(adapter, batches[0], device)
+            sync(device)
             t0 = time.perf_counter()
             for b in batches:
-                _forward(adapter, b, device)
-            sync()
+                forward(adapter, b, device)
+            sync(device)
             t1 = time.perf_counter()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with profile(activities=activities(device)) as prof:
                 w0 = time.perf_counter()
                 for b in batches[mid:mid + WINDOW]:
-                    _forward(adapter, b, device)
-                sync()
+                    forward(adapter, b, device)
+                sync(device)
                 wall = time.perf_counter() - w0
         stop.set()
         for t in threads:
             t.join()
+        results[label] = {"images_per_s": n / (t1 - t0)}
         print(f"{label}: {n / (t1 - t0):.2f} img/s", flush=True)
         if gpu:
             gpu.report(label, t0, t1)
         report_profile(prof, wall, label)
 
     prefill("prefill")
-    prefill("prefill, 16 zstd encoder threads busy", load=True)
+    prefill(f"prefill, {args.load_threads} zstd encoder threads busy", load=True)
 
     # every phase the driver times, with its start and end (ExtractResult.timed)
     events: list[tuple[str, float, float]] = []
@@ -161,30 +172,30 @@ def main(model: str, size: int, n: int, batch_size: int, part_size: int) -> None
     calls, window = [0], {}
     gather = adapter.gather
 
-    def gather_in_window(*args: Any, **kwargs: Any) -> Any:
+    def gather_in_window(*a: Any, **kw: Any) -> Any:
         calls[0] += 1
         if calls[0] == mid + 1 and window.get("on"):
-            window["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            window["prof"] = profile(activities=activities(device))
             window["prof"].start()
             window["t0"] = time.perf_counter()
-        out = gather(*args, **kwargs)
+        out = gather(*a, **kw)
         if calls[0] == mid + WINDOW and "prof" in window:
-            sync()
+            sync(device)
             window["prof"].stop()
             window["wall"] = time.perf_counter() - window["t0"]
         return out
     adapter.gather = gather_in_window
 
-    tmp = Path(tempfile.mkdtemp(prefix="kvpipe-timeline-"))
-    uploads = ex.on_device_ahead
+    tmp = Path(tempfile.mkdtemp(prefix="kvpipe-timeline-", dir=args.out))  # --out: where the stores go
+    uploads = extraction_worker.on_device_ahead
 
     def run(label: str, variant: str, images: int, profiled: bool = True) -> None:
         store = tmp / "store"
         shutil.rmtree(store, ignore_errors=True)
-        _settle(device)
-        ex.on_device_ahead = uploads if variant == "upload" else (lambda adapter, batches: batches)
-        cfg = ExtractConfig(model=model, dataset="synthetic", out=str(store), limit=images, init="random",
-                            dtype="bfloat16", device=device_name, batch_size=batch_size, part_size=part_size,
+        settle(device)
+        extraction_worker.on_device_ahead = uploads if variant == "upload" else (lambda adapter, batches, *_: batches)
+        cfg = ExtractConfig(model=args.model, dataset="synthetic", out=str(store), limit=images, init=args.init,
+                            dtype=args.dtype, device=args.device, batch_size=batch_size, part_size=part_size,
                             dataset_options=ds_opts)
         stamps: list[tuple[float, int]] = []
         done = [0]
@@ -198,12 +209,14 @@ def main(model: str, size: int, n: int, batch_size: int, part_size: int) -> None
         window["on"] = profiled
         res = extract(cfg, adapter=adapter, progress=progress)
         t_end = time.perf_counter()
-        ex.on_device_ahead = uploads
+        extraction_worker.on_device_ahead = uploads
         start, first = next((t, k) for t, k in stamps if k >= part_size)
         inside: dict[str, float] = defaultdict(float)
         for key, a, b in events:
             if b > max(a, start):
                 inside[key] += b - max(a, start)
+        results[f"{label} ({variant})"] = {"steady_images_per_s": (res.images_ok - first) / (t_end - start),
+                                           "seconds_in_steady_window": dict(inside)}
         print(f"{label} ({variant}): steady {(res.images_ok - first) / (t_end - start):.2f} img/s over "
               f"{t_end - start:.2f} s; inside it: " + ", ".join(f"{k} {v:.2f} s" for k, v in inside.items()),
               flush=True)
@@ -217,8 +230,12 @@ def main(model: str, size: int, n: int, batch_size: int, part_size: int) -> None
         for i, variant in enumerate(variants):
             run(f"extraction {i + 1}", variant, n)
     finally:
+        ExtractResult.timed = timed
+        adapter.gather = gather
+        extraction_worker.on_device_ahead = uploads
         shutil.rmtree(tmp, ignore_errors=True)
+    return finish(args, results)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    main()

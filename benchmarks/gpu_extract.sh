@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
 # Extraction benchmarks on one GPU: full-size architectures with random weights.
-# Usage: bash benchmarks/gpu_extract.sh OUTDIR [qwen|llava|llava-values|all]   (kvpipe importable, a CUDA device)
+# Usage: bash benchmarks/gpu_extract.sh [--out DIR] [--models qwen|llava|llava-values|all]
+#   (kvpipe importable, a CUDA device; defaults: --out bench-out --models all)
 # Each line is one process: floor, kvpipe (lossless bf16 and int8) and the naive loop share the
 # model, the images and the batch size.
 set -uo pipefail
-out=${1:-bench-out}
-which=${2:-all}
+out=bench-out
+which=all
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --out|--dir) out=$2; shift 2 ;;
+    --models) which=$2; shift 2 ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) echo "gpu_extract.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+case $which in qwen|llava|llava-values|all) ;; *) echo "gpu_extract.sh: --models $which: one of qwen, llava, llava-values, all" >&2; exit 2 ;; esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
 kv() { python3 -m kvpipe.cli bench extract "$@"; }

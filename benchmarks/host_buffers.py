@@ -6,25 +6,39 @@ huge-page mapping faulted in by torch's threads, then registered with CUDA
 (``cudaHostRegister``, what ``pipeline.transfer.pinned_host_buffer`` does); copies into
 registered memory; registering memory that was never touched, and plain malloc'd memory.
 
-    python benchmarks/host_buffers.py
+    python -m kvpipe.benchmarks.host_buffers [--mib 1024]
+
+CUDA only: on any other device it stops with a one-line message.
 """
 
 from __future__ import annotations
 
+import argparse
 import mmap
 import os
 import time
 
-import torch
+from kvpipe.benchmarks import common
+from kvpipe.benchmarks.common import finish, parse_args, require_cuda
 
-N = 1 << 30
+
+def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
+    parser = common.get_args_parser(description, parents, add_help, groups=("device",))
+    parser.add_argument("--mib", type=int, default=1024, help="MiB per buffer (default: %(default)s)")
+    return parser
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(get_args_parser(), argv)
+    require_cuda(args.device, "host_buffers (page-locked host memory and device-to-host copies)")
+    import torch
+
+    nbytes = args.mib << 20
+    results: dict[str, float] = {}
     thp = "/sys/kernel/mm/transparent_hugepage/enabled"
     print("transparent huge pages:", open(thp).read().strip() if os.path.exists(thp) else "n/a",
           "| cores:", os.cpu_count())
-    src = torch.empty(N // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=args.device).normal_()
     cudart = torch.cuda.cudart()
 
     def rate(label: str, fn):
@@ -32,11 +46,12 @@ def main() -> None:
         t0 = time.perf_counter()
         out = fn()
         torch.cuda.synchronize()
-        print(f"{label:48s} {N / (time.perf_counter() - t0) / 1e9:6.2f} GB/s", flush=True)
+        results[label] = nbytes / (time.perf_counter() - t0) / 1e9
+        print(f"{label:48s} {results[label]:6.2f} GB/s", flush=True)
         return out
 
     def huge_pages() -> torch.Tensor:
-        region = mmap.mmap(-1, N)
+        region = mmap.mmap(-1, nbytes)
         region.madvise(mmap.MADV_HUGEPAGE)
         return torch.frombuffer(region, dtype=torch.bfloat16)
 
@@ -50,15 +65,15 @@ def main() -> None:
         stream.synchronize()
 
     def register(buf: torch.Tensor) -> None:
-        assert int(cudart.cudaHostRegister(buf.data_ptr(), N, 0)) == 0
+        assert int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0
 
-    pageable = torch.empty(N // 2, dtype=torch.bfloat16)
+    pageable = torch.empty(nbytes // 2, dtype=torch.bfloat16)
     rate("pageable, fresh: copy (page faults)", lambda: copy_into(pageable))
     rate("pageable, reused: copy", lambda: copy_into(pageable))
     thp_pageable = huge_pages()
     rate("huge pages, fresh: copy (page faults)", lambda: copy_into(thp_pageable))
     rate("huge pages, reused: copy", lambda: copy_into(thp_pageable))
-    pinned = rate("pin_memory=True: allocate", lambda: torch.empty(N // 2, dtype=torch.bfloat16, pin_memory=True))
+    pinned = rate("pin_memory=True: allocate", lambda: torch.empty(nbytes // 2, dtype=torch.bfloat16, pin_memory=True))
     rate("pin_memory=True: copy", lambda: dma_into(pinned))
     registered = huge_pages()
     rate("huge pages: fault in (torch's threads)", lambda: registered.view(torch.int16).fill_(0))
@@ -66,10 +81,11 @@ def main() -> None:
     rate("huge pages, registered: copy", lambda: dma_into(registered))
     untouched = huge_pages()
     rate("huge pages, untouched: cudaHostRegister", lambda: register(untouched))
-    plain = torch.empty(N // 2, dtype=torch.bfloat16)
+    plain = torch.empty(nbytes // 2, dtype=torch.bfloat16)
     rate("malloc'd, untouched: cudaHostRegister", lambda: register(plain))
     for buf in (registered, untouched, plain):
         cudart.cudaHostUnregister(buf.data_ptr())
+    return finish(args, {"bytes": nbytes, "gb_s": results})
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ fg-seg trains one L2-regularised logistic regression per episode (5 support imag
 tokens, head_dim features) for every (layer, head, kind) of the sweep; ``probes/logistic.py``
 solves a batch of episodes at once with batched Newton steps in torch. This times that solver
 on each device in one process, on the same synthetic episodes and in the batches fg-seg uses
-(``fg_seg._BATCH_BYTES`` of padded features per batch), and checks that the devices agree.
+(``fg_seg.BATCH_BYTES`` of padded features per batch), and checks that the devices agree.
 
-    python benchmarks/linear_probes.py --episodes 1000 --cpu-episodes 136 [--devices cpu,cuda]
+    python -m kvpipe.benchmarks.linear_probes --episodes 1000 --cpu-episodes 136 [--devices cpu,cuda]
 
 The CPU may run fewer episodes (``--cpu-episodes``): the work per episode is the same, so the
 rate (episodes/s) is what is compared, and the per-target time is extrapolated from it.
@@ -22,7 +22,9 @@ import time
 import numpy as np
 import torch
 
-from kvpipe.probes.fg_seg import _BATCH_BYTES
+from kvpipe.benchmarks import common
+from kvpipe.benchmarks.common import comma_list, finish, parse_args, sync
+from kvpipe.probes.fg_seg import BATCH_BYTES
 from kvpipe.probes.logistic import fit_logistic
 
 
@@ -42,41 +44,43 @@ def episodes(n: int, tokens: int, dim: int, seed: int) -> tuple[np.ndarray, np.n
 
 def run(dev: str, x: np.ndarray, y: np.ndarray, w: np.ndarray, per_batch: int) -> tuple[float, np.ndarray, int]:
     """Seconds to fit all episodes in fg-seg's batches, the coefficients, the most Newton steps."""
-    if dev == "cuda":
-        torch.cuda.synchronize()
+    sync(dev)
     t0 = time.perf_counter()
     coefs, iters = [], 0
     for a in range(0, len(x), per_batch):
         m = fit_logistic(x[a:a + per_batch], y[a:a + per_batch], w[a:a + per_batch], dev=dev)
         coefs.append(m.coef)
         iters = max(iters, m.iterations)
-    if dev == "cuda":
-        torch.cuda.synchronize()
+    sync(dev)
     return time.perf_counter() - t0, np.concatenate(coefs), iters
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--episodes", type=int, default=1000, help="episodes per (layer, head, kind) target")
-    ap.add_argument("--cpu-episodes", type=int, default=None, help="episodes timed on the CPU (default: all)")
-    ap.add_argument("--shots", type=int, default=5)
-    ap.add_argument("--tokens", type=int, default=729, help="tokens per support image")
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--targets", type=int, default=225, help="targets of a full sweep (28 x 4 x 2 + post-proj)")
-    ap.add_argument("--devices", default="cpu,cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
+    parser = common.get_args_parser(description, parents, add_help, groups=())
+    parser.add_argument("--episodes", type=int, default=1000, help="episodes per (layer, head, kind) target")
+    parser.add_argument("--cpu-episodes", type=int, default=None, help="episodes timed on the CPU (default: all)")
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=729, help="tokens per support image")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--targets", type=int, default=225, help="targets of a full sweep (28 x 4 x 2 + post-proj)")
+    parser.add_argument("--devices", default=None, help="comma list (default: cpu,cuda where a GPU is seen, else cpu)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(get_args_parser(), argv)
+    devices = comma_list(args.devices or ("cpu,cuda" if torch.cuda.is_available() else "cpu"))
     n_tok = args.shots * args.tokens
-    per_batch = max(1, _BATCH_BYTES // (n_tok * (args.dim + 1) * 4))
+    per_batch = max(1, BATCH_BYTES // (n_tok * (args.dim + 1) * 4))
     x, y, w = episodes(args.episodes, n_tok, args.dim, args.seed)
     print(f"{args.episodes} episodes x {n_tok} support tokens x {args.dim} dims, {per_batch} episodes per "
           f"batch; torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""), flush=True)
     results: dict[str, tuple[float, int, int]] = {}
     coefs: dict[str, np.ndarray] = {}
-    for dev in [d.strip() for d in args.devices.split(",") if d.strip()]:
+    for dev in devices:
         n = args.episodes if dev != "cpu" or args.cpu_episodes is None else min(args.cpu_episodes, args.episodes)
         run(dev, x[:per_batch], y[:per_batch], w[:per_batch], per_batch)  # warm-up (CUDA context, kernels)
         times = []
@@ -95,14 +99,18 @@ def main(argv: list[str] | None = None) -> None:
         rate = n / t
         print(f"| {dev} | {n} | {t:.2f} | {rate:.0f} | {args.episodes / rate:.2f} s | "
               f"{args.targets * args.episodes / rate / 60:.1f} min | {iters} |")
+    report = {dev: {"seconds": t, "episodes": n, "episodes_per_s": n / t, "newton_steps": iters}
+              for dev, (t, n, iters) in results.items()}
     if "cpu" in results and len(results) > 1:
         for dev in results:
             if dev != "cpu":
                 speed = (results[dev][1] / results[dev][0]) / (results["cpu"][1] / results["cpu"][0])
                 n = min(len(coefs["cpu"]), len(coefs[dev]))
                 diff = np.abs(coefs["cpu"][:n] - coefs[dev][:n]).max() / np.abs(coefs["cpu"][:n]).max()
+                report[dev].update({"speed_vs_cpu": speed, "relative_coef_diff": float(diff)})
                 print(f"\n{dev} / cpu: {speed:.1f} x the episodes per second; coefficients agree to a relative "
                       f"{diff:.1e} (largest difference over the largest coefficient)")
+    return finish(args, {"per_batch": per_batch, "devices": report})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ the mean absolute change of the primary metric over all (layer, head, kind) targ
 the best target is the same, and the stored bytes. Also the reconstruction error of the
 features themselves (relative to each token's largest magnitude).
 
-    python benchmarks/lossy_fidelity.py --out /tmp/kvpipe-lossy
-    python benchmarks/lossy_fidelity.py --model tiny-llava-ov --limit 48 --out /tmp/kvpipe-lossy-ov
+    python -m kvpipe.benchmarks.lossy_fidelity --out /tmp/kvpipe-lossy
+    python -m kvpipe.benchmarks.lossy_fidelity --model tiny-llava-ov --images 48 --out /tmp/kvpipe-lossy-ov
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kvpipe.benchmarks import common
+from kvpipe.benchmarks.common import comma_list, finish, parse_args
 from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.probes import PROBES
 from kvpipe.probes.runner import run_probe
@@ -42,26 +44,36 @@ def feature_error(ref: FeatureStore, lossy: FeatureStore) -> dict[str, float]:
     return {"max_rel_error": float(e.max()), "mean_rel_error": float(e.mean()), "min_cosine": float(c.min())}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny-qwen25vl")
-    ap.add_argument("--dataset", default="synthetic")
-    ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--reference-dtype", default="float32")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
+def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
+    parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "parts", "out"))
+    parser.add_argument("--dataset", default="synthetic")
+    parser.add_argument("--images", type=int, default=None, help="images of the dataset (default: all)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--reference-dtype", default="float32",
+                        help="the lossless store's dtype (default: %(default)s)")
+    parser.add_argument("--tasks", default=None, help="probes to compare, comma list (default: every probe the "
+                                                      "dataset supports)")
+    parser.set_defaults(model="tiny-qwen25vl", init="pretrained", dtype="float32", device="cpu", part_size=8)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(get_args_parser(), argv)
+    if args.out is None:
+        raise SystemExit("lossy_fidelity needs --out (the directory for its two stores)")
     shutil.rmtree(args.out, ignore_errors=True)
     stores = {}
     for name, dtype in (("reference", args.reference_dtype), ("int8", "int8")):
         stores[name] = args.out / name
-        extract(ExtractConfig(model=args.model, dataset=args.dataset, out=str(stores[name]), limit=args.limit,
-                              store_dtype=dtype, batch_size=4, part_size=8))
+        extract(ExtractConfig(model=args.model, dataset=args.dataset, out=str(stores[name]), limit=args.images,
+                              init=args.init, dtype=args.dtype, device=args.device, store_dtype=dtype,
+                              batch_size=args.batch_size, part_size=args.part_size))
     ref, lossy = FeatureStore.open(stores["reference"]), FeatureStore.open(stores["int8"])
     report = {"model": args.model, "dataset": args.dataset, "images": len(ref.images()),
               "bytes_per_image": {k: stored_bytes(v) / len(ref.images()) for k, v in stores.items()},
               "features": feature_error(ref, lossy), "tasks": {}}
-    tasks = [t for t in ref.meta.dataset.get("tasks", []) if t in PROBES]
+    tasks = [t for t in ref.meta.dataset.get("tasks", []) if t in PROBES
+             and (args.tasks is None or t in comma_list(args.tasks))]
     print(f"{'task':16s} {'metric':10s} {'targets':>7s} {'max |d|':>8s} {'mean |d|':>8s} {'best ref':>8s} "
           f"{'best int8':>9s} same-best")
     for task in tasks:
@@ -79,8 +91,7 @@ def main() -> None:
         print(f"{task:16s} {metric:10s} {len(keys):7d} {row['max_abs_diff']:8.4f} {row['mean_abs_diff']:8.4f} "
               f"{row['best_reference']:8.4f} {row['best_int8']:9.4f} {row['same_best_target']}")
     print(json.dumps({k: report[k] for k in ("bytes_per_image", "features")}, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+    return finish(args, report)
 
 
 if __name__ == "__main__":

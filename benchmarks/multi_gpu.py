@@ -10,7 +10,8 @@ on their first part, and a first part pays the kernel warm-up). Stores 2 and 3
 are compared with store 1 part by part through the CRC32C of every chunk file recorded in the
 manifests (equal bytes on disk = equal K/V), and by decoded values where they differ.
 
-    python benchmarks/multi_gpu.py --images 512 --out /tmp/mgpu
+    python -m kvpipe.benchmarks.multi_gpu --images 512 --out /tmp/mgpu
+    python -m kvpipe.benchmarks.multi_gpu --device cpu --model tiny-qwen25vl --gpus 1 ...   # a dry run on the CPU
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kvpipe.benchmarks import common
+from kvpipe.benchmarks.common import args_dict, device_name, finish, parse_args, synthetic_options
 from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.store import FeatureStore
 
@@ -87,37 +90,42 @@ def compare(ref: Path, other: Path) -> dict:
             "parts_differing": diff_parts, "max_abs_diff": max_abs}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="/tmp/kvpipe-mgpu")
-    ap.add_argument("--model", default="qwen25vl")
-    ap.add_argument("--images", type=int, default=512)
-    ap.add_argument("--size", type=int, default=448)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--part-size", type=int, default=32)
-    ap.add_argument("--gpus", type=int, default=torch.cuda.device_count())
-    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run with a tiny model")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--no-kill", action="store_true", help="skip the run with a killed actor")
-    args = ap.parse_args()
+def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
+    parser = common.get_args_parser(description, parents, add_help,
+                                    groups=("model", "device", "data", "parts", "out"))
+    parser.add_argument("--gpus", type=int, default=None, help="Ray actors, one per GPU (default: the GPUs torch "
+                                                               "sees; 1 on the CPU)")
+    parser.add_argument("--no-kill", action="store_true", help="skip the run with a killed actor")
+    parser.add_argument("--executor", default="ray", help="executor of the multi-GPU runs (default: %(default)s; "
+                                                          "local: a dry run of this script without Ray)")
+    parser.set_defaults(model="qwen25vl", dtype=None, images=512, image_size=448, batch_size=16, part_size=32,
+                        out=Path("/tmp/kvpipe-mgpu"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(get_args_parser(), argv)
+    if args.gpus is None:
+        args.gpus = max(1, torch.cuda.device_count())
+    if args.dtype is None:  # bfloat16 on the GPU; float32 for a dry run on the CPU
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    common = dict(model=args.model, dataset="synthetic", init="random",
-                  dtype="bfloat16" if args.device == "cuda" else "float32", kinds="keys,values",
-                  limit=args.images, batch_size=args.batch_size, part_size=args.part_size,
-                  dataset_options={"width": args.size, "height": args.size, "n_frames": 8,
-                                   "n_videos": -(-args.images // 8)})
     cuda = args.device == "cuda"
-    report: dict = {"gpu": torch.cuda.get_device_name(0) if cuda else "cpu", **vars(args)}
-    report["single"] = run(ExtractConfig(out=str(out / "single"), device="cuda:0" if cuda else "cpu", **common))
+    shared = dict(model=args.model, dataset="synthetic", init=args.init, dtype=args.dtype, kinds="keys,values",
+                  limit=args.images, batch_size=args.batch_size, part_size=args.part_size,
+                  dataset_options=synthetic_options(args.images, args.image_size, args.seed))
+    report: dict = {"gpu": device_name("cuda:0" if cuda else args.device), **args_dict(args)}
+    report["single"] = run(ExtractConfig(out=str(out / "single"), device="cuda:0" if cuda else args.device,
+                                         **shared))
     print("single GPU:", json.dumps(report["single"]), flush=True)
-    report["ray"] = run(ExtractConfig(out=str(out / "ray"), device=args.device, executor="ray",
-                                      workers=args.gpus, **common))
-    print(f"ray x{args.gpus}:", json.dumps(report["ray"]), flush=True)
+    report["ray"] = run(ExtractConfig(out=str(out / "ray"), device=args.device, executor=args.executor,
+                                      workers=args.gpus, **shared))
+    print(f"{args.executor} x{args.gpus}:", json.dumps(report["ray"]), flush=True)
     if not args.no_kill:
         report["ray_killed"] = run(ExtractConfig(out=str(out / "ray-killed"), device=args.device,
-                                                 executor="ray", workers=args.gpus, **common), kill=True)
-        print(f"ray x{args.gpus}, one actor killed:", json.dumps(report["ray_killed"]), flush=True)
+                                                 executor=args.executor, workers=args.gpus, **shared), kill=True)
+        print(f"{args.executor} x{args.gpus}, one actor killed:", json.dumps(report["ray_killed"]), flush=True)
     report["scaling"] = report["ray"]["steady_img_s"] / report["single"]["steady_img_s"]
     report["scaling_wall"] = report["single"]["wall_s"] / report["ray"]["wall_s"]
     report["ray_vs_single"] = compare(out / "single", out / "ray")
@@ -125,8 +133,7 @@ def main() -> None:
         report["killed_vs_single"] = compare(out / "single", out / "ray-killed")
     print(json.dumps({k: report[k] for k in ("scaling", "scaling_wall", "ray_vs_single", "killed_vs_single")
                       if k in report}, indent=1), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+    return finish(args, report)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@ In one process, on the same batches of one model (random full-size weights):
      differences: the stock forward of the batch's first image alone against the same image
      in its batch (bf16 results depend on the batch's shape through the kernels chosen).
 
-    python benchmarks/prefill_kernels.py llava-ov 384 64 8     # model, image side, images, batch
-    DEVICE=cpu python benchmarks/prefill_kernels.py tiny-llava-ov 56 4 2     # a smoke run
+    python -m kvpipe.benchmarks.prefill_kernels --model llava-ov --image-size 384 --images 64 --batch-size 8
+    python -m kvpipe.benchmarks.prefill_kernels --device cpu --model tiny-llava-ov --image-size 56 \
+        --images 4 --batch-size 2      # a smoke run
 """
 
 from __future__ import annotations
 
-import os
+import argparse
 import re
-import sys
 import time
 import traceback
 import warnings
@@ -26,9 +26,9 @@ from collections import Counter, defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from kvpipe.pipeline.models.capture import Selection, gather_batch, inputs_to_device
-from kvpipe.pipeline.datasets import create_dataset
-from kvpipe.pipeline.models import load_model
+from kvpipe.benchmarks import common
+from kvpipe.benchmarks.common import device_name, finish, forward, load_batches, parse_args, sync
+from kvpipe.pipeline.models.capture import gather_batch
 from kvpipe.pipeline.models.llava_next import SIZES_ON_HOST, LlavaNextAdapter
 from kvpipe.pipeline.models.text_kernels import fuse_decoder_kernels
 
@@ -38,6 +38,11 @@ CLASSES = (("matmul", re.compile(r"gemm|cutlass|nvjet|sm\d\d_xmma|cublas|splitK"
 
 def kernel_class(name: str) -> str:
     return next((label for label, rx in CLASSES if rx.search(name)), "other")
+
+
+def activities(device: torch.device) -> list[ProfilerActivity]:
+    """What the profiler records: host calls, and the GPU's kernels on a CUDA device."""
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
 
 def gpu_time(prof: profile) -> tuple[dict[str, float], Counter, float, list[tuple[float, str]]]:
@@ -62,43 +67,47 @@ def gpu_time(prof: profile) -> tuple[dict[str, float], Counter, float, list[tupl
     return by_class, by_name, busy / 1e3, gaps
 
 
-def main(model: str, size: int, n: int, batch_size: int) -> None:
-    device = os.environ.get("DEVICE", "cuda")
-    adapter = load_model(model, dtype="bfloat16", device=device, init="random")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    ds = create_dataset("synthetic", limit=n, n_videos=-(-n // 8), n_frames=8, width=size, height=size)
-    images = [r.image() for r in ds.records()]
-    batches = [adapter.preprocess(images[i:i + batch_size]) for i in range(0, n, batch_size)]
-    sel = Selection(tuple(range(adapter.n_layers)), tuple(range(adapter.n_kv_heads)), ("keys", "values"))
-    print(f"{model} {size}x{size}, batch {batch_size}, {n} images, "
-          f"{batches[0].layouts[0].positions.numel()} image tokens, "
-          f"{torch.cuda.get_device_name() if device == 'cuda' else device}", flush=True)
+def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
+    parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "data"))
+    parser.set_defaults(model="llava-ov", image_size=384, images=64, batch_size=8)
+    return parser
 
-    @torch.inference_mode()
-    def forward(b) -> None:
-        adapter.model.model(**inputs_to_device(b.inputs, adapter.device, adapter.host_inputs), use_cache=True)
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(get_args_parser(), argv)
+    n, batch_size = args.images, args.batch_size
+    adapter, images, batches, sel = load_batches(args, accelerate=False)
+    device = adapter.device
+    results: dict[str, float] = {}
+    print(f"{args.model} {args.image_size}x{args.image_size}, batch {batch_size}, {n} images, "
+          f"{batches[0].layouts[0].positions.numel()} image tokens, {device_name(device)}", flush=True)
+
+    def run_forward(b) -> None:
+        with torch.inference_mode():
+            forward(adapter, b, device)
 
     def rate(label: str) -> float:
         t0 = time.perf_counter()
-        forward(batches[0])  # warm-up (compiles on first use)
-        sync()
+        run_forward(batches[0])  # warm-up (compiles on first use)
+        sync(device)
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         for b in batches:
-            forward(b)
-        sync()
+            run_forward(b)
+        sync(device)
         ips = n / (time.perf_counter() - t0)
+        results[label] = ips
         print(f"{label:55s} {ips:7.2f} img/s   (warm-up {warm:.1f} s)", flush=True)
         return ips
 
     def report_profile(label: str) -> None:
         todo = batches[:2]
-        sync()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sync(device)
+        with profile(activities=activities(device)) as prof:
             t0 = time.perf_counter()
             for b in todo:
-                forward(b)
-            sync()
+                run_forward(b)
+            sync(device)
             wall = time.perf_counter() - t0
         by_class, by_name, busy, _ = gpu_time(prof)
         per = 1e3 / len(todo)
@@ -116,15 +125,15 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
             where = frames[-1] if frames else None
             seen[f"{where.filename.rsplit('/', 2)[-1]}:{where.lineno} {where.line}" if where else "?"] += 1
 
-        if device == "cuda":
+        if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings():  # restores showwarning and the filters on exit
                 warnings.simplefilter("always")
                 warnings.showwarning = note
-                forward(batches[0])
+                run_forward(batches[0])
         finally:
-            if device == "cuda":
+            if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
         print(f"  host synchronisations in one batch's forward: {sum(seen.values())}")
         for where, k in seen.most_common(8):
@@ -148,13 +157,14 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
     deviation(f"stock, batch of 1 vs batch of {batch_size}:", alone, {k: v[..., :counts[0], :] for k, v in reference.items()})
     # and the same weights in float32 (buffers such as RoPE's frequencies stay as they are)
     params = list(adapter.model.parameters())
+    dtypes = [p.dtype for p in params]
     for p in params:
         p.data = p.data.float()
     exact, _ = gather_batch(adapter, batches[0], sel, "float32")
-    for p in params:
-        p.data = p.data.to(torch.bfloat16)  # exact: the values came from bfloat16
+    for p, dtype in zip(params, dtypes):
+        p.data = p.data.to(dtype)  # exact: the values came from that dtype
     exact = {k: v.float() for k, v in exact.items()}
-    deviation("stock bfloat16 vs float32 weights:", reference, exact)
+    deviation(f"stock {args.dtype} vs float32 weights:", reference, exact)
 
     steps = []
     if isinstance(adapter, LlavaNextAdapter):  # LLaVA-NeXT / OV: image sizes read on the host
@@ -169,9 +179,11 @@ def main(model: str, size: int, n: int, batch_size: int) -> None:
     count_syncs()
     got, _ = gather_batch(adapter, batches[0], sel, "bfloat16")
     deviation("accelerated vs stock, same batch:", got, reference)
-    deviation("accelerated bfloat16 vs float32 weights:", got, exact)
-    print(f"accelerated / stock: {rate('accelerated (again)') / stock_ips:.2f} x")
+    deviation(f"accelerated {args.dtype} vs float32 weights:", got, exact)
+    speedup = rate("accelerated (again)") / stock_ips
+    print(f"accelerated / stock: {speedup:.2f} x")
+    return finish(args, {"images_per_s": results, "accelerated_over_stock": speedup})
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    main()

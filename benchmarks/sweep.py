@@ -20,7 +20,7 @@ Then times (median of ``--repeat`` runs each):
 (``posix_fadvise(DONTNEED)``, no root needed); without it reads come from a warm cache when
 the store fits in memory.
 
-    python benchmarks/sweep.py --out /tmp/kvpipe-sweep [--probe semantic-corr] [--repeat 3] [--cold]
+    python -m kvpipe.benchmarks.sweep --out /tmp/kvpipe-sweep [--probe semantic-corr] [--repeat 3] [--cold]
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kvpipe.benchmarks import common
+from kvpipe.benchmarks.common import comma_list, finish, parse_args
 from kvpipe.probes import run_probe
 from kvpipe.store import FeatureSetMeta, FeatureStore
 from kvpipe.store.manifest import ImageRow
@@ -171,28 +173,31 @@ def disk_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in (root / "parts").rglob("*") if p.is_file())
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("/tmp/kvpipe-sweep"), help="store directory (reused if complete)")
-    ap.add_argument("--probe", choices=("semantic-corr", "temporal-corr"), default="semantic-corr")
-    ap.add_argument("--images", type=int, default=200)
-    ap.add_argument("--grid", type=int, default=27, help="base grid side (27 x 27 = 729 tokens)")
-    ap.add_argument("--layers", type=int, default=28)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--hidden", type=int, default=3584, help="post-proj width")
-    ap.add_argument("--store-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    ap.add_argument("--part-size", type=int, default=32)
-    ap.add_argument("--pairs", type=int, default=1000, help="semantic-corr: keypoint pairs")
-    ap.add_argument("--videos", type=int, default=20, help="temporal-corr: videos (images / videos frames each)")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--cold", action="store_true", help="evict the store from the page cache before each pass")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--search", default="auto",
-                    help="semantic-corr: nearest-neighbour backends to time, comma list of "
-                         "auto,numpy,faiss,faiss-gpu,torch (each a full sweep)")
-    args = ap.parse_args(argv)
-    searches = [b.strip() for b in args.search.split(",") if b.strip()] if args.probe == "semantic-corr" else [""]
+def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
+    parser = common.get_args_parser(description, parents, add_help, groups=("parts", "out"))
+    parser.add_argument("--probe", choices=("semantic-corr", "temporal-corr"), default="semantic-corr")
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--grid", type=int, default=27, help="base grid side (27 x 27 = 729 tokens)")
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=3584, help="post-proj width")
+    parser.add_argument("--store-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--pairs", type=int, default=1000, help="semantic-corr: keypoint pairs")
+    parser.add_argument("--videos", type=int, default=20, help="temporal-corr: videos (images / videos frames each)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--cold", action="store_true", help="evict the store from the page cache before each pass")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--search", default="auto",
+                        help="semantic-corr: nearest-neighbour backends to time, comma list of "
+                             "auto,numpy,faiss,faiss-gpu,torch (each a full sweep)")
+    parser.set_defaults(out=Path("/tmp/kvpipe-sweep"), part_size=32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(get_args_parser(), argv)
+    searches = comma_list(args.search) if args.probe == "semantic-corr" else [""]
 
     t0 = time.perf_counter()
     root = build_store(args.out, args)
@@ -243,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nruns: reads {[round(x, 1) for x in reads]}, sweeps "
           f"{ {b: [round(r[0], 1) for r in runs] for b, runs in sweeps.items()} }, "
           f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    return finish(args, {"store": str(root), "disk_bytes": on_disk, "build_s": build_s, "targets": n_targets,
+                         "read_s": reads, "read_bytes": nbytes,
+                         "sweeps": {b or args.probe: [dict(zip(("total_s", "read_s", "search_s"), r)) for r in runs]
+                                    for b, runs in sweeps.items()}})
 
 
 if __name__ == "__main__":

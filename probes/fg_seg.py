@@ -30,7 +30,7 @@ from kvpipe.probes.logistic import fit_logistic
 from kvpipe.probes.metrics.segmentation import FewShotIoU, binary_areas
 from kvpipe.probes.tokens import IGNORE, base_grid_hw, label_ids, token_fractions, upsample_bilinear
 
-_BATCH_BYTES = 256 * 2**20  # padded support features per batch of episodes (float32)
+BATCH_BYTES = 256 * 2**20  # padded support features per batch of episodes (float32)
 
 
 @dataclass
@@ -97,11 +97,11 @@ class ForegroundSegmentation(Probe):
         tokens = {r.image_id: feats.grid(i).reshape(-1, feats.data.shape[1]) for i, r in enumerate(feats.rows)}
         dim = feats.data.shape[1]
         acc = FewShotIoU()
-        # batches of episodes with similar support sizes (less padding), each under _BATCH_BYTES
+        # batches of episodes with similar support sizes (less padding), each under BATCH_BYTES
         sizes = np.array([sum(len(tokens[s]) for s in ep.support) for ep in self.episodes])
         batch: list[Episode] = []
         for j in np.argsort(sizes, kind="stable"):  # ascending: the newest episode is the largest
-            if batch and (len(batch) + 1) * int(sizes[j]) * (dim + 1) * 4 > _BATCH_BYTES:
+            if batch and (len(batch) + 1) * int(sizes[j]) * (dim + 1) * 4 > BATCH_BYTES:
                 self._batch(batch, tokens, dim, acc)
                 batch = []
             batch.append(self.episodes[j])

@@ -52,6 +52,17 @@ def pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def set_threads(threads: int) -> None:
+    """Size the encoder pool: the current pool (if any) finishes its tasks and the next
+    ``pool()`` call starts one of ``threads`` threads."""
+    global _pool, THREADS
+    with _pool_lock:
+        if _pool is not None and threads != THREADS:
+            _pool.shutdown()
+            _pool = None
+        THREADS = threads
+
+
 def blosc_of(codec: BloscCodec) -> numcodecs.Blosc:
     """numcodecs' Blosc with the parameters of Zarr's codec (what Zarr itself encodes with)."""
     return numcodecs.Blosc(cname=codec.cname.value, clevel=codec.clevel, shuffle=_SHUFFLE[codec.shuffle.value],

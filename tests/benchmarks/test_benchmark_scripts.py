@@ -1,0 +1,149 @@
+"""Every benchmark script of kvpipe.benchmarks, run in this process on the CPU with tiny models
+and the smallest sizes: its ``main(argv)`` parses named flags, runs, and returns (and writes
+with ``--json``) results that make sense. The figures themselves need the full-size models
+and a GPU (docs/BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import pytest
+
+SCRIPTS = ("capture_stages", "codecs", "disk_rewrite", "encoder_interference", "extract_timeline", "host_buffers",
+           "linear_probes", "lossy_fidelity", "multi_gpu", "prefill_kernels", "sweep")
+# a tiny MLM on the CPU: 4 images of 56 x 56 (4 image tokens each), batches of 2
+TINY = ["--device", "cpu", "--model", "tiny-qwen25vl", "--dtype", "float32", "--image-size", "56",
+        "--images", "4", "--batch-size", "2"]
+
+
+def script(name: str):
+    return importlib.import_module(f"kvpipe.benchmarks.{name}")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_answers_help_with_the_shared_flags(name, capsys):
+    with pytest.raises(SystemExit) as stop:
+        script(name).main(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage:") and "--json" in text and "shared benchmark flags" in text
+
+
+def test_capture_stages_times_every_stage(tmp_path):
+    from kvpipe.store import chunks
+
+    threads, switch = chunks.THREADS, sys.getswitchinterval()
+    res = script("capture_stages").main(TINY + ["--threads", "1", "--switch", "0.001", "--dir", str(tmp_path),
+                                                "--store-dtype", "int8", "--codec", "lz4bit", "--sample"])
+    rates = res["images_per_s"]
+    assert list(rates)[:5] == ["prefill", "prefill+gather bfloat16", "prefill+gather int8",
+                               "prefill+gather+copy (pool cold)", "prefill+gather+copy (pool warm)"]
+    assert "prefill+gather+copy+write (1 encoders, GIL switch 1 ms)" in rates
+    assert all(v > 0 for v in rates.values())
+    assert list(tmp_path.iterdir()) == []  # its parts are removed
+    assert (chunks.THREADS, sys.getswitchinterval()) == (threads, switch)  # the process is left as it was
+
+
+def test_codecs_encode_real_kv_with_every_codec(tmp_path):
+    out = tmp_path / "codecs.json"
+    res = script("codecs").main(TINY + ["--threads", "2", "--json", str(out)])
+    assert [(r["dtype"], r["codec"]) for r in res["codecs"]][-2:] == [("int8", "zstd"), ("int8", "lz4")]
+    assert len(res["codecs"]) == 8
+    for row in res["codecs"]:
+        assert 0 < row["stored_per_raw"] < 1.2 and row["encode_mb_s_1"] > 0 and row["encode_mb_s_2"] > 0
+        assert row["decode_mb_s_1"] > 0
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+
+
+def test_disk_rewrite_writes_and_removes_each_round(tmp_path):
+    res = script("disk_rewrite").main(["--dir", str(tmp_path), "--rounds", "2", "--round-mib", "2",
+                                       "--block-mib", "1"])
+    assert len(res["mb_s"]) == 2 and all(r > 0 for r in res["mb_s"]) and res["bytes_per_round"] == 2 << 20
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_encoder_interference_times_the_capture_beside_encoder_threads_and_processes():
+    res = script("encoder_interference").main(TINY + ["--codecs", "lz4", "--workers", "1", "--switch", "0.001",
+                                                      "--settle", "0.05"])
+    rates = res["images_per_s"]
+    assert set(rates) == {"capture alone", "+ 1 encoder threads lz4, GIL switch 5 ms",
+                          "+ 1 encoder threads lz4, GIL switch 1 ms", "+ 1 encoder processes lz4"}
+    assert all(v > 0 for v in rates.values())
+
+
+def test_extract_timeline_runs_each_variant_and_restores_the_upload(tmp_path):
+    from kvpipe.pipeline.extraction import ExtractResult, worker
+
+    uploads, timed = worker.on_device_ahead, ExtractResult.timed
+    res = script("extract_timeline").main(TINY + ["--part-size", "2", "--variants", "noupload,upload",
+                                                  "--load-threads", "1", "--out", str(tmp_path)])
+    assert set(res) == {"prefill", "prefill, 1 zstd encoder threads busy", "warm-up (upload)",
+                        "extraction 1 (noupload)", "extraction 2 (upload)"}
+    assert res["extraction 1 (noupload)"]["steady_images_per_s"] > 0
+    assert "capture" in res["extraction 2 (upload)"]["seconds_in_steady_window"]
+    assert (worker.on_device_ahead, ExtractResult.timed) == (uploads, timed)
+    with pytest.raises(SystemExit, match="unknown fast"):
+        script("extract_timeline").main(TINY + ["--variants", "fast"])
+
+
+def test_host_buffers_refuses_without_cuda_in_one_line():
+    import torch
+
+    with pytest.raises(SystemExit) as stop:
+        script("host_buffers").main(["--device", "cpu"])
+    message = str(stop.value.code)
+    assert "needs a CUDA device" in message and "\n" not in message
+    if not torch.cuda.is_available():
+        pytest.skip("host_buffers measures CUDA host memory: no GPU here")
+    res = script("host_buffers").main(["--device", "cuda", "--mib", "64"])
+    assert all(v > 0 for v in res["gb_s"].values())
+
+
+def test_linear_probes_fits_episodes_in_batches():
+    res = script("linear_probes").main(["--devices", "cpu", "--episodes", "6", "--tokens", "16", "--dim", "8",
+                                        "--repeat", "1"])
+    cpu = res["devices"]["cpu"]
+    assert cpu["episodes"] == 6 and cpu["episodes_per_s"] > 0 and cpu["newton_steps"] >= 1
+    assert res["per_batch"] >= 1
+
+
+def test_lossy_fidelity_compares_int8_with_the_lossless_store(tmp_path):
+    res = script("lossy_fidelity").main(["--out", str(tmp_path / "lossy"), "--images", "8", "--tasks",
+                                         "input-agnostic"])
+    assert res["images"] == 8 and set(res["tasks"]) == {"input-agnostic"}
+    row = res["tasks"]["input-agnostic"]
+    assert row["targets"] > 0 and row["max_abs_diff"] >= row["mean_abs_diff"] >= 0
+    assert res["bytes_per_image"]["int8"] < res["bytes_per_image"]["reference"]
+    assert res["features"]["min_cosine"] > 0.999 and res["features"]["max_rel_error"] < 0.01
+    with pytest.raises(SystemExit, match="needs --out"):
+        script("lossy_fidelity").main([])
+
+
+def test_multi_gpu_compares_the_stores_of_both_runs(tmp_path):
+    # the local executor in place of Ray keeps this short; tests/test_ray_executor.py runs Ray
+    res = script("multi_gpu").main(TINY + ["--images", "8", "--part-size", "4", "--gpus", "1", "--no-kill",
+                                           "--executor", "local", "--out", str(tmp_path / "mgpu")])
+    assert res["single"]["images"] == res["ray"]["images"] == 8 and res["single"]["parts"] == 2
+    same = res["ray_vs_single"]
+    assert same["rows_equal"] and same["parts_identical"] == same["parts"] == 2 and same["max_abs_diff"] == 0
+    assert res["gpu"] == "cpu" and res["dtype"] == "float32"
+
+
+def test_prefill_kernels_times_stock_and_accelerated_prefill():
+    res = script("prefill_kernels").main(TINY[:-4] + ["--images", "2", "--batch-size", "2"])
+    rates = res["images_per_s"]
+    assert {"transformers (stock)", "accelerated (again)"} <= set(rates)
+    assert all(v > 0 for v in rates.values()) and res["accelerated_over_stock"] > 0
+
+
+def test_sweep_builds_a_store_and_times_a_probe_sweep(tmp_path):
+    out = tmp_path / "sweep.json"
+    res = script("sweep").main(["--out", str(tmp_path / "store"), "--images", "6", "--grid", "4", "--layers", "2",
+                                "--heads", "1", "--head-dim", "8", "--hidden", "16", "--pairs", "5",
+                                "--part-size", "4", "--repeat", "1", "--search", "numpy", "--json", str(out)])
+    assert res["targets"] == 2 * 2 * 1 + 1  # keys and values of 2 layers x 1 head, and post-proj
+    assert res["disk_bytes"] > 0 and res["read_s"][0] > 0
+    assert res["sweeps"]["numpy"][0]["total_s"] >= res["sweeps"]["numpy"][0]["read_s"] > 0
+    assert json.loads(out.read_text())["targets"] == 5
