@@ -38,7 +38,7 @@ from kvpipe.pipeline.models.capture import Selection, model_cache
 from kvpipe.pipeline.extraction.worker import PartWorker
 from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.pipeline.extraction.config import parse_index_spec, parse_kinds
-from kvpipe.pipeline.models import load_model
+from kvpipe.pipeline.models.loading import load_model, resolve_device, resolve_dtype
 from kvpipe.store.encoding import stored_dim
 from kvpipe.store.schema import HIDDEN, POST_PROJ
 
@@ -47,8 +47,8 @@ from kvpipe.store.schema import HIDDEN, POST_PROJ
 class BenchConfig:
     model: str = "qwen25vl"
     init: str = "random"
-    dtype: str = "bfloat16"
-    device: str = "cuda"
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on a CPU
+    device: str = "auto"  # auto: the first GPU when there is one
     size: int = 448  # square synthetic images of size x size pixels
     images: int = 64
     batch_size: int = 8
@@ -95,6 +95,8 @@ class BenchResult:
 
 def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> BenchResult:
     """Run the selected runs on the same images and model; see the module docstring."""
+    device_spec = resolve_device(cfg.device)
+    cfg = replace(cfg, device=device_spec, dtype=resolve_dtype(cfg.dtype, device_spec))  # what ran, in the result
     adapter = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, init=cfg.init)
     device = adapter.device
     if cfg.kinds is None:  # what the paper's probes read: K/V of an MLM, block outputs of an encoder

@@ -15,8 +15,9 @@ bench_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Benchm
 def bench_extract_cmd(
     model: str = typer.Option("qwen25vl", help="registry name"),
     init: str = typer.Option("random", help="random (full-size architecture, random weights) | pretrained"),
-    dtype: str = typer.Option("bfloat16", help="compute dtype"),
-    device: str = typer.Option("cuda", help="torch device"),
+    dtype: str = typer.Option("auto", help="compute dtype: auto (bfloat16 on a GPU, float32 on a CPU) | float32 | "
+                                           "bfloat16 | float16"),
+    device: str = typer.Option("auto", help="auto (the first GPU when there is one, else the CPU) | cpu | cuda:0"),
     size: int = typer.Option(448, help="square image side in pixels"),
     images: int = typer.Option(64, help="images for the floor and kvpipe runs"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
