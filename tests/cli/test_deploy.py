@@ -12,7 +12,7 @@ import yaml
 from kvpipe.cli.ops import check_command
 from kvpipe.errors import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
 
