@@ -13,15 +13,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def run_cli(*args: str, check: bool = True, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
-    """Run the kvpipe CLI in a subprocess, as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "kvpipe.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"kvpipe {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory) -> Path:
     """tiny-qwen25vl over the default synthetic dataset (4 videos x 6 frames)."""

@@ -21,8 +21,8 @@ from kvpipe.pipeline.datasets import DATASETS, create_dataset
 from kvpipe.pipeline.datasets.refcoco import load_plain_pickle, segmentation_mask
 from kvpipe.pipeline.datasets.synthetic import CLASSES, INNER, SHAPES, SyntheticDataset, expressions, plan_video
 
-from layouts_refer_spair import (REFCOCO_CATEGORIES, REFCOCO_VAL_QUERIES, SPAIR_IMAGES, SPAIR_PAIRS,
-                                 make_tiny_refcoco, make_tiny_spair, refcoco_expected_masks)
+from fixtures.layouts_refcoco_spair import (REFCOCO_CATEGORIES, REFCOCO_VAL_QUERIES, SPAIR_IMAGES, SPAIR_PAIRS,
+                                            make_tiny_refcoco, make_tiny_spair, refcoco_expected_masks)
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:

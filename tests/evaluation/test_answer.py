@@ -4,9 +4,8 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,23 +13,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from kvpipe.pipeline.evaluation.answer import answer_items, generate
 from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.vqa.base import BENCHMARKS, Benchmark, VQAItem
 
+from fixtures.cli import invoke
+from fixtures.images import noise_image
+
 TINY = ["tiny-qwen25vl", "tiny-qwen2vl", "tiny-llava-ov", "tiny-llava-next-llama3"]
-
-
-def image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
 
 
 def item(qid: str, sizes: list[tuple[int, int]], seed: int, subset: str = "a", answer: str = "yes",
          prompt: str = "is there a dog in the image ? answer yes or no .") -> VQAItem:
-    loaders = tuple((lambda w=w, h=h, s=seed * 10 + i: image(w, h, s)) for i, (w, h) in enumerate(sizes))
+    loaders = tuple((lambda w=w, h=h, s=seed * 10 + i: noise_image(w, h, s)) for i, (w, h) in enumerate(sizes))
     return VQAItem(qid=qid, benchmark="fake-vqa", subset=subset, question=prompt, prompt=prompt, images=loaders,
                    image_ids=tuple(f"{qid}-{i}" for i in range(len(sizes))), choices=(), answer=answer)
 
@@ -84,8 +80,8 @@ def test_one_and_two_image_questions_batched_equals_unbatched(adapter):
 
 def test_two_images_both_reach_the_model(adapter):
     """The prompt holds one image placeholder run per image, and the second image changes the logits."""
-    a = adapter.chat_inputs(["what ?"], [[image(70, 56, 1), image(56, 98, 2)]])
-    b = adapter.chat_inputs(["what ?"], [[image(70, 56, 1), image(56, 98, 3)]])
+    a = adapter.chat_inputs(["what ?"], [[noise_image(70, 56, 1), noise_image(56, 98, 2)]])
+    b = adapter.chat_inputs(["what ?"], [[noise_image(70, 56, 1), noise_image(56, 98, 3)]])
     assert torch.equal(a["input_ids"], b["input_ids"])
     ids = a["input_ids"][0]
     runs = int(((ids == adapter.image_token_id) & (torch.roll(ids, 1) != adapter.image_token_id)).sum())
@@ -98,8 +94,8 @@ def test_two_images_both_reach_the_model(adapter):
 
 def test_generation_matches_a_hand_written_greedy_loop():
     adapter = load_model("tiny-qwen25vl")
-    inputs = adapter.chat_inputs(["is there a dog ?"], [[image(84, 56, 4)]])
-    got = generate(adapter, ["is there a dog ?"], [[image(84, 56, 4)]], max_new_tokens=4)
+    inputs = adapter.chat_inputs(["is there a dog ?"], [[noise_image(84, 56, 4)]])
+    got = generate(adapter, ["is there a dog ?"], [[noise_image(84, 56, 4)]], max_new_tokens=4)
     with torch.no_grad():  # greedy by hand: full forward each step (no cache), argmax of the last logits
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
@@ -134,37 +130,10 @@ def test_knockout_generation_batched_equals_unbatched():
 
 # ---- the commands ----------------------------------------------------------------------------------
 
-@dataclass
-class Ran:
-    code: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
-def kvpipe(capsys, monkeypatch):
-    """Run ``kvpipe ARGS`` through the CLI's entry point (``main``: one-line errors, exit codes) in this
-    process, where the test benchmark is registered; a fresh interpreter per command would cost more
-    than the command."""
-    from kvpipe.cli.app import main
-
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def run(*args: str, check: bool = True) -> Ran:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["kvpipe", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-        out = capsys.readouterr()
-        ran = Ran(code, out.out, out.err)
-        if check and code != 0:
-            raise AssertionError(f"kvpipe {' '.join(args)} failed ({code}):\n{ran.stdout}\n{ran.stderr}")
-        return ran
-
-    return run
+def kvpipe():
+    """``kvpipe ARGS`` in this process, where the test benchmark is registered, on a wide pipe."""
+    return functools.partial(invoke, env={"COLUMNS": "200"})
 
 
 def rows(path: Path) -> list[dict]:
@@ -199,10 +168,10 @@ def test_answer_command_writes_answers_scores_and_resumes(tmp_path, kvpipe):
     assert rows(out / "answers.parquet") == answers
     proc = kvpipe("answer", "--model", "tiny-qwen25vl", "--benchmark", "fake-vqa", "--out", str(out),
                   "--max-new-tokens", "8", check=False)
-    assert proc.code == 2 and "another run" in proc.stderr and "max_new_tokens" in proc.stderr
+    assert proc.returncode == 2 and "another run" in proc.stderr and "max_new_tokens" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = kvpipe("answer", "--model", "tiny-qwen25vl", "--benchmark", "nope", check=False)
-    assert proc.code == 2 and "unknown benchmark 'nope'" in proc.stderr and "fake-vqa" in proc.stderr
+    assert proc.returncode == 2 and "unknown benchmark 'nope'" in proc.stderr and "fake-vqa" in proc.stderr
 
 
 def test_intervene_command_runs_knockout_and_baseline(tmp_path, kvpipe):
@@ -243,10 +212,10 @@ def test_intervene_command_runs_knockout_and_baseline(tmp_path, kvpipe):
     assert len((out / "none" / "answers.jsonl").read_text().splitlines()) == 4  # the baseline was not redone
 
     proc = kvpipe("intervene", "--heads", "everything", *common, check=False)
-    assert proc.code == 2 and "unknown head set 'everything'" in proc.stderr
+    assert proc.returncode == 2 and "unknown head set 'everything'" in proc.stderr
     proc = kvpipe("intervene", "--heads", "input-agnostic", "--layers", "5", "--model", "tiny-qwen25vl", "--store",
                   str(store), "--benchmark", "fake-vqa", "--out", str(out), check=False)
-    assert proc.code == 2 and "--layers 5: the model has 2 layers" in proc.stderr
+    assert proc.returncode == 2 and "--layers 5: the model has 2 layers" in proc.stderr
     proc = kvpipe("intervene", "--heads", "input-agnostic", "--layers", "late", "--model", "tiny-qwen25vl",
                   "--store", str(tmp_path), "--benchmark", "fake-vqa", "--out", str(out), check=False)
-    assert proc.code == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1

@@ -13,7 +13,7 @@ from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline.datasets import DATASETS, Annotation, create_dataset
 from kvpipe.pipeline.datasets.synthetic import SyntheticDataset
 
-from layouts import make_image_folder, make_tiny_davis, tiny_davis_mask
+from fixtures.layouts_davis_folder import make_image_folder, make_tiny_davis, tiny_davis_mask
 
 
 def pixels_and_masks(ds) -> tuple[list[np.ndarray], list[np.ndarray]]:

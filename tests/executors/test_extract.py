@@ -22,7 +22,8 @@ from kvpipe.pipeline.models import load_model
 from kvpipe.store import FeatureStore
 from kvpipe.store import layout
 
-from layouts import make_image_folder, make_tiny_davis
+from fixtures.cli import invoke
+from fixtures.layouts_davis_folder import make_image_folder, make_tiny_davis
 
 
 def store_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -80,6 +81,7 @@ def test_rerun_of_complete_store_does_nothing(synthetic_store):
     assert before == {p: p.stat().st_mtime_ns for p in (synthetic_store / layout.MANIFEST).iterdir()}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     args = ["extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--limit", "40",
             "--batch-size", "2", "--part-size", "2"]
@@ -96,13 +98,11 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     done_before = {p.name for p in manifest.glob("*.parquet")}
     assert 1 <= len(done_before) < 20, "the run must be killed part-way"
     mtimes = {p.name: p.stat().st_mtime_ns for p in manifest.glob("*.parquet")}
-    from conftest import run_cli
-
-    run_cli(*args, "--out", str(killed))
+    invoke(*args, "--out", str(killed))  # the rerun and the uninterrupted run need no process of their own
     assert all((manifest / n).stat().st_mtime_ns == t for n, t in mtimes.items()), "finished parts were redone"
     assert not any((killed / layout.STAGING).iterdir())
     clean = tmp_path / "clean"
-    run_cli(*args, "--out", str(clean))
+    invoke(*args, "--out", str(clean))
     assert_same_store(killed, clean)
 
 

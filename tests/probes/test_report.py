@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
 from kvpipe.errors import StoreError
 from kvpipe.probes import run_probe
 from kvpipe.probes.report import best_row, build_report, flagged_heads, metric_statistics
 
-from test_semantic_corr import grid_segments, write_feature_store
+from fixtures.cli import invoke
+from fixtures.probe_stores import grid_segments, write_feature_store
 
 GH, GW, PATCH = 4, 5, 8
 
@@ -38,14 +38,14 @@ def multi_task_store(path: Path, tasks: tuple[str, ...], with_pairs: bool = True
 
 def test_probe_all_then_report(tmp_path):
     store = multi_task_store(tmp_path / "s", ("temporal-corr", "semantic-corr", "input-agnostic", "no-such-task"))
-    proc = run_cli("probe", "--task", "all", "--store", str(store))
+    proc = invoke("probe", "--task", "all", "--store", str(store))
     assert re.search(r"skipped\s+no-such-task", proc.stdout), proc.stdout
     for task in ("temporal-corr", "semantic-corr", "input-agnostic"):
         assert (store / "probes" / task / "results.parquet").exists(), proc.stdout
         assert (store / "probes" / task / "run.json").exists()
     assert "flagged" in proc.stdout  # input-agnostic is summarised as statistics, not a best head
 
-    proc = run_cli("report", "--store", str(store))
+    proc = invoke("report", "--store", str(store))
     page = store / "probes" / "report.md"
     assert str(page) in proc.stdout.replace("\n", "")
     text = page.read_text()
@@ -73,19 +73,13 @@ def test_probe_all_then_report(tmp_path):
 
 
 def test_probe_all_reports_failures_and_goes_on(tmp_path):
-    """In process (typer's CliRunner) to save the interpreter start-ups; exit codes as the CLI's."""
-    from typer.testing import CliRunner
-
-    from kvpipe.cli.app import app
-    from kvpipe.errors import UsageError
-
     store = multi_task_store(tmp_path / "s", ("semantic-corr", "input-agnostic"), with_pairs=False)
-    res = CliRunner().invoke(app, ["probe", "--task", "all", "--store", str(store), "--param", "threshold=1.0"])
-    assert res.exit_code == 1, res.output
-    assert re.search(r"failed\s+semantic-corr: .*no keypoint pairs", res.output), res.output
+    res = invoke("probe", "--task", "all", "--store", str(store), "--param", "threshold=1.0", check=False)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert re.search(r"failed\s+semantic-corr: .*no keypoint pairs", res.stdout), res.stdout
     assert (store / "probes" / "input-agnostic" / "results.parquet").exists()
-    res = CliRunner().invoke(app, ["probe", "--task", "all", "--store", str(store), "--param", "nope=1"])
-    assert isinstance(res.exception, UsageError) and "no task of --task all has parameter nope" in str(res.exception)
+    res = invoke("probe", "--task", "all", "--store", str(store), "--param", "nope=1", check=False)
+    assert res.returncode == 2 and "no task of --task all has parameter nope" in res.stderr, res.stderr
 
 
 def test_report_without_results_is_a_store_error(tmp_path):

@@ -15,10 +15,12 @@ from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline.datasets import DATASETS, create_dataset
 from kvpipe.pipeline.datasets.pascal5i import VOC_CLASSES, fold_classes
 
-from layouts_more import (BDD_SIZE, BDD_TRAIN, BDD_VAL, COCO_IDS, COSEG_SETS, VOC_SIZE, VOC_VAL,
-                          imagenet_s_name, make_tiny_bdd, make_tiny_coco, make_tiny_coseg, make_tiny_imagenet_s,
-                          make_tiny_voc, tiny_bdd_trainids, tiny_coseg_mask, tiny_imagenet_s_classes,
-                          tiny_imagenet_s_mask, tiny_voc_mask)
+from fixtures.layouts_pascal_msrc_imagenet_s_coco_bdd import (BDD_SIZE, BDD_TRAIN, BDD_VAL, COCO_IDS, COSEG_SETS,
+                                                              VOC_SIZE, VOC_VAL, imagenet_s_name, make_tiny_bdd,
+                                                              make_tiny_coco, make_tiny_coseg, make_tiny_imagenet_s,
+                                                              make_tiny_voc, tiny_bdd_trainids, tiny_coseg_mask,
+                                                              tiny_imagenet_s_classes, tiny_imagenet_s_mask,
+                                                              tiny_voc_mask)
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:

@@ -1,4 +1,7 @@
-"""The command line as a user meets it: listings, one-line errors (exit 2), info, verify, probes."""
+"""The command line as a user meets it: listings, one-line errors (exit 2), info, verify, probes.
+
+Commands run in this process through the entry point (``invoke``); a fresh interpreter only for the
+end-to-end demo and for probes with transformers made unimportable before the interpreter starts."""
 
 from __future__ import annotations
 
@@ -7,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
 from kvpipe.store import layout
+
+from fixtures.cli import invoke, run_cli
 
 
 def one_line_error(proc, *fragments: str) -> str:
@@ -21,9 +25,9 @@ def one_line_error(proc, *fragments: str) -> str:
 
 
 def test_listings():
-    assert "tiny-qwen25vl" in run_cli("models").stdout
-    assert "davis" in run_cli("datasets").stdout
-    out = run_cli("tasks").stdout
+    assert "tiny-qwen25vl" in invoke("models").stdout
+    assert "davis" in invoke("datasets").stdout
+    out = invoke("tasks").stdout
     assert "temporal-corr" in out and "input-agnostic" in out
 
 
@@ -40,31 +44,31 @@ def test_listings():
 ])
 def test_extract_errors_are_one_line(tmp_path, args, fragments):
     out = tmp_path / "s"
-    one_line_error(run_cli("extract", *args, "--out", str(out), check=False), *fragments)
+    one_line_error(invoke("extract", *args, "--out", str(out), check=False), *fragments)
     assert not out.exists() or not any(out.iterdir()), "nothing half-written"
 
 
 def test_store_errors(tmp_path, synthetic_store):
-    one_line_error(run_cli("probe", "--task", "nope", "--store", str(synthetic_store), check=False),
+    one_line_error(invoke("probe", "--task", "nope", "--store", str(synthetic_store), check=False),
                    "unknown task 'nope'", "temporal-corr")
-    one_line_error(run_cli("info", str(tmp_path), check=False), "not a kvpipe store")
-    one_line_error(run_cli("probe", "--task", "temporal-corr", "--store", str(tmp_path / "x"), check=False),
+    one_line_error(invoke("info", str(tmp_path), check=False), "not a kvpipe store")
+    one_line_error(invoke("probe", "--task", "temporal-corr", "--store", str(tmp_path / "x"), check=False),
                    "does not exist")
-    one_line_error(run_cli("extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--prefix", "hi",
-                           "--out", str(synthetic_store), check=False), "holds another feature set")
+    one_line_error(invoke("extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--prefix", "hi",
+                          "--out", str(synthetic_store), check=False), "holds another feature set")
 
 
 def test_info_and_verify(tmp_path, synthetic_store):
-    out = run_cli("info", str(synthetic_store)).stdout
+    out = invoke("info", str(synthetic_store)).stdout
     assert "tiny-qwen25vl" in out and "24 ok" in out and "post-rope" in out
-    assert "3 parts verified" in run_cli("verify", str(synthetic_store)).stdout
+    assert "3 parts verified" in invoke("verify", str(synthetic_store)).stdout
     copy = tmp_path / "copy"
     shutil.copytree(synthetic_store, copy)
     shard = next(p for p in (layout.part_dir(copy, 2) / "keys").rglob("*") if p.is_file() and p.name != "zarr.json")
     data = bytearray(shard.read_bytes())
     data[100] ^= 0x55
     shard.write_bytes(bytes(data))
-    proc = run_cli("verify", str(copy), check=False)
+    proc = invoke("verify", str(copy), check=False)
     assert proc.returncode == 1 and "p000002" in proc.stdout and "checksum" in proc.stdout
 
 
@@ -94,8 +98,8 @@ def test_probes_run_without_transformers(tmp_path, synthetic_store):
 
 
 def test_probe_rerun_is_cached(tmp_path, synthetic_store):
-    first = run_cli("probe", "--task", "temporal-corr", "--store", str(synthetic_store), "--out", str(tmp_path / "a"))
-    second = run_cli("probe", "--task", "temporal-corr", "--store", str(synthetic_store), "--out", str(tmp_path / "b"))
+    first = invoke("probe", "--task", "temporal-corr", "--store", str(synthetic_store), "--out", str(tmp_path / "a"))
+    second = invoke("probe", "--task", "temporal-corr", "--store", str(synthetic_store), "--out", str(tmp_path / "b"))
     assert "temporal-corr (cached" in second.stdout, second.stdout
     assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from probe_stores import (coseg_images, fewshot_images, refexp_images, semantic_images, stripes,
-                          write_toy_store)
+from fixtures.probe_stores import (ToyImage, coseg_images, fewshot_images, refexp_images, semantic_images, stripes,
+                                   write_toy_store)
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes import PROBES, Target, run_probe
@@ -220,8 +220,6 @@ def test_refexp_seg_oracle_and_random(tmp_path):
 def test_refexp_metrics_by_hand(tmp_path):
     """One image, object 1 rows 1-2, object 2 row 4 (6 x 8 tokens). Sentence 0 of object 1 points
     at object 1 (IoU 1); sentence 1 points at object 2 (I = 0); object 2's sentence at object 2."""
-    from probe_stores import ToyImage
-
     image = ToyImage("x", stripes({1: (1, 3), 2: (4, 5)}),
                      {"labels": {"1": 1, "2": 2}, "refs": [{"label": 1, "queries": [0, 1]},
                                                            {"label": 2, "queries": [2]}]})

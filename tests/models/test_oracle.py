@@ -7,7 +7,6 @@ one-at-a-time capture.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,12 +14,9 @@ from PIL import Image
 from kvpipe.pipeline.models.capture import Selection, run_capture
 from kvpipe.pipeline.models import load_model
 
+from fixtures.images import noise_image
+
 TINY = ["tiny-qwen25vl", "tiny-qwen2vl", "tiny-llava-ov", "tiny-llava-next-llama3"]
-
-
-def image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
 
 
 @pytest.fixture(scope="module", params=TINY)
@@ -42,7 +38,7 @@ def reference_cache(adapter, img: Image.Image, prefix: str = ""):
 
 @pytest.mark.parametrize("size", [(224, 168), (84, 140)])
 def test_stored_kv_equal_model_cache(adapter, size):
-    img = image(*size, seed=1)
+    img = noise_image(*size, seed=1)
     got = run_capture(adapter, adapter.preprocess([img]), all_of(adapter))[0]
     cache, pos = reference_cache(adapter, img)
     assert got["keys"].shape == (adapter.n_layers, adapter.n_kv_heads, pos.numel(), adapter.head_dim)
@@ -52,7 +48,7 @@ def test_stored_kv_equal_model_cache(adapter, size):
 
 
 def test_batched_equals_one_at_a_time(adapter):
-    imgs = [image(224, 168, 2), image(84, 140, 3), image(112, 112, 4)]
+    imgs = [noise_image(224, 168, 2), noise_image(84, 140, 3), noise_image(112, 112, 4)]
     sel = all_of(adapter)
     batched = run_capture(adapter, adapter.preprocess(imgs), sel)
     for img, got in zip(imgs, batched):
@@ -63,7 +59,7 @@ def test_batched_equals_one_at_a_time(adapter):
 
 
 def test_chosen_layers_and_heads_are_slices_of_the_whole(adapter):
-    batch = adapter.preprocess([image(112, 84, 7), image(84, 112, 8)])
+    batch = adapter.preprocess([noise_image(112, 84, 7), noise_image(84, 112, 8)])
     whole = run_capture(adapter, batch, all_of(adapter, ("keys", "values")))
     layers, heads = (0, adapter.n_layers - 1), (adapter.n_kv_heads - 1,)
     part = run_capture(adapter, batch, Selection(layers, heads, ("keys", "values")))
@@ -73,7 +69,7 @@ def test_chosen_layers_and_heads_are_slices_of_the_whole(adapter):
 
 
 def test_prefix_changes_image_kv_and_is_recorded(adapter):
-    img = image(112, 84, 5)
+    img = noise_image(112, 84, 5)
     plain = adapter.preprocess([img])
     prefixed = adapter.preprocess([img], prefix="a photo of a dog")
     assert len(prefixed.prefix_ids[0]) > len(plain.prefix_ids[0])
@@ -86,7 +82,7 @@ def test_prefix_changes_image_kv_and_is_recorded(adapter):
 
 
 def test_pre_rope_keys_equal_k_proj(adapter):
-    img = image(112, 84, 6)
+    img = noise_image(112, 84, 6)
     batch = adapter.preprocess([img])
     got = run_capture(adapter, batch, all_of(adapter, ("keys",), "pre-rope"))[0]["keys"]
     seen = {}
@@ -104,7 +100,7 @@ def test_pre_rope_keys_equal_k_proj(adapter):
 
 def test_post_proj_is_projector_output(adapter):
     """post_proj = what get_image_features hands the LM (for LLaVA: packed base + crops + newlines)."""
-    img = image(112, 84, 7)
+    img = noise_image(112, 84, 7)
     batch = adapter.preprocess([img])
     got = run_capture(adapter, batch, all_of(adapter, ("post_proj",)))[0]["post_proj"]
     assert got.shape == (batch.layouts[0].n_tokens, adapter.hidden_size)
@@ -145,7 +141,7 @@ def check_capture(adapter, img, batch):
 
 @pytest.mark.parametrize("adapter", LLAVA, indirect=True)
 def test_anyres_image_has_crops_layout(adapter):
-    img = image(130, 90, seed=8)  # best pinpoint 112x112: base view + 2x2 crops of 4x4 tokens
+    img = noise_image(130, 90, seed=8)  # best pinpoint 112x112: base view + 2x2 crops of 4x4 tokens
     batch = adapter.preprocess([img])
     assert batch.inputs["pixel_values"].shape[1] == 5
     lay = batch.layouts[0]
@@ -161,7 +157,7 @@ def test_onevision_shrinks_large_crop_grids():
     """anyres_max_N: a crops grid over ~N base views is interpolated down (here N=1: 6x8 -> 3x4)."""
     adapter = load_model("tiny-llava-ov")
     adapter.model.config.vision_aspect_ratio = adapter.processor.vision_aspect_ratio = "anyres_max_1"
-    img = image(130, 90, seed=9)
+    img = noise_image(130, 90, seed=9)
     batch = adapter.preprocess([img])
     crops = batch.layouts[0].segments[1]
     assert (crops.rows, crops.cols) == (3, 4)  # ratio sqrt(48 / 16) = 1.73 > 1.1
@@ -172,7 +168,7 @@ def test_onevision_shrinks_large_crop_grids():
 def test_onevision_multi_image_sample_is_base_plus_one_newline():
     """Several images in one sample are not tiled: base view + one newline token each."""
     adapter = load_model("tiny-llava-ov")
-    imgs = [image(130, 90, 10), image(84, 140, 11)]
+    imgs = [noise_image(130, 90, 10), noise_image(84, 140, 11)]
     enc = adapter.processor(text=["<image><image>"], images=[imgs], return_tensors="pt")
     n = int((enc["input_ids"] == adapter.image_token_id).sum())
     segs = [adapter.segments(enc, i, n // 2) for i in range(2)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,53 +12,8 @@ from kvpipe.probes import run_probe
 from kvpipe.probes.neighbours import l2_normalise, nearest_in_groups
 from kvpipe.probes.semantic_corr import (bbox_threshold, chance_pck, correct_keypoints, pck_scores,
                                          pixel_to_token, token_centre)
-from kvpipe.store import FeatureSetMeta
-from kvpipe.store.manifest import ImageRow
-from kvpipe.store.writer import StoreWriter
 
-
-def write_feature_store(path: Path, images: list[dict], structure: dict, *, layers: int = 1, heads: int = 1,
-                        tasks: tuple[str, ...] = ("semantic-corr",), masks: list[np.ndarray] | None = None,
-                        seed: int = 0) -> Path:
-    """A store whose head 0 (keys, values, post_proj) carries each image's ``feat``; other heads noise.
-
-    images: dicts with id, h, w (pixels), segments (token segments) and feat (n_tokens, D);
-    optional group / frame. masks: optional label mask per image (for other probes).
-    """
-    dim = images[0]["feat"].shape[1]
-    meta = FeatureSetMeta(model={"name": "hand-features"}, dataset={"name": "toy-pairs", "tasks": list(tasks)},
-                          layers=tuple(range(layers)), heads=tuple(range(heads)),
-                          kinds=("keys", "values", "post_proj"), keys_rope="post-rope", n_layers=layers,
-                          n_kv_heads=heads, head_dim=dim, hidden_size=dim, compute_dtype="float32",
-                          store_dtype="float32", template="none", prefix="", prefix_token_ids=(),
-                          image_token_id=0, part_size=len(images), n_images=len(images), image_ids_sha256="t")
-    rows, offset, mask_offset = [], 0, 0
-    for i, im in enumerate(images):
-        base = next(s for s in im["segments"] if s["name"] == "base")
-        m = masks[i] if masks is not None else None
-        rows.append(ImageRow(index=i, image_id=im["id"], part=0, token_offset=offset, n_tokens=len(im["feat"]),
-                             grid_h=base["rows"], grid_w=base["cols"], segments=json.dumps(im["segments"]),
-                             image_h=im["h"], image_w=im["w"], group=im.get("group", ""), frame=im.get("frame", -1),
-                             mask_offset=mask_offset if m is not None else -1,
-                             mask_h=m.shape[0] if m is not None else 0, mask_w=m.shape[1] if m is not None else 0))
-        offset += len(im["feat"])
-        mask_offset += m.size if m is not None else 0
-    tokens = np.concatenate([im["feat"] for im in images]).astype(np.float32)
-    kv = np.random.default_rng(seed).standard_normal((layers, heads) + tokens.shape).astype(np.float32)
-    kv[:, 0] = tokens
-    arrays = {"keys": kv, "values": kv, "post_proj": tokens}
-    if masks is not None:
-        arrays["masks"] = np.concatenate([m.ravel() for m in masks])
-    StoreWriter.create_or_resume(path, meta, structure).write_part(0, rows, arrays)
-    return path
-
-
-def grid_segments(rows: int, cols: int, lead: int = 0) -> list[dict]:
-    """A base grid; ``lead`` > 0 puts a 1 x lead crop row (+ newline token) before it."""
-    segs = [{"name": "base", "offset": lead + 1 if lead else 0, "rows": rows, "cols": cols, "newline": False}]
-    if lead:
-        segs.insert(0, {"name": "crops", "offset": 0, "rows": 1, "cols": lead, "newline": True})
-    return segs
+from fixtures.probe_stores import grid_segments, write_feature_store
 
 
 def value(run, kind, layer, head, metric):

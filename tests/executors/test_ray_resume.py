@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
 
 from kvpipe.pipeline.extraction import ExtractConfig, extract  # noqa: E402
 from kvpipe.store import layout  # noqa: E402
 
-from storecmp import assert_identical_stores  # noqa: E402
+from fixtures.store_equality import assert_identical_stores  # noqa: E402
 
 ARGS = ["extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--limit", "16", "--batch-size", "2",
         "--part-size", "2", "--executor", "ray", "--workers", "1"]

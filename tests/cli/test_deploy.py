@@ -13,7 +13,7 @@ import yaml
 from kvpipe.cli.check import check_command
 from kvpipe.errors import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
 

@@ -22,13 +22,10 @@ from kvpipe.pipeline.evaluation.head_sets import (HEAD_SETS, VarianceTable, laye
 from kvpipe.pipeline.evaluation.knockout import knockout, query_heads
 from kvpipe.pipeline.models import load_model
 
+from fixtures.images import noise_image
+
 FAMILIES = ["tiny-qwen25vl", "tiny-llava-next-llama3", "tiny-llava-ov"]
 PROMPT = "is there a dog in the image ? answer yes or no ."
-
-
-def image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -122,7 +119,7 @@ def test_query_heads_follow_repeat_kv():
 
 
 def test_empty_head_set_is_the_stock_model(adapter):
-    inputs = inputs_for(adapter, [[image(96, 72, 1)], [image(60, 84, 2)]])
+    inputs = inputs_for(adapter, [[noise_image(96, 72, 1)], [noise_image(60, 84, 2)]])
     ref, _ = forward(adapter, inputs)
     got, _ = forward(adapter, inputs, heads=set())
     assert torch.equal(ref.logits, got.logits)
@@ -131,7 +128,7 @@ def test_empty_head_set_is_the_stock_model(adapter):
 
 
 def test_unchosen_layers_heads_and_image_queries_stay_stock(adapter):
-    inputs = inputs_for(adapter, [[image(96, 72, 1)], [image(60, 84, 2)]])
+    inputs = inputs_for(adapter, [[noise_image(96, 72, 1)], [noise_image(60, 84, 2)]])
     last = adapter.n_layers - 1
     ref, ref_calls = forward(adapter, inputs)
     got, calls = forward(adapter, inputs, heads={(last, 1)})
@@ -152,7 +149,7 @@ def test_unchosen_layers_heads_and_image_queries_stay_stock(adapter):
 
 def test_prefill_matches_manual_attention(adapter):
     # Two rows of different image sizes: left padding, different image positions per row.
-    inputs = inputs_for(adapter, [[image(96, 72, 3)], [image(60, 84, 4)]])
+    inputs = inputs_for(adapter, [[noise_image(96, 72, 3)], [noise_image(60, 84, 4)]])
     heads = {(0, 1), (adapter.n_layers - 1, 0)}
     out, calls = forward(adapter, inputs, heads=heads)
     ref, ref_calls = forward(adapter, inputs)
@@ -177,7 +174,7 @@ def test_prefill_matches_manual_attention(adapter):
 
 
 def test_decoding_step_with_cache_matches_manual_attention(adapter):
-    inputs = inputs_for(adapter, [[image(96, 72, 5)], [image(60, 84, 6)]])
+    inputs = inputs_for(adapter, [[noise_image(96, 72, 5)], [noise_image(60, 84, 6)]])
     mask = image_mask(adapter, inputs)
     heads = {(layer, kv) for layer in range(adapter.n_layers) for kv in (0,)}
     with torch.no_grad(), knockout(adapter, heads, mask):
@@ -207,7 +204,7 @@ def test_decoding_step_with_cache_matches_manual_attention(adapter):
 
 def test_all_heads_make_text_blind_to_the_image(adapter):
     """Same size, different pixels: with every (layer, head) knocked out, text logits are identical."""
-    a, b = inputs_for(adapter, [[image(84, 84, 7)]]), inputs_for(adapter, [[image(84, 84, 8)]])
+    a, b = inputs_for(adapter, [[noise_image(84, 84, 7)]]), inputs_for(adapter, [[noise_image(84, 84, 8)]])
     assert torch.equal(a["input_ids"], b["input_ids"])
     mask = image_mask(adapter, a)[0]
     after = torch.arange(mask.numel()) > torch.where(mask)[0].max()
@@ -305,7 +302,7 @@ def test_eager_attention_and_its_weights_agree_with_sdpa():
     sdpa = load_model("tiny-qwen25vl")
     eager = load_model("tiny-qwen25vl")
     eager.model.set_attn_implementation("eager")
-    inputs = inputs_for(sdpa, [[image(96, 72, 9)], [image(60, 84, 10)]])
+    inputs = inputs_for(sdpa, [[noise_image(96, 72, 9)], [noise_image(60, 84, 10)]])
     mask = image_mask(sdpa, inputs)
     heads = {(1, 1)}
     with torch.no_grad():

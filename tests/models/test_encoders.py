@@ -14,20 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.pipeline.models.capture import Selection, run_capture
 from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.pipeline.models import MODELS, load_model
 from kvpipe.store import FeatureStore
 
+from fixtures.cli import invoke
+from fixtures.images import noise_image
+
 # tiny preset -> tokens before the patches (SigLIP has no CLS token), patch grid side, width
 TINY = {"tiny-siglip": (0, 4, 32), "tiny-clip": (1, 4, 32), "tiny-dino": (1, 4, 32), "tiny-dinov2": (1, 4, 32)}
-
-
-def image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
 
 
 def hidden_sel(adapter) -> Selection:
@@ -41,7 +38,7 @@ def adapter(request):
 
 def test_stored_hidden_equal_model_hidden_states(adapter):
     prefix, side, width = TINY[adapter.source["name"]]
-    imgs = [image(130, 90, 1), image(64, 64, 2)]
+    imgs = [noise_image(130, 90, 1), noise_image(64, 64, 2)]
     batch = adapter.preprocess(imgs)
     got = run_capture(adapter, batch, hidden_sel(adapter))
     with torch.no_grad():
@@ -57,7 +54,7 @@ def test_stored_hidden_equal_model_hidden_states(adapter):
 
 
 def test_batched_equals_one_at_a_time(adapter):
-    imgs = [image(130, 90, 3), image(50, 120, 4)]
+    imgs = [noise_image(130, 90, 3), noise_image(50, 120, 4)]
     batched = run_capture(adapter, adapter.preprocess(imgs), hidden_sel(adapter))
     for img, got in zip(imgs, batched):
         single = run_capture(adapter, adapter.preprocess([img]), hidden_sel(adapter))[0]
@@ -112,7 +109,7 @@ def test_saved_full_checkpoint_loads_its_vision_tower(family, prefix, tmp_path):
     adapter = load_model(str(tmp_path))
     assert adapter.family == family and adapter.source["checkpoint"] == str(tmp_path)
     assert adapter.processor.do_center_crop is False  # the crop size became the input size
-    batch = adapter.preprocess([image(130, 90, 5)])
+    batch = adapter.preprocess([noise_image(130, 90, 5)])
     assert batch.inputs["pixel_values"].shape[-2:] == (56, 56) and batch.layouts[0].base.rows == 4
     got = run_capture(adapter, batch, hidden_sel(adapter))[0]["hidden"]
     with torch.no_grad():
@@ -144,7 +141,8 @@ def test_full_size_presets_have_the_published_shapes(name, layers, width, grid, 
         model = entry.adapter.model_class()._from_config(config)
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(params_m, abs=0.1)
     assert (config.num_hidden_layers, config.hidden_size) == (layers, width)
-    pixels = entry.adapter.build_processor(config)(images=[image(130, 90, 6)], return_tensors="pt")["pixel_values"]
+    processor = entry.adapter.build_processor(config)
+    pixels = processor(images=[noise_image(130, 90, 6)], return_tensors="pt")["pixel_values"]
     assert tuple(int(n) // config.patch_size for n in pixels.shape[-2:]) == (grid, grid)  # 384 px / 14 -> 27
 
 
@@ -152,8 +150,8 @@ def test_full_size_presets_have_the_published_shapes(name, layers, width, grid, 
 @pytest.fixture(scope="module")
 def encoder_store(tmp_path_factory):
     out = tmp_path_factory.mktemp("enc") / "s"
-    run_cli("extract", "--model", "tiny-dinov2", "--dataset", "synthetic", "--limit", "6", "--batch-size", "2",
-            "--part-size", "4", "--out", str(out))
+    invoke("extract", "--model", "tiny-dinov2", "--dataset", "synthetic", "--limit", "6", "--batch-size", "2",
+           "--part-size", "4", "--out", str(out))
     return out
 
 
@@ -184,7 +182,7 @@ def test_cli_extract_stores_hidden_equal_to_the_model(encoder_store):
 
 
 def test_cli_probe_on_an_encoder_store(encoder_store):
-    proc = run_cli("probe", "--task", "temporal-corr", "--store", str(encoder_store))
+    proc = invoke("probe", "--task", "temporal-corr", "--store", str(encoder_store))
     assert "image hidden (max)" in proc.stdout
     import pyarrow.parquet as pq
 

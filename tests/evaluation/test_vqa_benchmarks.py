@@ -18,10 +18,10 @@ from kvpipe.pipeline.vqa.mme import parse_pred_ans
 from kvpipe.pipeline.vqa.pope import parse_lmms_eval, parse_pope, pope_metrics
 from kvpipe.pipeline.vqa.spair_vqa import LABELS, draw_markers, marker_radius
 
-from layouts_vqa import (BLINK_COLUMNS, BLINK_IMAGES, CV_COLUMNS, POPE_ROWS, SPAIR_VQA_PAIRS, blink_rows,
-                         coco_name, color_of, columns_of, cv_rows, make_blink, make_cvbench_hub, make_cvbench_saved,
-                         make_mme_hub, make_mme_original, make_pope_hub, make_pope_original, make_pope_saved,
-                         make_spair_vqa, write_parquet)
+from fixtures.layouts_vqa import (BLINK_COLUMNS, BLINK_IMAGES, CV_COLUMNS, POPE_ROWS, SPAIR_VQA_PAIRS, blink_rows,
+                                  coco_name, color_of, columns_of, cv_rows, make_blink, make_cvbench_hub,
+                                  make_cvbench_saved, make_mme_hub, make_mme_original, make_pope_hub,
+                                  make_pope_original, make_pope_saved, make_spair_vqa, write_parquet)
 
 POPE_POST = "\nAnswer the question using a single word or phrase."
 

@@ -1,6 +1,6 @@
 """The Ray executor on a local Ray instance (2 CPUs): a worker actor killed mid-run is replaced,
 and the store it makes on an S3-compatible server equals the local executor's, bit for bit.
-(tests/test_ray_resume.py covers a Ray run on a filesystem.)"""
+(tests/executors/test_ray_resume.py covers a Ray run on a filesystem.)"""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
 
 from kvpipe.pipeline.extraction import ExtractConfig, extract  # noqa: E402
 
-from storecmp import assert_identical_stores  # noqa: E402
+from fixtures.store_equality import assert_identical_stores  # noqa: E402
 
 KW = dict(model="tiny-qwen25vl", dataset="synthetic", limit=16, batch_size=2, part_size=2)
 

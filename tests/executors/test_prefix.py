@@ -20,9 +20,9 @@ from kvpipe.pipeline.extraction.prefix import RANDOM_PREFIX, resolve_prefixes
 from kvpipe.store import FeatureStore
 from kvpipe.store.schema import FeatureSetMeta
 
-from conftest import run_cli
-from layouts_more import make_tiny_bdd
-from layouts_refer_spair import make_tiny_refcoco, make_tiny_spair
+from fixtures.cli import invoke
+from fixtures.layouts_pascal_msrc_imagenet_s_coco_bdd import make_tiny_bdd
+from fixtures.layouts_refcoco_spair import make_tiny_refcoco, make_tiny_spair
 
 # 4 videos x 2 frames of 112x84: classes rectangle, triangle, circle, circle (by largest object)
 SYNTH = {"n_frames": 2, "width": 112, "height": 84}
@@ -248,8 +248,8 @@ def test_report_prefix_puts_conditions_side_by_side(stores):
     assert prefix_condition(replace(meta, prefix="", prefix_choice={})) == "No prefixing"
     assert prefix_condition(replace(meta, prefix_choice={"source": "class", "control": "incorrect",
                                                          "seed": 0})) == "Prefixing-incorrect (class)"
-    proc = run_cli("report-prefix", "--store", str(stores["caption4"]), "--store", str(stores["random"]),
-                   "--task", "refexp-seg")
+    proc = invoke("report-prefix", "--store", str(stores["caption4"]), "--store", str(stores["random"]),
+                  "--task", "refexp-seg")
     assert "Prefixing (caption)" in proc.stdout and "Prefixing-random" in proc.stdout
-    proc = run_cli("report-prefix", "--store", str(stores["fixed"]), "--task", "refexp-seg", check=False)
+    proc = invoke("report-prefix", "--store", str(stores["fixed"]), "--task", "refexp-seg", check=False)
     assert proc.returncode == 2 and "no refexp-seg results" in proc.stderr

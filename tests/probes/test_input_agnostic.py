@@ -11,7 +11,7 @@ from kvpipe.probes import run_probe
 from kvpipe.probes.input_agnostic import pca, pick_pca_layer
 from kvpipe.store import layout
 
-from test_semantic_corr import grid_segments, write_feature_store
+from fixtures.probe_stores import grid_segments, write_feature_store
 
 
 def test_pca_hand_case():

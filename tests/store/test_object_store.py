@@ -17,7 +17,7 @@ from kvpipe.store import FeatureStore, layout
 from kvpipe.store.fs import ObjectLocation
 from kvpipe.store.verify import verify_store
 
-from storecmp import assert_identical_stores
+from fixtures.store_equality import assert_identical_stores
 
 KW = dict(model="tiny-qwen25vl", dataset="synthetic", limit=12, batch_size=2, part_size=2)
 

@@ -6,21 +6,16 @@ right adapter from config.model_type and give bit-identical captures to the in-c
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from kvpipe.errors import ModelError, UsageError
 from kvpipe.pipeline.models.capture import Selection, run_capture
 from kvpipe.pipeline.models import MODELS, load_model
 
+from fixtures.images import noise_image
+
 TINY = MODELS.names("tiny-*")
-
-
-def image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
 
 
 def capture(adapter, img):
@@ -37,7 +32,7 @@ def test_saved_tiny_checkpoint_loads_and_captures_identically(name, tmp_path):
     loaded = load_model(str(tmp_path))
     assert type(loaded) is type(preset)
     assert loaded.source["init"] == "pretrained" and loaded.source["checkpoint"] == str(tmp_path)
-    img = image(130, 90, seed=1)
+    img = noise_image(130, 90, seed=1)
     batch_a, a = capture(preset, img)
     batch_b, b = capture(loaded, img)
     assert batch_a.prefix_ids == batch_b.prefix_ids

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import run_cli
-from layouts_vqa import color_of, make_blink, make_spair_vqa
-from probe_stores import GH, GW, PATCH, ToyImage, coseg_images, fewshot_images, refexp_images, semantic_images, \
-    stripes, write_toy_store
+from fixtures.cli import invoke
+from fixtures.layouts_vqa import color_of, make_blink, make_spair_vqa
+from fixtures.probe_stores import (GH, GW, PATCH, ToyImage, coseg_images, fewshot_images, refexp_images,
+                                   semantic_images, stripes, write_toy_store)
 
 from kvpipe.errors import DataError, StoreError, UsageError
 from kvpipe.pipeline.datasets import create_dataset
@@ -28,18 +28,6 @@ from kvpipe.probes.figure3 import (SEGMENTATION_TASKS, figure3, file_accuracy, m
 from kvpipe.probes.paired import (PREDICTIONS, cosine_choice, mean_pool, pair_answers, paired_probe,
                                   read_mlm_answers)
 from kvpipe.store import FeatureStore
-
-
-def cli(*args: str):
-    """The command in this process (no model is loaded, so no need for a fresh interpreter)."""
-    from typer.testing import CliRunner
-
-    from kvpipe.cli.app import app
-
-    res = CliRunner().invoke(app, list(args))
-    if res.exit_code != 0:
-        raise AssertionError(f"kvpipe {' '.join(args)} failed: {res.exception!r}\n{res.stdout}")
-    return res
 
 
 def close(a, b, tol=8):
@@ -274,8 +262,8 @@ def test_paired_table_equals_hand_counts(tmp_path):
             table["either_right"]) == (50.0, 25.0, 12.5, 75.0)
 
     out = tmp_path / "t5"
-    proc = cli("paired", "--store", str(store), "--task", "art-style", "--answers", str(path),
-               "--layer", "1", "--head", "0", "--out", str(out))
+    proc = invoke("paired", "--store", str(store), "--task", "art-style", "--answers", str(path),
+                  "--layer", "1", "--head", "0", "--out", str(out))
     assert "Value ✓ MLM ✗" in proc.stdout and "25.0" in proc.stdout
     got = {r["metric"]: r["value"] for r in pacsv.read_csv(out / "paired.csv").to_pylist()}
     assert got["n"] == 8 and got["mlm_wrong_value_right_count"] == 2 and got["mlm_right_value_wrong_count"] == 1
@@ -284,13 +272,13 @@ def test_paired_table_equals_hand_counts(tmp_path):
     assert [r["value_correct"] for r in per_q] == value and [r["mlm_correct"] for r in per_q] == mlm
 
     # default: the best (layer, head) of the values sweep (the first maximum); wrong benchmark refused
-    best = cli("paired", "--store", str(store), "--task", "art-style", "--answers", str(path))
+    best = invoke("paired", "--store", str(store), "--task", "art-style", "--answers", str(path))
     sweep = [r for r in run_probe(store, "art-style").table.to_pylist()
              if r["kind"] == "values" and r["metric"] == "accuracy"]
     top = max(sweep, key=lambda r: r["value"])
     assert f"layer {top['layer']}, KV head {top['head']}, best of the sweep" in " ".join(best.stdout.split())
     other = write_answers(tmp_path / "pope.parquet", answers, benchmark="pope")
-    proc = run_cli("paired", "--store", str(store), "--task", "art-style", "--answers", str(other), check=False)
+    proc = invoke("paired", "--store", str(store), "--task", "art-style", "--answers", str(other), check=False)
     assert proc.returncode == 2 and "benchmark 'pope'" in proc.stderr
 
 
@@ -374,7 +362,7 @@ def test_figure3_points_from_stores_and_score_files(tmp_path):
     csv_rows = pacsv.read_csv(res.csv).to_pylist()
     assert [r["model"] for r in csv_rows] == ["strong", "weak"]
     # the command line: cached probe results, same numbers
-    proc = cli("figure3", "--point", f"weak:{','.join(noise)}:{weak}", "--out", str(tmp_path / "cli"))
+    proc = invoke("figure3", "--point", f"weak:{','.join(noise)}:{weak}", "--out", str(tmp_path / "cli"))
     row = pacsv.read_csv(tmp_path / "cli" / "figure3.csv").to_pylist()[0]
     assert row["x_segmentation"] == pytest.approx(expected) and "figure3.png" in proc.stdout
     with pytest.raises(UsageError, match="no store among .* supports refexp-seg"):
@@ -385,11 +373,11 @@ def test_figure3_points_from_stores_and_score_files(tmp_path):
 def test_extract_blink_then_probe_and_pair(tmp_path):
     root = make_blink(tmp_path / "BLINK")
     store = tmp_path / "store"
-    run_cli("extract", "--model", "tiny-qwen25vl", "--dataset", "blink", "--data-root", str(root),
-            "--option", "subtask=Art_Style", "--out", str(store))
+    invoke("extract", "--model", "tiny-qwen25vl", "--dataset", "blink", "--data-root", str(root),
+           "--option", "subtask=Art_Style", "--out", str(store))
     fs = FeatureStore.open(store)
     assert len(fs.images()) == 9 and fs.meta.dataset["tasks"] == ["art-style", "input-agnostic"]
-    run_cli("probe", "--task", "art-style", "--store", str(store))
+    invoke("probe", "--task", "art-style", "--store", str(store))
     rows = pacsv.read_csv(store / "probes" / "art-style" / "results.csv").to_pylist()
     acc = [r for r in rows if r["metric"] == "accuracy"]
     assert len(acc) == 2 * 2 * 2 + 1 and all(abs(3 * r["value"] - round(3 * r["value"])) < 1e-9 for r in acc)
@@ -397,7 +385,7 @@ def test_extract_blink_then_probe_and_pair(tmp_path):
     assert set(preds.column("qid").to_pylist()) == {"val_Art_Style_1", "val_Art_Style_2", "val_Art_Style_3"}
     answers = write_answers(tmp_path / "answers.parquet", {"val_Art_Style_1": True, "val_Art_Style_2": False,
                                                            "val_Art_Style_3": False})
-    run_cli("paired", "--store", str(store), "--task", "art-style", "--answers", str(answers))
+    invoke("paired", "--store", str(store), "--task", "art-style", "--answers", str(answers))
     got = {r["metric"]: r["value"] for r in pacsv.read_csv(store / "probes" / "art-style" / "paired" /
                                                            "paired.csv").to_pylist()}
     assert got["n"] == 3 and got["mlm_right_pct"] == pytest.approx(100 / 3)
