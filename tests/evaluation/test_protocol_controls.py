@@ -16,9 +16,6 @@ from kvpipe.pipeline.evaluation.head_sets import VarianceTable, select_heads
 from kvpipe.pipeline.evaluation.intervene import knockout_condition
 from kvpipe.pipeline.vqa import create_benchmark
 from kvpipe.pipeline.vqa.base import VQAItem
-from kvpipe.pipeline.vqa.blink import PERCEPTION_COUNTS
-from kvpipe.probes.figure3 import (BLINK_PERCEPTION_TEST, BLINK_PERCEPTION_VAL, CVBENCH_QUESTIONS, PAPER_QUESTIONS,
-                                   questions_note)
 
 
 # ------------------------------------------------------------------------ knock-out controls
@@ -142,6 +139,10 @@ def test_blink_perception_counts_val_and_test(tmp_path):
 
 
 def test_figure3_counts_match_the_dataset_card():
+    from kvpipe.pipeline.vqa.blink import PERCEPTION_COUNTS
+    from kvpipe.probes.figure3 import (BLINK_PERCEPTION_TEST, BLINK_PERCEPTION_VAL, CVBENCH_QUESTIONS,
+                                       PAPER_QUESTIONS, questions_note)
+
     # The paper's 1,021 BLINK perception questions are val + test of the four sub-tasks.
     assert sum(PERCEPTION_COUNTS["val"].values()) == BLINK_PERCEPTION_VAL == 509
     assert sum(PERCEPTION_COUNTS["test"].values()) == BLINK_PERCEPTION_TEST == 512

@@ -12,7 +12,6 @@ from PIL import Image
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.pipeline.extraction import ExtractConfig, extract
-from kvpipe.pipeline.extraction.config import parse_image_size
 from kvpipe.probes import run_probe
 from kvpipe.store import FeatureStore
 
@@ -49,6 +48,8 @@ def test_image_size_gives_one_layout_and_a_new_feature_set(tmp_path):
 
 
 def test_image_size_option_parsing():
+    from kvpipe.pipeline.extraction.config import parse_image_size
+
     assert parse_image_size("448x448") == (448, 448)
     assert parse_image_size("640X480") == (640, 480)
     assert parse_image_size(None) is None

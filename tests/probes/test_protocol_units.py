@@ -16,8 +16,6 @@ from probe_stores import ToyImage, stripes, write_toy_store
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes import Target, run_probe
 from kvpipe.probes.prefix_report import compare_prefixes
-from kvpipe.probes.semantic_seg import has_background
-from kvpipe.probes.temporal_corr import token_radius
 from kvpipe.store import FeatureSetMeta, FeatureStore
 from kvpipe.store.manifest import ImageRow
 from kvpipe.store.writer import StoreWriter
@@ -74,6 +72,8 @@ def test_miou_averages_the_datasets_own_classes(tmp_path):
 
 
 def test_background_comes_from_the_dataset_structure():
+    from kvpipe.probes.semantic_seg import has_background
+
     assert has_background({"has_background": False}, {"name": "toy"}) is False
     assert has_background({}, {"name": "imagenet-s"}) is True
     assert has_background({}, {"name": "bdd10k"}) is False  # stores made before the key existed
@@ -139,6 +139,8 @@ def base(rows: int, cols: int) -> list[dict]:
 
 # ------------------------------------------------------------------------ DAVIS neighbourhood
 def test_window_radius_is_dinos_96_pixels_of_the_480p_frame():
+    from kvpipe.probes.temporal_corr import token_radius
+
     assert token_radius(96, (480, 832), (60, 104)) == (12, 12)  # DINO: 8-pixel patches, 12 patches
     # full-resolution DAVIS with 8-pixel patches: each is 3.56 px of the 480p frame, so the same
     # part of the frame (216 px of 1080) spans 27 of them
