@@ -48,14 +48,10 @@ def test_random_control_refused_where_only_the_treatment_fits():
 
 
 def test_run_json_records_the_overlap_with_the_treatment(tmp_path):
-    rows = []
-    for (l, h), v in small_table().variance.items():
-        rows += [{"model": "m", "dataset": "d", "task": "input-agnostic", "layer": l, "head": h, "kind": "keys",
-                  "metric": "l2_variance", "value": v},
-                 {"model": "m", "dataset": "d", "task": "input-agnostic", "layer": l, "head": h, "kind": "keys",
-                  "metric": "input_agnostic", "value": float(v < 450)}]
-    rows.append({"model": "m", "dataset": "d", "task": "input-agnostic", "layer": -1, "head": -1, "kind": "keys",
-                 "metric": "threshold_valley", "value": 450.0})
+    cells = [(l, h, metric, x) for (l, h), v in small_table().variance.items()
+             for metric, x in (("l2_variance", v), ("input_agnostic", float(v < 450)))]
+    rows = [dict(zip(("layer", "head", "metric", "value"), c), model="m", dataset="d", task="input-agnostic",
+                 kind="keys") for c in cells + [(-1, -1, "threshold_valley", 450.0)]]
     path = tmp_path / "results.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     dep = knockout_condition(path, heads="input-dependent", layers="0-1", n_layers=2, n_kv_heads=2, seed=0)

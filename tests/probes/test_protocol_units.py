@@ -22,8 +22,10 @@ from kvpipe.store.writer import StoreWriter
 
 
 def value(run, kind, layer, head, metric):
-    return next(r["value"] for r in run.table.to_pylist()
-                if (r["kind"], r["layer"], r["head"], r["metric"]) == (kind, layer, head, metric))
+    """The one row of ``run``'s table at (kind, layer, head, metric)."""
+    (hit,) = [r["value"] for r in run.table.to_pylist() if r["metric"] == metric and r["kind"] == kind
+              and (r["layer"], r["head"]) == (layer, head)]
+    return hit
 
 
 def probe_scores(store, task, target, params=None):
