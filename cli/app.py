@@ -94,10 +94,14 @@ def extract(
     repair: bool = typer.Option(False, help="redo only the parts kvpipe verify finds damaged (and unfinished ones)"),
     option: list[str] = typer.Option([], help="dataset option KEY=VALUE (repeatable), e.g. fold=1 for pascal5i; "
                                               "see `kvpipe datasets`"),
+    image_size: Annotated[Optional[str], typer.Option(help="WIDTHxHEIGHT: resize every image to this size before "
+                                                           "the model's processor (one token layout for "
+                                                           "native-resolution models such as qwen25vl; "
+                                                           "input-agnostic's per-position variance needs it)")] = None,
 ) -> None:
     """Run the model once per image and store every layer's and head's image K/V."""
     from kvpipe.cli.progress import extraction_progress
-    from kvpipe.pipeline.extraction.config import ExtractConfig, validate
+    from kvpipe.pipeline.extraction.config import ExtractConfig, parse_image_size, validate
 
     cfg = ExtractConfig(model=model, dataset=dataset, out=str(out), data_root=data_root, split=split,
                         limit=limit, init=init, revision=revision, dtype=dtype, device=device,
@@ -107,7 +111,7 @@ def extract(
                         part_size=part_size, strict=strict, seed=seed, executor=executor,
                         ray_address=ray_address, workers=workers, repair=repair,
                         dataset_options=parse_params(option, "--option"), codec=codec,
-                        command="kvpipe " + " ".join(sys.argv[1:]))
+                        image_size=parse_image_size(image_size), command="kvpipe " + " ".join(sys.argv[1:]))
     validate(cfg)  # usage errors answer before torch and the model are imported
     from kvpipe.pipeline.extraction.job import extract as run_extract
 

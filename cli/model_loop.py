@@ -155,6 +155,9 @@ def intervene(
         console.print(f"[yellow]note[/]: the store was extracted with {meta.model.get('name')}, answering with "
                       f"{adapter.source.get('name')}")
     pairs = ", ".join(f"({l}, {h})" for l, h in sorted(condition.heads))
+    shared = condition.details.get("overlap_with_treatment")
+    if shared is not None:
+        pairs += f"; {shared} of them input-agnostic (of {condition.details['treatment_heads']})"
     console.print(f"knock-out {condition.name}: {len(condition.heads)} (layer, KV head) pairs: {pairs}",
                   highlight=False)
     with _progress(len(items)) as advance:

@@ -3,8 +3,12 @@
 Why: Section 3.1 (and Appendix A.5) compares, across models, (x) the best image value of the
 language model averaged over the four segmentation probes -- foreground segmentation,
 co-segmentation, semantic segmentation, referring-expression segmentation -- with (y) the
-MLM's own accuracy on perception-heavy VQA: CV-Bench (2,637 questions) plus BLINK's Counting,
-Object_Localization, Relative_Depth and Spatial_Relation (1,021 questions), 3,658 in all.
+MLM's own accuracy on perception-heavy VQA: CV-Bench (2,637 test questions) plus BLINK's
+Counting, Object_Localization, Relative_Depth and Spatial_Relation (1,021 questions: val 509 +
+test 512, the counts of the BLINK-Benchmark/BLINK dataset card), 3,658 in all. BLINK's test
+answers are not public, so ``kvpipe answer --benchmark blink --split perception`` scores the 509
+val questions (3,146 in all with CV-Bench) unless given a copy with test answers
+(``--option data_split=val+test``); the note printed then says which part is missing.
 
 One point per model:
 
@@ -43,7 +47,23 @@ from kvpipe.store import FeatureStore
 
 SEGMENTATION_TASKS = ("fg-seg", "cosegmentation", "semantic-seg", "refexp-seg")
 Y_MODES = ("pooled", "mean")
-PAPER_QUESTIONS = 2637 + 1021  # CV-Bench test + BLINK perception val
+CVBENCH_QUESTIONS = 2637  # CV-Bench test
+BLINK_PERCEPTION_VAL, BLINK_PERCEPTION_TEST = 509, 512  # pipeline/vqa/blink.py PERCEPTION_COUNTS
+PAPER_QUESTIONS = CVBENCH_QUESTIONS + BLINK_PERCEPTION_VAL + BLINK_PERCEPTION_TEST  # 3,658
+
+
+def questions_note(name: str, n: int) -> str:
+    """What a point's question count says about the paper's 3,658 (CV-Bench test + BLINK
+    perception val + test); "" when it is the paper's set."""
+    if n == PAPER_QUESTIONS:
+        return ""
+    if n == CVBENCH_QUESTIONS + BLINK_PERCEPTION_VAL:
+        return (f"{name}: {n} questions = CV-Bench {CVBENCH_QUESTIONS} + BLINK perception val "
+                f"{BLINK_PERCEPTION_VAL}; the paper's {PAPER_QUESTIONS} also count BLINK's {BLINK_PERCEPTION_TEST} "
+                f"perception test questions (answers not public)")
+    return (f"{name}: {n} questions (the paper's set: CV-Bench {CVBENCH_QUESTIONS} + BLINK perception "
+            f"{BLINK_PERCEPTION_VAL + BLINK_PERCEPTION_TEST} (val {BLINK_PERCEPTION_VAL} + test "
+            f"{BLINK_PERCEPTION_TEST}) = {PAPER_QUESTIONS})")
 
 
 @dataclass(frozen=True)
@@ -190,8 +210,9 @@ def figure3(points: Sequence[ModelPoint], out_dir: str | Path, tasks: Sequence[s
         x, best = segmentation_score(p.stores, tasks, use_cache=use_cache,
                                      on_task=(lambda t, s, name=p.name: on_task(name, t, s)) if on_task else None)
         y, correct, n = mlm_accuracy(p.scores, y_mode)
-        if n != PAPER_QUESTIONS:
-            notes.append(f"{p.name}: {n} questions (the paper's CV-Bench + BLINK perception set has {PAPER_QUESTIONS})")
+        note = questions_note(p.name, n)
+        if note:
+            notes.append(note)
         row: dict[str, Any] = {"model": p.name, "x_segmentation": x, "y_mlm_accuracy": y, "y_mode": y_mode,
                                "mlm_correct": correct, "mlm_questions": n}
         for task, b in best.items():

@@ -15,6 +15,18 @@ points on top of each other. ``pca_layer`` (default: the layer whose heads split
 into input-agnostic and input-dependent, the latest on ties) and ``pca_images`` (two image
 ids; default: the first image and the first one of another group/video, else the second)
 choose what is drawn.
+
+The estimator (``estimator``). The paper's quantity is the variance of each key token across
+images: position by position, which needs one token layout shared by every image.
+``position`` (default) compares the base view (``base`` segment: the whole image at the
+encoder's base resolution; for any-resolution models the crops and newline tokens are left
+out, so every image has the same grid) token by token. Native-resolution models (Qwen2.5-VL)
+give each image its own grid: extract with ``kvpipe extract --image-size WxH`` so every image
+has one size. Stores whose base grids still differ are refused with a one-line error naming
+that option and the other estimator, ``pooled``: every key token of every image (crops and
+newlines too) in one pool, which also counts the variation between positions within an image
+(larger values; compare heads within one estimator only). The results table records the
+estimator (a row ``estimator_position`` or ``estimator_pooled``), and run.json its parameters.
 """
 
 from __future__ import annotations
@@ -34,6 +46,8 @@ from kvpipe.store.manifest import ImageRow
 VARIANCE = "l2_variance"  # per (layer, head) of the keys: the estimator's value
 FLAG = "input_agnostic"  # 1.0 where the variance is below the threshold
 THRESHOLD_PREFIX = "threshold_"  # + how it was chosen (user, valley, ...): one row, layer = head = -1
+ESTIMATOR_PREFIX = "estimator_"  # + the estimator (position, pooled): one row, layer = head = -1
+ESTIMATORS = ("position", "pooled")
 PCA_LAYER = "pca_layer"
 
 
@@ -44,7 +58,9 @@ class InputAgnostic(Probe):
     baseline = False
     primary_metric = VARIANCE
     ranked = False  # a statistic of the keys, not a score to maximise
-    defaults = {"max_images": 1000, "threshold": None, "pca_layer": None, "pca_images": None}
+    version = 2
+    defaults = {"max_images": 1000, "threshold": None, "pca_layer": None, "pca_images": None,
+                "estimator": "position"}
 
     def prepare(self) -> None:
         rows = self.store.images()[: int(self.params["max_images"])]
@@ -54,8 +70,12 @@ class InputAgnostic(Probe):
         if "keys" not in self.store.meta.kinds:
             raise StoreError(f"store {self.store.root} has no keys; re-extract with --kinds keys")
         self.rows = rows
-        # Per-position variance needs every image to have the same token layout.
-        self.same_layout = len({r.segments for r in rows}) == 1
+        self.estimator = self.params["estimator"]
+        if self.estimator not in ESTIMATORS:
+            raise UsageError(f"input-agnostic parameter estimator={self.estimator!r} must be one of "
+                             f"{', '.join(ESTIMATORS)}")
+        if self.estimator == "position":
+            check_shared_layout(rows)
         self.pca_rows = self._pca_rows()  # checked before the sweep, drawn after it
         layer = self.params["pca_layer"]
         if layer is not None and layer not in self.store.meta.layers:
@@ -64,9 +84,9 @@ class InputAgnostic(Probe):
 
     def score(self, target: Target) -> dict[str, float]:
         feats = self.store.read("keys", target.layer, target.head, images=self.rows)
-        if self.same_layout:
-            stacked = feats.data.reshape(len(feats), -1, feats.data.shape[-1])
-            return {VARIANCE: l2_variance(stacked)}
+        if self.estimator == "position":
+            stacked = np.stack([feats.grid(i, "base") for i in range(len(feats))])
+            return {VARIANCE: l2_variance(stacked.reshape(len(feats), -1, stacked.shape[-1]))}
         return {VARIANCE: l2_variance_pooled([feats.image(i) for i in range(len(feats))])}
 
     def summarize(self, rows: list[dict[str, Any]], out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -84,6 +104,8 @@ class InputAgnostic(Probe):
                   "value": float(r["value"] < threshold)} for r in rows if r["metric"] == VARIANCE]
         extra.append({"layer": -1, "head": -1, "kind": "keys", "metric": THRESHOLD_PREFIX + method,
                       "value": threshold})
+        extra.append({"layer": -1, "head": -1, "kind": "keys", "metric": ESTIMATOR_PREFIX + self.estimator,
+                      "value": 1.0})
         meta = self.store.meta
         matrix = layer_head_matrix(pa.Table.from_pylist(rows), VARIANCE, "keys", meta.layers, meta.heads)
         title = f"{meta.model.get('name')} on {meta.dataset.get('name')} ({len(self.rows)} images)"
@@ -132,6 +154,23 @@ class InputAgnostic(Probe):
         path = plot_key_pca((coords, ratio, np.concatenate(image_of), np.concatenate(head_of)), per_head,
                             agnostic, [r.image_id for r in images], path, title)
         return Path(path), int(layer)
+
+
+def check_shared_layout(rows: list[ImageRow]) -> None:
+    """The per-position estimator's precondition: every image's base view has one grid."""
+    grids: dict[tuple[int, int], str] = {}
+    for r in rows:
+        seg = next((s for s in r.segment_list() if s["name"] == "base"), None)
+        if seg is None:
+            raise StoreError(f"image {r.image_id} has no 'base' token segment; the store is damaged "
+                             f"(run kvpipe verify)")
+        grids.setdefault((int(seg["rows"]), int(seg["cols"])), r.image_id)
+    if len(grids) > 1:
+        (a, ia), (b, ib) = list(grids.items())[:2]
+        raise UsageError(f"input-agnostic: images have different token grids ({a[0]}x{a[1]} for {ia}, {b[0]}x{b[1]} "
+                         f"for {ib}), so token positions do not line up across images; re-extract with "
+                         f"kvpipe extract --image-size WxH (one input size), or pass --param estimator=pooled "
+                         f"(all tokens pooled: also counts variation across positions)")
 
 
 def pick_pca_layer(flags: dict[tuple[int, int], bool], layers: tuple[int, ...], heads: tuple[int, ...]) -> int:

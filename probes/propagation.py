@@ -34,13 +34,14 @@ _QUERY_BLOCK_BYTES = 256 * 2**20  # affinity rows are computed in blocks of abou
 
 # ----------------------------------------------------------------------------------- propagation
 def propagate_video(frame_features: Sequence[np.ndarray], first_labels: np.ndarray, *,
-                    n_last_frames: int = 7, size_mask_neighborhood: int = 12, topk: int = 5,
-                    temperature: float = DINO_TEMPERATURE) -> list[np.ndarray]:
+                    n_last_frames: int = 7, size_mask_neighborhood: int | tuple[int, int] | None = 12,
+                    topk: int = 5, temperature: float = DINO_TEMPERATURE) -> list[np.ndarray]:
     """Propagate frame 0's labels through a video; soft label maps (h, w, C) for frames 1..T-1.
 
     Port of DINO ``eval_video_tracking_davis`` + ``label_propagation``. ``frame_features``: T
     arrays (h, w, D) on one token grid; ``first_labels``: (h, w, C) one-hot (C includes the
-    background). ``size_mask_neighborhood <= 0`` disables the spatial window, as in DINO.
+    background). ``size_mask_neighborhood``: the window's radius in tokens, one number for both
+    axes as DINO's flag, or (rows, cols); an integer <= 0 (or None) disables the window, as in DINO.
     ``n_last_frames = 0`` keeps only the first frame in memory (DINO's ``queue.Queue(0)`` would
     be unbounded instead).
     """
@@ -54,7 +55,11 @@ def propagate_video(frame_features: Sequence[np.ndarray], first_labels: np.ndarr
         raise ValueError(f"topk must be >= 1 and n_last_frames >= 0 (got {topk}, {n_last_frames})")
     feats = [_l2_normalise(f.reshape(h * w, -1)) for f in frame_features]
     first_seg = np.asarray(first_labels, dtype=np.float64).reshape(h * w, n_classes)
-    window = neighborhood_mask(h, w, size_mask_neighborhood) if size_mask_neighborhood > 0 else None
+    window = None
+    if isinstance(size_mask_neighborhood, (tuple, list)):
+        window = neighborhood_mask(h, w, tuple(size_mask_neighborhood))
+    elif size_mask_neighborhood is not None and size_mask_neighborhood > 0:
+        window = neighborhood_mask(h, w, size_mask_neighborhood)
     memory: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=n_last_frames)
     out = []
     for t in range(1, len(feats)):
@@ -128,10 +133,12 @@ def _row_max(rows: np.ndarray, vals: np.ndarray, n_rows: int) -> np.ndarray:
     return out
 
 
-def neighborhood_mask(h: int, w: int, size: int) -> np.ndarray:
-    """(h*w, h*w) bool: |di| <= size and |dj| <= size. DINO ``restrict_neighborhood``, vectorised."""
-    rows = np.abs(np.arange(h)[:, None] - np.arange(h)[None, :]) <= size
-    cols = np.abs(np.arange(w)[:, None] - np.arange(w)[None, :]) <= size
+def neighborhood_mask(h: int, w: int, size: int | tuple[int, int]) -> np.ndarray:
+    """(h*w, h*w) bool: |di| <= size and |dj| <= size (or (size_rows, size_cols)). DINO
+    ``restrict_neighborhood``, vectorised."""
+    size_r, size_c = (size, size) if isinstance(size, (int, np.integer)) else size
+    rows = np.abs(np.arange(h)[:, None] - np.arange(h)[None, :]) <= size_r
+    cols = np.abs(np.arange(w)[:, None] - np.arange(w)[None, :]) <= size_c
     return (rows[:, None, :, None] & cols[None, :, None, :]).reshape(h * w, h * w)
 
 

@@ -7,9 +7,12 @@ query; its final-token feature of the same (kind, layer, head) scores the image'
 tokens; per-image min-max normalisation, bilinear upsampling and the ``threshold`` give the
 predicted mask (``probes/grounding.py``). Ground truth = the ref's mask label; 255 ignored.
 
-Metrics (the RefCOCO conventions of LAVT / CRIS, with sentences averaged per ref): IoU per
-sentence; ``mIoU`` = mean over refs of the mean IoU of the ref's sentences; ``cIoU``
-(cumulative / overall IoU) = sum of intersections / sum of unions over all sentences.
+Metrics (the RefCOCO conventions of LAVT / CRIS; the unit is the sentence): IoU per sentence;
+``mIoU`` = mean IoU over all sentences (LAVT ``train.py`` ``evaluate``: ``mean_IoU`` appended
+per sentence, ``mIoU = np.mean(mean_IoU)``; CRIS ``engine/engine.py`` ``inference``: the mean
+of per-sentence IoUs); ``cIoU`` (overall IoU) = sum of intersections / sum of unions over all
+sentences (LAVT ``cum_I / cum_U``). ``mIoU_per_object``, a further metric of kvpipe's, is the
+mean over referred objects (refs) of the mean IoU of each ref's sentences.
 
 No post-projector baseline: the post_proj features have no text counterpart (``TextGroundedProbe``).
 """
@@ -28,7 +31,7 @@ from kvpipe.probes.tokens import IGNORE
 class ReferringExpressionSegmentation(TextGroundedProbe):
     description = "referring-expression segmentation: tokens . expression token, mIoU (RefCOCO)"
     example = "refcoco or synthetic"
-    version = 1
+    version = 2
 
     def prepare(self) -> None:
         root = self.store.root
@@ -52,7 +55,7 @@ class ReferringExpressionSegmentation(TextGroundedProbe):
 
     def score(self, target: Target) -> dict[str, float]:
         scores = self.image_scores(target)
-        per_ref, inter_total, union_total = [], 0.0, 0.0
+        per_sentence, per_ref, inter_total, union_total = [], [], 0.0, 0.0
         for r, mask, refs in self.items:
             if not refs:
                 continue
@@ -67,8 +70,10 @@ class ReferringExpressionSegmentation(TextGroundedProbe):
             union = np.array([np.count_nonzero((p & valid) | objects[o]) for p, o in zip(pred, owner)], np.float64)
             iou = np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
             bounds = np.cumsum([len(qs) for _, qs in refs])[:-1]
+            per_sentence.extend(iou.tolist())
             per_ref.extend(float(np.mean(x)) for x in np.split(iou, bounds))
             inter_total += inter.sum()
             union_total += union.sum()
-        return {"mIoU": float(np.mean(per_ref)) if per_ref else float("nan"),
-                "cIoU": float(inter_total / union_total) if union_total > 0 else float("nan")}
+        return {"mIoU": float(np.mean(per_sentence)) if per_sentence else float("nan"),
+                "cIoU": float(inter_total / union_total) if union_total > 0 else float("nan"),
+                "mIoU_per_object": float(np.mean(per_ref)) if per_ref else float("nan")}

@@ -8,9 +8,16 @@ into a mask as ``probes/grounding.py`` describes (per-image min-max, bilinear up
 pixel takes the best class whose normalised score is above ``threshold``, else background).
 
 Metric (ImageNet-S ``evaluation/evaluator.py``; standard semantic-segmentation mIoU):
-intersections and unions per class, background included, accumulated over the dataset; IoU
-per class; ``mIoU`` = mean over the classes that occur (union > 0); ``mIoU_fg`` leaves out the
+intersections and unions per class accumulated over the dataset; IoU per class; ``mIoU`` =
+mean over the dataset's own classes that occur (union > 0); ``mIoU_fg`` leaves out the
 background. Pixels labelled 255 are ignored.
+
+Background: ImageNet-S has a background class (its label 0, "other category"), which counts in
+``mIoU`` as in its evaluator. A dataset without one (BDD-10K: every pixel is one of its 19
+classes or ignored) says so in its structure (``"has_background": false``); then the
+background is not a class of the metric: pixels the mask rule leaves unassigned are misses of
+their true class, and ``mIoU`` = ``mIoU_fg``. (Averaging a background that never occurs in
+the ground truth would add an IoU of 0: a per-class IoU of 0.9 on two classes would read 0.6.)
 
 No post-projector baseline: text queries have keys and values only, so the post_proj features
 have no text counterpart (``TextGroundedProbe.baseline = False``).
@@ -31,12 +38,14 @@ from kvpipe.probes.tokens import IGNORE, class_map, classes_present
 class SemanticSegmentation(TextGroundedProbe):
     description = "zero-shot semantic segmentation: tokens . class-name token, mIoU (ImageNet-S)"
     example = "imagenet-s or synthetic"
-    version = 1
+    version = 2
 
     def prepare(self) -> None:
         root = self.store.root
         self.threshold = check_threshold(self.params["threshold"])
-        class_queries = self.store.structure().get("class_queries") or {}
+        structure = self.store.structure()
+        self.has_background = has_background(structure, self.store.meta.dataset)
+        class_queries = structure.get("class_queries") or {}
         if not class_queries:
             raise StoreError(f"store {root} has no class queries; semantic-seg needs a dataset with class-name "
                              f"text queries such as imagenet-s or synthetic")
@@ -69,7 +78,20 @@ class SemanticSegmentation(TextGroundedProbe):
             pred = np.where(up.max(axis=-1) > self.threshold, up.argmax(axis=-1) + 1, 0)  # local: 0 = bg
             keep = gt != IGNORE
             acc.add_confusion(confusion(gt[keep].astype(np.int64), pred[keep], k + 1), [0, *present])
-        return {"mIoU": acc.miou(), "mIoU_fg": acc.miou(exclude=(0,))}
+        fg = acc.miou(exclude=(0,))
+        return {"mIoU": acc.miou() if self.has_background else fg, "mIoU_fg": fg}
+
+
+# Datasets whose stores predate the structure's "has_background" key and have no background class.
+NO_BACKGROUND_DATASETS = ("bdd10k",)
+
+
+def has_background(structure: dict, dataset_desc: dict) -> bool:
+    """Whether class 0 (background) is one of the dataset's classes: the structure's
+    ``has_background`` (default true), else false for the datasets known to have none."""
+    if "has_background" in structure:
+        return bool(structure["has_background"])
+    return dataset_desc.get("name") not in NO_BACKGROUND_DATASETS
 
 
 def local_ground_truth(mask: np.ndarray, meta: dict, present: list[int]) -> np.ndarray:

@@ -2,39 +2,104 @@
 
 Protocol (DINO's DAVIS evaluation, used by the paper): token features of each frame on its
 base-view grid, a memory of the first frame and the 7 most recent frames, top-5 neighbours
-within a 12-token neighbourhood, affinities exp(cos / 0.1); soft labels upsampled bilinearly to the
+within a spatial window, affinities exp(cos / 0.1); soft labels upsampled bilinearly to the
 annotation resolution; J (region IoU) and F (boundary F, bound_th 0.008) per object as in the
 official DAVIS-2017 evaluation, averaged over objects: J_mean, F_mean and JF_mean.
+
+The window. DINO's ``--size_mask_neighborhood 12`` counts cells of its 8-pixel patches on
+frames scaled to 480 pixels on their short side (``read_frame``): a radius of 12 x 8 = 96
+pixels of the 480p frame. kvpipe keeps that radius in pixels (``neighborhood_px=96``) and
+converts it per video into the store's token grid: a memory token is inside the window of a
+target token when their row distance times the token height, and their column distance times
+the token width, are both at most the radius, token sizes measured in pixels of the frame
+scaled to 480 on its short side (``image_h / grid rows`` and ``image_w / grid cols`` of the
+manifest row, times 480 / min(image_h, image_w)). For 8-pixel tokens on a 480p frame that is
+DINO's window exactly; for LLaVA-OneVision's 27 x 27 base grid of an 854 x 480 frame it is 5
+rows and 3 columns. ``size_mask_neighborhood=N`` instead gives the radius in tokens (DINO's
+flag read literally on the store's grid); a radius <= 0 disables the window, as in DINO.
+
+Tokens: ``tokens=base`` (default) is the base view, the whole frame at the encoder's base
+resolution (the only grid of fixed-resolution and native-resolution models); ``tokens=crops``
+uses the any-resolution models' stitched crop grid (newline tokens dropped) where the store
+holds one (the manifest row's segments), a finer grid of the same frame.
 """
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
-from kvpipe.errors import StoreError
+from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.probes.metrics.davis import evaluate_video, summarize
 from kvpipe.probes.propagation import labels_to_grid, propagate_video, upsample_to_mask
+
+DINO_PATCH_PX, DINO_NEIGHBORHOOD, DINO_SHORT_SIDE = 8, 12, 480  # eval_video_segmentation.py defaults
+TOKEN_GRIDS = ("base", "crops")
+
+
+def token_radius(radius_px: float, image_hw: tuple[int, int], grid_hw: tuple[int, int],
+                 short_side: int = DINO_SHORT_SIDE) -> tuple[int, int]:
+    """A window radius in pixels of the frame scaled to ``short_side`` on its short side ->
+    (rows, cols) in tokens of a ``grid_hw`` grid spanning an ``image_hw`` frame: the largest
+    token distances whose extent in pixels is within the radius."""
+    scale = short_side / min(image_hw)
+    cell_h = image_hw[0] / grid_hw[0] * scale
+    cell_w = image_hw[1] / grid_hw[1] * scale
+    return math.floor(radius_px / cell_h + 1e-9), math.floor(radius_px / cell_w + 1e-9)
+
+
+def segment_hw(row: Any, name: str) -> tuple[int, int] | None:
+    """(rows, cols) of an image row's token segment ``name``; None when it has none."""
+    seg = next((s for s in row.segment_list() if s["name"] == name), None)
+    return None if seg is None else (int(seg["rows"]), int(seg["cols"]))
 
 
 @PROBES.register
 class TemporalCorrespondence(Probe):
     description = "video label propagation from frame 0, J&F (DAVIS protocol)"
     primary_metric = "JF_mean"
-    defaults = {"n_last_frames": 7, "size_mask_neighborhood": 12, "topk": 5, "temperature": 0.1}
+    version = 2
+    defaults = {"n_last_frames": 7, "neighborhood_px": DINO_NEIGHBORHOOD * DINO_PATCH_PX,
+                "size_mask_neighborhood": None, "topk": 5, "temperature": 0.1, "tokens": "base"}
 
     def prepare(self) -> None:
+        tokens = self.params["tokens"]
+        if tokens not in TOKEN_GRIDS:
+            raise UsageError(f"temporal-corr parameter tokens={tokens!r} must be one of {', '.join(TOKEN_GRIDS)}")
+        for key in ("neighborhood_px", "size_mask_neighborhood"):
+            v = self.params[key]
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise UsageError(f"temporal-corr parameter {key}={v!r} must be a number")
         self.videos = {}
+        self.radius: dict[str, tuple[int, int] | int] = {}
         for name, rows in self.store.groups().items():
             if len(rows) < 2 or not name:
                 continue
             masks = [self.store.annotation(r).mask for r in rows]
             if masks[0] is None:
                 continue
+            grid = segment_hw(rows[0], tokens)
+            if grid is None:
+                raise StoreError(f"store {self.store.root}: frame {rows[0].image_id} has no {tokens!r} token grid; "
+                                 f"tokens=crops needs an any-resolution model's store with crops (use tokens=base)")
             self.videos[name] = (rows, masks)
+            self.radius[name] = self._radius(rows[0], grid)
         if not self.videos:
             raise StoreError(f"store {self.store.root} has no videos with a first-frame mask; temporal-corr "
                              f"needs a video dataset such as davis or synthetic")
+
+    def _radius(self, row: Any, grid: tuple[int, int]) -> tuple[int, int] | int:
+        """The window radius of a video in tokens: the token override, else the pixel radius converted."""
+        if self.params["size_mask_neighborhood"] is not None:
+            return int(self.params["size_mask_neighborhood"])  # DINO: <= 0 disables the window
+        px = float(self.params["neighborhood_px"])
+        if px <= 0:
+            return 0
+        return token_radius(px, (int(row.image_h), int(row.image_w)), grid)
 
     def score(self, target: Target) -> dict[str, float]:
         feats = self.store.read(target.kind, target.layer, target.head,
@@ -42,14 +107,14 @@ class TemporalCorrespondence(Probe):
         index = {r.index: i for i, r in enumerate(feats.rows)}
         per_object: dict[str, dict[str, float]] = {}
         for name, (rows, masks) in self.videos.items():
-            grids = [feats.grid(index[r.index]) for r in rows]
+            grids = [feats.grid(index[r.index], self.params["tokens"]) for r in rows]
             objects = sorted(int(o) for o in np.unique(masks[0]) if 0 < o < 255)
             if not objects:
                 continue
             n_classes = max(objects) + 1
             first = labels_to_grid(masks[0], grids[0].shape[:2], n_classes)
             soft = propagate_video(grids, first, n_last_frames=self.params["n_last_frames"],
-                                   size_mask_neighborhood=self.params["size_mask_neighborhood"],
+                                   size_mask_neighborhood=self.radius[name],
                                    topk=self.params["topk"], temperature=self.params["temperature"])
             preds = [masks[0]] + [upsample_to_mask(s, m.shape if m is not None else masks[0].shape)
                                   for s, m in zip(soft, masks[1:])]
@@ -57,3 +122,16 @@ class TemporalCorrespondence(Probe):
             for obj, res in evaluate_video(gts, preds, objects).items():
                 per_object[f"{name}/{obj}"] = res
         return summarize(per_object)
+
+    def summarize(self, rows: list[dict[str, Any]], out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
+        """The window actually used, in tokens (rows and columns; smallest and largest over videos;
+        -1 when the window is off)."""
+        radii = [r if isinstance(r, tuple) else ((r, r) if r > 0 else (-1, -1)) for r in self.radius.values()]
+        out = []
+        for axis, name in ((0, "rows"), (1, "cols")):
+            vals = [r[axis] for r in radii]
+            out += [{"layer": -1, "head": -1, "kind": "dataset", "metric": f"neighborhood_{name}_min",
+                     "value": float(min(vals))},
+                    {"layer": -1, "head": -1, "kind": "dataset", "metric": f"neighborhood_{name}_max",
+                     "value": float(max(vals))}]
+        return out, []

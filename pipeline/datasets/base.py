@@ -110,7 +110,9 @@ class DatasetAdapter:
         "episodes": [{"query": image id, "support": [image ids], "class": class id}];
         "image_sets": {set name: {"images": [image ids], "class": class id or None}} for
             co-segmentation (foreground = mask labels of that class, or every label 1..254 when None);
-        "class_queries": {"<class id>": index into text_queries()} (the class-name query).
+        "class_queries": {"<class id>": index into text_queries()} (the class-name query);
+        "has_background": false when class 0 is not one of the dataset's classes (no pixel is
+            background, e.g. BDD-10K); absent or true when it is (ImageNet-S "other category").
         """
         return {}
 

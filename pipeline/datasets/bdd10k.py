@@ -9,7 +9,9 @@ Layout read (the official BDD100K download, doc.bdd100k.com "Data Download")::
         labels/bdd100k_labels_images_{train,val}.json 2018 labels, same frame tags
 
 Masks are stored with label = trainId + 1 (1..19 = structure()["classes"][1:], Cityscapes-style
-names), so 0 stays the contract's background (never used here) and 255 stays ignore.
+names), so 0 stays the contract's background (never used here) and 255 stays ignore. BDD-10K
+has no background class: structure()["has_background"] is false, so semantic-seg's mIoU
+averages its 19 classes only.
 
 Why tags come from the detection labels: the 10K segmentation release carries no frame
 attributes; the Scalabel-format frame lists of the 100K images do ({"name": "<name>.jpg",
@@ -199,7 +201,7 @@ class Bdd10kDataset(DatasetAdapter):
         return list(CLASSES)
 
     def structure(self) -> dict[str, Any]:
-        return {"classes": ["background", *CLASSES],
+        return {"classes": ["background", *CLASSES], "has_background": False,
                 "class_queries": {str(i + 1): i for i in range(len(CLASSES))}}
 
     def describe(self) -> dict[str, Any]:

@@ -158,14 +158,37 @@ def _matched(table: VarianceTable, layers: list[int], rng: np.random.Generator,
 
 @HEAD_SETS.register("input-dependent")
 def input_dependent(table: VarianceTable, layers: list[int], rng: np.random.Generator) -> frozenset[Head]:
-    """Control 1: input-dependent heads, at random, as many per layer as there are input-agnostic ones."""
+    """Control 1: input-dependent heads, at random, as many per layer as there are input-agnostic ones
+    (outside the input-agnostic set by construction: overlap 0)."""
     return _matched(table, layers, rng, lambda k: not table.flags.get(k, False), "input-dependent ")
+
+
+RANDOM_DRAWS = 1000  # redraws of the random control before giving up on a set other than the treatment
 
 
 @HEAD_SETS.register("random")
 def random_heads(table: VarianceTable, layers: list[int], rng: np.random.Generator) -> frozenset[Head]:
-    """Control 2: heads at random among all, as many per layer as there are input-agnostic ones."""
-    return _matched(table, layers, rng, lambda k: True, "")
+    """Control 2 (the paper's "the same number of all keys ... randomly selected"): heads at random
+    among all heads of each layer, as many per layer as there are input-agnostic ones. It may share
+    heads with the input-agnostic set (a "random combination of them", Table 9), but it is never
+    that set itself: such a draw is redrawn, and a range where no other set exists is an error."""
+    target = input_agnostic(table, layers, rng)
+    if all(sum(1 for k in table.variance if k[0] == layer) == sum(1 for l, _ in target if l == layer)
+           for layer in layers):
+        raise UsageError(f"every head of layers {_span(layers)} is input-agnostic, so a random control of the "
+                         f"same size per layer would block the very same heads; choose other --layers or "
+                         f"--threshold")
+    for _ in range(RANDOM_DRAWS):
+        chosen = _matched(table, layers, rng, lambda k: True, "")
+        if chosen != target:
+            return chosen
+    raise UsageError(f"{RANDOM_DRAWS} random draws in layers {_span(layers)} all equal the input-agnostic set; "
+                     f"choose other --layers or --threshold")
+
+
+def overlap_with_treatment(table: VarianceTable, layers: list[int], heads: frozenset[Head]) -> int:
+    """How many of ``heads`` are input-agnostic heads of ``layers`` (the treatment of Table 3)."""
+    return len(heads & frozenset(_agnostic(table, layers)))
 
 
 def _span(layers: list[int]) -> str:

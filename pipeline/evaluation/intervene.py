@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from kvpipe.pipeline.evaluation.evaluate import (Condition, EvalResult, evaluate, with_condition,
                                       write_condition_table)
-from kvpipe.pipeline.evaluation.head_sets import layer_range, read_variance_table, select_heads
+from kvpipe.pipeline.evaluation.head_sets import (layer_range, overlap_with_treatment, read_variance_table,
+                                                  select_heads)
 from kvpipe.pipeline.models.base import ModelAdapter
 from kvpipe.pipeline.vqa.base import Benchmark, VQAItem
 
@@ -34,6 +35,9 @@ def knockout_condition(table_path: str | Path, *, heads: str, layers: str, n_lay
     if heads in SEEDED:
         name += f"-seed{seed}"
         details["seed"] = seed
+        # the control's heads that are also input-agnostic heads of the range (the treatment)
+        details["treatment_heads"] = len(select_heads(table, "input-agnostic", layer_list))
+        details["overlap_with_treatment"] = overlap_with_treatment(table, layer_list, chosen)
     if threshold is not None:
         name += f"-t{threshold:g}"
     return Condition(name, heads, layers, chosen, details)

@@ -64,6 +64,9 @@ class ExtractConfig:
     ray_address: str | None = None  # None: a local Ray instance (or RAY_ADDRESS / ray start's)
     workers: int | None = None  # Ray actors; default: one per GPU of the cluster (1 on CPU)
     repair: bool = False  # redo the parts kvpipe verify finds damaged
+    # (width, height): every image resized to this size before the model's processor (one token
+    # layout for native-resolution models; recorded in the store's dataset description)
+    image_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -134,6 +137,19 @@ def with_defaults(cfg: ExtractConfig) -> ExtractConfig:
     if cfg.part_size is None:
         return replace(cfg, part_size=default_part_size(cfg.batch_size))
     return cfg
+
+
+def parse_image_size(spec: str | None) -> tuple[int, int] | None:
+    """ "448x448" -> (448, 448) (width x height); None stays None."""
+    if spec is None:
+        return None
+    try:
+        w, h = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--image-size {spec!r} must be WIDTHxHEIGHT in pixels, e.g. 448x448") from None
+    if w < 1 or h < 1:
+        raise UsageError(f"--image-size {spec!r} must be positive, e.g. 448x448")
+    return w, h
 
 
 def validate(cfg: ExtractConfig) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
+from PIL import Image
 
 from kvpipe.errors import DataError
 from kvpipe.pipeline.datasets import ImageRecord
@@ -68,8 +69,8 @@ def load_batch(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], cfg:
                 return LoadedBatch([], [], None, len(chunk), fatal=f"{err} (--strict)")
             failed.append((index, str(err)))
             continue
-        items.append((index, img.size, ann))
-        images.append(img)
+        items.append((index, img.size, ann))  # the original size: annotations are in its pixels
+        images.append(img if cfg.image_size is None else img.resize(cfg.image_size, Image.BICUBIC))
         texts.append(cfg.prefix if rec.prefix is None else rec.prefix)
     batch = None
     if images:

@@ -52,6 +52,8 @@ class DatasetView:
         records = apply_prefixes(records, cfg)  # --prefix-from / --prefix-control: each image's text
         structure = ds.structure()
         desc = {**ds.describe(), "tasks": list(ds.tasks), "structure_sha256": structure_fingerprint(structure)}
+        if cfg.image_size is not None:  # --image-size: part of the feature set's identity
+            desc["image_size"] = list(cfg.image_size)
         return cls(records, structure, desc, ds.text_queries())
 
     @property

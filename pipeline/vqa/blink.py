@@ -5,7 +5,14 @@ the hub: ``<root>/Art_Style/val-00000-of-00001.parquet`` (and ``test-...``), the
 parquet-converter layout ``<root>/Art_Style/val/0000.parquet``, or per-config
 ``datasets.save_to_disk`` folders. Columns: idx, question, sub_task, image_1..image_4 (None
 where the question has fewer images), choices, answer ("(A)"), prompt, explanation. Only the
-val split has answers, so it is the one read (``data_split=`` names another).
+val split has public answers (the hub's test rows say "hidden"; test is scored on EvalAI), so
+val is read by default; ``data_split=`` names another, or ``val+test`` for both (a copy whose
+test rows carry answers).
+
+Counts (BLINK-Benchmark/BLINK dataset card): the perception subset is Counting 120 + 120,
+Object_Localization 122 + 125, Relative_Depth 124 + 124, Spatial_Relation 143 + 143 questions
+(val + test): 509 val, 1,021 in all -- the paper's "1,021 test samples" are val + test (as its
+234 Art_Style = 117 + 117 and 271 Visual_Similarity = 135 + 136 examples are).
 
 Without ``--split`` every sub-task folder present is read; ``--split`` picks sub-tasks:
 "Art_Style", a comma list, "perception" (Counting, Object_Localization, Relative_Depth,
@@ -29,6 +36,12 @@ SUBTASKS = ("Art_Style", "Counting", "Forensic_Detection", "Functional_Correspon
             "Semantic_Correspondence", "Spatial_Relation", "Visual_Correspondence", "Visual_Similarity")
 PERCEPTION = ("Counting", "Object_Localization", "Relative_Depth", "Spatial_Relation")
 PAIRED = ("Art_Style", "Visual_Similarity")
+# Questions per split of the perception subset (BLINK-Benchmark/BLINK dataset card).
+PERCEPTION_COUNTS = {"val": {"Counting": 120, "Object_Localization": 122, "Relative_Depth": 124,
+                             "Spatial_Relation": 143},
+                     "test": {"Counting": 120, "Object_Localization": 125, "Relative_Depth": 124,
+                              "Spatial_Relation": 143}}
+HIDDEN_ANSWERS = ("", "hidden")  # the answer of the hub's test rows
 ALIASES = {"perception": PERCEPTION, "paired": PAIRED, "all": SUBTASKS}
 IMAGE_COLUMNS = ("image_1", "image_2", "image_3", "image_4")
 TEXT_COLUMNS = ("idx", "question", "sub_task", "choices", "answer", "prompt", "explanation")
@@ -73,19 +86,20 @@ class BLINK(Benchmark):
             if not folder.is_dir():
                 raise DataError(f"{folder} does not exist; --data-root must be {self.root_hint}")
             splits = hf_splits(folder)
-            refs = splits.get(self.data_split)
-            if refs is None and set(splits) == {""}:
-                refs = splits[""]  # a save_to_disk Dataset that did not record its split
-            if refs is None:
-                found = ", ".join(sorted(splits)) or "none"
-                raise DataError(f"{folder} has no {self.data_split} split (found: {found}); BLINK's answers are "
-                                f"in val-*.parquet")
-            for ref in refs:
-                items += self._read(ref, sub)
+            for data_split in self.data_split.replace(",", "+").split("+"):
+                refs = splits.get(data_split)
+                if refs is None and set(splits) == {""}:
+                    refs = splits[""]  # a save_to_disk Dataset that did not record its split
+                if refs is None:
+                    found = ", ".join(sorted(splits)) or "none"
+                    raise DataError(f"{folder} has no {data_split} split (found: {found}); BLINK's answers are "
+                                    f"in val-*.parquet")
+                for ref in refs:
+                    items += self._read(ref, sub, data_split)
         check_unique(self.name, (it.qid for it in items), str(root))
         return apply_limit(self.name, items, self.limit)
 
-    def _read(self, ref: TableRef, sub: str) -> list[VQAItem]:
+    def _read(self, ref: TableRef, sub: str, data_split: str) -> list[VQAItem]:
         rows = read_rows(ref, TEXT_COLUMNS, REQUIRED, "BLINK-Benchmark/BLINK")
         present = {c: non_null(ref, c) for c in IMAGE_COLUMNS}
         out = []
@@ -96,13 +110,16 @@ class BLINK(Benchmark):
                 raise DataError(f"{where} has no image; is this BLINK?")
             choices = tuple(str(c) for c in (r.get("choices") or ()))
             idx = str(r["idx"])
+            if str(r["answer"] or "").strip().lower() in HIDDEN_ANSWERS:
+                raise DataError(f"{where}: the answer is {r['answer']!r}: BLINK's {data_split} answers are not "
+                                f"public (scored on EvalAI); use data_split=val, or a copy with its answers")
             out.append(VQAItem(
                 qid=idx, benchmark=self.name, subset=sub, question=str(r.get("question") or ""),
                 prompt=mc_prompt(str(r["prompt"]), len(choices)),
                 images=tuple(table_image(ref, c, i) for c in cols), image_ids=tuple(f"{idx}/{c}" for c in cols),
                 choices=choices, answer=gold_letter(r["answer"], where),
                 meta={"sub_task": r.get("sub_task"), "explanation": r.get("explanation"),
-                      "data_split": self.data_split}))
+                      "data_split": data_split}))
         return out
 
     def parse(self, item: VQAItem, text: str) -> str:

@@ -73,14 +73,17 @@ def value(run, kind, layer, head, metric):
 
 
 def test_temporal_corr_oracle_and_random(tmp_path):
-    oracle = run_probe(write_store(tmp_path / "o", "oracle"), "temporal-corr")
+    # The stripes jump a whole token (80 px of the frame scaled to 480p) per frame; the default
+    # 96 px window is one token here, so the window is widened to cover the grid.
+    oracle = run_probe(write_store(tmp_path / "o", "oracle"), "temporal-corr", {"size_mask_neighborhood": 12})
     assert value(oracle, "values", 0, 0, "J_mean") == pytest.approx(1.0)
     assert value(oracle, "values", 0, 0, "F_mean") == pytest.approx(1.0)
     assert value(oracle, "post_proj", -1, -1, "JF_mean") == pytest.approx(1.0)
     assert value(oracle, "values", 0, 1, "J_mean") < 0.8  # the noise head
     rand = run_probe(write_store(tmp_path / "r", "random"), "temporal-corr")
     assert value(rand, "values", 0, 0, "J_mean") < 0.8
-    assert len(oracle.table) == (2 * 2 * 2 + 1) * 3  # (kinds x layers x heads + post-proj) x metrics
+    # (kinds x layers x heads + post-proj) x metrics, + the window in tokens (rows, cols: min, max)
+    assert len(oracle.table) == (2 * 2 * 2 + 1) * 3 + 4
     assert {p.name for p in oracle.plots} == {"temporal-corr-keys-JF_mean.png", "temporal-corr-values-JF_mean.png"}
 
 

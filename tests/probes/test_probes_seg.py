@@ -225,9 +225,11 @@ def test_refexp_metrics_by_hand(tmp_path):
                                                            {"label": 2, "queries": [2]}]})
     store = write_toy_store(tmp_path / "s", [image], "oracle", {}, ["a", "b", "c"], [1, 2, 2])
     got = scores(store, "refexp-seg", Target("values", 0, 0))
-    # ref 1: mean(1, 0) = 0.5; ref 2: 1 -> mIoU 0.75
+    # sentences: IoU 1, 0, 1 -> mIoU (mean over sentences, LAVT / CRIS) 2/3
+    # per object: ref 1 mean(1, 0) = 0.5; ref 2: 1 -> mIoU_per_object 0.75
     # cIoU: I = 16 + 0 + 8 tokens, U = 16 + 24 + 8 tokens -> 24 / 48
-    assert got["mIoU"] == pytest.approx(0.75)
+    assert got["mIoU"] == pytest.approx(2 / 3)
+    assert got["mIoU_per_object"] == pytest.approx(0.75)
     assert got["cIoU"] == pytest.approx(0.5)
 
 
