@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-SCRIPTS = ("capture_stages", "codecs", "disk_rewrite", "encoder_interference", "extract_timeline", "host_buffers",
+SCRIPTS = ("capture_stages", "cli_latency", "codecs", "disk_rewrite", "encoder_interference", "extract_timeline", "host_buffers",
            "linear_probes", "lossy_fidelity", "multi_gpu", "prefill_kernels", "sweep")
 # a tiny MLM on the CPU: 4 images of 56 x 56 (4 image tokens each), batches of 2
 TINY = ["--device", "cpu", "--model", "tiny-qwen25vl", "--dtype", "float32", "--image-size", "56",
@@ -147,3 +147,14 @@ def test_sweep_builds_a_store_and_times_a_probe_sweep(tmp_path):
     assert res["disk_bytes"] > 0 and res["read_s"][0] > 0
     assert res["sweeps"]["numpy"][0]["total_s"] >= res["sweeps"]["numpy"][0]["read_s"] > 0
     assert json.loads(out.read_text())["targets"] == 5
+
+
+def test_cli_latency_times_each_command_per_executable(synthetic_store, tmp_path):
+    out = tmp_path / "cli.json"
+    res = script("cli_latency").main(["--store", str(synthetic_store), "--repeat", "1", "--only",
+                                      "--help,info,extract, misspelt --model", "--json", str(out)])
+    (exe,) = res["executables"]
+    assert set(res["median_s"]) == {"--help", "info", "extract, misspelt --model"}
+    assert all(res["median_s"][name][exe] > 0 for name in res["median_s"])
+    assert res["exit_codes"]["info"][exe] == 0 and res["exit_codes"]["extract, misspelt --model"][exe] == 2
+    assert json.loads(out.read_text())["repeat"] == 1
