@@ -32,8 +32,8 @@ def commands(store: str, scratch: str) -> dict[str, list[str]]:
         "info": ["info", store],
         "status": ["status", store],
         "verify": ["verify", store],
-        "extract, misspelt --model": ["extract", "--model", "qwen25-vl", "--dataset", "synthetic", "--out", scratch],
-        "extract, misspelt --dataset": ["extract", "--model", "tiny-qwen25vl", "--dataset", "davsi", "--out", scratch],
+        "extract: misspelt --model": ["extract", "--model", "qwen25-vl", "--dataset", "synthetic", "--out", scratch],
+        "extract: misspelt --dataset": ["extract", "--model", "tiny-qwen25vl", "--dataset", "davsi", "--out", scratch],
     }
 
 

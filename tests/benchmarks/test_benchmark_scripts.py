@@ -152,9 +152,9 @@ def test_sweep_builds_a_store_and_times_a_probe_sweep(tmp_path):
 def test_cli_latency_times_each_command_per_executable(synthetic_store, tmp_path):
     out = tmp_path / "cli.json"
     res = script("cli_latency").main(["--store", str(synthetic_store), "--repeat", "1", "--only",
-                                      "--help,info,extract, misspelt --model", "--json", str(out)])
+                                      "--help,info,extract: misspelt --model", "--json", str(out)])
     (exe,) = res["executables"]
-    assert set(res["median_s"]) == {"--help", "info", "extract, misspelt --model"}
+    assert set(res["median_s"]) == {"--help", "info", "extract: misspelt --model"}
     assert all(res["median_s"][name][exe] > 0 for name in res["median_s"])
-    assert res["exit_codes"]["info"][exe] == 0 and res["exit_codes"]["extract, misspelt --model"][exe] == 2
+    assert res["exit_codes"]["info"][exe] == 0 and res["exit_codes"]["extract: misspelt --model"][exe] == 2
     assert json.loads(out.read_text())["repeat"] == 1

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from layouts_vqa import BLINK_COLUMNS, BLINK_IMAGES, cell, columns_of, write_parquet
+from fixtures.layouts_vqa import BLINK_COLUMNS, BLINK_IMAGES, cell, columns_of, write_parquet
 
 from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline.evaluation.evaluate import Condition

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 import pytest
-from probe_stores import ToyImage, stripes, write_toy_store
+from fixtures.probe_stores import ToyImage, stripes, write_toy_store
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes import Target, run_probe
