@@ -1,12 +1,11 @@
 """Tiny copies of the question-answering benchmarks' official layouts.
 
 Hugging Face copies are written as the hub serves them and as ``datasets`` writes them: image
-columns are struct<bytes: binary, path: string> cells holding PNG/JPEG bytes, sequences are
-list<string>, the schema carries the ``huggingface`` features metadata; ``save_to_disk``
-folders are Arrow IPC *streams* (``data-00000-of-00001.arrow``) beside ``state.json`` and
-``dataset_info.json``, with ``dataset_dict.json`` above the split folders of a DatasetDict (the
-file names and JSON keys of datasets 5.x). Every image is one flat colour, so a test can tell
-which row an image came from by its pixel.
+columns are struct<bytes: binary, path: string> cells holding PNG/JPEG bytes (the ``Image``
+feature), the schema carries the ``huggingface`` features metadata (``datasets.Features`` of
+the Arrow types); ``save_to_disk`` folders are written by ``datasets`` itself
+(``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``). Every image is one flat colour, so a
+test can tell which row an image came from by its pixel.
 """
 
 from __future__ import annotations
@@ -39,16 +38,12 @@ def cell(n: int | None, fmt: str = "PNG", path: str | None = None) -> dict[str, 
 
 
 def _features(schema: pa.Schema, images: set[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in schema:
-        if f.name in images:
-            out[f.name] = {"_type": "Image"}
-        elif pa.types.is_list(f.type):
-            out[f.name] = {"feature": {"dtype": "string", "_type": "Value"}, "_type": "List"}
-        else:
-            dtype = "int64" if pa.types.is_integer(f.type) else "string"
-            out[f.name] = {"dtype": dtype, "_type": "Value"}
-    return out
+    import datasets
+
+    features = datasets.Features.from_arrow_schema(schema)
+    for name in images:
+        features[name] = datasets.Image()
+    return features.to_dict()
 
 
 def hf_table(columns: dict[str, list], images: tuple[str, ...] = ("image",)) -> pa.Table:
@@ -72,30 +67,26 @@ def write_parquet(path: Path, columns: dict[str, list], images: tuple[str, ...] 
     return path
 
 
+def hf_dataset(columns: dict[str, list], images: tuple[str, ...] = ("image",), split: str | None = None):
+    """The rows as a ``datasets.Dataset`` (image columns of the ``Image`` feature)."""
+    import datasets
+
+    return datasets.Dataset(hf_table(columns, images), split=datasets.NamedSplit(split) if split else None)
+
+
 def write_saved_dataset(folder: Path, columns: dict[str, list], images: tuple[str, ...] = ("image",),
                         split: str | None = None) -> Path:
-    """``Dataset.save_to_disk``: one Arrow stream shard + state.json + dataset_info.json."""
-    folder.mkdir(parents=True, exist_ok=True)
-    table = hf_table(columns, images)
-    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-    state = {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_fingerprint": "0123456789abcdef",
-             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
-             "_split": split}
-    (folder / "state.json").write_text(json.dumps(state, indent=2))
-    info = {"citation": "", "description": "", "features": _features(table.schema, set(images)), "homepage": "",
-            "license": ""}
-    (folder / "dataset_info.json").write_text(json.dumps(info, indent=2))
+    """``Dataset.save_to_disk``: Arrow shards + state.json + dataset_info.json."""
+    hf_dataset(columns, images, split).save_to_disk(str(folder))
     return folder
 
 
 def write_saved_dict(folder: Path, splits: dict[str, dict[str, list]], images: tuple[str, ...] = ("image",)) -> Path:
     """``DatasetDict.save_to_disk``: dataset_dict.json + one save_to_disk folder per split."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "dataset_dict.json").write_text(json.dumps({"splits": list(splits)}))
-    for name, columns in splits.items():
-        write_saved_dataset(folder / name, columns, images, split=name)
+    import datasets
+
+    datasets.DatasetDict({name: hf_dataset(columns, images, name) for name, columns in splits.items()}) \
+        .save_to_disk(str(folder))
     return folder
 
 
