@@ -60,7 +60,7 @@ def paired(
     out = out or results_dir(fs.root) / task / "paired"
     base = {"model": fs.meta.model.get("name"), "dataset": fs.meta.dataset.get("name")}
     paths = write_paired(out, pairs, rows, base)
-    write_run_json(out, {**called, "store": str(fs.root), "task": task, "params": params,
+    write_run_json(out, {**called, "store": str(fs.root), "task": task, "probe_params": params,
                          "target": {"kind": target.kind, "layer": target.layer, "head": target.head, "how": how},
                          "model": fs.meta.model, "dataset": fs.meta.dataset, "answers": str(answers),
                          "answers_run": {k: v for k, v in (answers_run or {}).items() if k != "info"}})

@@ -151,8 +151,8 @@ def with_condition(scores: list[dict[str, Any]], condition: Condition) -> list[d
 
 def write_condition_table(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
     """Merge ``rows`` into OUT/knockout.parquet (+ .csv): the conditions they hold replace their
-    earlier rows, every other condition's rows are kept (baseline first, then in order of first
-    appearance)."""
+    earlier rows (in their place), every other condition's rows are kept (baseline first, then in
+    the order conditions were first run)."""
     out = Path(out_dir)
     parquet, csv = out / KNOCKOUT_FILE, out / KNOCKOUT_CSV
     new = [{c: r[c] for c in CONDITION_COLUMNS} for r in rows]
@@ -160,7 +160,7 @@ def write_condition_table(rows: list[dict[str, Any]], out_dir: str | Path) -> tu
     old = pq.read_table(parquet).to_pylist() if parquet.exists() else []
     kept = [r for r in old if r.get("condition") not in replaced and set(CONDITION_COLUMNS) <= set(r)]
     merged = kept + new
-    order = list(dict.fromkeys([BASELINE] + [r["condition"] for r in merged]))
+    order = list(dict.fromkeys([BASELINE] + [r.get("condition") for r in old] + [r["condition"] for r in new]))
     merged.sort(key=lambda r: order.index(r["condition"]))  # stable: rows keep their order within a condition
     _write(parquet, csv, pa.Table.from_pylist(merged, schema=_schema(CONDITION_COLUMNS)))
     return parquet, csv
