@@ -188,3 +188,19 @@ def refexp_images() -> tuple[list[ToyImage], dict, list[str], list[int]]:
             refs.append({"label": label, "queries": idx})
         images.append(ToyImage(f"ref{i}", stripes(rows), {"labels": {"1": c1, "2": c2}, "refs": refs}))
     return images, {"classes": ["background", "a", "b", "c", "d", "e"]}, queries, classes
+
+
+def seg_stores(root: Path, features: str) -> list[str]:
+    """One toy store per segmentation task (1 layer x 2 heads), its dataset listing that task."""
+    builders = {"fg-seg": lambda: (*fewshot_images(), (), ()), "cosegmentation": lambda: (*coseg_images(), (), ()),
+                "semantic-seg": semantic_images, "refexp-seg": refexp_images}
+    paths = []
+    for task, build in builders.items():
+        images, structure, queries, classes = build()
+        path = write_toy_store(root / task, images, features, structure, queries, classes, layers=1)
+        meta_file = path / "zarr.json"
+        data = json.loads(meta_file.read_text())
+        data["attributes"]["kvpipe"]["dataset"]["tasks"] = [task, "input-agnostic"]
+        meta_file.write_text(json.dumps(data))
+        paths.append(str(path))
+    return paths

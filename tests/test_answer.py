@@ -5,8 +5,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+
+from inprocess_cli import run_in_process
 
 from kvpipe.pipeline.evaluation.answer import answer_items, generate
 from kvpipe.pipeline.models import load_model
@@ -134,37 +134,10 @@ def test_knockout_generation_batched_equals_unbatched():
 
 # ---- the commands ----------------------------------------------------------------------------------
 
-@dataclass
-class Ran:
-    code: int
-    stdout: str
-    stderr: str
-
-
 @pytest.fixture
 def kvpipe(capsys, monkeypatch):
-    """Run ``kvpipe ARGS`` through the CLI's entry point (``main``: one-line errors, exit codes) in this
-    process, where the test benchmark is registered; a fresh interpreter per command would cost more
-    than the command."""
-    from kvpipe.cli.app import main
-
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def run(*args: str, check: bool = True) -> Ran:
-        capsys.readouterr()
-        monkeypatch.setattr(sys, "argv", ["kvpipe", *args])
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-        out = capsys.readouterr()
-        ran = Ran(code, out.out, out.err)
-        if check and code != 0:
-            raise AssertionError(f"kvpipe {' '.join(args)} failed ({code}):\n{ran.stdout}\n{ran.stderr}")
-        return ran
-
-    return run
+    """Run ``kvpipe ARGS`` in this process, where the test benchmark is registered."""
+    return lambda *args, check=True: run_in_process(capsys, monkeypatch, *args, check=check)
 
 
 def rows(path: Path) -> list[dict]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from layouts_vqa import cell, color_of, hf_dataset, make_blink, make_pope_saved, write_parquet

@@ -6,7 +6,6 @@ run.json and answers.parquet, and BLINK's sub-task spelled as `kvpipe extract` s
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from inprocess_cli import Ran, run_in_process
 from layouts_vqa import make_blink
 
 from kvpipe.errors import UsageError
@@ -56,22 +56,8 @@ if BENCH not in BENCHMARKS:
     BENCHMARKS.add(BENCH, ChainVQA)
 
 
-def kvpipe(monkeypatch, capsys, *args: str, check: bool = True) -> tuple[int, str, str]:
-    """``kvpipe ARGS`` through the CLI's entry point in this process (where the test benchmark is registered)."""
-    from kvpipe.cli.app import main
-
-    monkeypatch.setenv("COLUMNS", "250")
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["kvpipe", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out = capsys.readouterr()
-    if check and code:
-        raise AssertionError(f"kvpipe {' '.join(args)} failed ({code}):\n{out.out}\n{out.err}")
-    return code, out.out, out.err
+def kvpipe(monkeypatch, capsys, *args: str, check: bool = True) -> Ran:
+    return run_in_process(capsys, monkeypatch, *args, check=check)
 
 
 def rows(path: Path) -> list[dict]:

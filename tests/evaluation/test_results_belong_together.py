@@ -8,36 +8,23 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
+from inprocess_cli import Ran, run_in_process
 from layouts_vqa import make_blink
-from probe_stores import coseg_images, fewshot_images, refexp_images, semantic_images, write_toy_store
+from probe_stores import refexp_images, seg_stores, write_toy_store
 
 from kvpipe.errors import UsageError
 from kvpipe.probes import run_probe
 from kvpipe.probes.figure3 import figure3, parse_point, task_params
 
 
-def kvpipe(monkeypatch, capsys, *args: str, check: bool = True) -> tuple[int, str, str]:
-    from kvpipe.cli.app import main
-
-    monkeypatch.setenv("COLUMNS", "250")
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["kvpipe", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out = capsys.readouterr()
-    if check and code:
-        raise AssertionError(f"kvpipe {' '.join(args)} failed ({code}):\n{out.out}\n{out.err}")
-    return code, out.out, out.err
+def kvpipe(monkeypatch, capsys, *args: str, check: bool = True) -> Ran:
+    return run_in_process(capsys, monkeypatch, *args, check=check)
 
 
 def test_paired_checks_model_and_data_and_records_provenance(tmp_path, monkeypatch, capsys):
@@ -74,22 +61,6 @@ def test_paired_checks_model_and_data_and_records_provenance(tmp_path, monkeypat
     assert not (tmp_path / "x").exists()
 
 
-def seg_stores(root: Path) -> list[str]:
-    """One toy store per segmentation task (1 layer x 2 heads, oracle features), its dataset listing that task."""
-    builders = {"fg-seg": lambda: (*fewshot_images(), (), ()), "cosegmentation": lambda: (*coseg_images(), (), ()),
-                "semantic-seg": semantic_images, "refexp-seg": refexp_images}
-    paths = []
-    for task, build in builders.items():
-        images, structure, queries, classes = build()
-        path = write_toy_store(root / task, images, "oracle", structure, queries, classes, layers=1)
-        meta_file = path / "zarr.json"
-        data = json.loads(meta_file.read_text())
-        data["attributes"]["kvpipe"]["dataset"]["tasks"] = [task, "input-agnostic"]
-        meta_file.write_text(json.dumps(data))
-        paths.append(str(path))
-    return paths
-
-
 def scores_with_run(folder: Path, run: dict | None) -> Path:
     folder.mkdir(parents=True)
     pacsv.write_csv(pa.Table.from_pylist([{"model": "m", "benchmark": "cvbench", "subset": s, "metric": m, "value": v}
@@ -101,7 +72,7 @@ def scores_with_run(folder: Path, run: dict | None) -> Path:
 
 
 def test_figure3_refuses_scores_of_another_model_or_a_knockout_and_takes_params(tmp_path, monkeypatch, capsys):
-    stores = seg_stores(tmp_path / "stores")
+    stores = seg_stores(tmp_path / "stores", "oracle")
     same = scores_with_run(tmp_path / "same", {"model": "toy-features", "checkpoint": None, "benchmark": "cvbench",
                                                "condition": {"name": "none", "heads": []}})
     other = scores_with_run(tmp_path / "other", {"model": "tiny-llava-ov", "checkpoint": None, "init": "random",
