@@ -55,7 +55,8 @@ _add_subcommands()
 @app.command()
 def extract(
     model: str = typer.Option(..., help="registry name (see `kvpipe models`), hub id or checkpoint directory"),
-    dataset: str = typer.Option(..., help="registry name (see `kvpipe datasets`)"),
+    dataset: str = typer.Option(..., help="registry name (see `kvpipe datasets`), or hf:PATH_OR_ID for any image "
+                                          "dataset the datasets library reads (save_to_disk, parquet, hub id)"),
     out: str = typer.Option(..., help="store directory or fsspec URL such as s3://bucket/store (created, or "
                                       "resumed if it holds this feature set)"),
     data_root: Optional[str] = typer.Option(None, help="dataset directory in the dataset's official layout"),

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from kvpipe.cli.common import console, parse_params
 from kvpipe.errors import UsageError
+from kvpipe.provenance import provenance, write_run_json
 
 TABLE5 = (("mlm_right", "MLM ✓"), ("value_right_mlm_wrong", "Value ✓ MLM ✗"),
           ("value_wrong_mlm_right", "Value ✗ MLM ✓"), ("either_right", "(MLM ∪ Value) ✓"))
@@ -34,14 +35,16 @@ def paired(
     param: list[str] = typer.Option([], help="probe parameter KEY=VALUE (repeatable), e.g. tokens=base"),
 ) -> None:
     """Table 5: questions by MLM right/wrong x image values right/wrong, for one paired task."""
+    called = provenance("paired", dict(locals()))
     from kvpipe.pipeline.vqa.scoring import CELLS, paired_rows, paired_table
-    from kvpipe.probes.paired import (pair_answers, paired_probe, read_mlm_answers, resolve_target,
-                                      write_paired)
+    from kvpipe.probes.paired import (check_answers_belong, pair_answers, paired_probe, read_mlm_answers,
+                                      resolve_target, write_paired)
     from kvpipe.probes.runner import results_dir, run_probe
 
     params = parse_params(param)
     probe = paired_probe(store, task, params)
     fs = probe.store
+    answers_run = check_answers_belong(fs, answers, probe.benchmark)
     how = "chosen"
     if layer is None and head is None and kind != "post_proj":
         run = run_probe(store, task, params, use_cache=True)
@@ -57,6 +60,10 @@ def paired(
     out = out or results_dir(fs.root) / task / "paired"
     base = {"model": fs.meta.model.get("name"), "dataset": fs.meta.dataset.get("name")}
     paths = write_paired(out, pairs, rows, base)
+    write_run_json(out, {**called, "store": str(fs.root), "task": task, "probe_params": params,
+                         "target": {"kind": target.kind, "layer": target.layer, "head": target.head, "how": how},
+                         "model": fs.meta.model, "dataset": fs.meta.dataset, "answers": str(answers),
+                         "answers_run": {k: v for k, v in (answers_run or {}).items() if k != "info"}})
 
     where = "post-proj" if target.kind == "post_proj" else f"layer {target.layer}, KV head {target.head}"
     view = Table("", "%", "questions",
@@ -92,15 +99,19 @@ def figure3(
     tasks: str = typer.Option("fg-seg,cosegmentation,semantic-seg,refexp-seg",
                               help="segmentation probes averaged for x"),
     no_cache: bool = typer.Option(False, help="recompute probe results even if cached"),
+    param: list[str] = typer.Option([], help="probe parameter KEY=VALUE (repeatable; every task that takes KEY) or "
+                                             "TASK.KEY=VALUE (that task only): picks the cached results to read"),
 ) -> None:
     """Figure 3: best image-value segmentation (mean of 4 probes) vs MLM accuracy, one point per model."""
-    from kvpipe.probes.figure3 import figure3 as make_figure, parse_point, read_spec
+    called = provenance("figure3", dict(locals()))
+    from kvpipe.probes.figure3 import figure3 as make_figure, parse_point, read_spec, task_params
 
     points = [parse_point(p) for p in point] + (read_spec(spec) if spec is not None else [])
     if not points:
         raise UsageError("give at least one --point NAME:STORES:SCORES or a --spec file")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     res = make_figure(points, out, names, y_mode=y, use_cache=not no_cache,
+                      params=task_params(parse_params(param), names), provenance=called,
                       on_task=lambda m, t, s: console.print(f"  {m}: {t} on {s}", highlight=False))
     view = Table("model", "x: segmentation (mean best)", "y: MLM accuracy", "questions",
                  *(f"{t}" for t in names), title="Figure 3")
@@ -112,7 +123,7 @@ def figure3(
     console.print(view)
     for note in res.notes:
         console.print(f"[yellow]note[/]: {note}", highlight=False)
-    console.print(f"-> {res.csv}, {res.png}")
+    console.print(f"-> {res.csv}, {res.png}, {res.csv.parent / 'run.json'}")
 
 
 def register(app: typer.Typer) -> None:

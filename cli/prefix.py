@@ -6,12 +6,14 @@ by ``register(app)``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from kvpipe.cli.common import console
+from kvpipe.cli.common import console, parse_params
+from kvpipe.provenance import provenance
 
 
 def report_prefix(
@@ -20,11 +22,17 @@ def report_prefix(
     task: str = typer.Option(..., help="probe whose results to compare (see `kvpipe tasks`), e.g. refexp-seg"),
     kind: str = typer.Option("values", help="representation: values (the paper's Table 4) | keys | post_proj"),
     metric: Optional[str] = typer.Option(None, help="metric to rank heads by (default: the probe's primary one)"),
+    param: list[str] = typer.Option([], help="probe parameter KEY=VALUE (repeatable), as given to kvpipe probe: read "
+                                             "the cached results of those parameters (default: the latest run's)"),
+    out: Optional[Path] = typer.Option(None, help="output directory: report_prefix.md, report_prefix.csv, run.json "
+                                                  "(default: FIRST_STORE/probes/TASK/report-prefix)"),
 ) -> None:
     """Best (layer, head) score of each store side by side, rows named by the store's prefix condition."""
-    from kvpipe.probes.prefix_report import compare_prefixes
+    called = provenance("report-prefix", dict(locals()))
+    from kvpipe.probes.prefix_report import compare_prefixes, write_report
 
-    rows = compare_prefixes(store, task, kind=kind, metric=metric)
+    params = parse_params(param)
+    rows = compare_prefixes(store, task, kind=kind, metric=metric, params=params)
     fraction = all(r["value"] is None or 0.0 <= r["value"] <= 1.0 for r in rows)
     table = Table()
     table.add_column("prefix", no_wrap=True, min_width=max(len(r["condition"]) for r in rows))
@@ -37,6 +45,14 @@ def report_prefix(
         table.add_row(r["condition"], value, "-" if r["layer"] is None else str(r["layer"]),
                       "-" if r["head"] is None else str(r["head"]), r["store"])
     console.print(table)
+    if out is None:
+        from kvpipe.probes.runner import results_dir
+        from kvpipe.store import FeatureStore
+
+        out = results_dir(FeatureStore.open(store[0]).root) / task / "report-prefix"
+    paths = write_report(rows, out, {**called, "task": task, "kind": kind, "metric": rows[0]["metric"],
+                                     "probe_params": params, "stores": list(store)})
+    console.print(f"-> {', '.join(str(p) for p in paths)}")
 
 
 def register(app: typer.Typer) -> None:

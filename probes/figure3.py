@@ -23,8 +23,16 @@ One point per model:
   pooled accuracy; CV-Bench: ``accuracy``, already pooled); an answers file its ``correct``
   column. ``mean``: the unweighted mean of the files' pooled accuracies.
 
+Things that belong together are checked: a point's stores must come from one model, and a
+score file with a run.json beside it (what ``kvpipe answer`` writes) from that same model and
+from the unmodified model (not a knock-out condition); otherwise a one-line refusal.
+``params`` pick which cached probe results are read (``--param KEY=VALUE`` for every task that
+takes KEY, ``--param TASK.KEY=VALUE`` for one).
+
 Outputs: figure3.csv (one row per model: x, y, the per-task bests and where they came from,
-questions and correct answers) and figure3.png (scatter, labelled points, in percent).
+questions and correct answers), figure3.png (scatter, labelled points, in percent) and run.json
+(kvpipe version, command line, parameters, and per point its stores' model and datasets and
+its score files' runs).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from kvpipe.errors import UsageError
 from kvpipe.probes.base import PROBES
 from kvpipe.probes.paired import correct_flags, read_answer_table
 from kvpipe.probes.runner import run_probe
+from kvpipe.provenance import describe_model, model_identity, model_mismatch, read_run_json, write_run_json
 from kvpipe.store import FeatureStore
 
 SEGMENTATION_TASKS = ("fg-seg", "cosegmentation", "semantic-seg", "refexp-seg")
@@ -195,19 +204,71 @@ def mlm_accuracy(files: Sequence[str], mode: str = "pooled") -> tuple[float, flo
     return y, correct, n
 
 
+# ---------------------------------------------------------------------------------- checks
+def task_params(params: dict[str, Any], tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """--param items as per-task parameters: ``TASK.KEY`` for that task, ``KEY`` for every task
+    whose probe takes it (a KEY no task takes is a UsageError)."""
+    out: dict[str, dict[str, Any]] = {t: {} for t in tasks}
+    for key, value in params.items():
+        task, dot, name = key.rpartition(".")
+        if dot:
+            if task not in out:
+                raise UsageError(f"--param {key}: {task!r} is not one of the tasks {', '.join(tasks)}")
+            out[task][name] = value
+            continue
+        takers = [t for t in tasks if key in PROBES.get(t).defaults]
+        if not takers:
+            raise UsageError(f"--param {key}: none of {', '.join(tasks)} takes it; use TASK.KEY=VALUE")
+        for t in takers:
+            out[t][key] = value
+    return {t: p for t, p in out.items() if p}
+
+
+def check_point(point: ModelPoint) -> dict[str, Any]:
+    """Refuse (one line) a point whose stores or score files come from different models, or a
+    score file of a knock-out condition; return what its run.json records of the point."""
+    metas = {s: FeatureStore.open(s).meta for s in point.stores}
+    first, model = next(iter(metas.items()))
+    for store, meta in metas.items():
+        other = model_mismatch(model.model, meta.model)
+        if other:
+            raise UsageError(f"point {point.name!r}: stores {first} and {store} come from different models "
+                             f"({other}); one point is one model")
+    runs = {}
+    for scores in point.scores:
+        run = read_run_json(scores)
+        if run is None:
+            continue
+        other = model_mismatch(model.model, run)
+        if other:
+            raise UsageError(f"point {point.name!r}: {scores} was answered by another model than its stores "
+                             f"({other}); give the score files of the stores' model")
+        condition = (run.get("condition") or {}).get("name", "none")
+        if condition != "none":
+            raise UsageError(f"point {point.name!r}: {scores} holds answers under knock-out {condition!r}; give "
+                             f"the unmodified model's scores (kvpipe answer's scores.csv)")
+        runs[scores] = {k: run.get(k) for k in ("model", "checkpoint", "revision", "benchmark", "data_root",
+                                                 "split", "limit", "options")}
+    return {"model": describe_model(model_identity(model.model)),
+            "stores": {s: {"model": m.model, "dataset": m.dataset} for s, m in metas.items()}, "score_runs": runs}
+
+
 # ---------------------------------------------------------------------------------- figure
 def figure3(points: Sequence[ModelPoint], out_dir: str | Path, tasks: Sequence[str] = SEGMENTATION_TASKS,
             y_mode: str = "pooled", use_cache: bool = True,
-            on_task: Callable[[str, str, str], None] | None = None) -> Figure3Result:
-    """Compute every point, write figure3.csv and figure3.png under ``out_dir``."""
+            on_task: Callable[[str, str, str], None] | None = None,
+            params: dict[str, dict[str, Any]] | None = None,
+            provenance: dict[str, Any] | None = None) -> Figure3Result:
+    """Compute every point, write figure3.csv, figure3.png and run.json under ``out_dir``."""
     if not points:
         raise UsageError("Figure 3 needs at least one point (--point NAME:STORES:SCORES)")
     names = [p.name for p in points]
     if len(set(names)) < len(names):
         raise UsageError(f"point names must differ; {sorted(n for n in names if names.count(n) > 1)[0]!r} repeats")
+    checked = {p.name: check_point(p) for p in points}  # before any probe runs
     rows, notes = [], []
     for p in points:
-        x, best = segmentation_score(p.stores, tasks, use_cache=use_cache,
+        x, best = segmentation_score(p.stores, tasks, use_cache=use_cache, params=params,
                                      on_task=(lambda t, s, name=p.name: on_task(name, t, s)) if on_task else None)
         y, correct, n = mlm_accuracy(p.scores, y_mode)
         note = questions_note(p.name, n)
@@ -226,6 +287,9 @@ def figure3(points: Sequence[ModelPoint], out_dir: str | Path, tasks: Sequence[s
     pacsv.write_csv(pa.Table.from_pylist(rows), csv)
     png = plot_figure3([r["model"] for r in rows], [r["x_segmentation"] for r in rows],
                        [r["y_mlm_accuracy"] for r in rows], out / "figure3.png", tasks)
+    write_run_json(out, {**(provenance or {}), "tasks": list(tasks), "y_mode": y_mode, "probe_params": params or {},
+                         "points": [{"name": p.name, "stores": list(p.stores), "scores": list(p.scores),
+                                     **checked[p.name]} for p in points]})
     return Figure3Result(rows, csv, png, notes)
 
 

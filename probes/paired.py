@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
+from kvpipe.provenance import model_mismatch, read_run_json
 from kvpipe.store import FeatureStore
 from kvpipe.store.manifest import ImageRow
 
@@ -226,6 +227,33 @@ def read_mlm_answers(path: str | Path, benchmark: str = "") -> dict[str, bool]:
             raise UsageError(f"--answers {path}: question {qid!r} occurs twice; pass one run's answers")
         out[str(qid)] = ok
     return out
+
+
+def check_answers_belong(store: FeatureStore, answers: str | Path, benchmark: str) -> dict[str, Any] | None:
+    """Refuse (one line) answers whose run.json says another model made them, or another
+    benchmark, or another copy of the data than the store's; return that run.json (None when
+    the answers carry none: files from elsewhere are taken as they are)."""
+    run = read_run_json(answers)
+    if run is None:
+        return None
+    meta = store.meta
+    other = model_mismatch(meta.model, run)
+    if other:
+        raise UsageError(f"--answers {answers} were made by another model than the store {store.root} ({other}); "
+                         f"pair answers and values of one model")
+    if benchmark and run.get("benchmark") not in (None, benchmark):
+        raise UsageError(f"--answers {answers} answer benchmark {run.get('benchmark')!r}; this task pairs with "
+                         f"{benchmark!r} (kvpipe answer --benchmark {benchmark})")
+    dataset = meta.dataset.get("name")
+    if benchmark and dataset not in (None, benchmark):
+        raise UsageError(f"store {store.root} holds images of dataset {dataset!r}, the answers are to {benchmark!r}; "
+                         f"extract --dataset {benchmark} with the answers' --data-root")
+    roots = [meta.dataset.get("root"), run.get("data_root")]
+    if all(r and Path(str(r)).is_absolute() and Path(str(r)).exists() for r in roots) \
+            and Path(str(roots[0])).resolve() != Path(str(roots[1])).resolve():
+        raise UsageError(f"store {store.root} was extracted from {roots[0]}, --answers {answers} answered "
+                         f"{roots[1]}; pair one copy of the data")
+    return run
 
 
 def pair_answers(probe: PairedProbe, target: Target, mlm: dict[str, bool]) -> PairedAnswers:

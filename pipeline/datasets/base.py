@@ -125,8 +125,8 @@ class DatasetAdapter:
 # imported when first used. blink and spair_vqa hold the paired tasks' images.
 DATASETS: Registry[type[DatasetAdapter]] = Registry(
     "dataset", "--dataset", package="kvpipe.pipeline.datasets",
-    modules=("bdd10k", "blink", "coco", "davis", "folder", "imagenet_s", "msrc", "pascal5i", "refcoco", "spair",
-             "spair_vqa", "synthetic"))
+    modules=("bdd10k", "blink", "coco", "davis", "folder", "hf", "imagenet_s", "msrc", "pascal5i", "refcoco",
+             "spair", "spair_vqa", "synthetic"))
 
 
 def read_mask_image(path: str | Path, what: str = "mask file") -> tuple[str, np.ndarray]:

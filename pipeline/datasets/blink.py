@@ -76,7 +76,7 @@ class BLINKImages(DatasetAdapter):
     def items(self) -> list[VQAItem]:
         """The questions, read once by the BLINK question reader."""
         if self._items is None:
-            reader = BLINK(self.root, split=",".join(self.subtasks), data_split=str(self.split))
+            reader = BLINK(self.root, subtask=",".join(self.subtasks), data_split=str(self.split))
             self._items = reader.items()
             if not self._items:
                 raise DataError(f"{self.root} holds no {' or '.join(self.subtasks)} questions in split {self.split}")

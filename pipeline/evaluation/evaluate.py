@@ -5,14 +5,20 @@ Why a module of its own: ``kvpipe answer`` and ``kvpipe intervene`` both need th
 the benchmark's own parse() and score(); tidy tables), and the CLI must stay thin.
 
 Layout of one condition's directory:
-    run.json        what produced the answers (model, benchmark, decoding, knock-out heads)
+    run.json        what produced the answers: model (checkpoint, revision, init, seed, dtype),
+                    benchmark (data root, split, limit, options, a digest of the prompts),
+                    decoding, knock-out heads -- compared on resume -- and, under "info" and
+                    "provenance" (not compared), how the heads were chosen and the kvpipe
+                    version, command line and every parameter of the call that made it
     answers.jsonl   the resume log: one {"qid", "text"} line per generated answer
-    answers.parquet qid, subset, text, parsed, gold, correct (+ model, benchmark, condition)
+    answers.parquet qid, subset, question, prompt, text, parsed, gold, correct (+ model,
+                    benchmark, condition)
     scores.parquet / scores.csv   tidy rows: model, benchmark, subset, metric, value
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,12 +30,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from kvpipe.errors import UsageError
+from kvpipe.provenance import RUN_FILE
 from kvpipe.pipeline.evaluation.answer import answer_items
 from kvpipe.pipeline.models.base import ModelAdapter
 from kvpipe.pipeline.vqa.base import Benchmark, VQAItem
 
-RUN_FILE, LOG_FILE = "run.json", "answers.jsonl"
+LOG_FILE = "answers.jsonl"
+UNCOMPARED = ("info", "provenance")  # run.json keys that say how, not what: a resumed run may differ there
 ANSWERS_FILE, SCORES_FILE, SCORES_CSV = "answers.parquet", "scores.parquet", "scores.csv"
+KNOCKOUT_FILE, KNOCKOUT_CSV = "knockout.parquet", "knockout.csv"  # kvpipe intervene: every condition's scores
 SCORE_COLUMNS = ["model", "benchmark", "subset", "metric", "value"]
 CONDITION_COLUMNS = ["model", "benchmark", "condition", "heads", "layers", "n_heads", "subset", "metric", "value"]
 BASELINE = "none"
@@ -63,22 +72,47 @@ class Condition:
         return {"heads_kind": self.heads_kind, "layers": self.layers, **self.details}
 
 
-def run_record(adapter: ModelAdapter, bench: Benchmark, max_new_tokens: int, condition: Condition) -> dict[str, Any]:
+def benchmark_record(bench: Benchmark, items: list[VQAItem], max_new_tokens: int) -> dict[str, Any]:
+    """The benchmark side of a run's record: which questions, phrased how, decoded how long."""
+    prompts = hashlib.sha256(json.dumps([[it.qid, it.prompt] for it in items]).encode()).hexdigest()[:16]
+    return {"benchmark": bench.name, **bench.settings(), "prompts": prompts, "max_new_tokens": int(max_new_tokens)}
+
+
+def run_record(adapter: ModelAdapter, bench: Benchmark, max_new_tokens: int, condition: Condition,
+               items: list[VQAItem] = ()) -> dict[str, Any]:
     """The settings that determine the answers; a resumed run must match them."""
     src = adapter.source
-    return {"model": src.get("name"), "checkpoint": src.get("checkpoint"), "revision": src.get("revision"),
-            "init": src.get("init"), "seed": src.get("seed"), "dtype": str(next(adapter.model.parameters()).dtype),
-            "benchmark": bench.name, "max_new_tokens": int(max_new_tokens), "condition": condition.to_dict()}
+    record = {"model": src.get("name"), "checkpoint": src.get("checkpoint"), "revision": src.get("revision"),
+              "init": src.get("init"), "seed": src.get("seed"), "dtype": str(next(adapter.model.parameters()).dtype),
+              **benchmark_record(bench, list(items), max_new_tokens), "condition": condition.to_dict()}
+    return json.loads(json.dumps(record, default=str))  # as it reads back from run.json
+
+
+def check_reusable(out_dir: str | Path, expected: dict[str, Any]) -> None:
+    """Before any model is loaded: refuse an ``out_dir`` whose run.json differs from ``expected``
+    on the keys ``expected`` names (the rest is compared once the model is loaded)."""
+    path = Path(out_dir) / RUN_FILE
+    old = _read_record(path)
+    if old is None:
+        return
+    expected = json.loads(json.dumps(expected, default=str))
+    diff = sorted(k for k in expected if old.get(k) != expected[k])
+    if diff:
+        raise UsageError(f"{out_dir} holds answers of another run (different {', '.join(diff)}); use another "
+                         f"--out or delete that directory")
 
 
 def evaluate(adapter: ModelAdapter, bench: Benchmark, items: list[VQAItem], out_dir: str | Path, *,
              condition: Condition = Condition(), max_new_tokens: int = 128, batch_size: int = 8,
-             progress: Callable[[int], None] | None = None) -> EvalResult:
-    """Answer every item not yet answered in ``out_dir``, then parse, score and write the tables."""
+             progress: Callable[[int], None] | None = None,
+             provenance: dict[str, Any] | None = None) -> EvalResult:
+    """Answer every item not yet answered in ``out_dir``, then parse, score and write the tables.
+
+    ``provenance`` (kvpipe version, command line, parameters) goes into a new run.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    record = run_record(adapter, bench, max_new_tokens, condition)
-    _check_record(out, record, {"condition": condition.info()})
+    record = run_record(adapter, bench, max_new_tokens, condition, items)
+    _check_record(out, record, {"condition": condition.info()}, provenance or {})
     done = read_log(out / LOG_FILE)
     todo = [it for it in items if it.qid not in done]
     reused = len(items) - len(todo)
@@ -99,7 +133,8 @@ def evaluate(adapter: ModelAdapter, bench: Benchmark, items: list[VQAItem], out_
     for it in items:
         parsed = bench.parse(it, predictions[it.qid])
         answers.append({"model": model, "benchmark": bench.name, "condition": condition.name, "qid": it.qid,
-                        "subset": it.subset, "text": predictions[it.qid], "parsed": parsed, "gold": it.answer,
+                        "subset": it.subset, "question": it.question, "prompt": it.prompt,
+                        "text": predictions[it.qid], "parsed": parsed, "gold": it.answer,
                         "correct": parsed == it.answer})
     scores = [{"model": model, "benchmark": bench.name, "subset": str(r["subset"]), "metric": str(r["metric"]),
                "value": float(r["value"])} for r in bench.score(items, predictions)]
@@ -115,11 +150,20 @@ def with_condition(scores: list[dict[str, Any]], condition: Condition) -> list[d
 
 
 def write_condition_table(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path]:
+    """Merge ``rows`` into OUT/knockout.parquet (+ .csv): the conditions they hold replace their
+    earlier rows (in their place), every other condition's rows are kept (baseline first, then in
+    the order conditions were first run)."""
     out = Path(out_dir)
-    table = pa.Table.from_pylist([{c: r[c] for c in CONDITION_COLUMNS} for r in rows],
-                                 schema=_schema(CONDITION_COLUMNS))
-    _write(out / SCORES_FILE, out / SCORES_CSV, table)
-    return out / SCORES_FILE, out / SCORES_CSV
+    parquet, csv = out / KNOCKOUT_FILE, out / KNOCKOUT_CSV
+    new = [{c: r[c] for c in CONDITION_COLUMNS} for r in rows]
+    replaced = {r["condition"] for r in new}
+    old = pq.read_table(parquet).to_pylist() if parquet.exists() else []
+    kept = [r for r in old if r.get("condition") not in replaced and set(CONDITION_COLUMNS) <= set(r)]
+    merged = kept + new
+    order = list(dict.fromkeys([BASELINE] + [r.get("condition") for r in old] + [r["condition"] for r in new]))
+    merged.sort(key=lambda r: order.index(r["condition"]))  # stable: rows keep their order within a condition
+    _write(parquet, csv, pa.Table.from_pylist(merged, schema=_schema(CONDITION_COLUMNS)))
+    return parquet, csv
 
 
 def read_log(path: Path) -> dict[str, str]:
@@ -136,22 +180,34 @@ def read_log(path: Path) -> dict[str, str]:
     return done
 
 
-def _check_record(out: Path, record: dict[str, Any], info: dict[str, Any]) -> None:
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A run.json without its uncompared keys; None when there is none, {} when unreadable."""
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    if not isinstance(old, dict):
+        return {}
+    for key in UNCOMPARED:
+        old.pop(key, None)
+    return old
+
+
+def _check_record(out: Path, record: dict[str, Any], info: dict[str, Any], provenance: dict[str, Any]) -> None:
     """Refuse to mix answers of different runs in one directory; write run.json on first use."""
     path = out / RUN_FILE
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = {}
-        old.pop("info", None)
+    old = _read_record(path)
+    if old is not None:
         if old != record:
             diff = sorted(k for k in set(record) | set(old) if old.get(k) != record.get(k))
             raise UsageError(f"{out} holds answers of another run (different {', '.join(diff)}); "
                              f"use another --out or delete that directory")
         return
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**record, "info": info}, indent=1, sort_keys=True, default=str) + "\n")
+    tmp.write_text(json.dumps({**record, "info": info, "provenance": provenance}, indent=1, sort_keys=True,
+                              default=str) + "\n")
     tmp.replace(path)
 
 
@@ -162,7 +218,8 @@ def _schema(columns: list[str]) -> pa.Schema:
 
 def _answer_schema() -> pa.Schema:
     return pa.schema([("model", pa.string()), ("benchmark", pa.string()), ("condition", pa.string()),
-                      ("qid", pa.string()), ("subset", pa.string()), ("text", pa.string()),
+                      ("qid", pa.string()), ("subset", pa.string()), ("question", pa.string()),
+                      ("prompt", pa.string()), ("text", pa.string()),
                       ("parsed", pa.string()), ("gold", pa.string()), ("correct", pa.bool_())])
 
 

@@ -26,4 +26,6 @@ def benchmark_options(cls: type[Benchmark]) -> dict[str, Any]:
 def create_benchmark(name: str, root: str | None = None, split: str | None = None, limit: int | None = None,
                      **options: Any) -> Benchmark:
     """Build the registered benchmark ``name``; unknown names or options are UsageErrors."""
-    return create(BENCHMARKS, name, root, split=split, limit=limit, **options)
+    bench = create(BENCHMARKS, name, root, split=split, limit=limit, **options)
+    bench.options = dict(options)
+    return bench

@@ -9,6 +9,7 @@ copy) and never download.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from PIL import Image
@@ -54,6 +55,16 @@ class Benchmark:
 
     def __init__(self, root: str | None, split: str | None = None, limit: int | None = None):
         self.root, self.split, self.limit = root, split, limit
+        self.options: dict[str, Any] = {}  # the keyword options it was built with (create_benchmark)
+
+    def settings(self) -> dict[str, Any]:
+        """What selects and phrases its questions, as answers' run.json records it: data root (an
+        absolute path, or a hub id), split, limit and the options."""
+        root = self.root
+        if root is not None and Path(str(root)).expanduser().exists():
+            root = str(Path(str(root)).expanduser().resolve())
+        return {"data_root": root, "split": self.split, "limit": self.limit,
+                "options": {k: self.options[k] for k in sorted(self.options)}}
 
     def items(self) -> list[VQAItem]:
         raise NotImplementedError

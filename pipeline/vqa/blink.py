@@ -2,34 +2,39 @@
 
 Layout read: a copy of ``BLINK-Benchmark/BLINK`` with one folder per config (sub-task), as on
 the hub: ``<root>/Art_Style/val-00000-of-00001.parquet`` (and ``test-...``), the
-parquet-converter layout ``<root>/Art_Style/val/0000.parquet``, or per-config
-``datasets.save_to_disk`` folders. Columns: idx, question, sub_task, image_1..image_4 (None
-where the question has fewer images), choices, answer ("(A)"), prompt, explanation. Only the
-val split has public answers (the hub's test rows say "hidden"; test is scored on EvalAI), so
-val is read by default; ``data_split=`` names another, or ``val+test`` for both (a copy whose
-test rows carry answers).
+parquet-converter layout ``<root>/Art_Style/val/0000.parquet``, per-config
+``datasets.save_to_disk`` folders, or the hub id ``BLINK-Benchmark/BLINK`` itself when the hub
+is reachable (one ``datasets.load_dataset`` config per sub-task). Columns: idx, question,
+sub_task, image_1..image_4 (None where the question has fewer images), choices, answer ("(A)"),
+prompt, explanation. Only the val split has public answers (the hub's test rows say "hidden";
+test is scored on EvalAI), so val is read by default; ``data_split=`` names another, or
+``val+test`` for both (a copy whose test rows carry answers).
 
 Counts (BLINK-Benchmark/BLINK dataset card): the perception subset is Counting 120 + 120,
 Object_Localization 122 + 125, Relative_Depth 124 + 124, Spatial_Relation 143 + 143 questions
 (val + test): 509 val, 1,021 in all -- the paper's "1,021 test samples" are val + test (as its
 234 Art_Style = 117 + 117 and 271 Visual_Similarity = 135 + 136 examples are).
 
-Without ``--split`` every sub-task folder present is read; ``--split`` picks sub-tasks:
-"Art_Style", a comma list, "perception" (Counting, Object_Localization, Relative_Depth,
-Spatial_Relation: the paper's perception subset) or "paired" (Art_Style, Visual_Similarity:
-the paper's paired tasks). Prompt, answer extraction
-and accuracy follow lmms-eval ``tasks/blink`` (see docs/PROTOCOLS.md).
+Sub-tasks: ``--option subtask=Art_Style`` (the spelling ``kvpipe extract --dataset blink``
+takes), or ``--split Art_Style``; either takes a comma list, "perception" (Counting,
+Object_Localization, Relative_Depth, Spatial_Relation: the paper's perception subset),
+"paired" (Art_Style, Visual_Similarity: the paper's paired tasks) or "all". Without either,
+every sub-task folder present is read. ``--split val`` / ``--split test`` names BLINK's data
+split instead (as ``kvpipe extract`` reads it; ``--option data_split=`` says the same), so
+``--split val --option subtask=Art_Style`` means the same in both commands. Prompt, answer
+extraction and accuracy follow lmms-eval ``tasks/blink`` (see docs/PROTOCOLS.md).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from kvpipe.errors import DataError
+from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline.vqa.base import BENCHMARKS, Benchmark, VQAItem
-from kvpipe.pipeline.vqa.common import (LETTERS, MC_PRE_PROMPT, TableRef, accuracy, apply_limit, check_unique,
-                                        extract_letter, gold_letter, hf_splits, non_null, option_letters,
-                                        predictions_of, read_rows, require_root, row, select, table_image)
+from kvpipe.pipeline.vqa.common import (LETTERS, MC_PRE_PROMPT, HFTable, HubId, accuracy, apply_limit, check_unique,
+                                        extract_letter, gold_letter, hf_splits, load_hub, option_letters,
+                                        predictions_of, require_root, row, select)
 
 SUBTASKS = ("Art_Style", "Counting", "Forensic_Detection", "Functional_Correspondence", "IQ_Test", "Jigsaw",
             "Multi-view_Reasoning", "Object_Localization", "Relative_Depth", "Relative_Reflectance",
@@ -46,6 +51,7 @@ ALIASES = {"perception": PERCEPTION, "paired": PAIRED, "all": SUBTASKS}
 IMAGE_COLUMNS = ("image_1", "image_2", "image_3", "image_4")
 TEXT_COLUMNS = ("idx", "question", "sub_task", "choices", "answer", "prompt", "explanation")
 REQUIRED = ("idx", "choices", "answer", "prompt", "image_1")
+DATA_SPLITS = ("val", "test")
 
 
 def mc_prompt(prompt: str, n_choices: int) -> str:
@@ -67,44 +73,61 @@ class BLINK(Benchmark):
     root_hint = "a copy of BLINK-Benchmark/BLINK with one folder per sub-task (e.g. Art_Style/val-*.parquet)"
 
     def __init__(self, root: str | None, split: str | None = None, limit: int | None = None, *,
-                 data_split: str = "val"):
+                 subtask: str | None = None, data_split: str | None = None):
         super().__init__(root, split, limit)
-        self.subtasks = select(self.name, split, SUBTASKS, ALIASES, what="sub-task")
-        self.data_split = data_split
+        named = split if split not in DATA_SPLITS else None  # --split Art_Style: sub-tasks, as before
+        if split in DATA_SPLITS:
+            if data_split not in (None, split):
+                raise UsageError(f"benchmark 'blink': --split {split} and --option data_split={data_split} "
+                                 f"disagree; give one")
+            data_split = split
+        if named is not None and subtask is not None and select(self.name, named, SUBTASKS, ALIASES, "sub-task") \
+                != select(self.name, subtask, SUBTASKS, ALIASES, "sub-task"):
+            raise UsageError(f"benchmark 'blink': --split {named} and --option subtask={subtask} name different "
+                             f"sub-tasks; give one")
+        self.chosen = subtask if subtask is not None else named  # None: every sub-task present
+        self.subtasks = select(self.name, self.chosen, SUBTASKS, ALIASES, what="sub-task")
+        self.data_split = data_split or "val"
 
     def items(self) -> list[VQAItem]:
         root = require_root(self.name, self.root, self.root_hint)
         subtasks = self.subtasks
-        if self.split is None:  # every sub-task folder the copy holds
+        if self.chosen is None and not isinstance(root, HubId):  # every sub-task folder the copy holds
             subtasks = tuple(s for s in SUBTASKS if (root / s).is_dir())
             if not subtasks:
                 raise DataError(f"{root} has no BLINK sub-task folder (e.g. Art_Style/); --data-root must be "
                                 f"{self.root_hint}")
         items: list[VQAItem] = []
         for sub in subtasks:
-            folder = root / sub
-            if not folder.is_dir():
-                raise DataError(f"{folder} does not exist; --data-root must be {self.root_hint}")
-            splits = hf_splits(folder)
             for data_split in self.data_split.replace(",", "+").split("+"):
-                refs = splits.get(data_split)
-                if refs is None and set(splits) == {""}:
-                    refs = splits[""]  # a save_to_disk Dataset that did not record its split
-                if refs is None:
-                    found = ", ".join(sorted(splits)) or "none"
-                    raise DataError(f"{folder} has no {data_split} split (found: {found}); BLINK's answers are "
-                                    f"in val-*.parquet")
-                for ref in refs:
-                    items += self._read(ref, sub, data_split)
+                items += self._read(self._table(root, sub, data_split), sub, data_split)
         check_unique(self.name, (it.qid for it in items), str(root))
         return apply_limit(self.name, items, self.limit)
 
-    def _read(self, ref: TableRef, sub: str, data_split: str) -> list[VQAItem]:
-        rows = read_rows(ref, TEXT_COLUMNS, REQUIRED, "BLINK-Benchmark/BLINK")
-        present = {c: non_null(ref, c) for c in IMAGE_COLUMNS}
+    def _table(self, root: Path | HubId, sub: str, data_split: str) -> HFTable:
+        """One data split's table of one sub-task: its folder of the local copy, or its hub config."""
+        if isinstance(root, HubId):
+            splits, where = load_hub(root, sub), f"{root} config {sub}"
+        else:
+            folder = root / sub
+            if not folder.is_dir():
+                raise DataError(f"{folder} does not exist; --data-root must be {self.root_hint}")
+            splits, where = hf_splits(folder), str(folder)
+        table = splits.get(data_split)
+        if table is None and set(splits) == {""}:
+            table = splits[""]  # a save_to_disk Dataset that did not record its split
+        if table is None:
+            found = ", ".join(sorted(splits)) or "none"
+            raise DataError(f"{where} has no {data_split} split (found: {found}); BLINK's answers are "
+                            f"in val-*.parquet")
+        return table
+
+    def _read(self, table: HFTable, sub: str, data_split: str) -> list[VQAItem]:
+        rows = table.rows(TEXT_COLUMNS, REQUIRED, "BLINK-Benchmark/BLINK")
+        present = {c: table.non_null(c) for c in IMAGE_COLUMNS}
         out = []
         for i, r in enumerate(rows):
-            where = f"{ref.path} row {i}"
+            where = f"{table.name} row {i}"
             cols = [c for c in IMAGE_COLUMNS if present[c] and present[c][i]]
             if not cols:
                 raise DataError(f"{where} has no image; is this BLINK?")
@@ -116,7 +139,7 @@ class BLINK(Benchmark):
             out.append(VQAItem(
                 qid=idx, benchmark=self.name, subset=sub, question=str(r.get("question") or ""),
                 prompt=mc_prompt(str(r["prompt"]), len(choices)),
-                images=tuple(table_image(ref, c, i) for c in cols), image_ids=tuple(f"{idx}/{c}" for c in cols),
+                images=tuple(table.image(c, i) for c in cols), image_ids=tuple(f"{idx}/{c}" for c in cols),
                 choices=choices, answer=gold_letter(r["answer"], where),
                 meta={"sub_task": r.get("sub_task"), "explanation": r.get("explanation"),
                       "data_split": data_split}))

@@ -1,28 +1,28 @@
-"""What the question-answering benchmarks share: table readers, lazy images, options, parsing.
+"""What the question-answering benchmarks share: tables read through ``datasets``, lazy images,
+options, parsing.
 
-Why pyarrow alone: the benchmarks ship as Hugging Face parquet files (hub snapshots, one
-``<split>-00000-of-0000N.parquet`` per shard) or as ``datasets.save_to_disk`` folders (Arrow
-IPC streams plus ``state.json``); both are plain Arrow, so reading needs neither the
-``datasets`` library nor torch. Text columns are read up front; an image is decoded only when
-its loader is called. Loaders are small frozen dataclasses, so they pickle into DataLoader
-workers, and each process keeps its own little cache of open tables and row groups.
+Why ``datasets``: the benchmarks ship in the Hugging Face formats -- hub parquet snapshots
+(``<split>-00000-of-0000N.parquet`` per shard), ``save_to_disk`` folders, or the hub itself --
+and the ``datasets`` library reads all of them into memory-mapped Arrow tables with their
+features (an ``Image`` column decodes through its own feature). kvpipe keeps only what it
+knows about a benchmark's copy: which files form which split (``hf_splits``) and which column
+holds what. A --data-root that is no local path but looks like a hub id (``lmms-lab/POPE``) is
+loaded with ``datasets.load_dataset``; offline that is a one-line error asking for a local copy.
+Text columns are read up front; an image is decoded only when its loader is called. Loaders
+are small dataclasses holding their table, so they pickle into DataLoader workers (a
+memory-mapped table pickles as its file names).
 """
 
 from __future__ import annotations
 
-import bisect
 import io
-import json
 import re
 import string
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from kvpipe.errors import DataError, UsageError
@@ -38,149 +38,101 @@ MC_PRE_PROMPT = "Note: You only need to respond with {} without providing any ad
 # --- tables ----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TableRef:
-    """One file of rows: a parquet file, or an Arrow IPC file of a ``save_to_disk`` folder."""
+@dataclass(eq=False)
+class HFTable:
+    """One split of a Hugging Face dataset: a ``datasets.Dataset`` and where it came from (for messages)."""
 
-    path: str
-    kind: str  # "parquet" | "arrow"
+    data: Any  # datasets.Dataset
+    name: str
+    _arrow: Any = field(default=None, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"data": self.data, "name": self.name, "_arrow": None}
 
     @property
-    def name(self) -> str:
-        return self.path
+    def column_names(self) -> list[str]:
+        return list(self.data.column_names)
 
+    def __len__(self) -> int:
+        return len(self.data)
 
-_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}\.parquet$")
-_CONVERTED = re.compile(r"^\d+\.parquet$")  # the hub's parquet-converter layout: <split>/0000.parquet
-_LOCK = threading.Lock()
-
-
-def _remember(cache: OrderedDict, key: Any, value: Any, limit: int) -> None:
-    """Keep ``value`` in a least-recently-used ``cache`` of at most ``limit`` entries."""
-    with _LOCK:
-        cache[key] = value
-        while len(cache) > limit:
-            cache.popitem(last=False)
-_ARROW: OrderedDict[str, pa.Table] = OrderedDict()  # path -> memory-mapped table
-_GROUPS: OrderedDict[tuple[str, str, int], pa.Array] = OrderedDict()  # (path, column, row group)
-_OFFSETS: dict[str, list[int]] = {}  # parquet path -> first row of each row group
-_MAX_ARROW, _MAX_GROUPS = 8, 4
-
-
-def _arrow_table(path: str) -> pa.Table:
-    with _LOCK:
-        table = _ARROW.get(path)
-        if table is not None:
-            _ARROW.move_to_end(path)
-            return table
-    try:
-        source = pa.memory_map(path)
+    def rows(self, columns: Sequence[str], required: Iterable[str] = (),
+             what: str = "the benchmark") -> list[dict[str, Any]]:
+        """The named columns of every row (those the table lacks are left out; ``required`` ones
+        missing are a DataError naming the table)."""
+        have = self.column_names
+        missing = [c for c in required if c not in have]
+        if missing:
+            raise DataError(f"{self.name} has no column {missing[0]!r} (its columns: {', '.join(have)}); is it a "
+                            f"copy of {what}?")
+        cols = [c for c in columns if c in have]
+        images = [c for c in cols if _is_image(self.data.features.get(c))]
+        text = [c for c in cols if c not in images]
         try:
-            table = pa.ipc.open_stream(source).read_all()  # what datasets' ArrowWriter writes
-        except pa.ArrowInvalid:
-            table = pa.ipc.open_file(pa.memory_map(path)).read_all()
-    except (OSError, pa.ArrowException) as err:
-        raise DataError(f"cannot read Arrow file {path}: {err}; is the save_to_disk copy complete?") from None
-    _remember(_ARROW, path, table, _MAX_ARROW)
-    return table
+            out = self.data.select_columns(text).to_list() if text else [{} for _ in range(len(self.data))]
+        except Exception as err:  # Arrow errors of a damaged copy
+            raise DataError(f"cannot read {self.name}: {_first_line(err)}") from None
+        for c in images:  # undecoded cells; an image is decoded by its loader only
+            for r, v in zip(out, self.column(c).to_pylist()):
+                r[c] = v
+        return out
+
+    def column(self, name: str) -> Any:
+        """One column as Arrow (no decoding)."""
+        if self._arrow is None:
+            self._arrow = self.data.with_format("arrow")
+        return self._arrow[name]
+
+    def non_null(self, column: str) -> list[bool]:
+        """Which rows hold a value in ``column`` ([] when there is no such column; BLINK's
+        image_2..image_4 are empty for some sub-tasks)."""
+        if column not in self.column_names:
+            return []
+        return self.column(column).is_valid().to_pylist()
+
+    def image(self, column: str, row: int) -> "TableImage":
+        return TableImage(self, column, row)
 
 
-def _parquet(path: str) -> pq.ParquetFile:
-    try:
-        return pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as err:
-        raise DataError(f"cannot read parquet file {path}: {err}; is the download complete?") from None
+def _is_image(feature: Any) -> bool:
+    return type(feature).__name__ == "Image"
 
 
-def column_names(ref: TableRef) -> list[str]:
-    if ref.kind == "arrow":
-        return list(_arrow_table(ref.path).column_names)
-    return list(_parquet(ref.path).schema_arrow.names)
+@dataclass(frozen=True, eq=False)
+class TableImage:
+    """Loader of the image in one cell of a table (picklable)."""
 
+    table: HFTable
+    column: str
+    row: int
 
-def read_rows(ref: TableRef, columns: Sequence[str], required: Iterable[str] = (),
-              what: str = "the benchmark") -> list[dict[str, Any]]:
-    """The named columns of every row (those the file lacks are left out; ``required`` ones
-    missing are a DataError naming the file)."""
-    have = column_names(ref)
-    missing = [c for c in required if c not in have]
-    if missing:
-        raise DataError(f"{ref.path} has no column {missing[0]!r} (its columns: {', '.join(have)}); is it a "
-                        f"file of {what}?")
-    cols = [c for c in columns if c in have]
-    try:
-        if ref.kind == "arrow":
-            table = _arrow_table(ref.path).select(cols)
-        else:
-            table = pq.read_table(ref.path, columns=cols)
-    except (OSError, pa.ArrowException) as err:
-        raise DataError(f"cannot read {ref.path}: {err}") from None
-    return table.to_pylist()
+    @property
+    def path(self) -> str:
+        return self.table.name
 
-
-def non_null(ref: TableRef, column: str) -> list[bool]:
-    """Which rows hold a value in ``column`` (BLINK's image_2..image_4 are empty for some
-    sub-tasks); parquet row groups are streamed, so memory stays bounded."""
-    if column not in column_names(ref):
-        return []
-    if ref.kind == "arrow":
-        return _arrow_table(ref.path).column(column).is_valid().to_pylist()
-    out: list[bool] = []
-    for batch in _parquet(ref.path).iter_batches(columns=[column], batch_size=64):
-        out.extend(batch.column(0).is_valid().to_pylist())
-    return out
-
-
-def _parquet_cell(path: str, column: str, row: int) -> Any:
-    with _LOCK:
-        offsets = _OFFSETS.get(path)
-    if offsets is None:
-        meta = _parquet(path).metadata
-        offsets, start = [], 0
-        for g in range(meta.num_row_groups):
-            offsets.append(start)
-            start += meta.row_group(g).num_rows
-        offsets.append(start)
-        with _LOCK:
-            _OFFSETS[path] = offsets
-    if not 0 <= row < offsets[-1]:
-        raise DataError(f"{path} has {offsets[-1]} rows, not row {row}; did the file change since listing?")
-    group = bisect.bisect_right(offsets, row) - 1
-    key = (path, column, group)
-    with _LOCK:
-        arr = _GROUPS.get(key)
-        if arr is not None:
-            _GROUPS.move_to_end(key)
-    if arr is None:
+    def __call__(self) -> Image.Image:
+        where = f"{self.table.name} row {self.row} column {self.column!r}"
         try:
-            arr = _parquet(path).read_row_group(group, columns=[column]).column(0)
-        except (OSError, pa.ArrowException) as err:
-            raise DataError(f"cannot read {path}: {err}") from None
-        _remember(_GROUPS, key, arr, _MAX_GROUPS)
-    return arr[row - offsets[group]].as_py()
-
-
-def decode_image(value: Any, base: Path, where: str) -> Image.Image:
-    """A Hugging Face image cell ({"bytes", "path"}, or raw bytes) as an RGB image (lmms-eval
-    converts every image with ``.convert("RGB")``)."""
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-    else:
-        data, path = value, None
-    try:
-        if data:
-            with Image.open(io.BytesIO(data)) as img:
-                return img.convert("RGB")
-        if path:
-            file = Path(path) if Path(path).is_absolute() else base / path
-            if not file.is_file():
-                raise DataError(f"{where}: the image has no bytes and its path {file} does not exist")
-            return open_rgb(str(file))
-    except DataError:
-        raise
-    except Exception as err:  # PIL raises many types for broken data
-        raise DataError(f"{where}: cannot decode the image: {err}") from None
-    raise DataError(f"{where}: the image cell is empty")
+            value = self.table.column(self.column)[self.row].as_py()
+        except (IndexError, KeyError) as err:
+            raise DataError(f"{where}: {err}; did the copy change since listing?") from None
+        if value is None:
+            raise DataError(f"{where}: the image cell is empty")
+        feature = self.table.data.features.get(self.column)
+        try:
+            if _is_image(feature):
+                img = feature.decode_example(value)
+            else:  # a struct {bytes, path} or raw bytes without the Image feature
+                data = value.get("bytes") if isinstance(value, dict) else value
+                if not data:
+                    raise DataError(f"{where}: the cell holds no image bytes")
+                img = Image.open(io.BytesIO(data))
+            img.load()
+            return img.convert("RGB")  # lmms-eval converts every image with .convert("RGB")
+        except DataError:
+            raise
+        except Exception as err:  # PIL and datasets raise many types for broken data
+            raise DataError(f"{where}: cannot decode the image: {_first_line(err)}") from None
 
 
 def open_rgb(path: str) -> Image.Image:
@@ -195,28 +147,6 @@ def open_rgb(path: str) -> Image.Image:
 
 
 @dataclass(frozen=True)
-class TableImage:
-    """Loader of the image in one cell of a table (picklable)."""
-
-    path: str
-    kind: str
-    column: str
-    row: int
-
-    def __call__(self) -> Image.Image:
-        where = f"{self.path} row {self.row} column {self.column!r}"
-        if self.kind == "arrow":
-            value = _arrow_table(self.path).column(self.column)[self.row].as_py()
-        else:
-            value = _parquet_cell(self.path, self.column, self.row)
-        return decode_image(value, Path(self.path).parent, where)
-
-
-def table_image(ref: TableRef, column: str, row: int) -> TableImage:
-    return TableImage(ref.path, ref.kind, column, row)
-
-
-@dataclass(frozen=True)
 class FileImage:
     """Loader of an image file (picklable)."""
 
@@ -228,67 +158,124 @@ class FileImage:
 
 # --- layouts ---------------------------------------------------------------------------------------
 
+_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}\.parquet$")
+_CONVERTED = re.compile(r"^\d+\.parquet$")  # the hub's parquet-converter layout: <split>/0000.parquet
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-def _saved_dataset(folder: Path) -> list[TableRef]:
-    """The Arrow files of one ``Dataset.save_to_disk`` folder, in state.json order."""
-    state_path = folder / "state.json"
+
+class HubId(str):
+    """A --data-root that is not a local path but a Hugging Face hub dataset id."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+@contextmanager
+def _quiet() -> Iterator[Any]:
+    """``datasets`` imported, its progress bars and info logging off for the call (they would
+    break the one-line errors and the command's own progress)."""
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    level = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-        files = [f["filename"] for f in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{state_path} is not a datasets save_to_disk state file ({err}); is the copy "
-                        f"complete?") from None
-    refs = []
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise DataError(f"{path} is listed in {state_path} but does not exist; is the save_to_disk copy "
-                            f"complete?")
-        refs.append(TableRef(str(path), "arrow"))
-    return refs
+        yield datasets
+    finally:
+        datasets.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
 
 
-def hf_splits(folder: Path) -> dict[str, list[TableRef]]:
-    """Split name -> tables of one Hugging Face dataset config stored in ``folder``.
+def _tables(loaded: Any, where: str) -> dict[str, HFTable]:
+    """A ``Dataset`` (split "" unless recorded) or a ``DatasetDict`` as split -> table."""
+    if hasattr(loaded, "keys") and not hasattr(loaded, "features"):  # DatasetDict
+        return {str(s): HFTable(d, f"{where} split {s}") for s, d in loaded.items()}
+    split = str(loaded.split) if getattr(loaded, "split", None) else ""
+    return {split: HFTable(loaded, where)}
 
-    Recognised, in this order: a ``DatasetDict.save_to_disk`` folder (``dataset_dict.json`` +
-    one folder per split), a ``Dataset.save_to_disk`` folder (``state.json``; the split is its
-    ``_split`` or "" when unrecorded), hub parquet files directly in the folder
-    (``<split>-00000-of-00001.parquet``; any other ``<name>.parquet`` is split ``<name>``), and
-    the hub's parquet-converter layout (``<split>/0000.parquet``). {} when none is there.
+
+def load_saved(folder: Path) -> dict[str, HFTable]:
+    """A ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk`` folder, through ``datasets.load_from_disk``."""
+    with _quiet() as datasets:
+        try:
+            loaded = datasets.load_from_disk(str(folder))
+        except Exception as err:
+            raise DataError(f"cannot read the save_to_disk copy {folder}: {_first_line(err)}; is it complete?") from None
+    return _tables(loaded, str(folder))
+
+
+def load_parquet(files: dict[str, list[Path]], where: str) -> dict[str, HFTable]:
+    """Parquet files by split, through ``datasets.load_dataset("parquet", ...)`` (whose cache,
+    HF_DATASETS_CACHE, keeps the Arrow copy it reads from)."""
+    names = {re.sub(r"\W", "_", s) or "train": s for s in files}
+    with _quiet() as datasets:
+        try:
+            loaded = datasets.load_dataset("parquet", data_files={k: [str(p) for p in files[s]]
+                                                                  for k, s in names.items()})
+        except Exception as err:
+            raise DataError(f"cannot read the parquet files of {where}: {_first_line(err)}; is the download "
+                            f"complete?") from None
+    return {names[k]: HFTable(d, f"{where} split {names[k]}") for k, d in loaded.items()}
+
+
+def load_hub(repo_id: str, config: str | None = None) -> dict[str, HFTable]:
+    """A dataset on the Hugging Face hub (``datasets.load_dataset(repo_id, config)``); offline, or
+    when the hub cannot be reached, a one-line DataError naming the id and asking for a local copy."""
+    what = repr(repo_id) + (f" (config {config!r})" if config else "")
+    fix = ("download it where the hub is reachable (datasets.load_dataset(...).save_to_disk(DIR), or the parquet "
+           "files) and pass that local copy")
+    with _quiet() as datasets:
+        if datasets.config.HF_HUB_OFFLINE:
+            raise DataError(f"{what} is no local path and the hub is offline (HF_HUB_OFFLINE); {fix}")
+        try:
+            loaded = datasets.load_dataset(repo_id, config)
+        except Exception as err:
+            raise DataError(f"cannot load the hub dataset {what}: {_first_line(err)}; if it is a local path, it "
+                            f"does not exist; else {fix}") from None
+    return _tables(loaded, f"hub:{repo_id}" + (f"/{config}" if config else ""))
+
+
+def hf_splits(folder: Path) -> dict[str, HFTable]:
+    """Split name -> table of one Hugging Face dataset config stored in ``folder``.
+
+    Recognised, in this order: a ``DatasetDict.save_to_disk`` folder (``dataset_dict.json``), a
+    ``Dataset.save_to_disk`` folder (``state.json``; the split is the one it recorded, or ""),
+    hub parquet files directly in the folder (``<split>-00000-of-00001.parquet``; any other
+    ``<name>.parquet`` is split ``<name>``), and the hub's parquet-converter layout
+    (``<split>/0000.parquet``). {} when none is there. ``datasets`` reads them all.
     """
     if not folder.is_dir():
         return {}
-    dict_json = folder / "dataset_dict.json"
-    if dict_json.is_file():
-        try:
-            splits = json.loads(dict_json.read_text(encoding="utf-8"))["splits"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise DataError(f"{dict_json} is not a datasets save_to_disk split list ({err})") from None
-        return {s: _saved_dataset(folder / s) for s in splits}
-    if (folder / "state.json").is_file():
-        try:
-            split = json.loads((folder / "state.json").read_text(encoding="utf-8")).get("_split") or ""
-        except (OSError, ValueError, AttributeError):
-            split = ""
-        return {split: _saved_dataset(folder)}
-    out: dict[str, list[TableRef]] = {}
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        return load_saved(folder)
+    files: dict[str, list[Path]] = {}
     for path in sorted(folder.glob("*.parquet")):
         match = _SHARD.match(path.name)
-        out.setdefault(match.group("split") if match else path.stem, []).append(TableRef(str(path), "parquet"))
-    if out:
-        return out
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in sub.glob("*.parquet") if _CONVERTED.match(p.name))
-        if files:
-            out[sub.name] = [TableRef(str(p), "parquet") for p in files]
-    return out
+        files.setdefault(match.group("split") if match else path.stem, []).append(path)
+    if not files:
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found = sorted(p for p in sub.glob("*.parquet") if _CONVERTED.match(p.name))
+            if found:
+                files[sub.name] = found
+    return load_parquet(files, str(folder)) if files else {}
 
 
-def require_root(benchmark: str, root: str | None, hint: str) -> Path:
-    """The benchmark's --data-root as an existing directory, or a one-line error saying what to pass."""
-    return existing_root(root, benchmark, hint, what="benchmark")
+def data_source(root: str | None, name: str, hint: str, what: str = "benchmark") -> Path | HubId:
+    """--data-root as an existing local directory, or a hub id (``owner/name``) when no such path
+    exists; otherwise the one-line error of a missing root."""
+    if root is not None and not Path(str(root)).expanduser().exists() and _HUB_ID.match(str(root)) \
+            and not str(root).startswith((".", "~")):
+        return HubId(str(root))
+    return existing_root(root, name, hint, what=what)
 
+
+def require_root(benchmark: str, root: str | None, hint: str) -> Path | HubId:
+    """The benchmark's --data-root: a local directory, or a hub id; a one-line error says what to pass."""
+    return data_source(root, benchmark, hint)
 
 # --- options ---------------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Layout read: a copy of ``nyu-visionx/CV-Bench``: ``test_2d.parquet`` + ``test_3d.parquet`` (the
 current hub files; ``test.parquet`` of older snapshots when those are absent), the
-parquet-converter layout ``default/test/0000.parquet``, or a ``datasets.save_to_disk`` copy.
+parquet-converter layout ``default/test/0000.parquet``, a ``datasets.save_to_disk`` copy, or the
+hub id ``nyu-visionx/CV-Bench`` when the hub is reachable.
 Columns: idx, type ("2D"/"3D"), task (Count, Relation, Depth, Distance), image, question,
 choices, answer ("(A)"), prompt, filename, source (ADE20K, COCO, Omni3D), source_dataset,
 source_filename, target_class, target_size, bbox.
@@ -19,9 +20,9 @@ from typing import Any
 
 from kvpipe.errors import DataError
 from kvpipe.pipeline.vqa.base import BENCHMARKS, Benchmark, VQAItem
-from kvpipe.pipeline.vqa.common import (MC_PRE_PROMPT, TableRef, accuracy, apply_limit, check_unique, gold_letter,
-                                        hf_splits, leading_letter, option_letters, predictions_of, read_rows,
-                                        require_root, row, select, table_image)
+from kvpipe.pipeline.vqa.common import (MC_PRE_PROMPT, HFTable, HubId, accuracy, apply_limit, check_unique,
+                                        gold_letter, hf_splits, leading_letter, load_hub, option_letters,
+                                        predictions_of, require_root, row, select)
 
 TASKS = ("Count", "Relation", "Depth", "Distance")
 ALIASES = {"2D": ("Count", "Relation"), "3D": ("Depth", "Distance")}
@@ -56,32 +57,32 @@ class CVBench(Benchmark):
         super().__init__(root, split, limit)
         self.tasks = select(self.name, split, TASKS, ALIASES, what="task")
 
-    def _tables(self, root: Path) -> list[TableRef]:
-        for folder in (root, root / "default"):
-            splits = hf_splits(folder)
+    def _tables(self, root: Path | HubId) -> list[HFTable]:
+        for splits in ([load_hub(root)] if isinstance(root, HubId) else
+                       (hf_splits(folder) for folder in (root, root / "default"))):
             names = [s for s in ("test_2d", "test_3d") if s in splits] or [s for s in ("test", "") if s in splits]
             if names:
-                return [ref for s in names for ref in splits[s]]
+                return [splits[s] for s in names]
         raise DataError(f"{root} holds no CV-Bench copy; --data-root must be {self.root_hint}")
 
     def items(self) -> list[VQAItem]:
         root = require_root(self.name, self.root, self.root_hint)
         rows = []
-        for ref in self._tables(root):
-            rows += [(ref, i, r) for i, r in enumerate(read_rows(ref, COLUMNS, REQUIRED, "nyu-visionx/CV-Bench"))]
+        for table in self._tables(root):
+            rows += [(table, i, r) for i, r in enumerate(table.rows(COLUMNS, REQUIRED, "nyu-visionx/CV-Bench"))]
         ids = [str(r["idx"]) for _, _, r in rows]
         prefixed = len(set(ids)) < len(ids)  # idx restarting per file: keep ids unique with the type
         items = []
-        for ref, i, r in rows:
+        for table, i, r in rows:
             task = str(r["task"])
             if task not in self.tasks:
                 continue
-            where = f"{ref.path} row {i}"
+            where = f"{table.name} row {i}"
             qid = f"{r['type']}_{r['idx']}" if prefixed else str(r["idx"])
             choices = tuple(str(c) for c in (r.get("choices") or ()))
             items.append(VQAItem(
                 qid=qid, benchmark=self.name, subset=task, question=str(r.get("question") or ""),
-                prompt=cv_bench_prompt(str(r["prompt"]), len(choices)), images=(table_image(ref, "image", i),),
+                prompt=cv_bench_prompt(str(r["prompt"]), len(choices)), images=(table.image("image", i),),
                 image_ids=(qid,), choices=choices, answer=gold_letter(r["answer"], where),
                 meta={k: r.get(k) for k in META}))
         check_unique(self.name, (it.qid for it in items), str(root))

@@ -4,8 +4,8 @@ Layouts read (picked by what --data-root holds):
 
 - lmms-eval's copy ``lmms-lab/MME`` as a hub snapshot (``data/test-0000N-of-0000M.parquet``;
   columns question_id (the image, e.g. "count/000000450303.jpg"), image {bytes, path},
-  question, answer ("Yes"/"No"), category), the parquet files themselves, or a
-  ``datasets.save_to_disk`` copy.
+  question, answer ("Yes"/"No"), category), the parquet files themselves, a
+  ``datasets.save_to_disk`` copy, or the hub id ``lmms-lab/MME`` when the hub is reachable.
 - the original release ``MME_Benchmark_release_version/`` (optionally ``.../MME_Benchmark/``):
   one folder per category holding either ``images/`` + ``questions_answers_YN/<image>.txt``
   or the images and their ``<image>.txt`` side by side; each .txt has two lines
@@ -23,8 +23,8 @@ from typing import Any
 
 from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline.vqa.base import BENCHMARKS, Benchmark, VQAItem
-from kvpipe.pipeline.vqa.common import (FileImage, check_unique, hf_splits, int_option, predictions_of, read_rows,
-                                        require_root, row, select, table_image)
+from kvpipe.pipeline.vqa.common import (FileImage, HFTable, HubId, check_unique, hf_splits, int_option, load_hub,
+                                        predictions_of, require_root, row, select)
 
 # lmms-eval tasks/mme/utils.py eval_type_dict
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
@@ -104,8 +104,11 @@ class MME(Benchmark):
 
     def items(self) -> list[VQAItem]:
         root = require_root(self.name, self.root, self.root_hint)
-        original = self._original_base(root)
-        rows = self._read_original(original) if original else self._read_hf(root)
+        if isinstance(root, HubId):
+            rows = self._read_tables(load_hub(root))
+        else:
+            original = self._original_base(root)
+            rows = self._read_original(original) if original else self._read_hf(root)
         present = sorted({r["category"] for r in rows},
                          key=lambda c: (CATEGORIES.index(c) if c in CATEGORIES else len(CATEGORIES), c))
         usable = {a: [c for c in v if c in present] for a, v in ALIASES.items()}
@@ -137,14 +140,17 @@ class MME(Benchmark):
                 break
         else:
             raise DataError(f"{root} holds no MME copy; --data-root must be {self.root_hint}")
+        return self._read_tables(splits)
+
+    @staticmethod
+    def _read_tables(splits: dict[str, HFTable]) -> list[dict[str, Any]]:
         out = []
-        for refs in splits.values():
-            for ref in refs:
-                for i, r in enumerate(read_rows(ref, COLUMNS, COLUMNS, "lmms-lab/MME")):
-                    where = f"{ref.path} row {i}"
-                    out.append({"question_id": str(r["question_id"]), "question": str(r["question"]),
-                                "answer": _answer(r["answer"], where), "category": str(r["category"]),
-                                "loader": table_image(ref, "image", i)})
+        for table in splits.values():
+            for i, r in enumerate(table.rows(COLUMNS, COLUMNS, "lmms-lab/MME")):
+                where = f"{table.name} row {i}"
+                out.append({"question_id": str(r["question_id"]), "question": str(r["question"]),
+                            "answer": _answer(r["answer"], where), "category": str(r["category"]),
+                            "loader": table.image("image", i)})
         return out
 
     @staticmethod

@@ -6,7 +6,8 @@ Layouts read (picked by what --data-root holds):
   (the default config, 9000 rows; ``category`` names the split) and/or
   ``Full/<split>-00000-of-00001.parquet``; columns id, question_id, question, answer,
   image_source, image {bytes, path}, category. Also a ``datasets.save_to_disk`` copy of either
-  config, or --data-root pointing at ``data/`` or ``Full/`` itself.
+  config, or --data-root pointing at ``data/`` or ``Full/`` itself; or the hub id
+  ``lmms-lab/POPE`` itself when the hub is reachable (read through ``datasets``).
 - the original release: ``coco_pope_<split>.json`` (JSON lines {question_id, image, text,
   label}) in --data-root, ``coco/`` or ``output/coco/``, with the COCO val2014 images in
   ``val2014/`` beside them or in --data-root (``image_root=`` overrides).
@@ -22,8 +23,8 @@ from typing import Any
 
 from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline.vqa.base import BENCHMARKS, Benchmark, VQAItem
-from kvpipe.pipeline.vqa.common import (FileImage, TableRef, apply_limit, check_unique, hf_splits,
-                                        predictions_of, read_rows, require_root, row, select, table_image)
+from kvpipe.pipeline.vqa.common import (FileImage, HFTable, HubId, apply_limit, check_unique, hf_splits, load_hub,
+                                        predictions_of, require_root, row, select)
 
 SPLITS = ("random", "popular", "adversarial")
 # lmms-eval tasks/pope/pope.yaml, lmms_eval_specific_kwargs.default
@@ -116,8 +117,11 @@ class POPE(Benchmark):
 
     def items(self) -> list[VQAItem]:
         root = require_root(self.name, self.root, self.root_hint)
-        original = self._original_dir(root)
-        by_split = self._read_original(root, original) if original else self._read_hf(root)
+        if isinstance(root, HubId):
+            by_split = self._read_tables(load_hub(root))
+        else:
+            original = self._original_dir(root)
+            by_split = self._read_original(root, original) if original else self._read_hf(root)
         items = [it for s in self.splits for it in by_split.get(s, [])]
         check_unique(self.name, (it.qid for it in items), str(root))
         return apply_limit(self.name, items, self.limit)
@@ -136,24 +140,26 @@ class POPE(Benchmark):
                 break
         else:
             raise DataError(f"{root} holds no POPE copy; --data-root must be {self.root_hint}")
+        return self._read_tables(splits)
+
+    def _read_tables(self, splits: dict[str, HFTable]) -> dict[str, list[VQAItem]]:
         out: dict[str, list[VQAItem]] = {s: [] for s in SPLITS}
-        for split_name, refs in splits.items():
-            for ref in refs:
-                for i, r in enumerate(read_rows(ref, COLUMNS, REQUIRED, "lmms-lab/POPE")):
-                    split = r.get("category") if r.get("category") in SPLITS else split_name
-                    if split not in SPLITS:
-                        raise DataError(f"{ref.path} row {i}: category {r.get('category')!r} is not one of "
-                                        f"{', '.join(SPLITS)}; is this lmms-lab/POPE?")
-                    if split in self.splits:
-                        out[split].append(self._hf_item(ref, i, r, split))
+        for split_name, table in splits.items():
+            for i, r in enumerate(table.rows(COLUMNS, REQUIRED, "lmms-lab/POPE")):
+                split = r.get("category") if r.get("category") in SPLITS else split_name
+                if split not in SPLITS:
+                    raise DataError(f"{table.name} row {i}: category {r.get('category')!r} is not one of "
+                                    f"{', '.join(SPLITS)}; is this lmms-lab/POPE?")
+                if split in self.splits:
+                    out[split].append(self._hf_item(table, i, r, split))
         return out
 
-    def _hf_item(self, ref: TableRef, i: int, r: dict[str, Any], split: str) -> VQAItem:
-        where = f"{ref.path} row {i}"
-        image_id = _stem(r.get("image_source")) or f"{Path(ref.path).name}:{i}"
+    def _hf_item(self, table: HFTable, i: int, r: dict[str, Any], split: str) -> VQAItem:
+        where = f"{table.name} row {i}"
+        image_id = _stem(r.get("image_source")) or f"{split}:{i}"
         return VQAItem(
             qid=f"{split}/{r['question_id']}", benchmark=self.name, subset=split, question=str(r["question"]),
-            prompt=pope_prompt(str(r["question"])), images=(table_image(ref, "image", i),), image_ids=(image_id,),
+            prompt=pope_prompt(str(r["question"])), images=(table.image("image", i),), image_ids=(image_id,),
             choices=(), answer=_answer(r["answer"], where),
             meta={"question_id": str(r["question_id"]), "id": r.get("id"), "image_source": r.get("image_source")})
 

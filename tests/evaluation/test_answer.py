@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+
 from kvpipe.pipeline.evaluation.answer import answer_items, generate
 from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.vqa.base import BENCHMARKS, Benchmark, VQAItem
@@ -196,20 +197,20 @@ def test_intervene_command_runs_knockout_and_baseline(tmp_path, kvpipe):
     items = FakeVQA(None, None, 4).items()
     plain = answer_items(adapter, items, max_new_tokens=4)
     knocked = answer_items(adapter, items, max_new_tokens=4, knockout=agnostic)
-    assert [a["text"] for a in rows(out / "none" / "answers.parquet")] == [plain[it.qid] for it in items]
+    assert [a["text"] for a in rows(out / "answers.parquet")] == [plain[it.qid] for it in items]  # the baseline
     assert [a["text"] for a in rows(out / name / "answers.parquet")] == [knocked[it.qid] for it in items]
-    scores = rows(out / "scores.parquet")
+    scores = rows(out / "knockout.parquet")
     assert {s["condition"] for s in scores} == {"none", name}
     assert {s["n_heads"] for s in scores if s["condition"] == name} == {2}
     assert all(s["heads"] == "input-agnostic" and s["layers"] == "0-1" for s in scores if s["condition"] == name)
 
-    # A control into the same OUT reuses the baseline's answers.
-    proc = kvpipe("intervene", "--heads", "input-dependent", "--seed", "3", *common)
+    # A control into the same OUT reuses the baseline's answers and keeps the first condition's scores.
+    proc = kvpipe("intervene", "--heads", "input-dependent", "--control-seed", "3", *common)
     control = f"input-dependent-0-1-seed3-t{threshold:g}"
     heads = {tuple(h) for h in json.loads((out / control / "run.json").read_text())["condition"]["heads"]}
     assert heads == set(variance) - agnostic  # two input-dependent heads: all there are
-    assert {s["condition"] for s in rows(out / "scores.parquet")} == {"none", control}
-    assert len((out / "none" / "answers.jsonl").read_text().splitlines()) == 4  # the baseline was not redone
+    assert {s["condition"] for s in rows(out / "knockout.parquet")} == {"none", name, control}
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 4  # the baseline was not redone
 
     proc = kvpipe("intervene", "--heads", "everything", *common, check=False)
     assert proc.returncode == 2 and "unknown head set 'everything'" in proc.stderr

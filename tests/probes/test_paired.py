@@ -16,8 +16,7 @@ from PIL import Image
 
 from fixtures.cli import invoke
 from fixtures.layouts_vqa import color_of, make_blink, make_spair_vqa
-from fixtures.probe_stores import (GH, GW, PATCH, ToyImage, coseg_images, fewshot_images, refexp_images,
-                                   semantic_images, stripes, write_toy_store)
+from fixtures.probe_stores import GH, GW, PATCH, ToyImage, seg_stores, stripes, write_toy_store
 
 from kvpipe.errors import DataError, StoreError, UsageError
 from kvpipe.pipeline.datasets import create_dataset
@@ -283,22 +282,6 @@ def test_paired_table_equals_hand_counts(tmp_path):
 
 
 # ------------------------------------------------------------------------------ Figure 3
-def seg_stores(root: Path, features: str) -> list[str]:
-    """One toy store per segmentation task (1 layer x 2 heads), its dataset listing that task."""
-    builders = {"fg-seg": lambda: (*fewshot_images(), (), ()), "cosegmentation": lambda: (*coseg_images(), (), ()),
-                "semantic-seg": semantic_images, "refexp-seg": refexp_images}
-    paths = []
-    for task, build in builders.items():
-        images, structure, queries, classes = build()
-        path = write_toy_store(root / task, images, features, structure, queries, classes, layers=1)
-        meta_file = path / "zarr.json"
-        data = json.loads(meta_file.read_text())
-        data["attributes"]["kvpipe"]["dataset"]["tasks"] = [task, "input-agnostic"]
-        meta_file.write_text(json.dumps(data))
-        paths.append(str(path))
-    return paths
-
-
 def scores_csv(path: Path, rows: list[tuple[str, str, float]]) -> Path:
     table = pa.Table.from_pylist([{"model": "m", "benchmark": "b", "subset": s, "metric": m, "value": v}
                                   for s, m, v in rows])
