@@ -124,23 +124,23 @@ def probe(
     params = _parse_params(param)
     meta = FeatureStore.open(store).meta
     dataset = meta.dataset
-    supported = dataset.get("tasks")
+    supported = dataset.tasks
     if task != "all":
         PROBES.get(task)  # an unknown name is a one-line error listing the registered ones
         if supported is not None and task not in supported:
-            raise UsageError(f"task {task} needs annotations the dataset {dataset.get('name')} does not have; "
+            raise UsageError(f"task {task} needs annotations the dataset {dataset.name} does not have; "
                              f"it supports: {', '.join(supported) or 'no task'}")
         runs = [(task, params)]
     else:
         if not supported:
-            raise UsageError(f"the dataset {dataset.get('name')} of {store} lists no tasks; name one with --task "
+            raise UsageError(f"the dataset {dataset.name} of {store} lists no tasks; name one with --task "
                              f"(see kvpipe tasks)")
         for name in supported:
             if name not in PROBES:
                 console.print(f"[yellow]skipped[/] {name}: no probe of that name is registered in this kvpipe")
         names = [t for t in supported if t in PROBES]
         if not names:
-            raise UsageError(f"the dataset {dataset.get('name')} supports {', '.join(supported)}, none of which "
+            raise UsageError(f"the dataset {dataset.name} supports {', '.join(supported)}, none of which "
                              f"is a registered probe ({', '.join(PROBES.names())})")
         for name in list(names):  # e.g. text-grounded tasks on a vision encoder's store
             why = PROBES.get(name).unavailable(meta)
@@ -148,7 +148,7 @@ def probe(
                 console.print(f"[yellow]skipped[/] {name}: {why}", soft_wrap=True, highlight=False)
                 names.remove(name)
         if not names:
-            raise UsageError(f"no task of the dataset {dataset.get('name')} can run on the store {store}")
+            raise UsageError(f"no task of the dataset {dataset.name} can run on the store {store}")
         unused = set(params) - {k for t in names for k in PROBES.get(t).defaults}
         if unused:
             raise UsageError(f"no task of --task all has parameter {', '.join(sorted(unused))}")

@@ -158,8 +158,8 @@ def intervene(
         raise UsageError(f"--store {store} was extracted from a model with {meta.n_layers} layers x "
                          f"{meta.n_kv_heads} KV heads, --model {model} has {adapter.n_layers} x {adapter.n_kv_heads}")
     console = _console()
-    if meta.model.get("name") != adapter.source.get("name"):
-        console.print(f"[yellow]note[/]: the store was extracted with {meta.model.get('name')}, answering with "
+    if meta.model.name != adapter.source.get("name"):
+        console.print(f"[yellow]note[/]: the store was extracted with {meta.model.name}, answering with "
                       f"{adapter.source.get('name')}")
     pairs = ", ".join(f"({l}, {h})" for l, h in sorted(condition.heads))
     console.print(f"knock-out {condition.name}: {len(condition.heads)} (layer, KV head) pairs: {pairs}",

@@ -60,7 +60,7 @@ def paired(
     table = paired_table(pairs.mlm_correct, pairs.value_correct)
     rows = paired_rows(table, "all")
     out = out or results_dir(fs.root) / task / "paired"
-    base = {"model": fs.meta.model.get("name"), "dataset": fs.meta.dataset.get("name")}
+    base = {"model": fs.meta.model.name, "dataset": fs.meta.dataset.name}
     paths = write_paired(out, pairs, rows, base)
 
     console = _console()

@@ -78,7 +78,7 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     probe = probe_cls(store, params)
     targets = probe.targets()
     rows: list[dict[str, Any]] = []
-    base = {"model": store.meta.model.get("name"), "dataset": store.meta.dataset.get("name"), "task": task}
+    base = {"model": store.meta.model.name, "dataset": store.meta.dataset.name, "task": task}
     for i, tgt in enumerate(targets):
         for metric, value in probe.score(tgt).items():
             rows.append({**base, "layer": tgt.layer, "head": tgt.head, "kind": tgt.kind,
@@ -165,6 +165,6 @@ def _figure2(probe: Probe, store: FeatureStore, table: pa.Table, out: Path) -> l
         if kind not in store.meta.kinds:
             continue
         m = layer_head_matrix(table, metric, kind, store.meta.layers, store.meta.heads)
-        title = f"{probe.name}: image {kind} of {store.meta.model.get('name')} on {store.meta.dataset.get('name')}"
+        title = f"{probe.name}: image {kind} of {store.meta.model.name} on {store.meta.dataset.name}"
         paths.append(Path(plot_layer_head(m, title, metric, out / f"{probe.name}-{kind}-{metric}.png", baseline)))
     return paths

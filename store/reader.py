@@ -194,7 +194,7 @@ class FeatureStore:
         reading a small chunk. Returns None (the caller goes through Zarr) for anything that
         does not match exactly."""
         if not isinstance(self.root, Path) or part in self.data_dirs \
-                or self.meta.compressor.get("codec", "blosc") != "blosc":
+                or (self.meta.compressor.codec or "blosc") != "blosc":
             return None
         path = layout.part_dir(self.root, part) / kind / "c" / str(li) / str(hi) / "0" / "0"
         try:
@@ -322,9 +322,9 @@ class FeatureStore:
         ok = self.images()
         return {
             "path": str(self.root),
-            "model": self.meta.model.get("name"),
-            "family": self.meta.model.get("family"),
-            "dataset": self.meta.dataset.get("name"),
+            "model": self.meta.model.name,
+            "family": self.meta.model.family,
+            "dataset": self.meta.dataset.name,
             "images": f"{len(ok)} ok, {len(self.rows) - len(ok)} failed, {self.meta.n_images} planned",
             "parts": f"{len(self.checksums)}/{self.n_parts} committed",
             "layers": _ranges(self.meta.layers),
@@ -334,7 +334,7 @@ class FeatureStore:
             "dtype": f"{self.meta.store_dtype} on disk (computed in {self.meta.compute_dtype})",
             "head_dim": self.meta.head_dim,
             "template": self.meta.template + (f" + prefix {self.meta.prefix!r}" if self.meta.prefix else ""),
-            **({"prefix per image": ", ".join(f"{k} {v}" for k, v in self.meta.prefix_choice.items())}
+            **({"prefix per image": ", ".join(f"{k} {v}" for k, v in self.meta.prefix_choice.to_dict().items())}
                if self.meta.prefix_choice else {}),
             "tokens before image": len(self.meta.prefix_token_ids),
             "text queries": len(self.meta.text_queries),
