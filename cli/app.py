@@ -205,10 +205,13 @@ def verify(store: str = typer.Argument(..., help="store directory or URL")) -> N
     for part, problems in sorted(report.problems.items()):
         for p in problems:
             console.print(f"[red]part p{part:06d}[/]: {p}")
+    for p in report.store_problems:
+        console.print(f"[red]{p}[/]", soft_wrap=True, highlight=False)
     if report.ok:
         console.print(f"[green]ok[/]: {report.parts_checked} parts verified")
         return
-    console.print(f"[red]damaged[/]: {len(report.problems)} of {report.parts_checked} parts; "
+    console.print(f"[red]damaged[/]: {len(report.problems)} of {report.parts_checked} parts"
+                  f"{' and ' + str(len(report.store_problems)) + ' other file(s)' if report.store_problems else ''}; "
                   f"rerun the same kvpipe extract with --repair to redo them")
     raise typer.Exit(1)
 

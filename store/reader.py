@@ -104,10 +104,15 @@ class FeatureStore:
         self._tokens: dict[int, int] | None = None
         self._open_lock = threading.RLock()
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.bad_records: dict[int, str] = {}  # part -> why its record was left out (open(strict=False))
 
     @classmethod
-    def open(cls, path: str | Path | Location) -> "FeatureStore":
-        """Open a store directory or URL (s3://, gs://, memory://, ... through fsspec)."""
+    def open(cls, path: str | Path | Location, strict: bool = True) -> "FeatureStore":
+        """Open a store directory or URL (s3://, gs://, memory://, ... through fsspec).
+
+        Every commit record is checked (``manifest.check_record``); a damaged one is a
+        StoreError, or with ``strict=False`` (``kvpipe verify``) its part is left out and
+        named in ``bad_records``."""
         loc = open_location(path)
         meta = read_meta(loc)
         rows: list[ImageRow] = []
@@ -115,16 +120,26 @@ class FeatureStore:
         data_dirs: dict[int, str] = {}
         names = [n for n in loc.listdir(layout.MANIFEST) if n.startswith("p") and n.endswith(".parquet")]
         records = loc.read_many([f"{layout.MANIFEST}/{n}" for n in names])
+        bad: dict[int, str] = {}
         for name in names:
             rel = f"{layout.MANIFEST}/{name}"
-            commit = read_part_record_bytes(records[rel], f"{loc.root}/{rel}")
             part = layout.part_of_manifest_name(name)
+            try:
+                commit = read_part_record_bytes(records[rel], f"{loc.root}/{rel}")
+                check_rows_fit(commit.rows, meta, f"{loc.root}/{rel}")
+            except StoreError as err:
+                if strict:
+                    raise
+                bad[part] = str(err)
+                continue
             rows.extend(commit.rows)
             checksums[part] = commit.checksums
             if commit.data_dir:
                 data_dirs[part] = commit.data_dir
         rows.sort(key=lambda r: r.index)
-        return cls(loc.root, meta, rows, checksums, loc, data_dirs)
+        store = cls(loc.root, meta, rows, checksums, loc, data_dirs)
+        store.bad_records = bad
+        return store
 
     def data_dir(self, part: int) -> str:
         """The part's directory relative to the store root."""
@@ -388,6 +403,20 @@ class FeatureStore:
             "bytes on disk": self.loc.size(),
             "command": self.meta.command,
         }
+
+
+def check_rows_fit(rows: list[ImageRow], meta: FeatureSetMeta, where: str) -> None:
+    """A record's rows against the store metadata: its part exists, its image indices fall in
+    that part's range (so no record can make a reader allocate more than the store holds)."""
+    from kvpipe.store.manifest import _bad
+
+    for i, r in enumerate(rows):
+        if r.part >= meta.n_parts:
+            raise _bad(where, f"row {i} part", f"is {r.part}, past the store's {meta.n_parts} parts")
+        first = r.part * meta.part_size
+        if not first <= r.index < min(first + meta.part_size, meta.n_images):
+            raise _bad(where, f"row {i} index", f"is {r.index}, outside its part's images {first}.."
+                                                f"{min(first + meta.part_size, meta.n_images) - 1}")
 
 
 def check_crc(payload: bytes, expected: str, what: str, root: Any) -> None:
