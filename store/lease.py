@@ -170,9 +170,11 @@ class WriterLease:
             return True
         fs, path = self.loc.fs, self.loc._p(LEASE)
         try:
-            out = self.loc.call("create the writer lease", fs.pipe_file, path, data, mode="create")
+            out = fs.pipe_file(path, data, mode="create")
         except FileExistsError:
             return False
+        except Exception as err:
+            raise StoreError(self.loc.describe_error(err, "create the writer lease")) from None
         fs.invalidate_cache(path)
         if self._s3():
             self.token = (out or {}).get("ETag")

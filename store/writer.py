@@ -63,18 +63,32 @@ class StoreWriter:
         The writer holds the store's writer lease (``store.lease``) until ``close()``: a second
         run writing the same store is refused in one line naming this one."""
         loc = open_location(path, "--out")
-        if not loc.atomic_rename:
-            writer = cls._open_object_store(loc, meta, structure or {})
-        else:
-            root = loc.root
-            if root.exists() and not root.is_dir():
-                raise StoreError(f"--out {root} is a file; give a directory path for the store")
-            remove_creation_leftovers(root)
-            if not (root.exists() and any(root.iterdir())) and cls._create(root, meta, structure or {}):
-                writer = cls(root, meta)
-            else:  # an existing store (or one another run created just now)
-                writer = cls(root, _same_feature_set(read_meta(root, option="--out"), meta, root))
-        writer._lease = WriterLease.acquire(writer.loc, lease_timeout, "--out")
+        lease = None
+        try:
+            if not loc.atomic_rename:
+                loc.check()
+                if not loc.isfile("zarr.json") and set(loc.listdir("")) - {LEASE}:
+                    raise StoreError(f"--out {loc.root} holds other objects but no kvpipe store (no zarr.json); "
+                                     f"choose an empty prefix")
+                lease = WriterLease.acquire(loc, lease_timeout, "--out")  # before anything is written
+                writer = cls._open_object_store(loc, meta, structure or {})
+            else:
+                root = loc.root
+                if root.exists() and not root.is_dir():
+                    raise StoreError(f"--out {root} is a file; give a directory path for the store")
+                remove_creation_leftovers(root)
+                if root.exists() and any(root.iterdir()):
+                    read_meta(root, option="--out")  # a kvpipe store, before a lease is written into it
+                elif cls._create(root, meta, structure or {}):
+                    lease = WriterLease.acquire(loc, lease_timeout, "--out")
+                    writer = cls(root, meta)
+                if lease is None:  # an existing store (or one another run created just now)
+                    lease = WriterLease.acquire(loc, lease_timeout, "--out")
+                    writer = cls(root, _same_feature_set(read_meta(root, option="--out"), meta, root))
+            writer._lease, lease = lease, None
+        finally:
+            if lease is not None:
+                lease.release()
         try:
             writer._clean_staging()
         except BaseException:
@@ -125,12 +139,8 @@ class StoreWriter:
     @classmethod
     def _open_object_store(cls, loc: ObjectLocation, meta: FeatureSetMeta, structure: dict) -> "StoreWriter":
         """Object stores: dataset.json first, the root zarr.json last (it makes the store exist)."""
-        loc.check()
         if loc.isfile("zarr.json"):
             return cls(loc, _same_feature_set(read_meta(loc, option="--out"), meta, loc.root))
-        if set(loc.listdir("")) - {LEASE}:
-            raise StoreError(f"--out {loc.root} holds other objects but no kvpipe store (no zarr.json); "
-                             f"choose an empty prefix")
         with tempfile.TemporaryDirectory(prefix="kvpipe-create-") as tmp:
             zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3,
                             attributes={META_ATTR: meta.to_dict()})
