@@ -114,6 +114,7 @@ def probe(
     param: list[str] = typer.Option([], help="probe parameter KEY=VALUE (repeatable); with --task all it "
                                              "goes to every task that has that parameter"),
     no_cache: bool = typer.Option(False, help="recompute even if cached results exist"),
+    allow_incomplete: bool = typer.Option(False, help="probe a store whose extraction has parts pending"),
 ) -> None:
     """Sweep a probe over every (layer, head, kind) + post-proj; write table and plots."""
     from kvpipe.cli.progress import probe_progress
@@ -158,7 +159,8 @@ def probe(
         target = out / name if (out and task == "all") else out
         try:
             with probe_progress(console, name) as advance:
-                run = run_probe(store, name, task_params, target, use_cache=not no_cache, progress=advance)
+                run = run_probe(store, name, task_params, target, use_cache=not no_cache, progress=advance,
+                                allow_incomplete=allow_incomplete)
         except KvpipeError as err:
             if task != "all":
                 raise

@@ -80,8 +80,19 @@ class ImageRow:
         return json.loads(self.meta)
 
 
+def text_of(value: Any) -> Any:
+    """A string parquet can hold: names from non-UTF-8 file names carry surrogate escapes
+    (``os.fsdecode``), which are written as backslash escapes of their bytes ("caf\\xe9.png")."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
 def _record_table(rows: list[ImageRow], checksums: dict[str, str], data_dir: str | None) -> pa.Table:
-    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA)
+    table = pa.Table.from_pylist([{k: text_of(v) for k, v in asdict(r).items()} for r in rows], schema=SCHEMA)
     meta = {b"kvpipe.checksums": json.dumps(checksums).encode()}
     if data_dir:  # object stores: the part's files live under a unique directory
         meta[b"kvpipe.data"] = data_dir.encode()
