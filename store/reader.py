@@ -28,7 +28,7 @@ from kvpipe.store.encoding import DISK_DTYPE, decode, decode_into, stored_dim
 from kvpipe.store.fs import Location, open_location
 from kvpipe.store.checksum import bytes_crc32c
 from kvpipe.store.manifest import ImageRow, check_checksums, read_part_record_bytes
-from kvpipe.store.schema import ALL_KINDS, META_ATTR, POST_PROJ, FeatureSetMeta
+from kvpipe.store.schema import ALL_KINDS, META_ATTR, FeatureSetMeta, Kind
 
 
 def read_meta(root: Path | str | Location, option: str = "store") -> FeatureSetMeta:
@@ -238,15 +238,15 @@ class FeatureStore:
 
     def _raw(self, part: int, kind: str, li: int | None, hi: int | None) -> np.ndarray:
         """One part's on-disk array for (layer, head), or all of post_proj: [tokens, dim]."""
-        if kind != POST_PROJ:
+        if kind != Kind.POST_PROJ:
             return self._chunk_file(part, kind, li, hi)
         n_tokens = self._part_tokens(part)
         if n_tokens == 0:
             return np.empty((0, self.meta.hidden_size), np.dtype(DISK_DTYPE[self.meta.store_dtype]))
         dtype = np.dtype(DISK_DTYPE[self.meta.store_dtype])
         dim = stored_dim(self.meta.hidden_size, self.meta.store_dtype)
-        return decode_chunk(self._chunk_bytes(part, f"{POST_PROJ}/c/0/0"), dtype, n_tokens, dim,
-                            f"{POST_PROJ} of part {layout.part_name(part)}", self.root)
+        return decode_chunk(self._chunk_bytes(part, f"{Kind.POST_PROJ}/c/0/0"), dtype, n_tokens, dim,
+                            f"{Kind.POST_PROJ} of part {layout.part_name(part)}", self.root)
 
     def _chunk(self, part: int, kind: str, li: int | None, hi: int | None) -> np.ndarray:
         return decode(self._raw(part, kind, li, hi), self.meta.store_dtype)
@@ -260,18 +260,19 @@ class FeatureStore:
         """
         if kind not in ALL_KINDS:
             raise StoreError(f"kind must be one of {', '.join(ALL_KINDS)}, not {kind!r}")
+        kind = Kind(kind).value
         if kind not in self.meta.kinds:
             raise StoreError(f"this store has no {kind!r} (stored kinds: {', '.join(self.meta.kinds)}); "
                              f"re-extract with --kinds including {kind}")
         li = hi = None
-        if kind != POST_PROJ:
+        if kind != Kind.POST_PROJ:
             if layer is None or head is None:
                 raise StoreError(f"reading {kind} needs a layer and a head")
             li, hi = self.meta.layer_index(layer), self.meta.head_index(head)
         rows = [r for r in (images if images is not None else self.images()) if r.ok]
         lengths = np.array([0] + [r.n_tokens for r in rows])
         offsets = np.cumsum(lengths)
-        dim = self.meta.hidden_size if kind == POST_PROJ else self.meta.head_dim
+        dim = self.meta.hidden_size if kind == Kind.POST_PROJ else self.meta.head_dim
         data = np.empty((int(offsets[-1]), dim), np.float32)
         by_part: dict[int, list[int]] = {}
         for i, r in enumerate(rows):

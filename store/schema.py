@@ -36,6 +36,9 @@ class Kind(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
 
 HIDDEN = Kind.HIDDEN.value
 KINDS = (Kind.KEYS.value, Kind.VALUES.value, HIDDEN)  # per (layer, kv_head) token features [layer, head, token, dim]

@@ -26,7 +26,7 @@ from kvpipe.store.checksum import THREADS
 from kvpipe.store.fs import Location
 from kvpipe.store.manifest import check_checksums
 from kvpipe.store.reader import FeatureStore
-from kvpipe.store.schema import POST_PROJ, structure_fingerprint
+from kvpipe.store.schema import Kind, structure_fingerprint
 
 
 @dataclass
@@ -111,7 +111,7 @@ def _check_arrays(store: FeatureStore, part: int, report: VerifyReport) -> None:
                 report.add(part, f"{kind} has {data.shape[-2]} tokens, the manifest says {n_tokens}")
             elif end > n_tokens:
                 report.add(part, f"the manifest's token ranges end at {end}, past the {n_tokens} tokens of {kind}")
-            dim = store.meta.hidden_size if kind == POST_PROJ else store.meta.head_dim
+            dim = store.meta.hidden_size if kind == Kind.POST_PROJ else store.meta.head_dim
             if data.shape[-1] not in (dim, dim + 4):
                 report.add(part, f"{kind} tokens have {data.shape[-1]} numbers, the metadata says {dim}")
         n_mask = sum(r.mask_h * r.mask_w for r in rows if r.mask_offset >= 0)
@@ -148,7 +148,7 @@ def _check_text(store: FeatureStore, decode: bool) -> list[str]:
         try:
             group = zarr.open_group(loc.zarr_store(layout.TEXT), mode="r")
             for kind in meta.kinds:
-                if kind == POST_PROJ or kind not in group:
+                if kind == Kind.POST_PROJ or kind not in group:
                     continue
                 shape = np.asarray(group[kind][...]).shape
                 if shape[:3] != (len(meta.layers), len(meta.heads), len(queries)):
