@@ -34,3 +34,15 @@ def assert_identical_stores(a, b) -> None:
             np.testing.assert_array_equal(m, n)
     assert x.text_queries() == y.text_queries()
     assert x.structure() == y.structure()
+
+
+def recommit_checksums(root, part: int) -> None:
+    """Record the current CRC32C of every file of a local store's part in its commit record,
+    for tests that edit a committed part in place (reads check the recorded checksums)."""
+    from kvpipe.store import layout
+    from kvpipe.store.checksum import file_crc32c
+    from kvpipe.store.manifest import read_part_record, write_part_record
+
+    record = layout.manifest_file(root, part)
+    rows, sums = read_part_record(record)
+    write_part_record(record, rows, {rel: file_crc32c(layout.part_dir(root, part) / rel) for rel in sums})

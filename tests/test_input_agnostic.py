@@ -11,6 +11,7 @@ from kvpipe.probes import run_probe
 from kvpipe.probes.input_agnostic import pca, pick_pca_layer
 from kvpipe.store import layout
 
+from storecmp import recommit_checksums
 from test_semantic_corr import grid_segments, write_feature_store
 
 
@@ -66,6 +67,7 @@ def agnostic_store(path, n_images: int = 6):
     for h in (2, 3):
         keys[:, h] = np.tile(const, (n_images, 1)) + 0.05 * rng.standard_normal((n_images * gh * gw, dim))
     arr[...] = keys
+    recommit_checksums(store, 0)  # reads check every chunk's recorded CRC32C
     return store
 
 
