@@ -113,8 +113,12 @@ class WriterLease:
         with cls._held_lock:
             mine = cls._held.get(key)
             if mine is not None and mine.lost is None:
-                mine.users += 1
-                return mine
+                holder, _ = mine._read()
+                if holder is not None and holder.run_id == mine.info.run_id:
+                    mine.users += 1
+                    return mine
+                mine.lost = holder or "nobody (the lease was deleted)"  # e.g. the store was removed
+                mine._stop.set()
             lease = cls(loc, lease_timeout(timeout), option)
             lease._acquire()
             lease.users = 1

@@ -239,3 +239,20 @@ def test_leftover_creation_folder_of_a_killed_run_is_removed(tmp_path):
     assert not dead.exists() and not old.exists()
     assert live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "s"]
+
+
+def test_writers_in_one_process_share_the_lease_until_the_store_is_gone(tmp_path):
+    import shutil
+
+    out = tmp_path / "s"
+    first = StoreWriter.create_or_resume(out, make_meta())
+    second = StoreWriter.create_or_resume(out, make_meta())  # the same process: shares the lease
+    assert second._lease is first._lease
+    second.close()
+    assert (out / LEASE).exists(), "released while another writer of this process still holds it"
+    shutil.rmtree(out)  # the store removed under a writer left open
+    third = StoreWriter.create_or_resume(out, make_meta())
+    assert third._lease is not first._lease
+    third.write_part(0, rows_for(0, 0, [6, 6]), part_arrays([6, 6], 0))
+    third.close()
+    first.close()
