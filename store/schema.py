@@ -16,7 +16,6 @@ import dataclasses
 import enum
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kvpipe.errors import StoreError
-from kvpipe.store import FeatureStore, layout
+from kvpipe.store import FeatureStore
 from kvpipe.store.fs import open_location
 from kvpipe.store.writer import StoreWriter
 

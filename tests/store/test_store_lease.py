@@ -16,7 +16,7 @@ import pytest
 from kvpipe.errors import StoreError
 from kvpipe.store import FeatureStore, layout
 from kvpipe.store.fs import open_location
-from kvpipe.store.lease import LEASE, LeaseInfo, WriterLease, read_lease
+from kvpipe.store.lease import LEASE, LeaseInfo, read_lease
 from kvpipe.store.verify import verify_store
 from kvpipe.store.writer import StoreWriter
 
