@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"model": args.model, "dataset": args.dataset, "images": len(ref.images()),
               "bytes_per_image": {k: stored_bytes(v) / len(ref.images()) for k, v in stores.items()},
               "features": feature_error(ref, lossy), "tasks": {}}
-    tasks = [t for t in ref.meta.dataset.get("tasks", []) if t in PROBES
+    tasks = [t for t in (ref.meta.dataset.tasks or ()) if t in PROBES
              and (args.tasks is None or t in comma_list(args.tasks))]
     print(f"{'task':16s} {'metric':10s} {'targets':>7s} {'max |d|':>8s} {'mean |d|':>8s} {'best ref':>8s} "
           f"{'best int8':>9s} same-best")

@@ -137,6 +137,8 @@ def probe(
     param: list[str] = typer.Option([], help="probe parameter KEY=VALUE (repeatable); with --task all it "
                                              "goes to every task that has that parameter"),
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute even if cached results exist"),
+    allow_incomplete: bool = typer.Option(False, "--allow-incomplete",
+                                          help="probe a store whose extraction has parts pending"),
 ) -> None:
     """Sweep a probe over every (layer, head, kind) + post-proj; write table and plots."""
     from kvpipe.cli.progress import probe_progress
@@ -147,23 +149,23 @@ def probe(
     params = parse_params(param)
     meta = FeatureStore.open(store).meta
     dataset = meta.dataset
-    supported = dataset.get("tasks")
+    supported = dataset.tasks
     if task != "all":
         PROBES.get(task)  # an unknown name is a one-line error listing the registered ones
         if supported is not None and task not in supported:
-            raise UsageError(f"task {task} needs annotations the dataset {dataset.get('name')} does not have; "
+            raise UsageError(f"task {task} needs annotations the dataset {dataset.name} does not have; "
                              f"it supports: {', '.join(supported) or 'no task'}")
         runs = [(task, params)]
     else:
         if not supported:
-            raise UsageError(f"the dataset {dataset.get('name')} of {store} lists no tasks; name one with --task "
+            raise UsageError(f"the dataset {dataset.name} of {store} lists no tasks; name one with --task "
                              f"(see kvpipe tasks)")
         for name in supported:
             if name not in PROBES:
                 console.print(f"[yellow]skipped[/] {name}: no probe of that name is registered in this kvpipe")
         names = [t for t in supported if t in PROBES]
         if not names:
-            raise UsageError(f"the dataset {dataset.get('name')} supports {', '.join(supported)}, none of which "
+            raise UsageError(f"the dataset {dataset.name} supports {', '.join(supported)}, none of which "
                              f"is a registered probe ({', '.join(PROBES.names())})")
         for name in list(names):  # e.g. text-grounded tasks on a vision encoder's store
             why = PROBES.get(name).unavailable(meta)
@@ -171,7 +173,7 @@ def probe(
                 console.print(f"[yellow]skipped[/] {name}: {why}", soft_wrap=True, highlight=False)
                 names.remove(name)
         if not names:
-            raise UsageError(f"no task of the dataset {dataset.get('name')} can run on the store {store}")
+            raise UsageError(f"no task of the dataset {dataset.name} can run on the store {store}")
         unused = set(params) - {k for t in names for k in PROBES.get(t).defaults}
         if unused:
             raise UsageError(f"no task of --task all has parameter {', '.join(sorted(unused))}")
@@ -181,7 +183,8 @@ def probe(
         target = out / name if (out and task == "all") else out
         try:
             with probe_progress(console, name) as advance:
-                run = run_probe(store, name, task_params, target, use_cache=not no_cache, progress=advance)
+                run = run_probe(store, name, task_params, target, use_cache=not no_cache, progress=advance,
+                                allow_incomplete=allow_incomplete)
         except KvpipeError as err:
             if task != "all":
                 raise
@@ -228,10 +231,13 @@ def verify(store_arg: Optional[str] = STORE_ARG, store: Optional[str] = STORE_OP
     for part, problems in sorted(report.problems.items()):
         for p in problems:
             console.print(f"[red]part p{part:06d}[/]: {p}")
+    for p in report.store_problems:
+        console.print(f"[red]{p}[/]", soft_wrap=True, highlight=False)
     if report.ok:
         console.print(f"[green]ok[/]: {report.parts_checked} parts verified")
         return
-    console.print(f"[red]damaged[/]: {len(report.problems)} of {report.parts_checked} parts; "
+    console.print(f"[red]damaged[/]: {len(report.problems)} of {report.parts_checked} parts"
+                  f"{' and ' + str(len(report.store_problems)) + ' other file(s)' if report.store_problems else ''}; "
                   f"rerun the same kvpipe extract with --repair to redo them")
     raise typer.Exit(1)
 

@@ -58,7 +58,7 @@ def paired(
     table = paired_table(pairs.mlm_correct, pairs.value_correct)
     rows = paired_rows(table, "all")
     out = out or results_dir(fs.root) / task / "paired"
-    base = {"model": fs.meta.model.get("name"), "dataset": fs.meta.dataset.get("name")}
+    base = {"model": fs.meta.model.name, "dataset": fs.meta.dataset.name}
     paths = write_paired(out, pairs, rows, base)
     write_run_json(out, {**called, "store": str(fs.root), "task": task, "probe_params": params,
                          "target": {"kind": target.kind, "layer": target.layer, "head": target.head, "how": how},

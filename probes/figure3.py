@@ -155,7 +155,7 @@ def segmentation_score(stores: Sequence[str], tasks: Sequence[str] = SEGMENTATIO
     best: dict[str, dict[str, Any]] = {}
     for task in tasks:
         probe = PROBES.get(task)
-        store = next((s for s in stores if task in (metas[s].dataset.get("tasks") or ())
+        store = next((s for s in stores if task in (metas[s].dataset.tasks or ())
                       and not probe.unavailable(metas[s])), None)
         if store is None:
             raise UsageError(f"no store among {', '.join(stores)} supports {task}; add a store extracted from a "

@@ -108,7 +108,7 @@ class InputAgnostic(Probe):
                       "value": 1.0})
         meta = self.store.meta
         matrix = layer_head_matrix(pa.Table.from_pylist(rows), VARIANCE, "keys", meta.layers, meta.heads)
-        title = f"{meta.model.get('name')} on {meta.dataset.get('name')} ({len(self.rows)} images)"
+        title = f"{meta.model.name} on {meta.dataset.name} ({len(self.rows)} images)"
         plots = [Path(plot_variance_histogram(values, threshold, out_dir / "input-agnostic-histogram.png", title)),
                  Path(plot_variance_heatmap(matrix, threshold, out_dir / "input-agnostic-heatmap.png", title))]
         flags = {(r["layer"], r["head"]): bool(r["value"]) for r in extra if r["metric"] == FLAG}
@@ -149,7 +149,7 @@ class InputAgnostic(Probe):
             head_of.append(np.full(len(img), h))
         coords, ratio = pca(np.concatenate(keys))
         agnostic = [h for h in meta.heads if flags.get((layer, h))]
-        title = (f"image keys of layer {layer}, {meta.model.get('name')}: "
+        title = (f"image keys of layer {layer}, {meta.model.name}: "
                  f"{images[0].image_id} vs {images[1].image_id}")
         path = plot_key_pca((coords, ratio, np.concatenate(image_of), np.concatenate(head_of)), per_head,
                             agnostic, [r.image_id for r in images], path, title)

@@ -34,8 +34,8 @@ def prefix_condition(meta: FeatureSetMeta) -> str:
     """The store's prefix condition as a Table-4 row name, e.g. "Prefixing (class)"."""
     choice = meta.prefix_choice
     if choice:
-        name = CONTROL_NAMES.get(choice.get("control"), f"Prefixing-{choice.get('control')}")
-        return f"{name} ({choice['source']})" if choice.get("source") else name
+        name = CONTROL_NAMES.get(choice.control, f"Prefixing-{choice.control}")
+        return f"{name} ({choice.source})" if choice.source else name
     if meta.prefix:
         text = meta.prefix if len(meta.prefix) <= 40 else meta.prefix[:37] + "..."
         return f'Prefix "{text}"'

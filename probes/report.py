@@ -112,14 +112,14 @@ def build_report(store_path: str | Path, out: str | Path | None = None, results:
                       "params": run.get("params"), "plots": plots, "dir": path.parent})
     blocks = _blocks(store, tasks, out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
-    title = f"kvpipe report: {store.meta.model.get('name')} on {store.meta.dataset.get('name')}"
+    title = f"kvpipe report: {store.meta.model.name} on {store.meta.dataset.name}"
     out.write_text(_render_html(title, blocks) if fmt == "html" else _render_md(blocks))
     return out
 
 
 def _blocks(store: FeatureStore, tasks: list[dict[str, Any]], base: Path) -> list[Block]:
     meta = store.meta
-    blocks: list[Block] = [("h1", f"kvpipe report: {meta.model.get('name')} on {meta.dataset.get('name')}")]
+    blocks: list[Block] = [("h1", f"kvpipe report: {meta.model.name} on {meta.dataset.name}")]
     d = store.describe()
     blocks.append(("table", ["feature set", ""], [[k, str(d[k])] for k in
                    ("path", "model", "dataset", "images", "layers", "kv heads", "kinds", "keys", "dtype", "template")

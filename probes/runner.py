@@ -52,12 +52,34 @@ def cache_key(store: FeatureStore, task: str, version: int, params: dict[str, An
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def coverage(store: FeatureStore) -> dict[str, int]:
+    """How much of the planned feature set the store holds: images extracted (ok, in committed
+    parts) of the dataset's images, and parts committed."""
+    return {"images": len(store.images()), "images_total": store.meta.n_images,
+            "parts": len(store.committed_parts), "parts_total": store.n_parts}
+
+
+def check_complete(store: FeatureStore, allow_incomplete: bool = False) -> dict[str, int]:
+    """A one-line StoreError for a store with parts still pending, unless allowed; returns
+    the coverage either way."""
+    cov = coverage(store)
+    if cov["parts"] < cov["parts_total"] and not allow_incomplete:
+        raise StoreError(f"store {store.root} is incomplete: {cov['parts']} of {cov['parts_total']} parts committed "
+                         f"({cov['images']} of {cov['images_total']} images); finish it by rerunning the same "
+                         f"kvpipe extract, or pass --allow-incomplete to probe the images it holds")
+    return cov
+
+
 def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None = None,
               out_dir: str | Path | None = None, use_cache: bool = True,
-              progress: Callable[[int, int], None] | None = None) -> ProbeRun:
-    """Run ``task`` on the store; ``progress(done, total)`` after each target."""
+              progress: Callable[[int, int], None] | None = None, allow_incomplete: bool = False) -> ProbeRun:
+    """Run ``task`` on the store; ``progress(done, total)`` after each target.
+
+    A store with parts still pending is refused (``allow_incomplete`` probes what it holds);
+    the coverage goes into run.json and the results' parquet metadata."""
     t0 = time.perf_counter()
     store = FeatureStore.open(store_path)
+    cov = check_complete(store, allow_incomplete)
     probe_cls = PROBES.get(task)
     why = probe_cls.unavailable(store.meta)
     if why:
@@ -72,13 +94,13 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
         plots = sorted(out.glob("*.png"))
         if not plots:
             plots = _plots(probe_cls, store, params, table, out)
-        _write_table(table.replace_schema_metadata(None), out)
-        _write_run_record(out, task, probe_cls, params, key, cached=True)
+        _write_table(table.replace_schema_metadata(None), out, cov)
+        _write_run_record(out, task, probe_cls, params, key, cached=True, coverage=cov)
         return ProbeRun(task, table.replace_schema_metadata(None), out, plots, True, time.perf_counter() - t0)
     probe = probe_cls(store, params)
     targets = probe.targets()
     rows: list[dict[str, Any]] = []
-    base = {"model": store.meta.model.get("name"), "dataset": store.meta.dataset.get("name"), "task": task}
+    base = {"model": store.meta.model.name, "dataset": store.meta.dataset.name, "task": task}
     for i, tgt in enumerate(targets):
         for metric, value in probe.score(tgt).items():
             rows.append({**base, "layer": tgt.layer, "head": tgt.head, "kind": tgt.kind,
@@ -94,8 +116,8 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     # the scored rows come first; the count lets a cached run redraw the probe's own plots
     pq.write_table(table.replace_schema_metadata({SCORED_ROWS: str(n_scored)}), tmp)
     tmp.rename(cached_file)
-    _write_table(table, out)
-    _write_run_record(out, task, probe_cls, params, key, cached=False)
+    _write_table(table, out, cov)
+    _write_run_record(out, task, probe_cls, params, key, cached=False, coverage=cov)
     plots = extra_plots + _figure2(probe, store, table, out)
     return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0)
 
@@ -109,7 +131,12 @@ def results_dir(root: Any) -> Path:
     return Path("kvpipe-probes") / slug
 
 
-def _write_table(table: pa.Table, out: Path) -> None:
+COVERAGE = "kvpipe.coverage"  # parquet metadata of results.parquet: images / parts the results cover
+
+
+def _write_table(table: pa.Table, out: Path, coverage: dict[str, int] | None = None) -> None:
+    if coverage is not None:
+        table = table.replace_schema_metadata({COVERAGE: json.dumps(coverage, sort_keys=True)})
     pq.write_table(table, out / "results.parquet")
     pacsv.write_csv(table, out / "results.csv")
 
@@ -118,10 +145,11 @@ RUN_RECORD = "run.json"
 
 
 def _write_run_record(out: Path, task: str, probe_cls: type[Probe], params: dict[str, Any], key: str,
-                      cached: bool) -> None:
-    """What produced results.parquet (parameters with defaults, probe version, cache key)."""
+                      cached: bool, coverage: dict[str, int] | None = None) -> None:
+    """What produced results.parquet (parameters with defaults, probe version, cache key, the
+    store's coverage: images and parts extracted of those planned)."""
     record = {"task": task, "params": {**probe_cls.defaults, **params}, "probe_version": probe_cls.version,
-              "cache_key": key, "from_cache": cached}
+              "cache_key": key, "from_cache": cached, "coverage": coverage}
     (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
 
 
@@ -165,6 +193,6 @@ def _figure2(probe: Probe, store: FeatureStore, table: pa.Table, out: Path) -> l
         if kind not in store.meta.kinds:
             continue
         m = layer_head_matrix(table, metric, kind, store.meta.layers, store.meta.heads)
-        title = f"{probe.name}: image {kind} of {store.meta.model.get('name')} on {store.meta.dataset.get('name')}"
+        title = f"{probe.name}: image {kind} of {store.meta.model.name} on {store.meta.dataset.name}"
         paths.append(Path(plot_layer_head(m, title, metric, out / f"{probe.name}-{kind}-{metric}.png", baseline)))
     return paths

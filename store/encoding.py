@@ -7,6 +7,8 @@ Blosc with byte shuffle + zstd is the default compressor (numcodecs' Blosc, via 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from zarr.codecs import BloscCodec
 
@@ -41,10 +43,15 @@ def compressor_meta(store_dtype: str, codec: str = "zstd") -> dict:
     return {"codec": "blosc", "cname": cname, "clevel": clevel, "shuffle": _SHUFFLE_META[shuffle]}
 
 
-def compressor_for(meta_compressor: dict, store_dtype: str) -> BloscCodec:
-    """The codec a store's metadata names (stores made before the choice existed: zstd 3)."""
-    shuffle = _SHUFFLE_OF_META[meta_compressor.get("shuffle", "byte")]
-    return compressor(store_dtype, int(meta_compressor.get("clevel", 3)), meta_compressor.get("cname", "zstd"), shuffle)
+def compressor_for(meta_compressor: Any, store_dtype: str) -> BloscCodec:
+    """The codec a store's metadata names (``schema.Encoding`` or its dict; stores made before
+    the choice existed: zstd 3)."""
+    from kvpipe.store.schema import Encoding
+
+    enc = Encoding.from_dict(meta_compressor)
+    shuffle = _SHUFFLE_OF_META[enc.shuffle or "byte"]
+    clevel = 3 if enc.clevel is None else enc.clevel
+    return compressor(store_dtype, clevel, enc.cname or "zstd", shuffle)
 
 
 def stored_dim(dim: int, store_dtype: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,19 @@ class ImageRow:
         return json.loads(self.meta)
 
 
+def text_of(value: Any) -> Any:
+    """A string parquet can hold: names from non-UTF-8 file names carry surrogate escapes
+    (``os.fsdecode``), which are written as backslash escapes of their bytes ("caf\\xe9.png")."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
 def _record_table(rows: list[ImageRow], checksums: dict[str, str], data_dir: str | None) -> pa.Table:
-    table = pa.Table.from_pylist([asdict(r) for r in rows], schema=SCHEMA)
+    table = pa.Table.from_pylist([{k: text_of(v) for k, v in asdict(r).items()} for r in rows], schema=SCHEMA)
     meta = {b"kvpipe.checksums": json.dumps(checksums).encode()}
     if data_dir:  # object stores: the part's files live under a unique directory
         meta[b"kvpipe.data"] = data_dir.encode()
@@ -109,13 +121,27 @@ class PartCommit:
     data_dir: str | None  # relative to the store root; None: parts/pNNNNNN
 
 
-def _parse(table: pa.Table) -> PartCommit:
+def _parse(table: pa.Table, where: str = "manifest", part: int | None = None) -> PartCommit:
+    """The record's rows, checksums and data directory, every field checked (``check_record``)."""
+    for name in ("index", "image_id", "part"):
+        if name not in table.schema.names:
+            raise _bad(where, name, "is missing")
+    for fld in table.schema:
+        if fld.name in SCHEMA.names and not fld.type.equals(SCHEMA.field(fld.name).type):
+            raise _bad(where, fld.name, f"has type {fld.type}, not {SCHEMA.field(fld.name).type}")
+    if table.num_rows > MAX_ROWS:
+        raise _bad(where, "rows", f"number {table.num_rows}, more than {MAX_ROWS}")
     meta = table.schema.metadata or {}
-    checksums = json.loads(meta.get(b"kvpipe.checksums", b"{}"))
-    data_dir = meta.get(b"kvpipe.data")
+    try:
+        checksums = json.loads(meta.get(b"kvpipe.checksums", b"{}"))
+        data_dir = meta[b"kvpipe.data"].decode() if meta.get(b"kvpipe.data") else None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise _bad(where, "kvpipe.checksums", f"is not JSON ({err})") from None
     names = set(SCHEMA.names)
     rows = [ImageRow(**{k: v for k, v in r.items() if k in names}) for r in table.to_pylist()]
-    return PartCommit(rows, checksums, data_dir.decode() if data_dir else None)
+    commit = PartCommit(rows, checksums, data_dir)
+    check_record(commit, where, part)
+    return commit
 
 
 def read_part_record(path: Path) -> tuple[list[ImageRow], dict[str, str]]:
@@ -123,7 +149,7 @@ def read_part_record(path: Path) -> tuple[list[ImageRow], dict[str, str]]:
         table = pq.read_table(path)
     except Exception as err:
         raise StoreError(f"manifest file {path} is unreadable ({err}); run kvpipe verify") from None
-    commit = _parse(table)
+    commit = _parse(table, str(path), _part_of(Path(path).name))
     return commit.rows, commit.checksums
 
 
@@ -133,4 +159,102 @@ def read_part_record_bytes(data: bytes, where: str) -> PartCommit:
     except Exception as err:
         raise StoreError(f"manifest file {where} is unreadable ({str(err).splitlines()[0]}); "
                          f"run kvpipe verify") from None
-    return _parse(table)
+    return _parse(table, where, _part_of(where.rsplit("/", 1)[-1]))
+
+
+# ---- validation -----------------------------------------------------------------------------
+# Bounds of a row's fields: far above any real image (a 7B any-res model gives a few thousand
+# tokens per image), far below what would make a reader allocate gigabytes from one bad row.
+MAX_ROWS = 1 << 20
+MAX_INDEX = 1 << 40
+MAX_TOKENS = 1 << 20  # per image
+MAX_GRID = 1 << 14  # token rows / columns
+MAX_PIXELS = 1 << 17  # image / mask side
+_HEX8 = re.compile(r"[0-9a-f]{8}")
+_DATA_DIR = re.compile(r"parts/p(\d{6})(-[0-9A-Za-z]{1,64})?")
+
+
+def _part_of(name: str) -> int | None:
+    m = re.fullmatch(r"p(\d{6})\.parquet", name)
+    return int(m.group(1)) if m else None
+
+
+def _bad(where: str, name: str, problem: str) -> StoreError:
+    return StoreError(f"manifest file {where}: {name} {problem}; the record is damaged "
+                      f"(run kvpipe verify, then kvpipe extract --repair)")
+
+
+def safe_relpath(rel: Any) -> bool:
+    """A '/'-separated path that stays inside its directory (no '..', not absolute, no '\\')."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
+        return False
+    return all(p not in ("", ".", "..") for p in rel.split("/"))
+
+
+def check_checksums(checksums: Any, where: str) -> None:
+    if not isinstance(checksums, dict):
+        raise _bad(where, "kvpipe.checksums", "is not a JSON object")
+    for rel, crc in checksums.items():
+        if not safe_relpath(rel):
+            raise _bad(where, "kvpipe.checksums", f"names {rel!r}, a path outside the part")
+        if not isinstance(crc, str) or not _HEX8.fullmatch(crc):
+            raise _bad(where, "kvpipe.checksums", f"of {rel} is {crc!r}, not a CRC32C")
+
+
+def check_record(commit: PartCommit, where: str, part: int | None = None) -> None:
+    """Type and bound of every field of a part's record (one-line StoreError naming it).
+
+    Token ranges of a part's rows may not overlap and start at 0 or later; that the part's
+    arrays hold exactly the tokens the rows claim is checked where they are read."""
+    check_checksums(commit.checksums, where)
+    if commit.data_dir is not None:
+        m = _DATA_DIR.fullmatch(commit.data_dir)
+        if not m or (part is not None and int(m.group(1)) != part):
+            raise _bad(where, "kvpipe.data", f"is {commit.data_dir[:60]!r}, not this part's directory under parts/")
+    ends: list[tuple[int, int, str]] = []
+    for i, r in enumerate(commit.rows):
+        at = f"row {i}"
+        for name, lo, hi in (("index", 0, MAX_INDEX), ("part", 0, 10**6 - 1), ("token_offset", 0, MAX_INDEX),
+                             ("n_tokens", 0, MAX_TOKENS), ("grid_h", 0, MAX_GRID), ("grid_w", 0, MAX_GRID),
+                             ("image_h", 0, MAX_PIXELS), ("image_w", 0, MAX_PIXELS), ("frame", -1, MAX_INDEX),
+                             ("mask_offset", -1, MAX_INDEX * MAX_PIXELS), ("mask_h", 0, MAX_PIXELS),
+                             ("mask_w", 0, MAX_PIXELS)):
+            v = getattr(r, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise _bad(where, f"{at} {name}", f"is {v!r}, outside {lo}..{hi}")
+        for name in ("image_id", "status", "error", "segments", "source", "group", "meta"):
+            if not isinstance(getattr(r, name), str):
+                raise _bad(where, f"{at} {name}", f"is {getattr(r, name)!r}, not a string")
+        if part is not None and r.part != part:
+            raise _bad(where, f"{at} part", f"is {r.part}, but the file is part {part}")
+        if r.status not in (OK, FAILED):
+            raise _bad(where, f"{at} status", f"is {r.status!r}, not {OK} or {FAILED}")
+        _check_segments(r, where, at)
+        try:
+            if not isinstance(json.loads(r.meta), dict):
+                raise ValueError("not an object")
+        except ValueError as err:
+            raise _bad(where, f"{at} meta", f"is not a JSON object ({err})") from None
+        if r.n_tokens:
+            ends.append((r.token_offset, r.token_offset + r.n_tokens, r.image_id))
+    ends.sort()
+    for (a0, a1, a), (b0, _, b) in zip(ends, ends[1:]):
+        if b0 < a1:
+            raise _bad(where, "token_offset", f"of {b} ({b0}) overlaps the tokens of {a} ({a0}..{a1})")
+
+
+def _check_segments(r: ImageRow, where: str, at: str) -> None:
+    try:
+        segs = json.loads(r.segments)
+    except ValueError as err:
+        raise _bad(where, f"{at} segments", f"is not JSON ({err})") from None
+    if not isinstance(segs, list):
+        raise _bad(where, f"{at} segments", "is not a JSON list")
+    for seg in segs:
+        ok = isinstance(seg, dict) and isinstance(seg.get("name"), str) and isinstance(seg.get("newline"), bool) \
+            and all(isinstance(seg.get(k), int) and not isinstance(seg.get(k), bool) and 0 <= seg[k] <= MAX_TOKENS
+                    for k in ("offset", "rows", "cols"))
+        if not ok:
+            raise _bad(where, f"{at} segments", f"has a malformed entry {json.dumps(seg)[:60]}")
+        if seg["offset"] + seg["rows"] * (seg["cols"] + int(seg["newline"])) > r.n_tokens:
+            raise _bad(where, f"{at} segments", f"entry {seg['name']!r} runs past the image's {r.n_tokens} tokens")

@@ -26,8 +26,9 @@ from kvpipe.errors import StoreError
 from kvpipe.store import layout
 from kvpipe.store.encoding import DISK_DTYPE, decode, decode_into, stored_dim
 from kvpipe.store.fs import Location, open_location
-from kvpipe.store.manifest import ImageRow, read_part_record_bytes
-from kvpipe.store.schema import ALL_KINDS, META_ATTR, POST_PROJ, FeatureSetMeta
+from kvpipe.store.checksum import bytes_crc32c
+from kvpipe.store.manifest import ImageRow, check_checksums, read_part_record_bytes
+from kvpipe.store.schema import ALL_KINDS, META_ATTR, FeatureSetMeta, Kind
 
 
 def read_meta(root: Path | str | Location, option: str = "store") -> FeatureSetMeta:
@@ -103,10 +104,15 @@ class FeatureStore:
         self._tokens: dict[int, int] | None = None
         self._open_lock = threading.RLock()
         self._masks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.bad_records: dict[int, str] = {}  # part -> why its record was left out (open(strict=False))
 
     @classmethod
-    def open(cls, path: str | Path | Location) -> "FeatureStore":
-        """Open a store directory or URL (s3://, gs://, memory://, ... through fsspec)."""
+    def open(cls, path: str | Path | Location, strict: bool = True) -> "FeatureStore":
+        """Open a store directory or URL (s3://, gs://, memory://, ... through fsspec).
+
+        Every commit record is checked (``manifest.check_record``); a damaged one is a
+        StoreError, or with ``strict=False`` (``kvpipe verify``) its part is left out and
+        named in ``bad_records``."""
         loc = open_location(path)
         meta = read_meta(loc)
         rows: list[ImageRow] = []
@@ -114,16 +120,26 @@ class FeatureStore:
         data_dirs: dict[int, str] = {}
         names = [n for n in loc.listdir(layout.MANIFEST) if n.startswith("p") and n.endswith(".parquet")]
         records = loc.read_many([f"{layout.MANIFEST}/{n}" for n in names])
+        bad: dict[int, str] = {}
         for name in names:
             rel = f"{layout.MANIFEST}/{name}"
-            commit = read_part_record_bytes(records[rel], f"{loc.root}/{rel}")
             part = layout.part_of_manifest_name(name)
+            try:
+                commit = read_part_record_bytes(records[rel], f"{loc.root}/{rel}")
+                check_rows_fit(commit.rows, meta, f"{loc.root}/{rel}")
+            except StoreError as err:
+                if strict:
+                    raise
+                bad[part] = str(err)
+                continue
             rows.extend(commit.rows)
             checksums[part] = commit.checksums
             if commit.data_dir:
                 data_dirs[part] = commit.data_dir
         rows.sort(key=lambda r: r.index)
-        return cls(loc.root, meta, rows, checksums, loc, data_dirs)
+        store = cls(loc.root, meta, rows, checksums, loc, data_dirs)
+        store.bad_records = bad
+        return store
 
     def data_dir(self, part: int) -> str:
         """The part's directory relative to the store root."""
@@ -185,45 +201,52 @@ class FeatureStore:
                 self._tokens[r.part] = max(self._tokens.get(r.part, 0), r.token_offset + r.n_tokens)
         return self._tokens.get(part, 0)
 
-    def _chunk_file(self, part: int, kind: str, li: int, hi: int) -> np.ndarray | None:
-        """One (layer, head) chunk file of a local store, without opening the part's Zarr array.
+    def _chunk_bytes(self, part: int, key: str) -> bytes:
+        """One chunk file of a committed part, checked against the CRC32C its commit record
+        holds: a damaged or missing file is a StoreError, never wrong numbers or fill zeros.
+
+        Why the check costs little: the CRC32C (hardware instructions, >10 GB/s) runs over the
+        compressed bytes already in memory, beside a decompression several times slower."""
+        rel = f"{self.data_dir(part)}/{key}"
+        expected = self.checksums.get(part, {}).get(key)
+        if expected is None:
+            raise StoreError(f"part {layout.part_name(part)} of {self.root}: its commit record lists no file {key}; "
+                             f"run kvpipe verify {self.root}, then kvpipe extract --repair")
+        try:
+            payload = self.loc.read_bytes(rel)
+        except FileNotFoundError:
+            raise StoreError(f"part {layout.part_name(part)} of {self.root}: file {rel} is missing; "
+                             f"run kvpipe verify {self.root}, then kvpipe extract --repair") from None
+        check_crc(payload, expected, f"part {layout.part_name(part)} of {self.root}: file {rel}", self.root)
+        return payload
+
+    def _chunk_file(self, part: int, kind: str, li: int, hi: int) -> np.ndarray:
+        """One (layer, head) chunk file (the Zarr v3 default chunk key), checked and decoded
+        without opening the part's Zarr array.
 
         Why: everything needed to decode it is already known (the store's disk dtype and token
         width, the part's token count from the manifest; Blosc reads its own parameters from
         the chunk header), and a cold open of each part's array metadata costs more than
-        reading a small chunk. Returns None (the caller goes through Zarr) for anything that
-        does not match exactly."""
-        if not isinstance(self.root, Path) or part in self.data_dirs \
-                or self.meta.compressor.get("codec", "blosc") != "blosc":
-            return None
-        path = layout.part_dir(self.root, part) / kind / "c" / str(li) / str(hi) / "0" / "0"
-        try:
-            payload = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        raw = _BLOSC.decode(payload)
-        dtype = np.dtype(DISK_DTYPE[self.meta.store_dtype])
+        reading a small chunk. A chunk whose size disagrees with the manifest is damage."""
+        n_tokens = self._part_tokens(part)
         dim = stored_dim(self.meta.head_dim, self.meta.store_dtype)
-        if len(raw) != self._part_tokens(part) * dim * dtype.itemsize:
-            return None
-        return np.frombuffer(raw, dtype=dtype).reshape(-1, dim)
+        dtype = np.dtype(DISK_DTYPE[self.meta.store_dtype])
+        if n_tokens == 0:
+            return np.empty((0, dim), dtype)
+        payload = self._chunk_bytes(part, f"{kind}/c/{li}/{hi}/0/0")
+        return decode_chunk(payload, dtype, n_tokens, dim, f"{kind} of part {layout.part_name(part)}", self.root)
 
     def _raw(self, part: int, kind: str, li: int | None, hi: int | None) -> np.ndarray:
         """One part's on-disk array for (layer, head), or all of post_proj: [tokens, dim]."""
-        if kind != POST_PROJ:
-            try:
-                direct = self._chunk_file(part, kind, li, hi)
-            except Exception as err:
-                raise StoreError(f"cannot decode {kind} of part {layout.part_name(part)} ({err}); "
-                                 f"run kvpipe verify {self.root}") from None
-            if direct is not None:
-                return direct
-        arr = self._array(part, kind)
-        try:
-            return np.asarray(arr[...] if kind == POST_PROJ else arr[li, hi])
-        except Exception as err:
-            raise StoreError(f"cannot decode {kind} of part {layout.part_name(part)} ({err}); "
-                             f"run kvpipe verify {self.root}") from None
+        if kind != Kind.POST_PROJ:
+            return self._chunk_file(part, kind, li, hi)
+        n_tokens = self._part_tokens(part)
+        if n_tokens == 0:
+            return np.empty((0, self.meta.hidden_size), np.dtype(DISK_DTYPE[self.meta.store_dtype]))
+        dtype = np.dtype(DISK_DTYPE[self.meta.store_dtype])
+        dim = stored_dim(self.meta.hidden_size, self.meta.store_dtype)
+        return decode_chunk(self._chunk_bytes(part, f"{Kind.POST_PROJ}/c/0/0"), dtype, n_tokens, dim,
+                            f"{Kind.POST_PROJ} of part {layout.part_name(part)}", self.root)
 
     def _chunk(self, part: int, kind: str, li: int | None, hi: int | None) -> np.ndarray:
         return decode(self._raw(part, kind, li, hi), self.meta.store_dtype)
@@ -237,18 +260,19 @@ class FeatureStore:
         """
         if kind not in ALL_KINDS:
             raise StoreError(f"kind must be one of {', '.join(ALL_KINDS)}, not {kind!r}")
+        kind = Kind(kind).value
         if kind not in self.meta.kinds:
             raise StoreError(f"this store has no {kind!r} (stored kinds: {', '.join(self.meta.kinds)}); "
                              f"re-extract with --kinds including {kind}")
         li = hi = None
-        if kind != POST_PROJ:
+        if kind != Kind.POST_PROJ:
             if layer is None or head is None:
                 raise StoreError(f"reading {kind} needs a layer and a head")
             li, hi = self.meta.layer_index(layer), self.meta.head_index(head)
         rows = [r for r in (images if images is not None else self.images()) if r.ok]
         lengths = np.array([0] + [r.n_tokens for r in rows])
         offsets = np.cumsum(lengths)
-        dim = self.meta.hidden_size if kind == POST_PROJ else self.meta.head_dim
+        dim = self.meta.hidden_size if kind == Kind.POST_PROJ else self.meta.head_dim
         data = np.empty((int(offsets[-1]), dim), np.float32)
         by_part: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
@@ -261,9 +285,6 @@ class FeatureStore:
                 decode_into(raw[r.token_offset: r.token_offset + r.n_tokens], self.meta.store_dtype,
                             data[offsets[i]: offsets[i + 1]])
 
-        if not isinstance(self.root, Path) or kind == POST_PROJ:
-            for part in by_part:  # open array handles here: zarr metadata reads are not thread-safe to race
-                self._array(part, kind)
         if len(by_part) > 1:
             with ThreadPoolExecutor(min(READ_THREADS, len(by_part))) as pool:
                 list(pool.map(fill, by_part))
@@ -277,9 +298,15 @@ class FeatureStore:
         if row.mask_offset >= 0:
             try:
                 flat = self._part_masks(row.part)
+            except StoreError:
+                raise
             except Exception as err:
                 raise StoreError(f"cannot read the mask of {row.image_id} ({err}); run kvpipe verify") from None
-            mask = flat[row.mask_offset: row.mask_offset + row.mask_h * row.mask_w].reshape(row.mask_h, row.mask_w).copy()
+            end = row.mask_offset + row.mask_h * row.mask_w
+            if end > flat.size:
+                raise StoreError(f"the mask of {row.image_id} ends at {end}, past the {flat.size} mask pixels of "
+                                 f"part {layout.part_name(row.part)}; run kvpipe verify {self.root}")
+            mask = flat[row.mask_offset: end].reshape(row.mask_h, row.mask_w).copy()
         return Annotation(mask, row.meta_dict())
 
     def _part_masks(self, part: int) -> np.ndarray:
@@ -287,7 +314,12 @@ class FeatureStore:
         other, and the part's masks are one compressed chunk (the last two parts are kept)."""
         with self._open_lock:
             if part not in self._masks:
-                self._masks[part] = np.asarray(self._part(part)["masks"][...])
+                payload = self._chunk_bytes(part, "masks/c/0")
+                try:
+                    self._masks[part] = np.frombuffer(_BLOSC.decode(payload), np.uint8)
+                except Exception as err:
+                    raise StoreError(f"cannot decode the masks of part {layout.part_name(part)} ({err}); "
+                                     f"run kvpipe verify {self.root}") from None
                 while len(self._masks) > 2:
                     self._masks.popitem(last=False)
             return self._masks[part]
@@ -303,28 +335,58 @@ class FeatureStore:
             raise StoreError(f"{path} is not valid JSON ({err}); re-extract the store") from None
 
     # ---- text queries -------------------------------------------------------------------
-    def text_queries(self) -> list[str]:
+    def _text_record(self) -> tuple[list[str], dict[str, str]] | None:
+        """The text queries and their files' CRC32Cs (text.parquet); None when there are none."""
         try:
             data = self.loc.read_bytes(layout.TEXT_RECORD)
         except FileNotFoundError:
-            return []
-        return pq.read_table(io.BytesIO(data)).column("query").to_pylist()
+            return None
+        where = f"{self.root}/{layout.TEXT_RECORD}"
+        try:
+            table = pq.read_table(io.BytesIO(data))
+            queries = table.column("query").to_pylist()
+            sums = json.loads((table.schema.metadata or {}).get(b"kvpipe.checksums", b"{}"))
+        except Exception as err:
+            raise StoreError(f"{where} is unreadable ({str(err).splitlines()[0]}); run kvpipe verify, "
+                             f"then kvpipe extract --repair") from None
+        check_checksums(sums, where)
+        if not all(isinstance(q, str) for q in queries):
+            raise StoreError(f"{where}: a query is not a string; run kvpipe extract --repair")
+        return queries, sums
+
+    def text_queries(self) -> list[str]:
+        record = self._text_record()
+        return record[0] if record else []
 
     def text(self, kind: str, layer: int, head: int) -> np.ndarray:
-        """Final-token features [n_queries, head_dim] of the dataset's text queries."""
-        if not self.loc.isfile(layout.TEXT_RECORD):
+        """Final-token features [n_queries, head_dim] of the dataset's text queries (checked reads)."""
+        record = self._text_record()
+        if record is None:
             raise StoreError(f"store {self.root} has no text queries; its dataset supplies none")
-        group = zarr.open_group(self.loc.zarr_store(layout.TEXT), mode="r")
-        raw = group[kind][self.meta.layer_index(layer), self.meta.head_index(head)]
-        return decode(np.asarray(raw), self.meta.store_dtype)
+        queries, sums = record
+        li, hi = self.meta.layer_index(layer), self.meta.head_index(head)
+        key = f"{kind}/c/{li}/{hi}/0/0"
+        rel = f"{layout.TEXT}/{key}"
+        fix = f"run kvpipe verify {self.root}, then kvpipe extract --repair"
+        if key not in sums:
+            raise StoreError(f"{self.root}/{layout.TEXT_RECORD} lists no file {key}; {fix}")
+        try:
+            payload = self.loc.read_bytes(rel)
+        except FileNotFoundError:
+            raise StoreError(f"text queries of {self.root}: file {rel} is missing; {fix}") from None
+        check_crc(payload, sums[key], f"text queries of {self.root}: file {rel}", self.root)
+        dtype = np.dtype(DISK_DTYPE[self.meta.store_dtype])
+        dim = stored_dim(self.meta.head_dim, self.meta.store_dtype)
+        raw = decode_chunk(payload, dtype, len(queries), dim, f"{kind} of the text queries", self.root)
+        return decode(raw, self.meta.store_dtype)
 
     def describe(self) -> dict[str, Any]:
         ok = self.images()
         return {
             "path": str(self.root),
-            "model": self.meta.model.get("name"),
-            "family": self.meta.model.get("family"),
-            "dataset": self.meta.dataset.get("name"),
+            "model": self.meta.model.name,
+            "family": self.meta.model.family,
+            "dataset": self.meta.dataset.name,
             "images": f"{len(ok)} ok, {len(self.rows) - len(ok)} failed, {self.meta.n_images} planned",
             "parts": f"{len(self.checksums)}/{self.n_parts} committed",
             "layers": _ranges(self.meta.layers),
@@ -334,7 +396,7 @@ class FeatureStore:
             "dtype": f"{self.meta.store_dtype} on disk (computed in {self.meta.compute_dtype})",
             "head_dim": self.meta.head_dim,
             "template": self.meta.template + (f" + prefix {self.meta.prefix!r}" if self.meta.prefix else ""),
-            **({"prefix per image": ", ".join(f"{k} {v}" for k, v in self.meta.prefix_choice.items())}
+            **({"prefix per image": ", ".join(f"{k} {v}" for k, v in self.meta.prefix_choice.to_dict().items())}
                if self.meta.prefix_choice else {}),
             "tokens before image": len(self.meta.prefix_token_ids),
             "text queries": len(self.meta.text_queries),
@@ -342,6 +404,40 @@ class FeatureStore:
             "bytes on disk": self.loc.size(),
             "command": self.meta.command,
         }
+
+
+def check_rows_fit(rows: list[ImageRow], meta: FeatureSetMeta, where: str) -> None:
+    """A record's rows against the store metadata: its part exists, its image indices fall in
+    that part's range (so no record can make a reader allocate more than the store holds)."""
+    from kvpipe.store.manifest import _bad
+
+    for i, r in enumerate(rows):
+        if r.part >= meta.n_parts:
+            raise _bad(where, f"row {i} part", f"is {r.part}, past the store's {meta.n_parts} parts")
+        first = r.part * meta.part_size
+        if not first <= r.index < min(first + meta.part_size, meta.n_images):
+            raise _bad(where, f"row {i} index", f"is {r.index}, outside its part's images {first}.."
+                                                f"{min(first + meta.part_size, meta.n_images) - 1}")
+
+
+def check_crc(payload: bytes, expected: str, what: str, root: Any) -> None:
+    """A StoreError naming the file when ``payload`` is not what was committed."""
+    got = bytes_crc32c(payload)
+    if got != expected:
+        raise StoreError(f"{what} fails its CRC32C check (recorded {expected}, read {got}); "
+                         f"run kvpipe verify {root}, then kvpipe extract --repair")
+
+
+def decode_chunk(payload: bytes, dtype: np.dtype, n_tokens: int, dim: int, what: str, root: Any) -> np.ndarray:
+    """A Blosc chunk -> [n_tokens, dim] of ``dtype``; a StoreError when it holds another size."""
+    try:
+        raw = _BLOSC.decode(payload)
+    except Exception as err:
+        raise StoreError(f"cannot decode {what} ({err}); run kvpipe verify {root}") from None
+    if len(raw) != n_tokens * dim * dtype.itemsize:
+        raise StoreError(f"{what} holds {len(raw) // max(1, dim * dtype.itemsize)} tokens, the manifest says "
+                         f"{n_tokens}; run kvpipe verify {root}, then kvpipe extract --repair")
+    return np.frombuffer(raw, dtype=dtype).reshape(n_tokens, dim)
 
 
 def _ranges(values: Iterable[int]) -> str:

@@ -12,7 +12,9 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,8 @@ from kvpipe.store.checksum import file_crc32c
 from kvpipe.store.chunks import TokenSegments, write_chunks
 from kvpipe.store.encoding import DISK_DTYPE, compressor, compressor_for, encode
 from kvpipe.store.fs import Location, ObjectLocation, fsync_dir, open_location, sync_tree
-from kvpipe.store.manifest import ImageRow, part_record_bytes, write_part_record
+from kvpipe.store.lease import LEASE, WriterLease
+from kvpipe.store.manifest import ImageRow, part_record_bytes, read_part_record_bytes, write_part_record
 from kvpipe.store.schema import META_ATTR, FeatureSetMeta
 from kvpipe.store.reader import read_meta
 
@@ -48,52 +51,96 @@ class StoreWriter:
         self.remote = not self.loc.atomic_rename  # object store: unique prefixes, record PUT commits
         self.meta = meta
         self._committed_now: dict[int, str] = {}  # part -> data directory, committed by this writer
+        self._lease: WriterLease | None = None  # held by create_or_resume's writers, not by staging workers
 
     # ---- opening -----------------------------------------------------------------
     @classmethod
     def create_or_resume(cls, path: str | os.PathLike, meta: FeatureSetMeta,
-                         structure: dict | None = None) -> "StoreWriter":
+                         structure: dict | None = None, lease_timeout: float | None = None) -> "StoreWriter":
         """Open the store at ``path`` for ``meta``, creating it (with ``structure``, the
-        dataset-level annotations written to dataset.json) when it does not exist yet."""
+        dataset-level annotations written to dataset.json) when it does not exist yet.
+
+        The writer holds the store's writer lease (``store.lease``) until ``close()``: a second
+        run writing the same store is refused in one line naming this one."""
         loc = open_location(path, "--out")
-        if not loc.atomic_rename:
-            writer = cls._open_object_store(loc, meta, structure or {})
+        lease = None
+        try:
+            if not loc.atomic_rename:
+                loc.check()
+                if not loc.isfile("zarr.json") and set(loc.listdir("")) - {LEASE}:
+                    raise StoreError(f"--out {loc.root} holds other objects but no kvpipe store (no zarr.json); "
+                                     f"choose an empty prefix")
+                lease = WriterLease.acquire(loc, lease_timeout, "--out")  # before anything is written
+                writer = cls._open_object_store(loc, meta, structure or {})
+            else:
+                root = loc.root
+                if root.exists() and not root.is_dir():
+                    raise StoreError(f"--out {root} is a file; give a directory path for the store")
+                remove_creation_leftovers(root)
+                if root.exists() and any(root.iterdir()):
+                    read_meta(root, option="--out")  # a kvpipe store, before a lease is written into it
+                elif cls._create(root, meta, structure or {}):
+                    lease = WriterLease.acquire(loc, lease_timeout, "--out")
+                    writer = cls(root, meta)
+                if lease is None:  # an existing store (or one another run created just now)
+                    lease = WriterLease.acquire(loc, lease_timeout, "--out")
+                    writer = cls(root, _same_feature_set(read_meta(root, option="--out"), meta, root))
+            writer._lease, lease = lease, None
+        finally:
+            if lease is not None:
+                lease.release()
+        try:
             writer._clean_staging()
-            return writer
-        root = loc.root
-        if root.exists() and not root.is_dir():
-            raise StoreError(f"--out {root} is a file; give a directory path for the store")
-        if root.exists() and any(root.iterdir()):
-            existing = _same_feature_set(read_meta(root, option="--out"), meta, root)
-            writer = cls(root, existing)
-        else:
-            cls._create(root, meta, structure or {})
-            writer = cls(root, meta)
-        writer._clean_staging()
+        except BaseException:
+            writer.close()
+            raise
         return writer
 
+    def close(self) -> None:
+        """Release the writer lease (idempotent). ``run_job`` calls it once the run is over."""
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.check()
+
     @staticmethod
-    def _create(root: Path, meta: FeatureSetMeta, structure: dict) -> None:
+    def _create(root: Path, meta: FeatureSetMeta, structure: dict) -> bool:
+        """Build the store under a hidden temporary name and rename it in; False when another
+        run created the store first (the caller then resumes it)."""
         root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = root.parent / f".{root.name}.creating-{uuid.uuid4().hex[:8]}"
-        zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3,
-                        attributes={META_ATTR: meta.to_dict()})
-        for sub in (layout.PARTS, layout.MANIFEST, layout.STAGING):
-            (tmp / sub).mkdir()
-        (tmp / layout.STRUCTURE).write_text(json.dumps(structure, sort_keys=True))
-        if root.exists():
-            root.rmdir()  # an empty directory the user made for us
-        os.rename(tmp, root)
+        tmp = root.parent / f".{root.name}{CREATING}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3,
+                            attributes={META_ATTR: meta.to_dict()})
+            for sub in (layout.PARTS, layout.MANIFEST, layout.STAGING):
+                (tmp / sub).mkdir()
+            (tmp / layout.STRUCTURE).write_text(json.dumps(structure, sort_keys=True))
+            try:
+                if root.exists():
+                    root.rmdir()  # an empty directory the user made for us
+                os.rename(tmp, root)
+            except OSError as err:
+                if root.is_dir() and (root / "zarr.json").exists():
+                    return False  # another run's rename won
+                raise StoreError(f"--out {root}: cannot create the store ({err})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return True
 
     @classmethod
     def _open_object_store(cls, loc: ObjectLocation, meta: FeatureSetMeta, structure: dict) -> "StoreWriter":
         """Object stores: dataset.json first, the root zarr.json last (it makes the store exist)."""
-        loc.check()
         if loc.isfile("zarr.json"):
             return cls(loc, _same_feature_set(read_meta(loc, option="--out"), meta, loc.root))
-        if loc.listdir(""):
-            raise StoreError(f"--out {loc.root} holds other objects but no kvpipe store (no zarr.json); "
-                             f"choose an empty prefix")
         with tempfile.TemporaryDirectory(prefix="kvpipe-create-") as tmp:
             zarr.open_group(zarr.storage.LocalStore(tmp), mode="w", zarr_format=3,
                             attributes={META_ATTR: meta.to_dict()})
@@ -116,12 +163,26 @@ class StoreWriter:
         self._clean_staging()
 
     def _clean_staging(self) -> None:
-        if self.remote:  # uploads that never got a record, and older attempts of parts committed now
-            committed = self.committed_parts()
+        """Only the lease holder cleans (no other writer is alive), and never a directory that
+        a commit record names: on an object store, prefixes no record points to (uploads that
+        never got a record, older attempts of parts committed since)."""
+        self._check_lease()
+        if self.remote:
+            names = [n for n in self.loc.listdir(layout.MANIFEST) if n.startswith("p") and n.endswith(".parquet")]
+            records = self.loc.read_many([f"{layout.MANIFEST}/{n}" for n in names])
+            keep, unsure = set(), set()
+            for name in names:
+                part = layout.part_of_manifest_name(name)
+                try:
+                    commit = read_part_record_bytes(records[f"{layout.MANIFEST}/{name}"], name)
+                except StoreError:
+                    unsure.add(part)  # an unreadable record: leave its part's files to --repair
+                    continue
+                keep.add(commit.data_dir or layout.part_rel(part))
             for d in self.loc.listdir(layout.PARTS):
                 part = layout.part_of_dir_name(d)
                 rel = f"{layout.PARTS}/{d}"
-                if part is not None and (part not in committed or self._committed_now.get(part, rel) != rel):
+                if part is not None and part not in unsure and rel not in keep:
                     self.loc.rmtree(rel)
             return
         staging = self.root / layout.STAGING
@@ -191,6 +252,7 @@ class StoreWriter:
         """Make a staged part visible: rename it into parts/, then write its manifest record.
 
         On an object store the record, one PUT naming the part's prefix, is the whole commit."""
+        self._check_lease()
         if self.remote:
             self.loc.write_atomic(layout.manifest_rel(part),
                                   part_record_bytes(rows, staged.checksums, data_dir=staged.path))
@@ -230,6 +292,7 @@ class StoreWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        self._check_lease()
         if self.remote:
             self.loc.rmtree(layout.TEXT)
             sums = self._upload(arrays, layout.TEXT)
@@ -254,6 +317,35 @@ class StoreWriter:
 
     def text_committed(self) -> bool:
         return self.loc.isfile(layout.TEXT_RECORD)
+
+
+CREATING = ".creating-"  # .STORE.creating-<host>-<pid>-<id>: a store being created beside STORE
+LEFTOVER_AGE = 24 * 3600.0  # a creation folder of another host (or of no known process) this old is dead
+
+
+def remove_creation_leftovers(root: Path) -> list[Path]:
+    """Delete ``.STORE.creating-*`` folders beside ``root`` left by runs killed while creating
+    the store: those of this host whose process is gone, and any older than a day."""
+    from kvpipe.store.lease import pid_alive
+
+    removed = []
+    parent, prefix = root.parent, f".{root.name}{CREATING}"
+    if not parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for p in parent.iterdir():
+        if not p.name.startswith(prefix) or not p.is_dir():
+            continue
+        fields = p.name[len(prefix):].rsplit("-", 2)
+        try:
+            dead = len(fields) == 3 and fields[0] == host and not pid_alive(int(fields[1]))
+            old = time.time() - p.stat().st_mtime > LEFTOVER_AGE
+        except (ValueError, OSError):
+            continue
+        if dead or old:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def _same_feature_set(existing: FeatureSetMeta, meta: FeatureSetMeta, root) -> FeatureSetMeta:

@@ -71,10 +71,41 @@ class ImageRecord:
             raise
         except Exception as err:  # PIL raises many types for broken files
             raise DataError(f"cannot read image {self.source}: {err}") from None
-        return img.convert("RGB")
+        return to_rgb(img)
 
     def annotation(self) -> Annotation:
         return self.load_annotation()
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of an image of any PIL mode, the one place images are converted.
+
+    Why not ``img.convert("RGB")`` alone: PIL clips 16- and 32-bit integer greys to 255 (a
+    16-bit PNG becomes almost all white) and drops alpha, showing whatever colour transparent
+    pixels happen to hold. Here 16-bit greys ("I;16*", and "I", which 16-bit PNGs also open
+    as) are scaled by >> 8 (0..65535 -> 0..255, values outside clipped); "F" greys are taken
+    as 0..1 when every value lies there, else as 0..255 (clipped); images with alpha ("LA",
+    "RGBA", "PA", "P" with a transparent colour, ...) are composited over white, as
+    transformers' ``convert_to_rgb`` does; everything else ("1", "L", "P", "CMYK", "YCbCr",
+    ...) goes through PIL's own conversion."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(img).astype(np.int64)
+        return Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = np.nan_to_num(a, nan=0.0)
+        if a.size and a.min() >= 0 and a.max() <= 1:
+            a = a * 255
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info) \
+            or (mode in ("L", "RGB") and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 class DatasetAdapter:

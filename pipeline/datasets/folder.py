@@ -29,10 +29,26 @@ def open_image(path: str) -> Image.Image:
 
 
 def list_images(root: Path) -> list[Path]:
-    """Image files under root (recursive, symlinked folders followed), sorted by relative posix path."""
+    """Image files under root (recursive, symlinked folders followed), sorted by relative posix path.
+
+    Every real folder is listed once, under the first path that reaches it (folders walked in
+    sorted order, so the choice is stable): a symlink loop or a link to a folder already
+    walked adds nothing, instead of listing its images again at every depth until the
+    path grows too long. Names that are not UTF-8 keep their bytes as surrogate escapes
+    (``os.fsdecode``), so their ids are stable."""
     found = []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if not name.startswith(".") and name.lower().endswith(EXTENSIONS):
                 found.append(Path(dirpath) / name)

@@ -48,7 +48,7 @@ def run_job(cfg: ExtractConfig, progress: ProgressFn | None = None,
     try:
         meta = session.meta()
         writer = StoreWriter.create_or_resume(loc, meta, data.structure)
-        repaired = drop_damaged_parts(writer.location) if cfg.repair else {}
+        repaired = drop_damaged_parts(writer.location, data.structure) if cfg.repair else {}
         pending = writer.pending_parts()
         if on_start:
             on_start(data.images_in(pending, cfg.part_size), len(data.records))
@@ -66,7 +66,10 @@ def run_job(cfg: ExtractConfig, progress: ProgressFn | None = None,
     finally:
         session.close()  # workers stop before their leftovers are deleted
         if writer is not None:
-            writer.clean_staging()
+            try:
+                writer.clean_staging()
+            finally:
+                writer.close()  # the writer lease
     result.seconds = time.perf_counter() - t0
     result.timings["other"] = result.seconds - sum(result.timings.values())
     return result

@@ -12,6 +12,7 @@ from kvpipe.probes.input_agnostic import pca, pick_pca_layer
 from kvpipe.store import layout
 
 from fixtures.probe_stores import grid_segments, write_feature_store
+from fixtures.store_equality import recommit_checksums
 
 
 def test_pca_hand_case():
@@ -66,6 +67,7 @@ def agnostic_store(path, n_images: int = 6):
     for h in (2, 3):
         keys[:, h] = np.tile(const, (n_images, 1)) + 0.05 * rng.standard_normal((n_images * gh * gw, dim))
     arr[...] = keys
+    recommit_checksums(store, 0)  # reads check every chunk's recorded CRC32C
     return store
 
 

@@ -116,6 +116,9 @@ def test_input_agnostic_separates_constant_heads(tmp_path):
     for h in (2, 3):
         keys[:, h] = np.tile(const, (n_img, 1)) + 0.05 * rng.standard_normal((n_img * n_tok, keys.shape[-1]))
     arr[...] = keys
+    from fixtures.store_equality import recommit_checksums
+
+    recommit_checksums(store, 0)  # reads check every chunk's recorded CRC32C
     run = run_probe(store, "input-agnostic", {"threshold": None})
     flags = {(r["layer"], r["head"]): r["value"] for r in run.table.to_pylist() if r["metric"] == "input_agnostic"}
     assert all(flags[(l, h)] == (1.0 if h in (2, 3) else 0.0) for l in range(3) for h in range(4))
