@@ -5,12 +5,11 @@ channels, as keys have), then reads every (kind, layer, head) across all parts, 
 runs with the check on and off (off: ``reader.check_crc`` replaced by a no-op), files in
 the page cache. Prints read throughput (decoded float32 MB/s) and the overhead.
 
-    python benchmarks/read_checks.py [--parts 16] [--tokens 4096] [--layers 8] [--heads 4] [--repeats 7]
+    python -m kvpipe.benchmarks.read_checks [--parts 16] [--tokens 4096] [--layers 8] [--heads 4] [--repeats 7]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvpipe.benchmarks.common import args_dict, finish, get_args_parser
 from kvpipe.store import FeatureSetMeta, FeatureStore, reader
 from kvpipe.store.checksum import bytes_crc32c
 from kvpipe.store.encoding import compressor_meta
@@ -91,14 +91,14 @@ def stage_times(root: Path, repeats: int) -> dict[str, float]:
     return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=7)
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> dict:
+    ap = get_args_parser(__doc__, groups=())
+    ap.add_argument("--parts", type=int, default=16, help="store parts (default: %(default)s)")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens per part (default: %(default)s)")
+    ap.add_argument("--layers", type=int, default=8, help="layers (default: %(default)s)")
+    ap.add_argument("--heads", type=int, default=4, help="KV heads (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=7, help="alternating checked/unchecked runs (default: %(default)s)")
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kvpipe-read-checks-") as tmp:
         root = Path(tmp) / "store"
         build(root, args.parts, args.tokens, args.layers, args.heads)
@@ -130,6 +130,10 @@ def main() -> None:
     print("one thread, every chunk file once, best of repeats: " + ", ".join(
         f"{k} {v:.3f} s ({100 * v / total:.1f}%)" for k, v in stages.items()))
     print(f" check / (everything else): {100 * stages['crc32c'] / (total - stages['crc32c']):.1f}%")
+    return finish(args, {"args": args_dict(args), "on_disk_bytes": on_disk, "decoded_bytes": nbytes,
+                         "median_s": med, "min_s": {k: min(v) for k, v in times.items()},
+                         "overhead_median": med["checked"] / med["unchecked"] - 1,
+                         "crc32c_gb_per_s": crc_rate, "one_thread_s": stages})
 
 
 if __name__ == "__main__":

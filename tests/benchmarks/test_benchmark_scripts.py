@@ -12,7 +12,7 @@ import sys
 import pytest
 
 SCRIPTS = ("capture_stages", "cli_latency", "codecs", "disk_rewrite", "encoder_interference", "extract_timeline", "host_buffers",
-           "linear_probes", "lossy_fidelity", "multi_gpu", "prefill_kernels", "sweep")
+           "linear_probes", "lossy_fidelity", "multi_gpu", "prefill_kernels", "read_checks", "sweep")
 # a tiny MLM on the CPU: 4 images of 56 x 56 (4 image tokens each), batches of 2
 TINY = ["--device", "cpu", "--model", "tiny-qwen25vl", "--dtype", "float32", "--image-size", "56",
         "--images", "4", "--batch-size", "2"]
@@ -158,3 +158,11 @@ def test_cli_latency_times_each_command_per_executable(synthetic_store, tmp_path
     assert all(res["median_s"][name][exe] > 0 for name in res["median_s"])
     assert res["exit_codes"]["info"][exe] == 0 and res["exit_codes"]["extract: misspelt --model"][exe] == 2
     assert json.loads(out.read_text())["repeat"] == 1
+
+
+def test_read_checks_times_checked_and_unchecked_reads(tmp_path):
+    out = tmp_path / "rc.json"
+    res = script("read_checks").main(["--parts", "2", "--tokens", "64", "--layers", "2", "--heads", "2",
+                                      "--repeats", "1", "--json", str(out)])
+    assert set(res["median_s"]) == {"checked", "unchecked"} and res["decoded_bytes"] > 0
+    assert res["one_thread_s"]["crc32c"] > 0 and json.loads(out.read_text())["args"]["parts"] == 2

@@ -54,10 +54,10 @@ def test_run_json_records_the_overlap_with_the_treatment(tmp_path):
                  kind="keys") for c in cells + [(-1, -1, "threshold_valley", 450.0)]]
     path = tmp_path / "results.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
-    dep = knockout_condition(path, heads="input-dependent", layers="0-1", n_layers=2, n_kv_heads=2, seed=0)
+    dep = knockout_condition(path, heads="input-dependent", layers="0-1", n_layers=2, n_kv_heads=2, control_seed=0)
     assert dep.info()["overlap_with_treatment"] == 0 and dep.info()["treatment_heads"] == 2
     for seed in range(10):
-        rnd = knockout_condition(path, heads="random", layers="0-1", n_layers=2, n_kv_heads=2, seed=seed)
+        rnd = knockout_condition(path, heads="random", layers="0-1", n_layers=2, n_kv_heads=2, control_seed=seed)
         record = rnd.info()  # run.json's "info"
         assert record["overlap_with_treatment"] == len(rnd.heads & {(0, 0), (1, 1)}) < 2
     assert "overlap_with_treatment" not in Condition().info()
