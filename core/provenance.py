@@ -53,6 +53,8 @@ def _jsonable(value: Any) -> Any:
         return [_jsonable(v) for v in value]
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
+    if callable(getattr(value, "to_dict", None)):  # the store metadata's typed sections
+        return _jsonable(value.to_dict())
     return str(value)
 
 

@@ -125,18 +125,18 @@ def _parse(table: pa.Table, where: str = "manifest", part: int | None = None) ->
     """The record's rows, checksums and data directory, every field checked (``check_record``)."""
     for name in ("index", "image_id", "part"):
         if name not in table.schema.names:
-            raise _bad(where, name, "is missing")
+            raise bad_field(where, name, "is missing")
     for fld in table.schema:
         if fld.name in SCHEMA.names and not fld.type.equals(SCHEMA.field(fld.name).type):
-            raise _bad(where, fld.name, f"has type {fld.type}, not {SCHEMA.field(fld.name).type}")
+            raise bad_field(where, fld.name, f"has type {fld.type}, not {SCHEMA.field(fld.name).type}")
     if table.num_rows > MAX_ROWS:
-        raise _bad(where, "rows", f"number {table.num_rows}, more than {MAX_ROWS}")
+        raise bad_field(where, "rows", f"number {table.num_rows}, more than {MAX_ROWS}")
     meta = table.schema.metadata or {}
     try:
         checksums = json.loads(meta.get(b"kvpipe.checksums", b"{}"))
         data_dir = meta[b"kvpipe.data"].decode() if meta.get(b"kvpipe.data") else None
     except (ValueError, UnicodeDecodeError) as err:
-        raise _bad(where, "kvpipe.checksums", f"is not JSON ({err})") from None
+        raise bad_field(where, "kvpipe.checksums", f"is not JSON ({err})") from None
     names = set(SCHEMA.names)
     rows = [ImageRow(**{k: v for k, v in r.items() if k in names}) for r in table.to_pylist()]
     commit = PartCommit(rows, checksums, data_dir)
@@ -179,7 +179,8 @@ def _part_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _bad(where: str, name: str, problem: str) -> StoreError:
+def bad_field(where: str, name: str, problem: str) -> StoreError:
+    """The one-line error for a manifest field out of bounds (the reader checks records with it too)."""
     return StoreError(f"manifest file {where}: {name} {problem}; the record is damaged "
                       f"(run kvpipe verify, then kvpipe extract --repair)")
 
@@ -193,12 +194,12 @@ def safe_relpath(rel: Any) -> bool:
 
 def check_checksums(checksums: Any, where: str) -> None:
     if not isinstance(checksums, dict):
-        raise _bad(where, "kvpipe.checksums", "is not a JSON object")
+        raise bad_field(where, "kvpipe.checksums", "is not a JSON object")
     for rel, crc in checksums.items():
         if not safe_relpath(rel):
-            raise _bad(where, "kvpipe.checksums", f"names {rel!r}, a path outside the part")
+            raise bad_field(where, "kvpipe.checksums", f"names {rel!r}, a path outside the part")
         if not isinstance(crc, str) or not _HEX8.fullmatch(crc):
-            raise _bad(where, "kvpipe.checksums", f"of {rel} is {crc!r}, not a CRC32C")
+            raise bad_field(where, "kvpipe.checksums", f"of {rel} is {crc!r}, not a CRC32C")
 
 
 def check_record(commit: PartCommit, where: str, part: int | None = None) -> None:
@@ -210,7 +211,7 @@ def check_record(commit: PartCommit, where: str, part: int | None = None) -> Non
     if commit.data_dir is not None:
         m = _DATA_DIR.fullmatch(commit.data_dir)
         if not m or (part is not None and int(m.group(1)) != part):
-            raise _bad(where, "kvpipe.data", f"is {commit.data_dir[:60]!r}, not this part's directory under parts/")
+            raise bad_field(where, "kvpipe.data", f"is {commit.data_dir[:60]!r}, not this part's directory under parts/")
     ends: list[tuple[int, int, str]] = []
     for i, r in enumerate(commit.rows):
         at = f"row {i}"
@@ -221,40 +222,40 @@ def check_record(commit: PartCommit, where: str, part: int | None = None) -> Non
                              ("mask_w", 0, MAX_PIXELS)):
             v = getattr(r, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise _bad(where, f"{at} {name}", f"is {v!r}, outside {lo}..{hi}")
+                raise bad_field(where, f"{at} {name}", f"is {v!r}, outside {lo}..{hi}")
         for name in ("image_id", "status", "error", "segments", "source", "group", "meta"):
             if not isinstance(getattr(r, name), str):
-                raise _bad(where, f"{at} {name}", f"is {getattr(r, name)!r}, not a string")
+                raise bad_field(where, f"{at} {name}", f"is {getattr(r, name)!r}, not a string")
         if part is not None and r.part != part:
-            raise _bad(where, f"{at} part", f"is {r.part}, but the file is part {part}")
+            raise bad_field(where, f"{at} part", f"is {r.part}, but the file is part {part}")
         if r.status not in (OK, FAILED):
-            raise _bad(where, f"{at} status", f"is {r.status!r}, not {OK} or {FAILED}")
+            raise bad_field(where, f"{at} status", f"is {r.status!r}, not {OK} or {FAILED}")
         _check_segments(r, where, at)
         try:
             if not isinstance(json.loads(r.meta), dict):
                 raise ValueError("not an object")
         except ValueError as err:
-            raise _bad(where, f"{at} meta", f"is not a JSON object ({err})") from None
+            raise bad_field(where, f"{at} meta", f"is not a JSON object ({err})") from None
         if r.n_tokens:
             ends.append((r.token_offset, r.token_offset + r.n_tokens, r.image_id))
     ends.sort()
     for (a0, a1, a), (b0, _, b) in zip(ends, ends[1:]):
         if b0 < a1:
-            raise _bad(where, "token_offset", f"of {b} ({b0}) overlaps the tokens of {a} ({a0}..{a1})")
+            raise bad_field(where, "token_offset", f"of {b} ({b0}) overlaps the tokens of {a} ({a0}..{a1})")
 
 
 def _check_segments(r: ImageRow, where: str, at: str) -> None:
     try:
         segs = json.loads(r.segments)
     except ValueError as err:
-        raise _bad(where, f"{at} segments", f"is not JSON ({err})") from None
+        raise bad_field(where, f"{at} segments", f"is not JSON ({err})") from None
     if not isinstance(segs, list):
-        raise _bad(where, f"{at} segments", "is not a JSON list")
+        raise bad_field(where, f"{at} segments", "is not a JSON list")
     for seg in segs:
         ok = isinstance(seg, dict) and isinstance(seg.get("name"), str) and isinstance(seg.get("newline"), bool) \
             and all(isinstance(seg.get(k), int) and not isinstance(seg.get(k), bool) and 0 <= seg[k] <= MAX_TOKENS
                     for k in ("offset", "rows", "cols"))
         if not ok:
-            raise _bad(where, f"{at} segments", f"has a malformed entry {json.dumps(seg)[:60]}")
+            raise bad_field(where, f"{at} segments", f"has a malformed entry {json.dumps(seg)[:60]}")
         if seg["offset"] + seg["rows"] * (seg["cols"] + int(seg["newline"])) > r.n_tokens:
-            raise _bad(where, f"{at} segments", f"entry {seg['name']!r} runs past the image's {r.n_tokens} tokens")
+            raise bad_field(where, f"{at} segments", f"entry {seg['name']!r} runs past the image's {r.n_tokens} tokens")

@@ -409,14 +409,14 @@ class FeatureStore:
 def check_rows_fit(rows: list[ImageRow], meta: FeatureSetMeta, where: str) -> None:
     """A record's rows against the store metadata: its part exists, its image indices fall in
     that part's range (so no record can make a reader allocate more than the store holds)."""
-    from kvpipe.store.manifest import _bad
+    from kvpipe.store.manifest import bad_field
 
     for i, r in enumerate(rows):
         if r.part >= meta.n_parts:
-            raise _bad(where, f"row {i} part", f"is {r.part}, past the store's {meta.n_parts} parts")
+            raise bad_field(where, f"row {i} part", f"is {r.part}, past the store's {meta.n_parts} parts")
         first = r.part * meta.part_size
         if not first <= r.index < min(first + meta.part_size, meta.n_images):
-            raise _bad(where, f"row {i} index", f"is {r.index}, outside its part's images {first}.."
+            raise bad_field(where, f"row {i} index", f"is {r.index}, outside its part's images {first}.."
                                                 f"{min(first + meta.part_size, meta.n_images) - 1}")
 
 

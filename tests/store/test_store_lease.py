@@ -58,7 +58,7 @@ print("DONE", flush=True)
 
 def start_writers(n: int, out: str, tmp_path: Path) -> tuple[list[subprocess.Popen], Path]:
     gate = tmp_path / "go"
-    tests_dir = str(HERE.parent)
+    tests_dir = str(HERE)
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, out, str(gate), tests_dir], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**os.environ})
              for _ in range(n)]
