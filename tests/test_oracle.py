@@ -194,6 +194,9 @@ PRESETS = {
     "llava-next-llama3": ((4096, 32, 32, 8, 14336, 128320, 5e5),
                           {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                            "intermediate_size": 4096, "image_size": 336, "patch_size": 14}),
+    "llava15": ((4096, 32, 32, 32, 11008, 32064, 1e4),
+                {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                 "intermediate_size": 4096, "image_size": 336, "patch_size": 14}),
 }
 SIGLIP = {"hidden_size": 1152, "num_hidden_layers": 26, "num_attention_heads": 16, "intermediate_size": 4304,
           "image_size": 384, "patch_size": 14}

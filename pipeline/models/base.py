@@ -108,7 +108,14 @@ class ModelAdapter:
         raise NotImplementedError
 
     def _image_token_id(self) -> int:
-        raise NotImplementedError
+        """The id the processor writes at every image token (the model's config says it)."""
+        cfg = self.model.config
+        value = getattr(cfg, "image_token_id", None)
+        if value is None:
+            value = getattr(cfg, "image_token_index", None)
+        if value is None:
+            raise ModelError(f"{type(cfg).__name__} names no image token id (image_token_id / image_token_index)")
+        return int(value)
 
     def segments(self, inputs: dict[str, Any], index: int, n_tokens: int) -> tuple[Segment, ...]:
         """The token grid(s) of image ``index`` of a processed batch."""
@@ -132,10 +139,13 @@ class ModelAdapter:
         return fuse_decoder_kernels(self.language_model(), self.device)
 
     def decoder_layers(self) -> list[torch.nn.Module]:
-        return list(self.model.model.language_model.layers)
+        return list(self.language_model().layers)
 
     def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
+        """The decoder: ``model.language_model`` (``model.text_model`` in Idefics3 / SmolVLM)."""
+        inner = self.model.model
+        found = getattr(inner, "language_model", None)
+        return found if found is not None else inner.text_model
 
     def attention_modules(self) -> list[torch.nn.Module]:
         """The self-attention module of each decoder layer (what attention knock-out patches)."""
@@ -243,11 +253,9 @@ class ModelAdapter:
         if not bool(is_image.any(dim=1).all()):
             raise ModelError("the processor produced a sequence without image tokens")
         last = int(torch.where(is_image.any(0))[0].max()) + 1
-        inputs = dict(enc)
-        inputs["input_ids"] = ids[:, :last]
-        inputs["attention_mask"] = enc["attention_mask"][:, :last]
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, :last]
+        # every per-token input (ids, attention mask, token type ids, ...) is cut at the same column
+        inputs = {k: (v[:, :last] if isinstance(v, torch.Tensor) and v.shape == ids.shape else v)
+                  for k, v in enc.items()}
         layouts, prefixes = [], []
         for i in range(len(images)):
             pos = torch.where(is_image[i])[0]

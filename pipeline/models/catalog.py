@@ -102,6 +102,10 @@ _add("llava-next-llama3", "llava_next:LlavaNextAdapter", "llava-hf/llama3-llava-
      "llava_next:llama3_llava_next_8b_config", "LLaVA-NeXT (LLaVA-1.6) Llama-3 8B")
 _add("tiny-llava-next-llama3", "llava_next:LlavaNextAdapter", None, "llava_next:tiny_llava_next_config",
      "2-layer random LLaVA-NeXT (Llama-3, CLIP) for tests", tiny=True)
+_add("llava15", "llava15:Llava15Adapter", "llava-hf/llava-1.5-7b-hf", "llava15:llava15_7b_config",
+     "LLaVA-1.5 7B (Vicuna, CLIP ViT-L/14-336)")
+_add("tiny-llava15", "llava15:Llava15Adapter", None, "llava15:tiny_llava15_config",
+     "2-layer random LLaVA-1.5 (Llama, CLIP) for tests", tiny=True)
 # Vision encoders (the paper's baselines): they store the "hidden" kind
 _add("siglip", "siglip:SiglipEncoderAdapter", "google/siglip-so400m-patch14-384", "siglip:siglip_so400m_384_config",
      "SigLIP so400m/14 at 384 px, vision tower (LLaVA-OneVision's, before MLM fine-tuning)")

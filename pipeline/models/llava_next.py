@@ -14,12 +14,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from tokenizers import processors
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 from transformers.models.llava_next import modeling_llava_next
 
 from kvpipe.pipeline.models.base import ModelAdapter, Segment
-from kvpipe.pipeline.models.tokenizer import build_word_tokenizer
+from kvpipe.pipeline.models.tokenizer import build_word_tokenizer, with_bos
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
 
@@ -41,12 +40,7 @@ TINY_PINPOINTS = [[h // 6, w // 6] for h, w in LLAMA3_PINPOINTS]  # the same sha
 
 def llama3_tokenizer():
     """Word tokenizer with Llama-3's specials; like the real one it prepends <|begin_of_text|>."""
-    tok = build_word_tokenizer(LLAMA3_SPECIALS, unk="<unk>", pad="<pad>")
-    bos = "<|begin_of_text|>"
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
-    tok.bos_token = bos
-    return tok
+    return with_bos(build_word_tokenizer(LLAMA3_SPECIALS, unk="<unk>", pad="<pad>"), "<|begin_of_text|>")
 
 
 def tiny_llava_next_config() -> LlavaNextConfig:
@@ -114,9 +108,6 @@ class LlavaNextAdapter(ModelAdapter):
         return LlavaNextProcessor(image_processor=images, tokenizer=llama3_tokenizer(), patch_size=v.patch_size,
                                   vision_feature_select_strategy=config.vision_feature_select_strategy,
                                   num_additional_image_tokens=1, chat_template=LLAMA3_CHAT_TEMPLATE)
-
-    def _image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def side(self) -> int:

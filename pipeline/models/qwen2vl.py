@@ -97,9 +97,6 @@ class Qwen2VLAdapter(ModelAdapter):
                                      video_processor=Qwen2VLVideoProcessor(),
                                      chat_template=QWEN_CHAT_TEMPLATE)
 
-    def _image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
     def accelerate(self) -> list[str]:
         from kvpipe.pipeline.models.vision_attention import patch_vision_attention
 

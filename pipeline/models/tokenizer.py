@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 _WORDS = (
@@ -36,3 +36,11 @@ def build_word_tokenizer(
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad)
     fast.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     return fast
+
+
+def with_bos(tok: PreTrainedTokenizerFast, bos: str) -> PreTrainedTokenizerFast:
+    """Make ``tok`` prepend ``bos`` to every text, as the Llama / Gemma tokenizers do."""
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
+    tok.bos_token = bos
+    return tok
