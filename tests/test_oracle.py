@@ -197,6 +197,8 @@ PRESETS = {
     "llava15": ((4096, 32, 32, 32, 11008, 32064, 1e4),
                 {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                  "intermediate_size": 4096, "image_size": 336, "patch_size": 14}),
+    "qwen3vl": ((4096, 36, 32, 8, 12288, 151936, 5e6), {"depth": 27, "hidden_size": 1152, "num_heads": 16,
+                                                         "patch_size": 16, "deepstack_visual_indexes": [8, 16, 24]}),
 }
 SIGLIP = {"hidden_size": 1152, "num_hidden_layers": 26, "num_attention_heads": 16, "intermediate_size": 4304,
           "image_size": 384, "patch_size": 14}

@@ -106,6 +106,10 @@ _add("llava15", "llava15:Llava15Adapter", "llava-hf/llava-1.5-7b-hf", "llava15:l
      "LLaVA-1.5 7B (Vicuna, CLIP ViT-L/14-336)")
 _add("tiny-llava15", "llava15:Llava15Adapter", None, "llava15:tiny_llava15_config",
      "2-layer random LLaVA-1.5 (Llama, CLIP) for tests", tiny=True)
+_add("qwen3vl", "qwen3vl:Qwen3VLAdapter", "Qwen/Qwen3-VL-8B-Instruct", "qwen3vl:qwen3vl_8b_config",
+     "Qwen3-VL 8B Instruct (DeepStack, interleaved MRoPE)")
+_add("tiny-qwen3vl", "qwen3vl:Qwen3VLAdapter", None, "qwen3vl:tiny_qwen3vl_config",
+     "2-layer random Qwen3-VL for tests", tiny=True)
 # Vision encoders (the paper's baselines): they store the "hidden" kind
 _add("siglip", "siglip:SiglipEncoderAdapter", "google/siglip-so400m-patch14-384", "siglip:siglip_so400m_384_config",
      "SigLIP so400m/14 at 384 px, vision tower (LLaVA-OneVision's, before MLM fine-tuning)")

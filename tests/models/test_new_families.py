@@ -23,7 +23,7 @@ from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.models.capture import Selection, model_cache, run_capture, run_text_capture
 from kvpipe.pipeline.vqa.base import VQAItem
 
-FAMILIES = ["tiny-llava15"]
+FAMILIES = ["tiny-llava15", "tiny-qwen3vl"]
 # families that tile: an image size that gives several tiles, and the expected segment names
 TILED: dict[str, tuple[tuple[int, int], list[str]]] = {}
 PROMPT = "is there a dog in the image ? answer yes or no ."
@@ -105,6 +105,22 @@ def test_text_pass_is_the_final_token_of_a_text_only_forward(adapter):
         for layer in range(adapter.n_layers):
             assert torch.equal(got["values"][layer][:, q], cache.layers[layer].values[q][:, last[q]])
             assert torch.equal(got["keys"][layer][:, q], cache.layers[layer].keys[q][:, last[q]])
+
+
+def test_text_after_the_image_does_not_change_image_kv(adapter):
+    """Image tokens see only the image and earlier text: the cut sequence gives the K/V of the whole prompt."""
+    img = image(98, 70, 11)
+    batch = adapter.preprocess([img])
+    full = adapter.chat_inputs([PROMPT], [[img]])
+    assert full["input_ids"].shape[1] > batch.inputs["input_ids"].shape[1]
+    pos = batch.layouts[0].positions
+    assert torch.equal(full["input_ids"][0, pos], batch.inputs["input_ids"][0, pos])
+    got = run_capture(adapter, batch, every(adapter, ("keys", "values")))[0]
+    with torch.no_grad():
+        cache = model_cache(adapter.model(**full, use_cache=True))
+    for layer in range(adapter.n_layers):
+        torch.testing.assert_close(got["values"][layer], cache.layers[layer].values[0][:, pos], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got["keys"][layer], cache.layers[layer].keys[0][:, pos], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("template", ["chat", "none"])
