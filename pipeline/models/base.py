@@ -85,6 +85,7 @@ class ModelAdapter:
     image_placeholder: ClassVar[str] = ""  # text the processor expands into image tokens
     kinds: ClassVar[tuple[str, ...]] = ("keys", "values", POST_PROJ)  # the store kinds it captures
     encodes_text: ClassVar[bool] = True  # text queries get a text-only pass (semantic-seg, refexp-seg)
+    nested_images: ClassVar[bool] = False  # the processor takes a batch's images as one list per sample
     # Inputs the forward pass reads on the host (image sizes in Python loops): left there, a
     # device copy would cost one host synchronisation per read. Set by ``accelerate``.
     host_inputs: tuple[str, ...] = ()
@@ -246,8 +247,8 @@ class ModelAdapter:
         for p in wanted:
             if p not in prompts:
                 prompts[p] = self.prompt(p, template)
-        enc = self.processor(text=[prompts[p] for p in wanted], images=images, return_tensors="pt",
-                             padding=True)
+        enc = self.processor(text=[prompts[p] for p in wanted], images=self.per_sample(images),
+                             return_tensors="pt", padding=True)
         ids = enc["input_ids"]
         is_image = ids == self.image_token_id
         if not bool(is_image.any(dim=1).all()):
@@ -266,6 +267,11 @@ class ModelAdapter:
                 raise ModelError(f"token layout of image {i} covers {n} tokens but the sequence has "
                                  f"{int(pos.numel())}; the adapter {self.family} does not match this processor")
         return Batch(inputs, layouts, prefixes)
+
+    def per_sample(self, images: list[Image.Image]) -> list[Any]:
+        """One image per sample, as this family's processor wants it: a flat list, or one list
+        per sample for processors that read a flat list as one sample's images (``nested_images``)."""
+        return [[im] for im in images] if self.nested_images else list(images)
 
     def chat_prompt(self, prompt: str, n_images: int) -> str:
         """One user turn of the model's own chat template: the images in order, then ``prompt``;

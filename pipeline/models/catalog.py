@@ -110,6 +110,10 @@ _add("qwen3vl", "qwen3vl:Qwen3VLAdapter", "Qwen/Qwen3-VL-8B-Instruct", "qwen3vl:
      "Qwen3-VL 8B Instruct (DeepStack, interleaved MRoPE)")
 _add("tiny-qwen3vl", "qwen3vl:Qwen3VLAdapter", None, "qwen3vl:tiny_qwen3vl_config",
      "2-layer random Qwen3-VL for tests", tiny=True)
+_add("gemma3", "gemma3:Gemma3Adapter", "google/gemma-3-4b-it", "gemma3:gemma3_4b_config",
+     "Gemma 3 4B it (SigLIP 896 px, bidirectional image attention)")
+_add("tiny-gemma3", "gemma3:Gemma3Adapter", None, "gemma3:tiny_gemma3_config",
+     "2-layer random Gemma 3 for tests", tiny=True)
 # Vision encoders (the paper's baselines): they store the "hidden" kind
 _add("siglip", "siglip:SiglipEncoderAdapter", "google/siglip-so400m-patch14-384", "siglip:siglip_so400m_384_config",
      "SigLIP so400m/14 at 384 px, vision tower (LLaVA-OneVision's, before MLM fine-tuning)")

@@ -23,7 +23,7 @@ from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.models.capture import Selection, model_cache, run_capture, run_text_capture
 from kvpipe.pipeline.vqa.base import VQAItem
 
-FAMILIES = ["tiny-llava15", "tiny-qwen3vl"]
+FAMILIES = ["tiny-llava15", "tiny-qwen3vl", "tiny-gemma3"]
 # families that tile: an image size that gives several tiles, and the expected segment names
 TILED: dict[str, tuple[tuple[int, int], list[str]]] = {}
 PROMPT = "is there a dog in the image ? answer yes or no ."
@@ -211,3 +211,20 @@ def test_synthetic_extracts_and_every_probe_runs(adapter, tmp_path):
     for task in DATASETS.get("synthetic").tasks:
         run = run_probe(out, task)
         assert len(run.table) > 0, task
+
+
+def test_gemma3_image_tokens_attend_bidirectionally():
+    """Gemma 3's capture keeps the processor's token_type_ids: an image's first token at layer 1 sees
+    the whole image (without them the model falls back to causal attention and its K/V differ)."""
+    adapter = load_model("tiny-gemma3")
+    batch = adapter.preprocess([image(98, 70, 12)])
+    assert "token_type_ids" in batch.inputs
+    assert batch.inputs["token_type_ids"].shape == batch.inputs["input_ids"].shape
+    sel = every(adapter, ("values",))
+    got = run_capture(adapter, batch, sel)[0]["values"]
+    causal = type(batch)({k: v for k, v in batch.inputs.items() if k != "token_type_ids"}, batch.layouts,
+                         batch.prefix_ids)
+    plain = run_capture(adapter, causal, sel)[0]["values"]
+    assert torch.equal(got[0], plain[0])  # layer 0's values come from the embeddings alone
+    assert not torch.allclose(got[1][:, 0], plain[1][:, 0], atol=1e-5)  # layer 1: the first token saw the rest
+    assert torch.equal(got[1][:, -1], plain[1][:, -1]) or torch.allclose(got[1][:, -1], plain[1][:, -1], atol=1e-5)
