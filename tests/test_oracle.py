@@ -202,6 +202,9 @@ PRESETS = {
     "gemma3": ((2560, 34, 8, 4, 10240, 262208, 1e6),
                {"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16,
                 "intermediate_size": 4304, "image_size": 896, "patch_size": 14}),
+    "smolvlm2": ((2048, 24, 32, 32, 8192, 49280, 1.3e5),
+                 {"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16,
+                  "intermediate_size": 4304, "image_size": 384, "patch_size": 14}),
 }
 SIGLIP = {"hidden_size": 1152, "num_hidden_layers": 26, "num_attention_heads": 16, "intermediate_size": 4304,
           "image_size": 384, "patch_size": 14}

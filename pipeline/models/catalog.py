@@ -114,6 +114,10 @@ _add("gemma3", "gemma3:Gemma3Adapter", "google/gemma-3-4b-it", "gemma3:gemma3_4b
      "Gemma 3 4B it (SigLIP 896 px, bidirectional image attention)")
 _add("tiny-gemma3", "gemma3:Gemma3Adapter", None, "gemma3:tiny_gemma3_config",
      "2-layer random Gemma 3 for tests", tiny=True)
+_add("smolvlm2", "smolvlm:SmolVLMAdapter", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "smolvlm:smolvlm2_22b_config",
+     "SmolVLM2 2.2B Instruct (Idefics3 architecture: tiles + global view)")
+_add("tiny-smolvlm2", "smolvlm:SmolVLMAdapter", None, "smolvlm:tiny_smolvlm2_config",
+     "2-layer random SmolVLM2 for tests", tiny=True)
 # Vision encoders (the paper's baselines): they store the "hidden" kind
 _add("siglip", "siglip:SiglipEncoderAdapter", "google/siglip-so400m-patch14-384", "siglip:siglip_so400m_384_config",
      "SigLIP so400m/14 at 384 px, vision tower (LLaVA-OneVision's, before MLM fine-tuning)")
