@@ -205,6 +205,9 @@ PRESETS = {
     "smolvlm2": ((2048, 24, 32, 32, 8192, 49280, 1.3e5),
                  {"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16,
                   "intermediate_size": 4304, "image_size": 384, "patch_size": 14}),
+    "internvl3": ((3584, 28, 28, 4, 18944, 151674, 1e6),
+                  {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                   "intermediate_size": 4096, "image_size": [448, 448], "patch_size": [14, 14]}),
 }
 SIGLIP = {"hidden_size": 1152, "num_hidden_layers": 26, "num_attention_heads": 16, "intermediate_size": 4304,
           "image_size": 384, "patch_size": 14}

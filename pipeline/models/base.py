@@ -248,7 +248,7 @@ class ModelAdapter:
             if p not in prompts:
                 prompts[p] = self.prompt(p, template)
         enc = self.processor(text=[prompts[p] for p in wanted], images=self.per_sample(images),
-                             return_tensors="pt", padding=True)
+                             return_tensors="pt", padding=True, padding_side="right")
         ids = enc["input_ids"]
         is_image = ids == self.image_token_id
         if not bool(is_image.any(dim=1).all()):

@@ -118,6 +118,10 @@ _add("smolvlm2", "smolvlm:SmolVLMAdapter", "HuggingFaceTB/SmolVLM2-2.2B-Instruct
      "SmolVLM2 2.2B Instruct (Idefics3 architecture: tiles + global view)")
 _add("tiny-smolvlm2", "smolvlm:SmolVLMAdapter", None, "smolvlm:tiny_smolvlm2_config",
      "2-layer random SmolVLM2 for tests", tiny=True)
+_add("internvl3", "internvl:InternVLAdapter", "OpenGVLab/InternVL3-8B-hf", "internvl:internvl3_8b_config",
+     "InternVL3 8B (-hf format; tiles + thumbnail)")
+_add("tiny-internvl3", "internvl:InternVLAdapter", None, "internvl:tiny_internvl3_config",
+     "2-layer random InternVL3 for tests", tiny=True)
 # Vision encoders (the paper's baselines): they store the "hidden" kind
 _add("siglip", "siglip:SiglipEncoderAdapter", "google/siglip-so400m-patch14-384", "siglip:siglip_so400m_384_config",
      "SigLIP so400m/14 at 384 px, vision tower (LLaVA-OneVision's, before MLM fine-tuning)")

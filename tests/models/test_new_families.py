@@ -23,11 +23,13 @@ from kvpipe.pipeline.models import load_model
 from kvpipe.pipeline.models.capture import Selection, model_cache, run_capture, run_text_capture
 from kvpipe.pipeline.vqa.base import VQAItem
 
-FAMILIES = ["tiny-llava15", "tiny-qwen3vl", "tiny-gemma3", "tiny-smolvlm2"]
+FAMILIES = ["tiny-llava15", "tiny-qwen3vl", "tiny-gemma3", "tiny-smolvlm2", "tiny-internvl3"]
 # families that tile: an image size that gives several tiles, and the expected segment names
 TILED: dict[str, tuple[tuple[int, int], list[str]]] = {
     # 224 x 168 -> longest edge 448 -> 3 x 4 tiles of 112 px, then the global view (base)
     "tiny-smolvlm2": ((224, 168), ["base"] + [f"tile_{r}_{c}" for r in (1, 2, 3) for c in (1, 2, 3, 4)]),
+    # 224 x 168 (4:3) -> the 4 x 3 grid of 112 px tiles, then the thumbnail (base)
+    "tiny-internvl3": ((224, 168), ["base"] + [f"tile_{k}" for k in range(12)]),
 }
 PROMPT = "is there a dog in the image ? answer yes or no ."
 
