@@ -47,15 +47,30 @@ class ModelEntry:
 
 MODELS: Registry[ModelEntry] = Registry("model", "--model")
 
-Source = Literal["registry", "local", "hub"]
+Source = Literal["registry", "local", "hub", "any-local", "any-hub"]
+ANY = "any:"  # --model any:HUB_ID_OR_DIR: the generic adapter (pipeline/models/generic.py)
 
 
 def model_source(name_or_path: str, init: str = "pretrained") -> tuple[Source, str]:
     """Where ``--model`` points, decided without importing model code: ("registry", name),
-    ("local", directory) or ("hub", "org/name"); a one-line UsageError for a misspelt name, a
-    missing directory, or --init random without a registry name."""
+    ("local", directory) or ("hub", "org/name"), or for ``any:TARGET`` ("any-local", directory)
+    or ("any-hub", "org/name"); a one-line UsageError for a misspelt name, a missing directory,
+    or --init random without a registry name."""
     if name_or_path in MODELS:
         return "registry", name_or_path
+    if name_or_path.startswith(ANY):
+        target = name_or_path[len(ANY):]
+        if init == "random":
+            raise UsageError(f"--init random needs a registry name, not {name_or_path!r} (the generic adapter "
+                             f"loads a saved checkpoint)")
+        path = os.path.expanduser(target)
+        if _looks_local(path):
+            if not os.path.isdir(path):
+                raise UsageError(f"--model {name_or_path}: no such directory")
+            return "any-local", path
+        if target.count("/") != 1:
+            raise UsageError(f"--model {name_or_path}: after 'any:' give a hub id (org/name) or a checkpoint directory")
+        return "any-hub", target
     if init == "random":
         raise UsageError(f"--init random needs a registry name (one of {', '.join(MODELS.names())}), "
                          f"not {name_or_path!r}")

@@ -106,7 +106,9 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
                       "init": "random", "seed": seed, "family": entry.adapter.family}
             return _finish(entry.adapter, model, processor, source, device)
         return _from_pretrained(entry.checkpoint or name_or_path, name_or_path, torch_dtype, device, revision)
-    return _from_pretrained(target, name_or_path, torch_dtype, device, revision, local=where == "local")
+    generic = where.startswith("any-")
+    return _from_pretrained(target, name_or_path, torch_dtype, device, revision, local=where.endswith("local"),
+                            generic=generic)
 
 
 def _first_line(err: BaseException) -> str:
@@ -115,7 +117,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _from_pretrained(checkpoint: str, name: str, dtype: torch.dtype, device: str,
-                     revision: str | None, local: bool = False) -> ModelAdapter:
+                     revision: str | None, local: bool = False, generic: bool = False) -> ModelAdapter:
     from transformers import AutoConfig
 
     hint = ("is it a saved checkpoint directory (save_pretrained of the model and its processor)?" if local
@@ -124,7 +126,15 @@ def _from_pretrained(checkpoint: str, name: str, dtype: torch.dtype, device: str
         config = AutoConfig.from_pretrained(checkpoint, revision=revision)
     except Exception as err:  # OSError for offline / missing repo, ValueError for bad configs
         raise ModelError(f"cannot load the config of --model {checkpoint}: {_first_line(err)} ({hint})") from None
-    adapter_cls = adapter_for_model_type(config.model_type)
+    if generic:  # any:TARGET: the generic adapter, or one line saying why it cannot serve this architecture
+        from kvpipe.pipeline.models.generic import GenericAdapter, refusal
+
+        why = refusal(config)
+        if why:
+            raise ModelError(f"--model {name}: {why}")
+        adapter_cls: type[ModelAdapter] = GenericAdapter
+    else:
+        adapter_cls = adapter_for_model_type(config.model_type)
     try:
         model = adapter_cls.model_class().from_pretrained(checkpoint, revision=revision, dtype=dtype)
         processor = adapter_cls.load_processor(checkpoint, revision)
