@@ -51,15 +51,19 @@ def adapter_for_model_type(model_type: str) -> type[ModelAdapter]:
     raise ModelError(f"model type {model_type!r} is not supported; kvpipe knows {', '.join(known)}")
 
 
-OFFLINE_TOKEN_ATTRS = {"image_token_index": "<image>", "video_token_index": "<video>"}
+IMAGE_TOKENS = ("<image>", "<image_soft_token>", "<IMG_CONTEXT>")  # LLaVA / SmolVLM, Gemma 3, InternVL
+OFFLINE_TOKEN_ATTRS = {"image_token_index": IMAGE_TOKENS, "image_token_id": IMAGE_TOKENS,
+                       "video_token_index": ("<video>",), "boi_token_index": ("<start_of_image>",),
+                       "eoi_token_index": ("<end_of_image>",)}
 
 
 def align_offline_token_ids(config: Any, tokenizer: Any) -> None:
     """A random model runs with the offline tokenizer, so its image/video token ids must be
     that tokenizer's (the presets carry the real checkpoints' ids, e.g. 151646 for <image>)."""
     vocab = tokenizer.get_vocab()
-    for attr, token in OFFLINE_TOKEN_ATTRS.items():
-        if hasattr(config, attr) and token in vocab:
+    for attr, tokens in OFFLINE_TOKEN_ATTRS.items():
+        token = next((t for t in tokens if t in vocab), None)
+        if hasattr(config, attr) and token is not None:
             setattr(config, attr, vocab[token])
 
 
