@@ -99,9 +99,13 @@ class ModelAdapter:
         self.image_token_id = self._image_token_id()
 
     # ---- to be provided by subclasses -------------------------------------------------
+    hf_class: ClassVar[type | None] = None  # the transformers model class (or override model_class)
+
     @classmethod
     def model_class(cls) -> type:
-        raise NotImplementedError
+        if cls.hf_class is None:
+            raise NotImplementedError
+        return cls.hf_class
 
     @classmethod
     def build_processor(cls, config: Any) -> Any:

@@ -104,6 +104,16 @@ def _add(name: str, adapter: str, checkpoint: str | None, preset: str, descripti
                                 tokens, layers, kv_heads))
 
 
+def _family(name: str, label: str, adapter: str, checkpoint: str, preset: str, shape: tuple[int, int, int],
+            size: str, tiny_shape: tuple[int, int, int]) -> None:
+    """A family's default checkpoint ``name`` (its full-size preset ``preset`` in the adapter's module)
+    and its tiny preset ``tiny-NAME`` (``tiny_NAME_config`` there); ``label`` names the family."""
+    module = adapter.partition(":")[0]
+    _add(name, adapter, checkpoint, f"{module}:{preset}", f"{label} {size}", shape=shape)
+    _add(f"tiny-{name}", adapter, None, f"{module}:tiny_{name}_config", f"2-layer random {label} for tests",
+         tiny=True, shape=tiny_shape)
+
+
 # MLMs
 _add("qwen25vl", "qwen25vl:Qwen25VLAdapter", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen25vl:qwen25vl_7b_config",
      "Qwen2.5-VL 7B Instruct", shape=(256, 28, 4))
@@ -125,26 +135,16 @@ _add("llava-next-llama3", "llava_next:LlavaNextAdapter", "llava-hf/llama3-llava-
      "llava_next:llama3_llava_next_8b_config", "LLaVA-NeXT (LLaVA-1.6) Llama-3 8B", shape=(2928, 32, 8))
 _add("tiny-llava-next-llama3", "llava_next:LlavaNextAdapter", None, "llava_next:tiny_llava_next_config",
      "2-layer random LLaVA-NeXT (Llama-3, CLIP) for tests", tiny=True, shape=(88, 2, 2))
-_add("llava15", "llava15:Llava15Adapter", "llava-hf/llava-1.5-7b-hf", "llava15:llava15_7b_config",
-     "LLaVA-1.5 7B (Vicuna, CLIP ViT-L/14-336)", shape=(576, 32, 32))
-_add("tiny-llava15", "llava15:Llava15Adapter", None, "llava15:tiny_llava15_config",
-     "2-layer random LLaVA-1.5 (Llama, CLIP) for tests", tiny=True, shape=(16, 2, 4))
-_add("qwen3vl", "qwen3vl:Qwen3VLAdapter", "Qwen/Qwen3-VL-8B-Instruct", "qwen3vl:qwen3vl_8b_config",
-     "Qwen3-VL 8B Instruct (DeepStack, interleaved MRoPE)", shape=(196, 36, 8))
-_add("tiny-qwen3vl", "qwen3vl:Qwen3VLAdapter", None, "qwen3vl:tiny_qwen3vl_config",
-     "2-layer random Qwen3-VL for tests", tiny=True, shape=(196, 2, 2))
-_add("gemma3", "gemma3:Gemma3Adapter", "google/gemma-3-4b-it", "gemma3:gemma3_4b_config",
-     "Gemma 3 4B it (SigLIP 896 px, bidirectional image attention)", shape=(256, 34, 4))
-_add("tiny-gemma3", "gemma3:Gemma3Adapter", None, "gemma3:tiny_gemma3_config",
-     "2-layer random Gemma 3 for tests", tiny=True, shape=(16, 2, 2))
-_add("smolvlm2", "smolvlm:SmolVLMAdapter", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "smolvlm:smolvlm2_22b_config",
-     "SmolVLM2 2.2B Instruct (Idefics3 architecture: tiles + global view)", shape=(1377, 24, 32))
-_add("tiny-smolvlm2", "smolvlm:SmolVLMAdapter", None, "smolvlm:tiny_smolvlm2_config",
-     "2-layer random SmolVLM2 for tests", tiny=True, shape=(272, 2, 4))
-_add("internvl3", "internvl:InternVLAdapter", "OpenGVLab/InternVL3-8B-hf", "internvl:internvl3_8b_config",
-     "InternVL3 8B (-hf format; tiles + thumbnail)", shape=(256, 28, 4))
-_add("tiny-internvl3", "internvl:InternVLAdapter", None, "internvl:tiny_internvl3_config",
-     "2-layer random InternVL3 for tests", tiny=True, shape=(160, 2, 2))
+_family("llava15", "LLaVA-1.5", "llava15:Llava15Adapter", "llava-hf/llava-1.5-7b-hf", "llava15_7b_config",
+        (576, 32, 32), "7B (Vicuna, CLIP ViT-L/14-336)", (16, 2, 4))
+_family("qwen3vl", "Qwen3-VL", "qwen3vl:Qwen3VLAdapter", "Qwen/Qwen3-VL-8B-Instruct", "qwen3vl_8b_config",
+        (196, 36, 8), "8B Instruct (DeepStack, interleaved MRoPE)", (196, 2, 2))
+_family("gemma3", "Gemma 3", "gemma3:Gemma3Adapter", "google/gemma-3-4b-it", "gemma3_4b_config",
+        (256, 34, 4), "4B it (SigLIP 896 px, bidirectional image attention)", (16, 2, 2))
+_family("smolvlm2", "SmolVLM2", "smolvlm:SmolVLMAdapter", "HuggingFaceTB/SmolVLM2-2.2B-Instruct", "smolvlm2_22b_config",
+        (1377, 24, 32), "2.2B Instruct (Idefics3 architecture: tiles + global view)", (272, 2, 4))
+_family("internvl3", "InternVL3", "internvl:InternVLAdapter", "OpenGVLab/InternVL3-8B-hf", "internvl3_8b_config",
+        (256, 28, 4), "8B (-hf format; tiles + thumbnail)", (160, 2, 2))
 # Vision encoders (the paper's baselines): they store the "hidden" kind
 _add("siglip", "siglip:SiglipEncoderAdapter", "google/siglip-so400m-patch14-384", "siglip:siglip_so400m_384_config",
      "SigLIP so400m/14 at 384 px, vision tower (LLaVA-OneVision's, before MLM fine-tuning)", shape=(729, 27, 1))

@@ -95,13 +95,10 @@ def tiny_gemma3_config() -> Gemma3Config:
 
 class Gemma3Adapter(ModelAdapter):
     family = "gemma3"
+    hf_class = Gemma3ForConditionalGeneration
     model_types = ("gemma3",)
     image_placeholder = "<start_of_image>"
     nested_images = True
-
-    @classmethod
-    def model_class(cls) -> type:
-        return Gemma3ForConditionalGeneration
 
     @classmethod
     def build_processor(cls, config: Any, tiny: bool = False) -> Any:

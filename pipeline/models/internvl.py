@@ -75,12 +75,9 @@ def tiny_internvl3_config() -> InternVLConfig:
 
 class InternVLAdapter(ModelAdapter):
     family = "internvl"
+    hf_class = InternVLForConditionalGeneration
     model_types = ("internvl",)
     image_placeholder = "<IMG_CONTEXT>"
-
-    @classmethod
-    def model_class(cls) -> type:
-        return InternVLForConditionalGeneration
 
     @classmethod
     def build_processor(cls, config: Any, tiny: bool = False) -> Any:

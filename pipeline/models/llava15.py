@@ -21,6 +21,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from kvpipe.pipeline.models.base import ModelAdapter, Segment
 from kvpipe.pipeline.models.encoder import input_hw
+from kvpipe.pipeline.models.llava_next import tiny_clip_vision, tiny_llama_text
 from kvpipe.pipeline.models.tokenizer import build_word_tokenizer, with_bos
 
 LLAMA2_SPECIALS = ["<s>", "</s>", "<image>"]
@@ -35,7 +36,6 @@ LLAVA15_CHAT_TEMPLATE = (
     "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
-TINY_VOCAB = 256
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -67,15 +67,9 @@ def llava15_7b_config() -> LlavaConfig:
 def tiny_llava15_config() -> LlavaConfig:
     """2 Llama layers (hidden 64, 4 heads = 4 KV heads, as Llama-2 7B has no GQA) on a 2-layer CLIP
     tower seeing 56 px -> 4 x 4 tokens."""
-    ids = llama2_tokenizer().convert_tokens_to_ids
-    text = {"model_type": "llama", "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
-            "bos_token_id": ids("<s>"), "eos_token_id": ids("</s>"), "pad_token_id": ids("<pad>")}
-    vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14,
-              "projection_dim": 32}
-    return LlavaConfig(text_config=text, vision_config=vision, image_token_index=ids("<image>"),
+    tok = llama2_tokenizer()
+    return LlavaConfig(text_config=tiny_llama_text(tok, 4, 10000.0, "<s>", "</s>", "<pad>"),
+                       vision_config=tiny_clip_vision(), image_token_index=tok.convert_tokens_to_ids("<image>"),
                        vision_feature_layer=-2, vision_feature_select_strategy="default",
                        image_seq_length=16)
 
@@ -89,12 +83,9 @@ def whole_image(processor: Any, side: int) -> Any:
 
 class Llava15Adapter(ModelAdapter):
     family = "llava"
+    hf_class = LlavaForConditionalGeneration
     model_types = ("llava",)
     image_placeholder = "<image>"
-
-    @classmethod
-    def model_class(cls) -> type:
-        return LlavaForConditionalGeneration
 
     @classmethod
     def build_processor(cls, config: Any, tiny: bool = False) -> Any:

@@ -43,17 +43,28 @@ def llama3_tokenizer():
     return with_bos(build_word_tokenizer(LLAMA3_SPECIALS, unk="<unk>", pad="<pad>"), "<|begin_of_text|>")
 
 
+def tiny_llama_text(tok: Any, kv_heads: int, theta: float, bos: str, eos: str, pad: str) -> dict[str, Any]:
+    """A 2-layer Llama text config (hidden 64, 4 query heads of 16) on an offline tokenizer's ids."""
+    ids = tok.convert_tokens_to_ids
+    return {"model_type": "llama", "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            "bos_token_id": ids(bos), "eos_token_id": ids(eos), "pad_token_id": ids(pad), "tie_word_embeddings": False}
+
+
+def tiny_clip_vision() -> dict[str, Any]:
+    """A 2-layer CLIP tower seeing 56 px: 4 x 4 patches of 14 px."""
+    return {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14,
+            "projection_dim": 32}
+
+
 def tiny_llava_next_config() -> LlavaNextConfig:
     """2 Llama layers (hidden 64, 4 q / 2 kv heads) on a 2-layer CLIP tower seeing 56 px -> 4x4 tokens."""
     tok = llama3_tokenizer()
     ids = tok.convert_tokens_to_ids
-    text = {"model_type": "llama", "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-            "bos_token_id": ids("<|begin_of_text|>"), "eos_token_id": ids("<|eot_id|>"), "pad_token_id": ids("<pad>")}
-    vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14,
-              "projection_dim": 32}
+    text = tiny_llama_text(tok, 2, 500000.0, "<|begin_of_text|>", "<|eot_id|>", "<pad>")
+    vision = tiny_clip_vision()
     return LlavaNextConfig(text_config=text, vision_config=vision, image_token_index=ids("<image>"),
                            vision_feature_layer=-2, vision_feature_select_strategy="default",
                            image_grid_pinpoints=TINY_PINPOINTS, image_seq_length=16)

@@ -82,17 +82,20 @@ class Qwen2VLAdapter(ModelAdapter):
     def model_class(cls) -> type:
         return Qwen2VLForConditionalGeneration
 
+    # the processor classes in transformers, by name (imported when a processor is built)
+    processor_names: ClassVar[tuple[str, str]] = ("Qwen2VLProcessor", "Qwen2VLVideoProcessor")
+
     @classmethod
     def processor_class(cls) -> type:
-        from transformers import Qwen2VLProcessor
+        import transformers
 
-        return Qwen2VLProcessor
+        return getattr(transformers, cls.processor_names[0])
 
     @classmethod
     def video_processor(cls) -> Any:
-        from transformers import Qwen2VLVideoProcessor
+        import transformers
 
-        return Qwen2VLVideoProcessor()
+        return getattr(transformers, cls.processor_names[1])()
 
     @classmethod
     def build_processor(cls, config: Any, tiny: bool = False) -> Any:

@@ -22,8 +22,6 @@ Knock-out and ``answer`` run through the same AttentionInterface as Qwen2.5-VL.
 
 from __future__ import annotations
 
-from typing import Any
-
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from kvpipe.pipeline.models.qwen2vl import Qwen2VLAdapter, qwen_tokenizer, special_ids, TINY_VOCAB
@@ -76,18 +74,5 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     image_processor_kw = {"size": {"shortest_edge": 65536, "longest_edge": 16777216},
                           "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
-    @classmethod
-    def model_class(cls) -> type:
-        return Qwen3VLForConditionalGeneration
-
-    @classmethod
-    def processor_class(cls) -> type:
-        from transformers import Qwen3VLProcessor
-
-        return Qwen3VLProcessor
-
-    @classmethod
-    def video_processor(cls) -> Any:
-        from transformers import Qwen3VLVideoProcessor
-
-        return Qwen3VLVideoProcessor()
+    hf_class = Qwen3VLForConditionalGeneration
+    processor_names = ("Qwen3VLProcessor", "Qwen3VLVideoProcessor")

@@ -28,6 +28,7 @@ from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
 from kvpipe.errors import ModelError
 from kvpipe.pipeline.models.base import ModelAdapter, Segment
+from kvpipe.pipeline.models.llava_next import tiny_llama_text
 from kvpipe.pipeline.models.tokenizer import build_word_tokenizer
 
 MAX_TILES_PER_SIDE = 8
@@ -45,7 +46,6 @@ SMOL_CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
 )
 
-TINY_VOCAB = 256
 
 
 def smol_tokenizer():
@@ -68,12 +68,9 @@ def smolvlm2_22b_config() -> SmolVLMConfig:
 def tiny_smolvlm2_config() -> SmolVLMConfig:
     """2 Llama layers (hidden 64, 4 heads = 4 KV heads) on a 2-layer tower: 112 px tiles, 8 x 8
     patches shuffled 2 x 2 into 4 x 4 = 16 tokens per tile; images up to 4 x 4 tiles."""
-    ids = smol_tokenizer().convert_tokens_to_ids
-    text = {"model_type": "llama", "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-            "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 130000.0},
-            "bos_token_id": ids("<|im_start|>"), "eos_token_id": ids("<end_of_utterance>"),
-            "pad_token_id": ids("<|endoftext|>"), "tie_word_embeddings": False}
+    tok = smol_tokenizer()
+    ids = tok.convert_tokens_to_ids
+    text = tiny_llama_text(tok, 4, 130000.0, "<|im_start|>", "<end_of_utterance>", "<|endoftext|>")
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
               "image_size": 112, "patch_size": 14}
     return SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=2, image_token_id=ids("<image>"))
@@ -81,13 +78,10 @@ def tiny_smolvlm2_config() -> SmolVLMConfig:
 
 class SmolVLMAdapter(ModelAdapter):
     family = "smolvlm"
+    hf_class = SmolVLMForConditionalGeneration
     model_types = ("smolvlm",)
     image_placeholder = "<image>"
     nested_images = True
-
-    @classmethod
-    def model_class(cls) -> type:
-        return SmolVLMForConditionalGeneration
 
     @classmethod
     def build_processor(cls, config: Any, tiny: bool = False) -> Any:

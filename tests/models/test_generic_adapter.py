@@ -3,10 +3,9 @@ back through any:DIR capture what the model caches, and cross-attention architec
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from new_family_helpers import noise_image as image
 
 from kvpipe.errors import ModelError, UsageError
 from kvpipe.pipeline.models import load_model
@@ -14,9 +13,6 @@ from kvpipe.pipeline.models.capture import Selection, model_cache, run_capture
 from kvpipe.pipeline.models.catalog import model_source
 
 
-def image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
 
 
 @pytest.mark.parametrize("name, grid", [("tiny-llava15", (4, 4)), ("tiny-gemma3", (4, 4)), ("tiny-qwen3vl", None)])

@@ -12,10 +12,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from new_family_helpers import noise_image as image
 
 from kvpipe.pipeline.evaluation.answer import answer_items
 from kvpipe.pipeline.evaluation.knockout import knockout
@@ -34,9 +33,6 @@ TILED: dict[str, tuple[tuple[int, int], list[str]]] = {
 PROMPT = "is there a dog in the image ? answer yes or no ."
 
 
-def image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
