@@ -45,6 +45,7 @@ def refusal(config: Any) -> str:
 
 
 class GenericAdapter(ModelAdapter):
+    hf_class = AutoModelForImageTextToText
     family = "generic"
     model_types = ()  # never chosen by model type: only through any:
     nested_images = True
@@ -59,10 +60,6 @@ class GenericAdapter(ModelAdapter):
                              f"image token (processor.image_token); kvpipe cannot place the image")
         self.image_placeholder = str(placeholder)
         super().__init__(model, processor, source)
-
-    @classmethod
-    def model_class(cls) -> type:
-        return AutoModelForImageTextToText
 
     def _image_token_id(self) -> int:
         try:

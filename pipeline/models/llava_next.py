@@ -91,14 +91,11 @@ SIZES_ON_HOST = ("image_sizes", "batch_num_images")
 
 
 class LlavaNextAdapter(ModelAdapter):
+    hf_class = LlavaNextForConditionalGeneration
     family = "llava_next"
     model_types = ("llava_next",)
     image_placeholder = "<image>"
     modeling: ClassVar[Any] = modeling_llava_next  # where get_anyres_image_grid_shape / unpad_image live
-
-    @classmethod
-    def model_class(cls) -> type:
-        return LlavaNextForConditionalGeneration
 
     def accelerate(self) -> list[str]:
         # transformers reads each image's size with .tolist() while packing the image features:

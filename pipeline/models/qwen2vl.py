@@ -72,15 +72,12 @@ def qwen2vl_7b_config() -> Qwen2VLConfig:
 
 
 class Qwen2VLAdapter(ModelAdapter):
+    hf_class = Qwen2VLForConditionalGeneration
     family = "qwen2vl"
     model_types = ("qwen2_vl",)
     image_placeholder = "<|vision_start|><|image_pad|>"
     chat_template: ClassVar[str] = QWEN_CHAT_TEMPLATE
     image_processor_kw: ClassVar[dict[str, Any]] = {}  # the checkpoint's preprocessor_config.json, where it differs
-
-    @classmethod
-    def model_class(cls) -> type:
-        return Qwen2VLForConditionalGeneration
 
     # the processor classes in transformers, by name (imported when a processor is built)
     processor_names: ClassVar[tuple[str, str]] = ("Qwen2VLProcessor", "Qwen2VLVideoProcessor")
