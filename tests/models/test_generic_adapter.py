@@ -69,3 +69,19 @@ def test_any_sources_and_usage_errors(tmp_path):
             model_source(bad)
     with pytest.raises(UsageError, match="--init random"):
         model_source("any:org/model", init="random")
+
+
+def test_extract_through_any(tmp_path):
+    from kvpipe.pipeline.extraction import ExtractConfig, extract
+    from kvpipe.store import FeatureStore
+
+    ckpt = tmp_path / "ckpt"
+    preset = load_model("tiny-llava15")
+    preset.model.save_pretrained(ckpt)
+    preset.processor.save_pretrained(ckpt)
+    out = tmp_path / "store"
+    extract(ExtractConfig(model=f"any:{ckpt}", dataset="synthetic", out=str(out), limit=2, batch_size=2, part_size=2))
+    store = FeatureStore.open(out)
+    assert store.meta.model["family"] == "generic" and store.meta.model["checkpoint"] == str(ckpt)
+    assert [r.status for r in store.rows] == ["ok", "ok"]
+    assert (store.rows[0].grid_h, store.rows[0].grid_w) == (1, 16)
