@@ -81,7 +81,7 @@ class ModelAdapter:
     """Base class: subclasses wrap one transformers MLM family."""
 
     family: ClassVar[str] = ""
-    model_types: ClassVar[tuple[str, ...]] = ()  # transformers config.model_type values
+    model_types: ClassVar[tuple[str, ...]] = ()  # transformers config.model_type values (default: (family,))
     image_placeholder: ClassVar[str] = ""  # text the processor expands into image tokens
     kinds: ClassVar[tuple[str, ...]] = ("keys", "values", POST_PROJ)  # the store kinds it captures
     encodes_text: ClassVar[bool] = True  # text queries get a text-only pass (semantic-seg, refexp-seg)
@@ -89,6 +89,11 @@ class ModelAdapter:
     # Inputs the forward pass reads on the host (image sizes in Python loops): left there, a
     # device copy would cost one host synchronisation per read. Set by ``accelerate``.
     host_inputs: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__ and "model_types" not in cls.__dict__:  # the family is its model_type
+            cls.model_types = (cls.family,)
 
     def __init__(self, model: torch.nn.Module, processor: Any, source: dict[str, Any]):
         self.model = model.eval().requires_grad_(False)  # kvpipe never trains: no autograd graph, ever

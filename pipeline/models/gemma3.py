@@ -96,7 +96,6 @@ def tiny_gemma3_config() -> Gemma3Config:
 class Gemma3Adapter(ModelAdapter):
     family = "gemma3"
     hf_class = Gemma3ForConditionalGeneration
-    model_types = ("gemma3",)
     image_placeholder = "<start_of_image>"
     nested_images = True
 

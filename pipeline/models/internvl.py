@@ -76,7 +76,6 @@ def tiny_internvl3_config() -> InternVLConfig:
 class InternVLAdapter(ModelAdapter):
     family = "internvl"
     hf_class = InternVLForConditionalGeneration
-    model_types = ("internvl",)
     image_placeholder = "<IMG_CONTEXT>"
 
     @classmethod

@@ -84,7 +84,6 @@ def whole_image(processor: Any, side: int) -> Any:
 class Llava15Adapter(ModelAdapter):
     family = "llava"
     hf_class = LlavaForConditionalGeneration
-    model_types = ("llava",)
     image_placeholder = "<image>"
 
     @classmethod

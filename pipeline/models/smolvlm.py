@@ -79,7 +79,6 @@ def tiny_smolvlm2_config() -> SmolVLMConfig:
 class SmolVLMAdapter(ModelAdapter):
     family = "smolvlm"
     hf_class = SmolVLMForConditionalGeneration
-    model_types = ("smolvlm",)
     image_placeholder = "<image>"
     nested_images = True
 
