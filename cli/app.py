@@ -257,9 +257,10 @@ def models(pattern: str = typer.Argument("*", help="wildcard filter")) -> None:
     """List registered models."""
     from kvpipe.pipeline.models import MODELS
 
-    table = Table("name", "adapter", "checkpoint", "description")
+    table = Table("name", "adapter", "checkpoint", "tokens (448x448 image)", "layers", "KV heads", "description")
     for name, e in MODELS.items(pattern):  # catalog data: lists without importing any model code
-        table.add_row(name, e.adapter_module, e.checkpoint or "(built in code)", e.description)
+        shape = [str(v) if v is not None else "-" for v in (e.tokens_448, e.layers, e.kv_heads)]
+        table.add_row(name, e.adapter_module, e.checkpoint or "(built in code)", *shape, e.description)
     console.print(table)
 
 

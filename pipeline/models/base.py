@@ -81,13 +81,19 @@ class ModelAdapter:
     """Base class: subclasses wrap one transformers MLM family."""
 
     family: ClassVar[str] = ""
-    model_types: ClassVar[tuple[str, ...]] = ()  # transformers config.model_type values
+    model_types: ClassVar[tuple[str, ...]] = ()  # transformers config.model_type values (default: (family,))
     image_placeholder: ClassVar[str] = ""  # text the processor expands into image tokens
     kinds: ClassVar[tuple[str, ...]] = ("keys", "values", POST_PROJ)  # the store kinds it captures
     encodes_text: ClassVar[bool] = True  # text queries get a text-only pass (semantic-seg, refexp-seg)
+    nested_images: ClassVar[bool] = False  # the processor takes a batch's images as one list per sample
     # Inputs the forward pass reads on the host (image sizes in Python loops): left there, a
     # device copy would cost one host synchronisation per read. Set by ``accelerate``.
     host_inputs: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__ and "model_types" not in cls.__dict__:  # the family is its model_type
+            cls.model_types = (cls.family,)
 
     def __init__(self, model: torch.nn.Module, processor: Any, source: dict[str, Any]):
         self.model = model.eval().requires_grad_(False)  # kvpipe never trains: no autograd graph, ever
@@ -98,9 +104,13 @@ class ModelAdapter:
         self.image_token_id = self._image_token_id()
 
     # ---- to be provided by subclasses -------------------------------------------------
+    hf_class: ClassVar[type | None] = None  # the transformers model class (or override model_class)
+
     @classmethod
     def model_class(cls) -> type:
-        raise NotImplementedError
+        if cls.hf_class is None:
+            raise NotImplementedError
+        return cls.hf_class
 
     @classmethod
     def build_processor(cls, config: Any) -> Any:
@@ -108,7 +118,14 @@ class ModelAdapter:
         raise NotImplementedError
 
     def _image_token_id(self) -> int:
-        raise NotImplementedError
+        """The id the processor writes at every image token (the model's config says it)."""
+        cfg = self.model.config
+        value = getattr(cfg, "image_token_id", None)
+        if value is None:
+            value = getattr(cfg, "image_token_index", None)
+        if value is None:
+            raise ModelError(f"{type(cfg).__name__} names no image token id (image_token_id / image_token_index)")
+        return int(value)
 
     def segments(self, inputs: dict[str, Any], index: int, n_tokens: int) -> tuple[Segment, ...]:
         """The token grid(s) of image ``index`` of a processed batch."""
@@ -132,10 +149,13 @@ class ModelAdapter:
         return fuse_decoder_kernels(self.language_model(), self.device)
 
     def decoder_layers(self) -> list[torch.nn.Module]:
-        return list(self.model.model.language_model.layers)
+        return list(self.language_model().layers)
 
     def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
+        """The decoder: ``model.language_model`` (``model.text_model`` in Idefics3 / SmolVLM)."""
+        inner = self.model.model
+        found = getattr(inner, "language_model", None)
+        return found if found is not None else inner.text_model
 
     def attention_modules(self) -> list[torch.nn.Module]:
         """The self-attention module of each decoder layer (what attention knock-out patches)."""
@@ -236,18 +256,16 @@ class ModelAdapter:
         for p in wanted:
             if p not in prompts:
                 prompts[p] = self.prompt(p, template)
-        enc = self.processor(text=[prompts[p] for p in wanted], images=images, return_tensors="pt",
-                             padding=True)
+        enc = self.processor(text=[prompts[p] for p in wanted], images=self.per_sample(images),
+                             return_tensors="pt", padding=True, padding_side="right")
         ids = enc["input_ids"]
         is_image = ids == self.image_token_id
         if not bool(is_image.any(dim=1).all()):
             raise ModelError("the processor produced a sequence without image tokens")
         last = int(torch.where(is_image.any(0))[0].max()) + 1
-        inputs = dict(enc)
-        inputs["input_ids"] = ids[:, :last]
-        inputs["attention_mask"] = enc["attention_mask"][:, :last]
-        if "mm_token_type_ids" in inputs:
-            inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, :last]
+        # every per-token input (ids, attention mask, token type ids, ...) is cut at the same column
+        inputs = {k: (v[:, :last] if isinstance(v, torch.Tensor) and v.shape == ids.shape else v)
+                  for k, v in enc.items()}
         layouts, prefixes = [], []
         for i in range(len(images)):
             pos = torch.where(is_image[i])[0]
@@ -258,6 +276,11 @@ class ModelAdapter:
                 raise ModelError(f"token layout of image {i} covers {n} tokens but the sequence has "
                                  f"{int(pos.numel())}; the adapter {self.family} does not match this processor")
         return Batch(inputs, layouts, prefixes)
+
+    def per_sample(self, images: list[Image.Image]) -> list[Any]:
+        """One image per sample, as this family's processor wants it: a flat list, or one list
+        per sample for processors that read a flat list as one sample's images (``nested_images``)."""
+        return [[im] for im in images] if self.nested_images else list(images)
 
     def chat_prompt(self, prompt: str, n_images: int) -> str:
         """One user turn of the model's own chat template: the images in order, then ``prompt``;

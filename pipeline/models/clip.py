@@ -27,15 +27,12 @@ def tiny_clip_config() -> CLIPVisionConfig:
 
 
 class ClipEncoderAdapter(VisionEncoderAdapter):
+    hf_class = CLIPVisionModel
     family = "clip"
     model_types = ("clip", "clip_vision_model")
     prefix_tokens = 1  # CLS
     mean, std = CLIP_MEAN, CLIP_STD
     resample = BICUBIC
-
-    @classmethod
-    def model_class(cls) -> type:
-        return CLIPVisionModel
 
     @classmethod
     def image_processor_class(cls) -> type:

@@ -27,14 +27,11 @@ def tiny_dino_config() -> ViTConfig:
 
 
 class VitEncoderAdapter(VisionEncoderAdapter):
+    hf_class = ViTModel
     family = "vit"
     model_types = ("vit",)
     prefix_tokens = 1  # CLS
     resample = BILINEAR  # facebook/dino-vitb16's preprocessor_config.json
-
-    @classmethod
-    def model_class(cls) -> type:
-        return ViTModel
 
     @classmethod
     def image_processor_class(cls) -> type:

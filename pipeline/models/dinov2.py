@@ -29,15 +29,12 @@ def tiny_dinov2_config() -> Dinov2Config:
 
 
 class Dinov2EncoderAdapter(VisionEncoderAdapter):
+    hf_class = Dinov2Model
     family = "dinov2"
     model_types = ("dinov2",)
     prefix_tokens = 1  # CLS
     interpolate_flag = False  # Dinov2Model always interpolates
     resample = BICUBIC
-
-    @classmethod
-    def model_class(cls) -> type:
-        return Dinov2Model
 
     @classmethod
     def image_processor_class(cls) -> type:

@@ -14,12 +14,11 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from tokenizers import processors
 from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 from transformers.models.llava_next import modeling_llava_next
 
 from kvpipe.pipeline.models.base import ModelAdapter, Segment
-from kvpipe.pipeline.models.tokenizer import build_word_tokenizer
+from kvpipe.pipeline.models.tokenizer import build_word_tokenizer, with_bos
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
 
@@ -41,25 +40,31 @@ TINY_PINPOINTS = [[h // 6, w // 6] for h, w in LLAMA3_PINPOINTS]  # the same sha
 
 def llama3_tokenizer():
     """Word tokenizer with Llama-3's specials; like the real one it prepends <|begin_of_text|>."""
-    tok = build_word_tokenizer(LLAMA3_SPECIALS, unk="<unk>", pad="<pad>")
-    bos = "<|begin_of_text|>"
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
-    tok.bos_token = bos
-    return tok
+    return with_bos(build_word_tokenizer(LLAMA3_SPECIALS, unk="<unk>", pad="<pad>"), "<|begin_of_text|>")
+
+
+def tiny_llama_text(tok: Any, kv_heads: int, theta: float, bos: str, eos: str, pad: str) -> dict[str, Any]:
+    """A 2-layer Llama text config (hidden 64, 4 query heads of 16) on an offline tokenizer's ids."""
+    ids = tok.convert_tokens_to_ids
+    return {"model_type": "llama", "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            "bos_token_id": ids(bos), "eos_token_id": ids(eos), "pad_token_id": ids(pad), "tie_word_embeddings": False}
+
+
+def tiny_clip_vision() -> dict[str, Any]:
+    """A 2-layer CLIP tower seeing 56 px: 4 x 4 patches of 14 px."""
+    return {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14,
+            "projection_dim": 32}
 
 
 def tiny_llava_next_config() -> LlavaNextConfig:
     """2 Llama layers (hidden 64, 4 q / 2 kv heads) on a 2-layer CLIP tower seeing 56 px -> 4x4 tokens."""
     tok = llama3_tokenizer()
     ids = tok.convert_tokens_to_ids
-    text = {"model_type": "llama", "vocab_size": TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-            "bos_token_id": ids("<|begin_of_text|>"), "eos_token_id": ids("<|eot_id|>"), "pad_token_id": ids("<pad>")}
-    vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 56, "patch_size": 14,
-              "projection_dim": 32}
+    text = tiny_llama_text(tok, 2, 500000.0, "<|begin_of_text|>", "<|eot_id|>", "<pad>")
+    vision = tiny_clip_vision()
     return LlavaNextConfig(text_config=text, vision_config=vision, image_token_index=ids("<image>"),
                            vision_feature_layer=-2, vision_feature_select_strategy="default",
                            image_grid_pinpoints=TINY_PINPOINTS, image_seq_length=16)
@@ -86,14 +91,11 @@ SIZES_ON_HOST = ("image_sizes", "batch_num_images")
 
 
 class LlavaNextAdapter(ModelAdapter):
+    hf_class = LlavaNextForConditionalGeneration
     family = "llava_next"
     model_types = ("llava_next",)
     image_placeholder = "<image>"
     modeling: ClassVar[Any] = modeling_llava_next  # where get_anyres_image_grid_shape / unpad_image live
-
-    @classmethod
-    def model_class(cls) -> type:
-        return LlavaNextForConditionalGeneration
 
     def accelerate(self) -> list[str]:
         # transformers reads each image's size with .tolist() while packing the image features:
@@ -114,9 +116,6 @@ class LlavaNextAdapter(ModelAdapter):
         return LlavaNextProcessor(image_processor=images, tokenizer=llama3_tokenizer(), patch_size=v.patch_size,
                                   vision_feature_select_strategy=config.vision_feature_select_strategy,
                                   num_additional_image_tokens=1, chat_template=LLAMA3_CHAT_TEMPLATE)
-
-    def _image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     @property
     def side(self) -> int:

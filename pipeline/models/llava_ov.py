@@ -108,13 +108,10 @@ def tiny_llava_ov_config() -> LlavaOnevisionConfig:
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
+    hf_class = LlavaOnevisionForConditionalGeneration
     family = "llava_onevision"
     model_types = ("llava_onevision",)
     modeling = modeling_llava_onevision
-
-    @classmethod
-    def model_class(cls) -> type:
-        return LlavaOnevisionForConditionalGeneration
 
     @classmethod
     def build_processor(cls, config: Any, tiny: bool = False) -> Any:

@@ -51,15 +51,19 @@ def adapter_for_model_type(model_type: str) -> type[ModelAdapter]:
     raise ModelError(f"model type {model_type!r} is not supported; kvpipe knows {', '.join(known)}")
 
 
-OFFLINE_TOKEN_ATTRS = {"image_token_index": "<image>", "video_token_index": "<video>"}
+IMAGE_TOKENS = ("<image>", "<image_soft_token>", "<IMG_CONTEXT>")  # LLaVA / SmolVLM, Gemma 3, InternVL
+OFFLINE_TOKEN_ATTRS = {"image_token_index": IMAGE_TOKENS, "image_token_id": IMAGE_TOKENS,
+                       "video_token_index": ("<video>",), "boi_token_index": ("<start_of_image>",),
+                       "eoi_token_index": ("<end_of_image>",)}
 
 
 def align_offline_token_ids(config: Any, tokenizer: Any) -> None:
     """A random model runs with the offline tokenizer, so its image/video token ids must be
     that tokenizer's (the presets carry the real checkpoints' ids, e.g. 151646 for <image>)."""
     vocab = tokenizer.get_vocab()
-    for attr, token in OFFLINE_TOKEN_ATTRS.items():
-        if hasattr(config, attr) and token in vocab:
+    for attr, tokens in OFFLINE_TOKEN_ATTRS.items():
+        token = next((t for t in tokens if t in vocab), None)
+        if hasattr(config, attr) and token is not None:
             setattr(config, attr, vocab[token])
 
 
@@ -106,7 +110,9 @@ def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto",
                       "init": "random", "seed": seed, "family": entry.adapter.family}
             return _finish(entry.adapter, model, processor, source, device)
         return _from_pretrained(entry.checkpoint or name_or_path, name_or_path, torch_dtype, device, revision)
-    return _from_pretrained(target, name_or_path, torch_dtype, device, revision, local=where == "local")
+    generic = where.startswith("any-")
+    return _from_pretrained(target, name_or_path, torch_dtype, device, revision, local=where.endswith("local"),
+                            generic=generic)
 
 
 def _first_line(err: BaseException) -> str:
@@ -115,7 +121,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _from_pretrained(checkpoint: str, name: str, dtype: torch.dtype, device: str,
-                     revision: str | None, local: bool = False) -> ModelAdapter:
+                     revision: str | None, local: bool = False, generic: bool = False) -> ModelAdapter:
     from transformers import AutoConfig
 
     hint = ("is it a saved checkpoint directory (save_pretrained of the model and its processor)?" if local
@@ -124,7 +130,15 @@ def _from_pretrained(checkpoint: str, name: str, dtype: torch.dtype, device: str
         config = AutoConfig.from_pretrained(checkpoint, revision=revision)
     except Exception as err:  # OSError for offline / missing repo, ValueError for bad configs
         raise ModelError(f"cannot load the config of --model {checkpoint}: {_first_line(err)} ({hint})") from None
-    adapter_cls = adapter_for_model_type(config.model_type)
+    if generic:  # any:TARGET: the generic adapter, or one line saying why it cannot serve this architecture
+        from kvpipe.pipeline.models.generic import GenericAdapter, refusal
+
+        why = refusal(config)
+        if why:
+            raise ModelError(f"--model {name}: {why}")
+        adapter_cls: type[ModelAdapter] = GenericAdapter
+    else:
+        adapter_cls = adapter_for_model_type(config.model_type)
     try:
         model = adapter_cls.model_class().from_pretrained(checkpoint, revision=revision, dtype=dtype)
         processor = adapter_cls.load_processor(checkpoint, revision)

@@ -28,13 +28,5 @@ def qwen25vl_7b_config() -> Qwen2_5_VLConfig:
 class Qwen25VLAdapter(Qwen2VLAdapter):
     family = "qwen25vl"
     model_types = ("qwen2_5_vl",)
-
-    @classmethod
-    def model_class(cls) -> type:
-        return Qwen2_5_VLForConditionalGeneration
-
-    @classmethod
-    def processor_class(cls) -> type:
-        from transformers import Qwen2_5_VLProcessor
-
-        return Qwen2_5_VLProcessor
+    hf_class = Qwen2_5_VLForConditionalGeneration
+    processor_names = ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor")

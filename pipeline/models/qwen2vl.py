@@ -6,7 +6,7 @@ Qwen2-VL merges 2x2 patches into one LM token, so an image of (h, w) patches giv
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
 
@@ -72,33 +72,37 @@ def qwen2vl_7b_config() -> Qwen2VLConfig:
 
 
 class Qwen2VLAdapter(ModelAdapter):
+    hf_class = Qwen2VLForConditionalGeneration
     family = "qwen2vl"
     model_types = ("qwen2_vl",)
     image_placeholder = "<|vision_start|><|image_pad|>"
+    chat_template: ClassVar[str] = QWEN_CHAT_TEMPLATE
+    image_processor_kw: ClassVar[dict[str, Any]] = {}  # the checkpoint's preprocessor_config.json, where it differs
 
-    @classmethod
-    def model_class(cls) -> type:
-        return Qwen2VLForConditionalGeneration
+    # the processor classes in transformers, by name (imported when a processor is built)
+    processor_names: ClassVar[tuple[str, str]] = ("Qwen2VLProcessor", "Qwen2VLVideoProcessor")
 
     @classmethod
     def processor_class(cls) -> type:
-        from transformers import Qwen2VLProcessor
+        import transformers
 
-        return Qwen2VLProcessor
+        return getattr(transformers, cls.processor_names[0])
+
+    @classmethod
+    def video_processor(cls) -> Any:
+        import transformers
+
+        return getattr(transformers, cls.processor_names[1])()
 
     @classmethod
     def build_processor(cls, config: Any, tiny: bool = False) -> Any:
-        from transformers import Qwen2VLVideoProcessor
-
+        v = config.vision_config
+        token = int(v.patch_size) * int(v.spatial_merge_size)  # pixels per LM token along each side
         # Tiny models see small images (<= 256 tokens) so the demo runs in seconds on a CPU.
-        kw = {"min_pixels": 4 * 28 * 28, "max_pixels": 256 * 28 * 28} if tiny else {}
-        return cls.processor_class()(image_processor=Qwen2VLImageProcessor(**kw),
-                                     tokenizer=qwen_tokenizer(),
-                                     video_processor=Qwen2VLVideoProcessor(),
-                                     chat_template=QWEN_CHAT_TEMPLATE)
-
-    def _image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
+        kw = {"min_pixels": 4 * token**2, "max_pixels": 256 * token**2} if tiny else dict(cls.image_processor_kw)
+        images = Qwen2VLImageProcessor(patch_size=int(v.patch_size), merge_size=int(v.spatial_merge_size), **kw)
+        return cls.processor_class()(image_processor=images, tokenizer=qwen_tokenizer(),
+                                     video_processor=cls.video_processor(), chat_template=cls.chat_template)
 
     def accelerate(self) -> list[str]:
         from kvpipe.pipeline.models.vision_attention import patch_vision_attention

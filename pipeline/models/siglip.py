@@ -27,15 +27,12 @@ def tiny_siglip_config() -> SiglipVisionConfig:
 
 
 class SiglipEncoderAdapter(VisionEncoderAdapter):
+    hf_class = SiglipVisionModel
     family = "siglip"
     model_types = ("siglip", "siglip_vision_model")
     prefix_tokens = 0  # no CLS token
     mean = std = (0.5, 0.5, 0.5)
     resample = BICUBIC
-
-    @classmethod
-    def model_class(cls) -> type:
-        return SiglipVisionModel
 
     @classmethod
     def image_processor_class(cls) -> type:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import string
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 _WORDS = (
@@ -21,9 +21,13 @@ _WORDS = (
 
 
 def build_word_tokenizer(
-    special_tokens: list[str], unk: str, pad: str, extra_words: tuple[str, ...] = ()
+    special_tokens: list[str], unk: str, pad: str, extra_words: tuple[str, ...] = (),
+    named: dict[str, str] | None = None,
 ) -> PreTrainedTokenizerFast:
-    """A deterministic word-level tokenizer: specials first, then words, punctuation, letters."""
+    """A deterministic word-level tokenizer: specials first, then words, punctuation, letters.
+
+    ``named``: special tokens a processor reads by attribute (``tokenizer.image_token``, ...),
+    saved with the tokenizer like the real checkpoints' ``extra_special_tokens``."""
     vocab: dict[str, int] = {}
     for tok in [unk, pad, *special_tokens, *_WORDS, *extra_words, *string.punctuation,
                 *string.ascii_letters, *string.digits, "\n"]:
@@ -33,6 +37,14 @@ def build_word_tokenizer(
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, pad_token=pad, extra_special_tokens=named)
     fast.add_special_tokens({"additional_special_tokens": list(special_tokens)})
     return fast
+
+
+def with_bos(tok: PreTrainedTokenizerFast, bos: str) -> PreTrainedTokenizerFast:
+    """Make ``tok`` prepend ``bos`` to every text, as the Llama / Gemma tokenizers do."""
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.convert_tokens_to_ids(bos))])
+    tok.bos_token = bos
+    return tok

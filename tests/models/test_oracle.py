@@ -190,6 +190,20 @@ PRESETS = {
     "llava-next-llama3": ((4096, 32, 32, 8, 14336, 128320, 5e5),
                           {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
                            "intermediate_size": 4096, "image_size": 336, "patch_size": 14}),
+    "llava15": ((4096, 32, 32, 32, 11008, 32064, 1e4),
+                {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                 "intermediate_size": 4096, "image_size": 336, "patch_size": 14}),
+    "qwen3vl": ((4096, 36, 32, 8, 12288, 151936, 5e6), {"depth": 27, "hidden_size": 1152, "num_heads": 16,
+                                                         "patch_size": 16, "deepstack_visual_indexes": [8, 16, 24]}),
+    "gemma3": ((2560, 34, 8, 4, 10240, 262208, 1e6),
+               {"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16,
+                "intermediate_size": 4304, "image_size": 896, "patch_size": 14}),
+    "smolvlm2": ((2048, 24, 32, 32, 8192, 49280, 1.3e5),
+                 {"hidden_size": 1152, "num_hidden_layers": 27, "num_attention_heads": 16,
+                  "intermediate_size": 4304, "image_size": 384, "patch_size": 14}),
+    "internvl3": ((3584, 28, 28, 4, 18944, 151674, 1e6),
+                  {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+                   "intermediate_size": 4096, "image_size": [448, 448], "patch_size": [14, 14]}),
 }
 SIGLIP = {"hidden_size": 1152, "num_hidden_layers": 26, "num_attention_heads": 16, "intermediate_size": 4304,
           "image_size": 384, "patch_size": 14}
@@ -212,7 +226,8 @@ def test_preset_config_shapes(name):
     text, vision = PRESETS[name]
     t = cfg.get_text_config()
     assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads,
-            t.intermediate_size, t.vocab_size, t.rope_parameters["rope_theta"]) == text
+            t.intermediate_size, t.vocab_size,
+            t.rope_parameters.get("full_attention", t.rope_parameters)["rope_theta"]) == text  # Gemma 3: per layer type
     for key, value in (SIGLIP if vision == "siglip" else vision).items():
         assert getattr(cfg.vision_config, key) == value, key
     if name.startswith("llava-ov"):
