@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from new_family_helpers import noise_image as image
+from fixtures.images import noise_image as image
 
 from kvpipe.errors import ModelError, UsageError
 from kvpipe.pipeline.models import load_model

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from new_family_helpers import noise_image as image
+from fixtures.images import noise_image as image
 
 from kvpipe.pipeline.evaluation.answer import answer_items
 from kvpipe.pipeline.evaluation.knockout import knockout
