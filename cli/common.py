@@ -22,8 +22,12 @@ def _width(stream) -> int | None:
     return None if stream.isatty() else int(os.environ.get("COLUMNS", 200))
 
 
-console = Console(width=_width(sys.stdout))
-err_console = Console(stderr=True, width=_width(sys.stderr))
+def consoles() -> tuple[Console, Console]:
+    """The CLI's consoles for standard output and error, as wide as their streams allow."""
+    return Console(width=_width(sys.stdout)), Console(stderr=True, width=_width(sys.stderr))
+
+
+console, err_console = consoles()
 
 # The store: --store everywhere; info, status and verify also take it as their argument.
 STORE_ARG = typer.Argument(None, help="store directory or URL (or --store)", show_default=False)

@@ -67,7 +67,10 @@ class StoreWriter:
         try:
             if not loc.atomic_rename:
                 loc.check()
-                if not loc.isfile("zarr.json") and set(loc.listdir("")) - {LEASE}:
+                names = set(loc.listdir(""))
+                # objects without zarr.json are another run's store in creation when its lease is
+                # there (the lease then names it), else something that is not a kvpipe store
+                if not loc.isfile("zarr.json") and names and LEASE not in names:
                     raise StoreError(f"--out {loc.root} holds other objects but no kvpipe store (no zarr.json); "
                                      f"choose an empty prefix")
                 lease = WriterLease.acquire(loc, lease_timeout, "--out")  # before anything is written
