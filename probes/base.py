@@ -86,7 +86,7 @@ def _indices(text: str | None, stored: tuple[int, ...], flag: str, what: str) ->
         out.extend(range(lo, hi + 1))
     outside = sorted({i for i in out if i not in stored})
     if outside:
-        raise UsageError(f"{flag} {text}: {', '.join(map(str, outside))} not in the store, whose {what} are "
+        raise UsageError(f"{flag} {text}: {_ranges(tuple(outside))} not in the store, whose {what} are "
                          f"{_ranges(stored)}")
     return tuple(sorted(set(out)))
 
