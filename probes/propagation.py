@@ -144,29 +144,40 @@ def propagate_videos_torch(videos: Sequence[Sequence[np.ndarray]], first_labels:
         feats[j, : lengths[j]] = torch.nn.functional.normalize(x, dim=-1, p=2, eps=1e-12)
         segs[j, 0, :, : first_labels[v].shape[-1]] = torch.from_numpy(
             np.asarray(first_labels[v], dtype=np.float64).reshape(n, -1)).to(dev)
-    window = None
+    window, reach = None, h  # reach: how many grid rows away a memory token can be in the window
     if isinstance(size_mask_neighborhood, (tuple, list)):
         window = torch.from_numpy(neighborhood_mask(h, w, tuple(size_mask_neighborhood))).to(dev)
+        reach = int(size_mask_neighborhood[0])
     elif size_mask_neighborhood is not None and size_mask_neighborhood > 0:
         window = torch.from_numpy(neighborhood_mask(h, w, size_mask_neighborhood)).to(dev)
+        reach = int(size_mask_neighborhood)
+    reach = max(0, min(reach, h))
     for t in range(1, t_max):
         running = sum(1 for length in lengths if length > t)
         memory = [0] + (list(range(max(1, t - n_last_frames), t)) if n_last_frames > 0 else [])
-        n_mem = len(memory) * n
-        k = min(topk, n_mem)
-        src = feats[:running, memory].reshape(running, n_mem, dim)
-        src_segs = segs[:running, memory].reshape(running, n_mem, n_classes)
-        rows = max(1, budget // (8 * 3 * n_mem))  # cos + two same-sized temporaries, float64
-        per_video = min(n, rows)
-        videos_per_batch = max(1, rows // per_video)
+        k = min(topk, len(memory) * n)
+        mem_feats, mem_segs = feats[:running, memory], segs[:running, memory]  # (V, M, N, D), (V, M, N, C)
+        # target tokens in blocks of whole grid rows; a block compares with the memory rows its
+        # window reaches only (a band of rows of every memory frame): the rest is outside anyway
+        cost = lambda rows: 8 * 3 * rows * w * len(memory) * min(h, rows + 2 * reach) * w  # noqa: E731
+        block_rows = max(1, min(h, reach if window is not None else h))
+        while block_rows > 1 and cost(block_rows) > budget:
+            block_rows //= 2
+        videos_per_batch = max(1, budget // cost(block_rows))
         for a in range(0, running, videos_per_batch):
             b = min(a + videos_per_batch, running)
-            for q in range(0, n, per_video):
-                cos = torch.bmm(feats[a:b, t, q:q + per_video], src[a:b].transpose(1, 2))  # (V, B, M*N)
+            for r0 in range(0, h, block_rows):
+                r1 = min(h, r0 + block_rows)
+                lo, hi = max(0, r0 - reach), min(h, r1 + reach)
+                band = slice(lo * w, hi * w)
+                n_band = (hi - lo) * w
+                src = mem_feats[a:b, :, band].reshape(b - a, len(memory) * n_band, dim)
+                cos = torch.bmm(feats[a:b, t, r0 * w: r1 * w], src.transpose(1, 2))  # (V, B, M * band)
                 if window is not None:
-                    outside = ~window[q:q + per_video]  # the same window in every memory frame
-                    cos.view(b - a, -1, len(memory), n).masked_fill_(outside[None, :, None, :], float("-inf"))
-                segs[a:b, t, q:q + per_video] = _label_update(cos, src_segs[a:b], k, temperature)
+                    outside = ~window[r0 * w: r1 * w, band]  # the same window in every memory frame
+                    cos.view(b - a, -1, len(memory), n_band).masked_fill_(outside[None, :, None, :], float("-inf"))
+                src_segs = mem_segs[a:b, :, band].reshape(b - a, len(memory) * n_band, n_classes)
+                segs[a:b, t, r0 * w: r1 * w] = _label_update(cos, src_segs, min(k, len(memory) * n_band), temperature)
     out: list[Any] = [None] * len(videos)
     for j, v in enumerate(order):
         c = first_labels[v].shape[-1]
@@ -176,17 +187,25 @@ def propagate_videos_torch(videos: Sequence[Sequence[np.ndarray]], first_labels:
 
 def _label_update(cos: Any, src_segs: Any, k: int, temperature: float) -> Any:
     """Labels (V, B, C) from affinities ``cos`` (V, B, M*N, -inf outside the window) and the
-    memory's labels (V, M*N, C): top-k with ties, ``exp((cos - max) / T)``, normalised."""
+    memory's labels (V, M*N, C): top-k with ties, ``exp((cos - max) / T)``, normalised.
+
+    The k + 1 largest tell whether any row has an entry equal to its k-th (a tie the reference
+    keeps) or fewer than k inside the window; only then is the whole row looked at."""
     import torch
 
-    vals, idx = cos.topk(k, dim=-1)
-    kth = vals[..., -1:]
-    kept = (cos >= kth) & torch.isfinite(cos)
-    if bool((kept.sum(-1) == k).all()):  # no ties with the k-th: the k entries alone
+    n_mem = cos.shape[-1]
+    vals, idx = cos.topk(min(k + 1, n_mem), dim=-1)
+    kth = vals[..., k - 1: k]
+    simple = bool(torch.isfinite(kth).all())
+    if simple and n_mem > k:
+        simple = bool((vals[..., k] < vals[..., k - 1]).all())
+    if simple:  # the k entries alone
+        vals, idx = vals[..., :k], idx[..., :k]
         weights = torch.exp((vals - vals[..., :1]) / temperature)
         labels = torch.gather(src_segs[:, None].expand(-1, cos.shape[1], -1, -1), 2,
                               idx[..., None].expand(-1, -1, -1, src_segs.shape[-1]))
         return (weights[..., None] * labels).sum(2) / weights.sum(-1, keepdim=True)
+    kept = (cos >= kth) & torch.isfinite(cos)
     weights = torch.where(kept, torch.exp((cos - vals[..., :1]) / temperature), torch.zeros((), dtype=cos.dtype,
                                                                                           device=cos.device))
     return torch.bmm(weights, src_segs) / weights.sum(-1, keepdim=True)
