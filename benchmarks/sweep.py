@@ -177,7 +177,7 @@ def time_sweep(root: Path, probe: str, params: dict | None = None, device: str =
     import kvpipe.probes.temporal_corr as tc
 
     spent = {"read": 0.0, "search": 0.0}
-    originals = (FeatureStore.read, sc.nearest_in_groups, tc.VideoReference)
+    originals = (FeatureStore.read, sc.nearest_in_groups, sc.nearest_in_groups_torch, tc.VideoReference)
 
     def timer(fn, key):
         def timed(*a, **kw):
@@ -189,6 +189,7 @@ def time_sweep(root: Path, probe: str, params: dict | None = None, device: str =
         return timed
 
     FeatureStore.read, sc.nearest_in_groups = timer(originals[0], "read"), timer(originals[1], "search")
+    sc.nearest_in_groups_torch = timer(originals[2], "search")  # returns on the host: synchronised
     if baseline:
         tc.VideoReference = _DilationReference
     try:
@@ -197,7 +198,7 @@ def time_sweep(root: Path, probe: str, params: dict | None = None, device: str =
                         prefetch=not baseline)
         total = time.perf_counter() - t0
     finally:
-        FeatureStore.read, sc.nearest_in_groups, tc.VideoReference = originals
+        FeatureStore.read, sc.nearest_in_groups, sc.nearest_in_groups_torch, tc.VideoReference = originals
     n_targets = len({(r["kind"], r["layer"], r["head"]) for r in run.table.to_pylist() if r["layer"] >= 0
                      or r["kind"] == "post_proj"})
     t = run.timings

@@ -15,15 +15,11 @@ from kvpipe.probes.base import Selection
 from kvpipe.probes.runner import layer_head_matrix
 from kvpipe.store import FeatureStore
 
-from fixtures.probe_stores import grid_segments, write_feature_store
+from fixtures.video_stores import random_video_store
 
 
 def store_4x3(path):
-    rng = np.random.default_rng(0)
-    images = [{"id": f"v0/{t}", "h": 24, "w": 32, "group": "v0", "frame": t, "segments": grid_segments(3, 4),
-               "feat": rng.standard_normal((12, 4))} for t in range(4)]
-    masks = [np.kron(rng.integers(0, 3, (3, 4)), np.ones((8, 8), np.int64)).astype(np.uint8) for _ in range(4)]
-    return write_feature_store(path, images, {}, layers=4, heads=3, tasks=("temporal-corr",), masks=masks)
+    return random_video_store(path, layers=4, heads=3, frames=4)
 
 
 def test_selection_parses_ranges_and_refuses_what_the_store_lacks(tmp_path):
