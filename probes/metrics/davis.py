@@ -7,9 +7,9 @@ mean of ``davis2017/utils.py`` ``db_statistics`` and the J&F-Mean of ``evaluatio
 cv2.dilate and skimage.morphology.disk are replaced by scipy.ndimage.binary_dilation and an
 exact copy of ``disk`` (same pixels: the disk is symmetric, and both treat outside as 0) in
 ``boundary_f_dilation``, the literal port. What the probes run computes the same numbers faster:
-the ground truth's contour and dilation once per frame and object (``BoundaryRef``,
-``VideoReference``), the prediction's dilation as a thresholded Euclidean distance transform on
-the contour's bounding box (``dilate_disk_at``).
+the ground truth's contour once per frame and object (``BoundaryRef``, ``VideoReference``), and
+"inside the other contour's disk dilation" answered by a nearest-neighbour query with integer
+squared distances (``Contour``), which is the same test for the disk's integer radius.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 VOID_LABEL = 255  # davis2017/evaluation.py: _VOID_LABEL
 
@@ -44,8 +45,8 @@ def boundary_f(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | None = None,
     Port of ``metrics.py`` ``db_eval_boundary`` -> ``f_measure(pred, gt)``: a boundary pixel
     matches if the other contour lies within ``ceil(bound_th * image diagonal)`` pixels (disk
     dilation; ``bound_th >= 1`` is a radius in pixels). Computed through ``BoundaryRef`` (the
-    ground truth's side, reusable) and ``dilate_disk`` (a distance transform); equal to the
-    literal port ``boundary_f_dilation``.
+    ground truth's side, reusable) and ``Contour`` (nearest contour pixel within the disk);
+    equal to the literal port ``boundary_f_dilation``.
     """
     pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
     if gt.shape != pred.shape:
@@ -97,80 +98,65 @@ def _f_from_counts(n_fg: int, n_gt: int, fg_matched: int, gt_matched: int) -> fl
     return float(2 * precision * recall / (precision + recall))
 
 
-def dilate_disk(mask: np.ndarray, radius: float) -> tuple[np.ndarray, tuple[int, int]]:
-    """Binary dilation of ``mask`` by ``disk(radius)``, restricted to where it can be non-zero.
+class Contour:
+    """A contour's pixels and a k-d tree over them, for "is any of these pixels within the
+    disk of radius r around that one" in O(log n) per query pixel.
 
-    Returns (window, (y0, x0)): the dilation on the window ``[y0:y0+h, x0:x0+w]`` of the mask
-    (the bounding box of its pixels grown by the radius, clipped to the image); outside the
-    window the dilation is empty. See ``dilate_disk_at``.
-    """
-    mask = np.asarray(mask, bool)
-    ys, xs = np.nonzero(mask)
-    return dilate_disk_at(ys, xs, mask.shape, radius)
+    The official measure dilates one contour by ``disk(r)`` and counts the other contour's
+    pixels inside the dilation. For an integer r (the evaluation's ``ceil(0.008 x diagonal)``)
+    ``disk`` holds the offsets with dx^2 + dy^2 <= r^2, so a pixel is in the dilation exactly
+    when its nearest contour pixel is within that integer squared distance: the tree finds the
+    nearest one and the squared distance is recomputed in integers, so the answer is exact.
+    Other radii (``bound_th >= 1`` with a fraction: a disk not centred on a pixel) use
+    ``binary_dilation`` with the same disk, as the literal port does."""
 
-
-def dilate_disk_at(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, ...],
-                   radius: float) -> tuple[np.ndarray, tuple[int, int]]:
-    """``dilate_disk`` of the mask of ``shape`` whose set pixels are (ys, xs).
-
-    For an integer radius a pixel is in the dilation exactly when its Euclidean distance to
-    the nearest set pixel is <= radius: ``disk`` holds the offsets with x^2 + y^2 <= r^2, and
-    the distance transform's sqrt of an integer is correctly rounded, so the comparison is
-    exact. That costs O(window) instead of O(window x disk). Other radii (``bound_th >= 1``
-    given with a fraction: a disk not centred on a pixel) go through ``binary_dilation`` with
-    the same disk, as the literal port does.
-    """
-    if len(ys) == 0:
-        return np.zeros((0, 0), bool), (0, 0)
-    r = int(np.ceil(radius))
-    y0, x0 = max(int(ys.min()) - r, 0), max(int(xs.min()) - r, 0)
-    y1, x1 = min(int(ys.max()) + r + 1, shape[0]), min(int(xs.max()) + r + 1, shape[1])
-    if float(radius).is_integer():
-        crop = np.ones((y1 - y0, x1 - x0), bool)
-        crop[ys - y0, xs - x0] = False
-        return ndimage.distance_transform_edt(crop) <= radius, (y0, x0)
-    full = np.zeros(shape, bool)
-    full[ys, xs] = True
-    return ndimage.binary_dilation(full, structure=disk(radius))[y0:y1, x0:x1], (y0, x0)
-
-
-def _lookup(window: np.ndarray, origin: tuple[int, int], ys: np.ndarray, xs: np.ndarray) -> int:
-    """How many of the pixels (ys, xs) are set in a ``dilate_disk`` window placed at ``origin``."""
-    yy, xx = ys - origin[0], xs - origin[1]
-    inside = (yy >= 0) & (yy < window.shape[0]) & (xx >= 0) & (xx < window.shape[1])
-    return int(np.count_nonzero(window[yy[inside], xx[inside]]))
-
-
-class BoundaryRef:
-    """The ground truth's side of the boundary F-measure, computed once and reused for every
-    prediction of that frame and object: its contour pixels and their disk dilation (a window
-    of bits, see ``dilate_disk``). ``f_measure(pred)`` equals ``boundary_f(gt, pred)``."""
-
-    def __init__(self, gt: np.ndarray, bound_th: float = 0.008):
-        gt = np.asarray(gt, bool)
-        self.shape = gt.shape
-        self.radius = bound_radius(bound_th, gt.shape)
-        self.ys, self.xs = (a.astype(np.int32) for a in np.nonzero(seg2bmap(gt)))
-        window, self.origin = dilate_disk_at(self.ys, self.xs, gt.shape, self.radius)
-        self.window_shape = window.shape
-        self.bits = np.packbits(window, axis=None)  # 1/8 of the bytes while cached
+    def __init__(self, mask_boundary: np.ndarray):
+        self.shape = mask_boundary.shape
+        self.ys, self.xs = (a.astype(np.int64) for a in np.nonzero(mask_boundary))
+        self._tree = None
 
     @property
     def n(self) -> int:
         return int(self.ys.size)
 
+    def count_within(self, ys: np.ndarray, xs: np.ndarray, radius: float) -> int:
+        """How many of the pixels (ys, xs) have a pixel of this contour within ``disk(radius)``."""
+        if self.n == 0 or len(ys) == 0:
+            return 0
+        if not float(radius).is_integer():
+            dil = np.zeros(self.shape, bool)
+            dil[self.ys, self.xs] = True
+            return int(np.count_nonzero(ndimage.binary_dilation(dil, structure=disk(radius))[ys, xs]))
+        if self._tree is None:
+            self._tree = cKDTree(np.c_[self.ys, self.xs])
+        _, nearest = self._tree.query(np.c_[ys, xs], k=1, distance_upper_bound=radius + 1)
+        found = nearest < self.n  # the tree answers n where nothing is within the bound
+        near = nearest[found]
+        d2 = (np.asarray(ys)[found] - self.ys[near]) ** 2 + (np.asarray(xs)[found] - self.xs[near]) ** 2
+        return int(np.count_nonzero(d2 <= int(radius) ** 2))
+
+
+class BoundaryRef:
+    """The ground truth's side of the boundary F-measure, computed once and reused for every
+    prediction of that frame and object: its contour (``Contour``, with its k-d tree once
+    asked). ``f_measure(pred)`` equals ``boundary_f(gt, pred)`` and ``boundary_f_dilation``."""
+
+    def __init__(self, gt: np.ndarray, bound_th: float = 0.008):
+        gt = np.asarray(gt, bool)
+        self.shape = gt.shape
+        self.radius = bound_radius(bound_th, gt.shape)
+        self.contour = Contour(seg2bmap(gt))
+
     def f_measure(self, pred: np.ndarray) -> float:
         pred = np.asarray(pred, bool)
         if pred.shape != self.shape:
             raise ValueError(f"annotation {self.shape} and segmentation {pred.shape} shapes differ")
-        fg_ys, fg_xs = np.nonzero(seg2bmap(pred))
-        n_fg, n_gt = int(fg_ys.size), self.n
+        fg = Contour(seg2bmap(pred))
+        n_fg, n_gt = fg.n, self.contour.n
         if n_fg == 0 or n_gt == 0:
             return _f_from_counts(n_fg, n_gt, 0, 0)
-        gt_window = np.unpackbits(self.bits, count=int(np.prod(self.window_shape))).reshape(self.window_shape)
-        fg_matched = _lookup(gt_window.view(bool), self.origin, fg_ys, fg_xs)
-        fg_window, fg_origin = dilate_disk_at(fg_ys, fg_xs, self.shape, self.radius)
-        gt_matched = _lookup(fg_window, fg_origin, self.ys, self.xs)
+        fg_matched = self.contour.count_within(fg.ys, fg.xs, self.radius)  # precision: fg_boundary & gt_dil
+        gt_matched = fg.count_within(self.contour.ys, self.contour.xs, self.radius)  # recall: gt_boundary & fg_dil
         return _f_from_counts(n_fg, n_gt, fg_matched, gt_matched)
 
 

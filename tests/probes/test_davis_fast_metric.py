@@ -1,7 +1,7 @@
 """The fast DAVIS boundary measure equals the literal port of the official evaluation.
 
 ``boundary_f`` / ``evaluate_video`` / ``VideoReference`` (ground-truth contours prepared once,
-the prediction dilated by a thresholded distance transform on its bounding box) against
+"inside the other contour's dilation" answered by the nearest contour pixel) against
 ``boundary_f_dilation`` / ``evaluate_video_dilation`` (both contours dilated by the whole disk
 with ``binary_dilation``, as ``cv2.dilate`` in davis2017-evaluation): exactly equal numbers.
 """
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from kvpipe.probes.metrics.davis import (BoundaryRef, VideoReference, boundary_f, boundary_f_dilation, dilate_disk,
-                                         disk, evaluate_video, evaluate_video_dilation)
+from kvpipe.probes.metrics.davis import (BoundaryRef, Contour, VideoReference, boundary_f, boundary_f_dilation, disk,
+                                         evaluate_video, evaluate_video_dilation)
 
 
 def blobs(shape, rng, n=3, smooth=4.0):
@@ -25,28 +25,32 @@ def blobs(shape, rng, n=3, smooth=4.0):
 
 
 @pytest.mark.parametrize("radius", [1, 2, 3, 5, 8, 12])
-def test_distance_transform_dilation_is_the_disk_dilation(radius):
+def test_nearest_contour_pixel_test_is_the_disk_dilation(radius):
+    """A pixel has a contour pixel within the disk exactly where the contour's dilation by
+    ``disk`` (as skimage builds it, the official code's structuring element) is set."""
     rng = np.random.default_rng(radius)
     selem = disk(float(radius))
     assert selem.shape == (2 * radius + 1,) * 2 and selem[radius].all() and selem[:, radius].all()
+    assert not selem[0, 0] and selem.sum() == sum(1 for x in range(-radius, radius + 1)
+                                                  for y in range(-radius, radius + 1) if x * x + y * y <= radius ** 2)
     for density in (0.0005, 0.01, 0.2):
         mask = rng.random((61, 97)) < density
         mask[0, 5] = mask[-1, -1] = True  # touches the borders
-        window, (y0, x0) = dilate_disk(mask, float(radius))
-        full = np.zeros(mask.shape, bool)
-        full[y0:y0 + window.shape[0], x0:x0 + window.shape[1]] = window
-        np.testing.assert_array_equal(full, ndimage.binary_dilation(mask, structure=selem))
-    window, _ = dilate_disk(np.zeros((5, 5), bool), float(radius))
-    assert window.size == 0
+        dilated = ndimage.binary_dilation(mask, structure=selem)
+        contour = Contour(mask)
+        ys, xs = np.nonzero(np.ones_like(mask))
+        for y, x, inside in zip(ys[::7], xs[::7], dilated.ravel()[::7]):
+            assert contour.count_within(np.array([y]), np.array([x]), float(radius)) == int(inside)
+        assert contour.count_within(ys, xs, float(radius)) == int(dilated.sum())
+    assert Contour(np.zeros((5, 5), bool)).count_within(np.array([1]), np.array([1]), float(radius)) == 0
 
 
 def test_half_integer_radius_keeps_scipys_placement():
     rng = np.random.default_rng(0)
     mask = rng.random((30, 40)) < 0.02
-    window, (y0, x0) = dilate_disk(mask, 2.5)
-    full = np.zeros(mask.shape, bool)
-    full[y0:y0 + window.shape[0], x0:x0 + window.shape[1]] = window
-    np.testing.assert_array_equal(full, ndimage.binary_dilation(mask, structure=disk(2.5)))
+    ys, xs = np.nonzero(np.ones_like(mask))
+    dilated = ndimage.binary_dilation(mask, structure=disk(2.5))
+    assert Contour(mask).count_within(ys, xs, 2.5) == int(dilated.sum())
 
 
 @pytest.mark.parametrize("shape", [(480, 854), (64, 91)])
