@@ -27,6 +27,8 @@ holds one (the manifest row's segments), a finer grid of the same frame.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -124,10 +126,11 @@ class TemporalCorrespondence(Probe):
                                          f"temporal-corr of {target.kind} L{target.layer} H{target.head}")
         else:
             preds = {name: self._predict_numpy(name, g) for name, g in grids.items()}
-        per_object: dict[str, dict[str, float]] = {}
-        for name, pred in preds.items():
-            for obj, res in self.references[name].evaluate(pred).items():
-                per_object[f"{name}/{obj}"] = res
+        # the videos' J and F in threads (numpy and the k-d tree release the GIL on whole frames)
+        names = list(preds)
+        with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 16))) as pool:
+            results = list(pool.map(lambda n: self.references[n].evaluate(preds[n]), names))
+        per_object = {f"{name}/{obj}": res for name, res_v in zip(names, results) for obj, res in res_v.items()}
         return summarize(per_object)
 
     def _first_labels(self, name: str, grid_hw: tuple[int, int]) -> np.ndarray:
