@@ -139,15 +139,25 @@ def probe(
     no_cache: bool = typer.Option(False, "--no-cache", help="recompute even if cached results exist"),
     allow_incomplete: bool = typer.Option(False, "--allow-incomplete",
                                           help="probe a store whose extraction has parts pending"),
+    device: str = typer.Option("auto", help="where probes compute: auto (a GPU when torch sees one), cpu, "
+                                            "cuda, cuda:N, or numpy (the float64 reference code)"),
+    layers: Optional[str] = typer.Option(None, help="sweep these layers only, e.g. 0-13,20 (default: all stored)"),
+    heads: Optional[str] = typer.Option(None, help="sweep these KV heads only, e.g. 0,2 (default: all stored)"),
+    kinds: Optional[str] = typer.Option(None, help="sweep these kinds only, e.g. values or keys,post_proj "
+                                                   "(default: all the probe scores)"),
 ) -> None:
     """Sweep a probe over every (layer, head, kind) + post-proj; write table and plots."""
     from kvpipe.cli.progress import probe_progress
     from kvpipe.cli.render import print_probe_run
     from kvpipe.probes import PROBES, run_probe
+    from kvpipe.probes.base import Selection
+    from kvpipe.probes.device import resolve_device
     from kvpipe.store import FeatureStore
 
     params = parse_params(param)
     meta = FeatureStore.open(store).meta
+    device = resolve_device(device)  # a GPU asked for where there is none: one line, before any work
+    selection = Selection.parse(meta, layers, heads, kinds)
     dataset = meta.dataset
     supported = dataset.tasks
     if task != "all":
@@ -184,7 +194,7 @@ def probe(
         try:
             with probe_progress(console, name) as advance:
                 run = run_probe(store, name, task_params, target, use_cache=not no_cache, progress=advance,
-                                allow_incomplete=allow_incomplete)
+                                allow_incomplete=allow_incomplete, device=device, selection=selection)
         except KvpipeError as err:
             if task != "all":
                 raise
@@ -298,7 +308,8 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="where the store and re
             template="chat", keys="post-rope", layers="all", heads="all",
             kinds="keys,values,post_proj", store_dtype=None, codec="zstd", batch_size=4, part_size=8,
             strict=False, seed=0, executor="local", ray_address=None, workers=None, repair=False, option=[])
-    probe(task="all", store=store, out=None, param=[], no_cache=False)
+    probe(task="all", store=store, out=None, param=[], no_cache=False, device="auto", layers=None, heads=None,
+          kinds=None)
     report(store=store, out=out / "report.md")
 
 

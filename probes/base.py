@@ -8,11 +8,13 @@ probe is one file with one decorator. Probes read the store only, never a model.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from kvpipe.errors import UsageError
+from kvpipe.probes.device import resolve_device
 from kvpipe.registry import Registry
 from kvpipe.store import FeatureStore
 from kvpipe.store.schema import FeatureSetMeta
@@ -25,6 +27,81 @@ class Target:
     kind: str
     layer: int = -1
     head: int = -1
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which targets a sweep scores (``kvpipe probe --layers 0-13,20 --heads 0,2 --kinds values``):
+    None = every stored one. post_proj (no layer, no head) is swept unless ``kinds`` leaves it out."""
+
+    layers: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    kinds: tuple[str, ...] | None = None
+
+    def has_layer(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def has_head(self, head: int) -> bool:
+        return self.heads is None or head in self.heads
+
+    def has_kind(self, kind: str) -> bool:
+        return self.kinds is None or kind in self.kinds
+
+    def to_dict(self) -> dict[str, list | None]:
+        """For the cache key and run.json (None: all)."""
+        return {k: (list(v) if v is not None else None)
+                for k, v in (("layers", self.layers), ("heads", self.heads), ("kinds", self.kinds))}
+
+    @classmethod
+    def parse(cls, meta: FeatureSetMeta, layers: str | None = None, heads: str | None = None,
+              kinds: str | None = None) -> "Selection":
+        """From the command line's texts (``0-13,20``, ``0,2``, ``keys,values``; None or "" = all),
+        checked against what the store holds: one line naming the stored ones otherwise."""
+        stored_kinds = tuple(meta.kinds)
+        sel_kinds = None
+        if kinds:
+            sel_kinds = tuple(k.strip().replace("-", "_") for k in kinds.split(",") if k.strip())
+            missing = [k for k in sel_kinds if k not in stored_kinds]
+            if missing:
+                raise UsageError(f"--kinds {kinds}: the store holds no {', '.join(missing)} "
+                                 f"(stored kinds: {', '.join(stored_kinds)})")
+        return cls(_indices(layers, tuple(meta.layers), "--layers", "layers"),
+                   _indices(heads, tuple(meta.heads), "--heads", "KV heads"), sel_kinds)
+
+
+def _indices(text: str | None, stored: tuple[int, ...], flag: str, what: str) -> tuple[int, ...] | None:
+    """``0-13,20`` -> (0, ..., 13, 20), each one of ``stored``; None when ``text`` is empty."""
+    if not text:
+        return None
+    out: list[int] = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if not m:
+            raise UsageError(f"{flag} {text}: {item!r} is not an index or a range like 0-13")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UsageError(f"{flag} {text}: the range {item} is empty")
+        out.extend(range(lo, hi + 1))
+    outside = sorted({i for i in out if i not in stored})
+    if outside:
+        raise UsageError(f"{flag} {text}: {_ranges(tuple(outside))} not in the store, whose {what} are "
+                         f"{_ranges(stored)}")
+    return tuple(sorted(set(out)))
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5) -> "0-2, 5"."""
+    out, vals = [], sorted(values)
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out.append(str(vals[i]) if i == j else f"{vals[i]}-{vals[j]}")
+        i = j + 1
+    return ", ".join(out) or "none"
 
 
 class Probe:
@@ -40,13 +117,16 @@ class Probe:
     defaults: ClassVar[dict[str, Any]] = {}
     version: ClassVar[int] = 1  # bump when scores change, to invalidate cached results
 
-    def __init__(self, store: FeatureStore, params: dict[str, Any]):
+    def __init__(self, store: FeatureStore, params: dict[str, Any], device: str = "auto",
+                 selection: Selection | None = None):
         unknown = set(params) - set(self.defaults)
         if unknown:
             raise UsageError(f"task {self.name} has no parameter {', '.join(sorted(unknown))}; "
                              f"its parameters: {', '.join(self.defaults) or 'none'}")
         self.store = store
         self.params = {**self.defaults, **params}
+        self.device = resolve_device(device)  # "numpy" (the reference code), "cpu" or "cuda:N" (torch)
+        self.selection = selection or Selection()
         self.prepare()
 
     @classmethod
@@ -65,12 +145,26 @@ class Probe:
         """Load and check the annotations once; raise a one-line error if they are missing."""
 
     def score(self, target: Target) -> dict[str, float]:
-        raise NotImplementedError
+        """Metrics of one target. Probes either override this, or split it into ``read`` (the
+        store reads, which the runner runs one target ahead in a thread) and ``compute``."""
+        if type(self).compute is Probe.compute:
+            raise NotImplementedError
+        return self.compute(target, self.read(target))
+
+    def read(self, target: Target) -> Any:
+        """What ``compute`` needs from the store for ``target`` (default: nothing; ``score`` reads)."""
+        return None
+
+    def compute(self, target: Target, data: Any) -> dict[str, float]:
+        """Metrics of ``target`` from ``read(target)``'s result (default: ``score``)."""
+        return self.score(target)
 
     def targets(self) -> list[Target]:
         meta = self.store.meta
-        out = [Target(k, l, h) for k in self.kinds if k in meta.kinds for l in meta.layers for h in meta.heads]
-        if self.baseline and "post_proj" in meta.kinds:
+        sel = self.selection
+        out = [Target(k, l, h) for k in self.kinds if k in meta.kinds and sel.has_kind(k)
+               for l in meta.layers if sel.has_layer(l) for h in meta.heads if sel.has_head(h)]
+        if self.baseline and "post_proj" in meta.kinds and sel.has_kind("post_proj"):
             out.append(Target("post_proj"))
         return out
 

@@ -16,12 +16,13 @@ the rule independent of the feature scale, which differs by orders of magnitude 
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import Probe, Target
+from kvpipe.probes.device import uses_torch
 from kvpipe.probes.tokens import upsample_bilinear
 
 
@@ -74,15 +75,42 @@ class TextGroundedProbe(Probe):
             raise StoreError(f"store {self.store.root}: {what} index {bad[0]} is outside its {n_queries} "
                              f"text queries; the store is damaged (re-extract it)")
 
-    def image_scores(self, target: Target) -> Callable[..., np.ndarray]:
-        """Reads ``target`` for ``self.rows`` once; returns scores(row, query indices, out_hw) ->
-        (H, W, Q) normalised, upsampled scores of those text queries on that image."""
-        text = self.store.text(target.kind, target.layer, target.head)
-        feats = self.store.read(target.kind, target.layer, target.head, images=self.rows)
+    def read(self, target: Target) -> tuple[np.ndarray, Any]:
+        """The text queries' and ``self.rows``' features of ``target``."""
+        return (self.store.text(target.kind, target.layer, target.head),
+                self.store.read(target.kind, target.layer, target.head, images=self.rows))
+
+    def image_scores(self, target: Target, data: tuple[np.ndarray, Any] | None = None) -> Callable[..., np.ndarray]:
+        """Scores of ``target`` (``read(target)``'s result, read here when not given) as a function:
+        scores(row, query indices, out_hw) -> (H, W, Q) normalised, upsampled scores of those text
+        queries on that image. On a torch device the products and the upsampling run there (float64,
+        as the reference: the threshold and argmax see the same numbers)."""
+        text, feats = data if data is not None else self.read(target)
         index = {r.image_id: i for i, r in enumerate(feats.rows)}
+        on_device = uses_torch(self.device)
 
         def scores(row, queries: list[int], out_hw: tuple[int, int]) -> np.ndarray:
             grid = feats.grid(index[row.image_id])
-            return upsampled_scores(grid.reshape(-1, grid.shape[-1]), text[queries], grid.shape[:2], out_hw)
+            tokens = grid.reshape(-1, grid.shape[-1])
+            if on_device:
+                return upsampled_scores_torch(tokens, text[queries], grid.shape[:2], out_hw, self.device)
+            return upsampled_scores(tokens, text[queries], grid.shape[:2], out_hw)
 
         return scores
+
+
+def upsampled_scores_torch(tokens: np.ndarray, queries: np.ndarray, grid_hw: tuple[int, int],
+                           out_hw: tuple[int, int], device: str) -> np.ndarray:
+    """``upsampled_scores`` in torch on ``device`` (float64): (H, W, Q) on the host."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(tokens)).to(device, torch.float64)
+    q = torch.from_numpy(np.ascontiguousarray(queries)).to(device, torch.float64)
+    s = t @ q.T
+    lo, hi = s.amin(dim=0), s.amax(dim=0)
+    span = hi - lo
+    norm = torch.where(span > 0, (s - lo) / torch.where(span > 0, span, 1), 0)
+    maps = norm.T.reshape(1, -1, int(grid_hw[0]), int(grid_hw[1]))
+    big = torch.nn.functional.interpolate(maps, size=(int(out_hw[0]), int(out_hw[1])), mode="bilinear",
+                                          align_corners=False)
+    return big[0].permute(1, 2, 0).cpu().numpy()

@@ -38,7 +38,9 @@ import numpy as np
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
-from kvpipe.probes.variance import bimodal_threshold, l2_variance, l2_variance_pooled
+from kvpipe.probes.device import batch_budget, uses_torch, with_smaller_batches
+from kvpipe.probes.variance import (bimodal_threshold, l2_variance, l2_variance_pooled, l2_variance_pooled_torch,
+                                    l2_variance_torch)
 from kvpipe.store.manifest import ImageRow
 
 # The results table's metric names: written here, read by the knock-out's head sets
@@ -82,12 +84,23 @@ class InputAgnostic(Probe):
             raise UsageError(f"input-agnostic parameter pca_layer={layer!r} is not a stored layer "
                              f"(stored: {list(self.store.meta.layers)})")
 
-    def score(self, target: Target) -> dict[str, float]:
-        feats = self.store.read("keys", target.layer, target.head, images=self.rows)
+    def read(self, target: Target) -> Any:
+        return self.store.read("keys", target.layer, target.head, images=self.rows)
+
+    def compute(self, target: Target, feats: Any) -> dict[str, float]:
+        on_device = uses_torch(self.device)
         if self.estimator == "position":
             stacked = np.stack([feats.grid(i, "base") for i in range(len(feats))])
-            return {VARIANCE: l2_variance(stacked.reshape(len(feats), -1, stacked.shape[-1]))}
-        return {VARIANCE: l2_variance_pooled([feats.image(i) for i in range(len(feats))])}
+            stacked = stacked.reshape(len(feats), -1, stacked.shape[-1])
+            if on_device:
+                return {VARIANCE: with_smaller_batches(lambda b: l2_variance_torch(stacked, self.device, b),
+                                                       batch_budget(self.device), self.device, "input-agnostic")}
+            return {VARIANCE: l2_variance(stacked)}
+        images = [feats.image(i) for i in range(len(feats))]
+        if on_device:
+            return {VARIANCE: with_smaller_batches(lambda b: l2_variance_pooled_torch(images, self.device, b),
+                                                   batch_budget(self.device), self.device, "input-agnostic")}
+        return {VARIANCE: l2_variance_pooled(images)}
 
     def summarize(self, rows: list[dict[str, Any]], out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
         from kvpipe.probes.plots import plot_variance_heatmap, plot_variance_histogram

@@ -112,38 +112,67 @@ def _one_omp_thread(active: bool) -> Iterator[None]:
 
 def _torch_groups(queries: np.ndarray, order: np.ndarray, groups: np.ndarray, bounds: np.ndarray,
                   bases: Sequence[np.ndarray], index: np.ndarray, score: np.ndarray) -> None:
-    """Fill ``index``/``score`` for every group at once: padded [G, Q, D] x [G, N, D] products."""
+    """Fill ``index``/``score`` for every group at once, on the GPU (``nearest_in_groups_torch``)."""
     import torch
 
-    dev = device()
     sizes = [len(bases[g]) for g in groups]
     if min(sizes) == 0:
         raise ValueError(f"group {groups[sizes.index(0)]} has queries but no base vectors")
-    q_all = torch.from_numpy(queries).to(dev)
-    dim = queries.shape[1]
+    dev = device()
+    group_start = np.zeros(len(bases) + 1, np.int64)
+    group_start[1:] = np.cumsum([len(b) for b in bases])
+    flat = torch.from_numpy(np.concatenate([np.asarray(b, np.float32) for b in bases])).to(dev)
+    query_group = np.empty(len(order), np.int64)
+    for g, lo, hi in zip(groups, bounds[:-1], bounds[1:]):
+        query_group[order[lo:hi]] = g
+    index[:], score[:] = nearest_in_groups_torch(torch.from_numpy(queries).to(dev), query_group, flat, group_start)
+
+
+def nearest_in_groups_torch(queries, query_group: np.ndarray, bases, group_start: np.ndarray,
+                            budget: int = _TORCH_BATCH_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """``nearest_in_groups`` with the vectors already in torch on their device: ``queries``
+    (Q, D), ``bases`` (N, D) where group g is rows ``group_start[g]:group_start[g + 1]``.
+    Groups are padded into batches of about ``budget`` bytes of bases: one ``bmm`` and argmax
+    per batch. Returns (index within the group's base, inner product) on the host."""
+    import torch
+
+    dev, dim = queries.device, queries.shape[1]
+    query_group = np.asarray(query_group, np.int64)
+    index = np.zeros(len(query_group), np.int64)
+    score = np.full(len(query_group), -np.inf, np.float32)
+    if not len(query_group):
+        return index, score
+    order = np.argsort(query_group, kind="stable")
+    groups, starts = np.unique(query_group[order], return_index=True)
+    bounds = np.append(starts, len(order))
+    sizes = (group_start[groups + 1] - group_start[groups]).astype(np.int64)
+    if sizes.min() == 0:
+        raise ValueError(f"group {groups[int(np.argmin(sizes))]} has queries but no base vectors")
+    padded = torch.cat([bases, bases.new_zeros(1, dim)])  # the last row pads short groups
     start = 0
-    while start < len(groups):  # batches of groups under _TORCH_BATCH_BYTES of padded bases
+    while start < len(groups):  # batches of groups under the budget of padded bases
         stop, n_max = start, 0
-        while stop < len(groups) and (stop == start
-                                      or (stop + 1 - start) * max(n_max, sizes[stop]) * dim * 4 <= _TORCH_BATCH_BYTES):
-            n_max = max(n_max, sizes[stop])
+        while stop < len(groups) and (stop == start or
+                                      (stop + 1 - start) * max(n_max, sizes[stop]) * dim * 4 <= budget):
+            n_max = max(n_max, int(sizes[stop]))
             stop += 1
-        span = range(start, stop)
-        q_max = max(int(bounds[i + 1] - bounds[i]) for i in span)
-        base = np.zeros((len(span), n_max, dim), np.float32)
-        for j, i in enumerate(span):
-            base[j, : sizes[i]] = bases[groups[i]]
-        rows = np.concatenate([order[bounds[i]:bounds[i + 1]] for i in span])
+        span = np.arange(start, stop)
+        q_max = int((bounds[span + 1] - bounds[span]).max())
+        cols = np.arange(n_max)[None, :]
+        base_rows = np.where(cols < sizes[span, None], group_start[groups[span], None] + cols, len(bases))
+        rows = order[bounds[start]:bounds[stop]]
         slot = np.concatenate([np.arange(bounds[i + 1] - bounds[i]) + j * q_max for j, i in enumerate(span)])
-        q = torch.zeros(len(span) * q_max, dim, device=dev)
-        q[torch.from_numpy(slot).to(dev)] = q_all[torch.from_numpy(rows).to(dev)]
-        sim = torch.bmm(q.view(len(span), q_max, dim), torch.from_numpy(base).to(dev).transpose(1, 2))
-        valid = torch.arange(n_max, device=dev)[None, :] < torch.tensor([sizes[i] for i in span], device=dev)[:, None]
-        sim = sim.masked_fill(~valid[:, None, :], float("-inf")).view(-1, n_max)[torch.from_numpy(slot).to(dev)]
+        slot_t = torch.from_numpy(slot).to(dev)
+        q = queries.new_zeros(len(span) * q_max, dim)
+        q[slot_t] = queries[torch.from_numpy(rows).to(dev)]
+        sim = torch.bmm(q.view(len(span), q_max, dim), padded[torch.from_numpy(base_rows).to(dev)].transpose(1, 2))
+        valid = torch.from_numpy(cols < sizes[span, None]).to(dev)
+        sim = sim.masked_fill(~valid[:, None, :], float("-inf")).view(-1, n_max)[slot_t]
         best = sim.argmax(dim=1)
         index[rows] = best.cpu().numpy()
-        score[rows] = sim.gather(1, best[:, None])[:, 0].cpu().numpy()
+        score[rows] = sim.gather(1, best[:, None])[:, 0].float().cpu().numpy()
         start = stop
+    return index, score
 
 
 def _numpy_search(q: np.ndarray, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,7 @@ parameter here with that default.
 from __future__ import annotations
 
 from collections import deque
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from scipy import sparse
@@ -101,6 +101,133 @@ def propagate_frame(target: np.ndarray, sources: Sequence[np.ndarray], source_se
         weights = np.exp((vals - _row_max(rows, vals, cos.shape[0])[rows]) / temperature)
         aff = sparse.csr_matrix((weights, (rows, cols)), shape=cos.shape)
         out[start:start + block] = (aff @ segs) / np.asarray(aff.sum(axis=1))
+    return out
+
+
+# ------------------------------------------------------------------------- the device path
+def propagate_videos_torch(videos: Sequence[Sequence[np.ndarray]], first_labels: Sequence[np.ndarray], *,
+                           device: str, n_last_frames: int = 7,
+                           size_mask_neighborhood: int | tuple[int, int] | None = 12, topk: int = 5,
+                           temperature: float = DINO_TEMPERATURE, budget: int = 2**30) -> list[Any]:
+    """``propagate_video`` of several videos at once, in torch on ``device``: soft labels per
+    video as a tensor (T-1, h, w, C) on the device (C = that video's classes).
+
+    Every video must be on one (h, w) grid (one window). The videos step through their frames
+    together: at frame t the memory of every video still running is frame 0 and the same
+    recent frames, so each step is one batched product (videos x target tokens x memory
+    tokens), in float64 like the reference, in batches of about ``budget`` bytes. Top-k with
+    ties, as ``propagate_frame``: ``torch.topk`` gives the k largest; a batch where some row
+    has another entry equal to the k-th (or fewer than k inside the window) takes every entry
+    >= the k-th instead, exactly the reference's rule.
+    """
+    import torch
+
+    if topk < 1 or n_last_frames < 0:
+        raise ValueError(f"topk must be >= 1 and n_last_frames >= 0 (got {topk}, {n_last_frames})")
+    if not videos:
+        return []
+    h, w, _ = first_labels[0].shape
+    n = h * w
+    for v, (frames, first) in enumerate(zip(videos, first_labels)):
+        if first.shape[:2] != (h, w) or any(f.shape[:2] != (h, w) for f in frames):
+            raise ValueError(f"video {v} is not on the ({h}, {w}) grid of the others")
+    dev = torch.device(device)
+    f64 = torch.float64
+    order = sorted(range(len(videos)), key=lambda v: -len(videos[v]))  # running videos first
+    lengths = [len(videos[v]) for v in order]
+    t_max, dim = lengths[0], videos[order[0]][0].shape[-1]
+    n_classes = max(int(f.shape[-1]) for f in first_labels)
+    feats = torch.zeros(len(order), t_max, n, dim, dtype=f64, device=dev)
+    segs = torch.zeros(len(order), t_max, n, n_classes, dtype=f64, device=dev)
+    for j, v in enumerate(order):
+        x = torch.from_numpy(np.stack([np.asarray(f).reshape(n, -1) for f in videos[v]])).to(dev, f64)
+        feats[j, : lengths[j]] = torch.nn.functional.normalize(x, dim=-1, p=2, eps=1e-12)
+        segs[j, 0, :, : first_labels[v].shape[-1]] = torch.from_numpy(
+            np.asarray(first_labels[v], dtype=np.float64).reshape(n, -1)).to(dev)
+    window, reach = None, h  # reach: how many grid rows away a memory token can be in the window
+    if isinstance(size_mask_neighborhood, (tuple, list)):
+        window = torch.from_numpy(neighborhood_mask(h, w, tuple(size_mask_neighborhood))).to(dev)
+        reach = int(size_mask_neighborhood[0])
+    elif size_mask_neighborhood is not None and size_mask_neighborhood > 0:
+        window = torch.from_numpy(neighborhood_mask(h, w, size_mask_neighborhood)).to(dev)
+        reach = int(size_mask_neighborhood)
+    reach = max(0, min(reach, h))
+    for t in range(1, t_max):
+        running = sum(1 for length in lengths if length > t)
+        memory = [0] + (list(range(max(1, t - n_last_frames), t)) if n_last_frames > 0 else [])
+        k = min(topk, len(memory) * n)
+        mem_feats, mem_segs = feats[:running, memory], segs[:running, memory]  # (V, M, N, D), (V, M, N, C)
+        # target tokens in blocks of whole grid rows; a block compares with the memory rows its
+        # window reaches only (a band of rows of every memory frame): the rest is outside anyway
+        cost = lambda rows: 8 * 3 * rows * w * len(memory) * min(h, rows + 2 * reach) * w  # noqa: E731
+        block_rows = max(1, min(h, reach if window is not None else h))
+        while block_rows > 1 and cost(block_rows) > budget:
+            block_rows //= 2
+        videos_per_batch = max(1, budget // cost(block_rows))
+        for a in range(0, running, videos_per_batch):
+            b = min(a + videos_per_batch, running)
+            for r0 in range(0, h, block_rows):
+                r1 = min(h, r0 + block_rows)
+                lo, hi = max(0, r0 - reach), min(h, r1 + reach)
+                band = slice(lo * w, hi * w)
+                n_band = (hi - lo) * w
+                src = mem_feats[a:b, :, band].reshape(b - a, len(memory) * n_band, dim)
+                cos = torch.bmm(feats[a:b, t, r0 * w: r1 * w], src.transpose(1, 2))  # (V, B, M * band)
+                if window is not None:
+                    outside = ~window[r0 * w: r1 * w, band]  # the same window in every memory frame
+                    cos.view(b - a, -1, len(memory), n_band).masked_fill_(outside[None, :, None, :], float("-inf"))
+                src_segs = mem_segs[a:b, :, band].reshape(b - a, len(memory) * n_band, n_classes)
+                segs[a:b, t, r0 * w: r1 * w] = _label_update(cos, src_segs, min(k, len(memory) * n_band), temperature)
+    out: list[Any] = [None] * len(videos)
+    for j, v in enumerate(order):
+        c = first_labels[v].shape[-1]
+        out[v] = segs[j, 1: lengths[j], :, :c].reshape(lengths[j] - 1, h, w, c)
+    return out
+
+
+def _label_update(cos: Any, src_segs: Any, k: int, temperature: float) -> Any:
+    """Labels (V, B, C) from affinities ``cos`` (V, B, M*N, -inf outside the window) and the
+    memory's labels (V, M*N, C): top-k with ties, ``exp((cos - max) / T)``, normalised.
+
+    The k + 1 largest tell whether any row has an entry equal to its k-th (a tie the reference
+    keeps) or fewer than k inside the window; only then is the whole row looked at."""
+    import torch
+
+    n_mem = cos.shape[-1]
+    vals, idx = cos.topk(min(k + 1, n_mem), dim=-1)
+    kth = vals[..., k - 1: k]
+    simple = bool(torch.isfinite(kth).all())
+    if simple and n_mem > k:
+        simple = bool((vals[..., k] < vals[..., k - 1]).all())
+    if simple:  # the k entries alone
+        vals, idx = vals[..., :k], idx[..., :k]
+        weights = torch.exp((vals - vals[..., :1]) / temperature)
+        labels = torch.gather(src_segs[:, None].expand(-1, cos.shape[1], -1, -1), 2,
+                              idx[..., None].expand(-1, -1, -1, src_segs.shape[-1]))
+        return (weights[..., None] * labels).sum(2) / weights.sum(-1, keepdim=True)
+    kept = (cos >= kth) & torch.isfinite(cos)
+    weights = torch.where(kept, torch.exp((cos - vals[..., :1]) / temperature), torch.zeros((), dtype=cos.dtype,
+                                                                                          device=cos.device))
+    return torch.bmm(weights, src_segs) / weights.sum(-1, keepdim=True)
+
+
+def upsample_to_masks_torch(soft: Any, out_hw: tuple[int, int], budget: int = 2**30) -> np.ndarray:
+    """``upsample_to_mask`` of frames (T, h, w, C) on their device, in float32: bilinear
+    (``F.interpolate``, ``align_corners=False``, straight to ``out_hw``), ``norm_mask``, argmax;
+    (T, H, W) uint8 labels on the host. Frames in batches of about ``budget`` bytes."""
+    import torch
+
+    n_frames, _, _, c = soft.shape
+    out = np.empty((n_frames, int(out_hw[0]), int(out_hw[1])), dtype=np.uint8)
+    per = max(1, budget // (4 * 3 * c * int(out_hw[0]) * int(out_hw[1])))
+    for a in range(0, n_frames, per):
+        x = soft[a:a + per].permute(0, 3, 1, 2).to(torch.float32)
+        big = torch.nn.functional.interpolate(x, size=tuple(int(v) for v in out_hw), mode="bilinear",
+                                              align_corners=False)
+        mn, mx = torch.aminmax(big.flatten(2), dim=-1)
+        sel = mx > 0  # norm_mask, in place: classes with max > 0 to [0, 1] (0/0 -> NaN, as DINO)
+        big.sub_(torch.where(sel, mn, 0)[..., None, None]).div_(torch.where(sel, mx - mn, 1)[..., None, None])
+        out[a:a + per] = big.argmax(dim=1).to(torch.uint8).cpu().numpy()
     return out
 
 

@@ -19,6 +19,8 @@ No post-projector baseline: the post_proj features have no text counterpart (``T
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from kvpipe.errors import StoreError
@@ -53,8 +55,8 @@ class ReferringExpressionSegmentation(TextGroundedProbe):
         self.items = [(r, self.store.annotation(r).mask, refs) for r, _, refs in self.items]
         self.rows = [r for r, _, _ in self.items]
 
-    def score(self, target: Target) -> dict[str, float]:
-        scores = self.image_scores(target)
+    def compute(self, target: Target, data: Any) -> dict[str, float]:
+        scores = self.image_scores(target, data)
         per_sentence, per_ref, inter_total, union_total = [], [], 0.0, 0.0
         for r, mask, refs in self.items:
             if not refs:

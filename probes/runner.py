@@ -11,17 +11,19 @@ import hashlib
 import json
 import re
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from kvpipe.errors import StoreError
-from kvpipe.probes.base import PROBES, Probe
+from kvpipe.errors import StoreError, UsageError
+from kvpipe.probes.base import PROBES, Probe, Selection, Target
+from kvpipe.probes.device import resolve_device
 from kvpipe.store import FeatureStore
 
 COLUMNS = ["model", "dataset", "task", "layer", "head", "kind", "metric", "value"]
@@ -29,6 +31,8 @@ SCHEMA = pa.schema([("model", pa.string()), ("dataset", pa.string()), ("task", p
                     ("layer", pa.int64()), ("head", pa.int64()), ("kind", pa.string()),
                     ("metric", pa.string()), ("value", pa.float64())])
 SCORED_ROWS = "kvpipe.scored_rows"  # parquet metadata of the cache file: rows before summarize()'s
+DEVICE = "kvpipe.device"  # parquet metadata of the cache file: where the scores were computed
+SELECTION = "_selection"  # the cache key's entry for a sweep of a subset
 
 
 @dataclass
@@ -39,6 +43,7 @@ class ProbeRun:
     plots: list[Path]
     cached: bool
     seconds: float
+    timings: dict[str, float] = field(default_factory=dict)  # read_s, read_wait_s, compute_s, summary_s
 
     def best(self, metric: str, kind: str = "values") -> dict[str, Any] | None:
         rows = [r for r in self.table.to_pylist() if r["metric"] == metric and r["kind"] == kind
@@ -72,11 +77,18 @@ def check_complete(store: FeatureStore, allow_incomplete: bool = False) -> dict[
 
 def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None = None,
               out_dir: str | Path | None = None, use_cache: bool = True,
-              progress: Callable[[int, int], None] | None = None, allow_incomplete: bool = False) -> ProbeRun:
+              progress: Callable[[int, int], None] | None = None, device: str = "auto",
+              selection: Selection | None = None, prefetch: bool = True, allow_incomplete: bool = False) -> ProbeRun:
     """Run ``task`` on the store; ``progress(done, total)`` after each target.
 
-    A store with parts still pending is refused (``allow_incomplete`` probes what it holds);
-    the coverage goes into run.json and the results' parquet metadata."""
+    ``device``: where the probe computes (``auto``, ``cpu``, ``cuda[:N]``, or ``numpy``, the
+    reference code; ``probes/device.py``); recorded in run.json, not in the cache key (every
+    device gives the same scores, tests/probes/test_device_paths.py). ``selection``: the
+    (layer, head, kind) subset to sweep (part of the cache key). ``prefetch``: read the next
+    target's features in a thread while the current one computes. A store with parts still
+    pending is refused (``allow_incomplete`` probes what it holds); the coverage goes into
+    run.json and the results' parquet metadata.
+    """
     t0 = time.perf_counter()
     store = FeatureStore.open(store_path)
     cov = check_complete(store, allow_incomplete)
@@ -85,41 +97,98 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     if why:
         raise StoreError(f"store {store.root}: {why}")
     params = params or {}
+    selection = selection or Selection()
+    resolved = resolve_device(device)
     out = Path(out_dir) if out_dir else results_dir(store.root) / task
     out.mkdir(parents=True, exist_ok=True)
-    key = cache_key(store, task, probe_cls.version, {**probe_cls.defaults, **params})
+    key_params = {**probe_cls.defaults, **params}
+    if selection != Selection():  # a full sweep keeps the key it always had
+        key_params = {**key_params, SELECTION: selection.to_dict()}
+    key = cache_key(store, task, probe_cls.version, key_params)
     cached_file = results_dir(store.root) / ".cache" / f"{task}-{key}.parquet"
+    record = {"device": resolved, "selection": selection.to_dict()}
     if use_cache and cached_file.exists():
         table = pq.read_table(cached_file)
+        computed_on = (table.schema.metadata or {}).get(DEVICE.encode(), b"").decode() or None
         plots = sorted(out.glob("*.png"))
         if not plots:
-            plots = _plots(probe_cls, store, params, table, out)
+            plots = _plots(probe_cls, store, params, table, out, selection)
         _write_table(table.replace_schema_metadata(None), out, cov)
-        _write_run_record(out, task, probe_cls, params, key, cached=True, coverage=cov)
+        _write_run_record(out, task, probe_cls, params, key, cached=True,
+                          extra={**record, "device": computed_on, "coverage": cov})
         return ProbeRun(task, table.replace_schema_metadata(None), out, plots, True, time.perf_counter() - t0)
-    probe = probe_cls(store, params)
+    probe = probe_cls(store, params, device=resolved, selection=selection)
     targets = probe.targets()
+    if not targets:
+        raise UsageError(f"task {task}: the selection {_describe(selection)} leaves nothing to score in {store.root}")
     rows: list[dict[str, Any]] = []
     base = {"model": store.meta.model.name, "dataset": store.meta.dataset.name, "task": task}
-    for i, tgt in enumerate(targets):
-        for metric, value in probe.score(tgt).items():
+    timings = {"read_s": 0.0, "read_wait_s": 0.0, "compute_s": 0.0}
+    for i, (tgt, scores) in enumerate(_scored(probe, targets, timings, prefetch)):
+        for metric, value in scores.items():
             rows.append({**base, "layer": tgt.layer, "head": tgt.head, "kind": tgt.kind,
                          "metric": metric, "value": float(value)})
         if progress:
             progress(i + 1, len(targets))
     n_scored = len(rows)
+    t_sum = time.perf_counter()
     extra, extra_plots = probe.summarize(rows, out)
     rows.extend({**base, **r} for r in extra)
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     cached_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached_file.with_suffix(".tmp")
     # the scored rows come first; the count lets a cached run redraw the probe's own plots
-    pq.write_table(table.replace_schema_metadata({SCORED_ROWS: str(n_scored)}), tmp)
+    pq.write_table(table.replace_schema_metadata({SCORED_ROWS: str(n_scored), DEVICE: resolved}), tmp)
     tmp.rename(cached_file)
     _write_table(table, out, cov)
-    _write_run_record(out, task, probe_cls, params, key, cached=False, coverage=cov)
+    _write_run_record(out, task, probe_cls, params, key, cached=False, extra={**record, "coverage": cov})
     plots = extra_plots + _figure2(probe, store, table, out)
-    return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0)
+    timings["summary_s"] = time.perf_counter() - t_sum
+    return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0, timings)
+
+
+def _scored(probe: Probe, targets: list[Target], timings: dict[str, float],
+            prefetch: bool) -> Iterator[tuple[Target, dict[str, float]]]:
+    """(target, scores) in order. A probe that splits ``read`` from ``compute`` has the next
+    target read by one thread while the current one computes (two targets in memory at most);
+    ``timings`` gets the seconds spent reading (in the thread), waiting for reads, computing."""
+    split = type(probe).compute is not Probe.compute
+
+    def read(tgt: Target) -> tuple[Any, float]:
+        t = time.perf_counter()
+        data = probe.read(tgt)
+        return data, time.perf_counter() - t
+
+    if not split:
+        for tgt in targets:
+            t = time.perf_counter()
+            scores = probe.score(tgt)
+            timings["compute_s"] += time.perf_counter() - t
+            yield tgt, scores
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpipe-prefetch") if prefetch else None
+    try:
+        pending = pool.submit(read, targets[0]) if pool else None
+        for i, tgt in enumerate(targets):
+            t = time.perf_counter()
+            data, spent = pending.result() if pool else read(tgt)
+            timings["read_wait_s"] += time.perf_counter() - t
+            timings["read_s"] += spent
+            if pool and i + 1 < len(targets):
+                pending = pool.submit(read, targets[i + 1])
+            t = time.perf_counter()
+            scores = probe.compute(tgt, data)
+            del data
+            timings["compute_s"] += time.perf_counter() - t
+            yield tgt, scores
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _describe(selection: Selection) -> str:
+    parts = [f"{k} {','.join(map(str, v))}" for k, v in selection.to_dict().items() if v is not None]
+    return "; ".join(parts) or "(all)"
 
 
 def results_dir(root: Any) -> Path:
@@ -145,25 +214,26 @@ RUN_RECORD = "run.json"
 
 
 def _write_run_record(out: Path, task: str, probe_cls: type[Probe], params: dict[str, Any], key: str,
-                      cached: bool, coverage: dict[str, int] | None = None) -> None:
+                      cached: bool, extra: dict[str, Any] | None = None) -> None:
     """What produced results.parquet (parameters with defaults, probe version, cache key, the
-    store's coverage: images and parts extracted of those planned)."""
+    device that computed the scores, the selection swept and the store's coverage: images and
+    parts extracted of those planned)."""
     record = {"task": task, "params": {**probe_cls.defaults, **params}, "probe_version": probe_cls.version,
-              "cache_key": key, "from_cache": cached, "coverage": coverage}
+              "cache_key": key, "from_cache": cached, **(extra or {})}
     (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def _plots(probe_cls: type[Probe], store: FeatureStore, params: dict[str, Any], table: pa.Table,
-           out: Path) -> list[Path]:
+           out: Path, selection: Selection) -> list[Path]:
     """Plots of a cached result in a new directory: the probe's own (from its summarize, given
     the cached scored rows) and the Figure-2 ones."""
     n_scored = (table.schema.metadata or {}).get(SCORED_ROWS.encode())
     if n_scored is not None and probe_cls.summarize is not Probe.summarize:
-        probe = probe_cls(store, params)
+        probe = probe_cls(store, params, device="numpy", selection=selection)
         _, own = probe.summarize(table.slice(0, int(n_scored)).to_pylist(), out)
     else:
         probe = probe_cls.__new__(probe_cls)
-        probe.store, probe.params = store, {**probe_cls.defaults, **params}
+        probe.store, probe.params, probe.selection = store, {**probe_cls.defaults, **params}, selection
         own = []
     return own + _figure2(probe, store, table, out)
 
@@ -189,10 +259,15 @@ def _figure2(probe: Probe, store: FeatureStore, table: pa.Table, out: Path) -> l
     base_rows = [r["value"] for r in table.to_pylist() if r["kind"] == "post_proj" and r["metric"] == metric]
     baseline = base_rows[0] if base_rows else None
     paths = []
+    sel = getattr(probe, "selection", None) or Selection()
+    layers = tuple(l for l in store.meta.layers if sel.has_layer(l))
+    heads = tuple(h for h in store.meta.heads if sel.has_head(h))
     for kind in probe.kinds:
-        if kind not in store.meta.kinds:
+        if kind not in store.meta.kinds or not sel.has_kind(kind):
             continue
-        m = layer_head_matrix(table, metric, kind, store.meta.layers, store.meta.heads)
+        # the swept layers and heads only (a cell of those not scored stays NaN)
+        m = layer_head_matrix(table, metric, kind, layers, heads)
         title = f"{probe.name}: image {kind} of {store.meta.model.name} on {store.meta.dataset.name}"
-        paths.append(Path(plot_layer_head(m, title, metric, out / f"{probe.name}-{kind}-{metric}.png", baseline)))
+        paths.append(Path(plot_layer_head(m, title, metric, out / f"{probe.name}-{kind}-{metric}.png", baseline,
+                                          layers=layers, heads=heads)))
     return paths

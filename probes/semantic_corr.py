@@ -40,7 +40,8 @@ import numpy as np
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
-from kvpipe.probes.neighbours import BACKENDS, l2_normalise, nearest_in_groups
+from kvpipe.probes.device import batch_budget, uses_torch, with_smaller_batches
+from kvpipe.probes.neighbours import BACKENDS, l2_normalise, nearest_in_groups, nearest_in_groups_torch, resolve_backend
 from kvpipe.store.manifest import ImageRow
 
 
@@ -183,18 +184,46 @@ class SemanticCorrespondence(Probe):
 
     def predict(self, data: np.ndarray) -> np.ndarray:
         """Predicted target pixel (x, y) of every keypoint, from features ``data`` laid out as read."""
-        queries = l2_normalise(data[self.query_tokens])
-        cands = l2_normalise(data[self.candidate_tokens])
-        bases = [cands[a:b] for a, b in zip(self.group_start[:-1], self.group_start[1:])]
-        best, _ = nearest_in_groups(queries, self.query_group, bases, backend=self.params["search"])
+        if self._search_on_device():
+            best = self._nearest_torch(data)
+        else:
+            queries = l2_normalise(data[self.query_tokens])
+            cands = l2_normalise(data[self.candidate_tokens])
+            bases = [cands[a:b] for a, b in zip(self.group_start[:-1], self.group_start[1:])]
+            best, _ = nearest_in_groups(queries, self.query_group, bases, backend=self.params["search"])
         return self.candidate_xy[self.group_start[self.query_group] + best]
 
-    def score(self, target: Target) -> dict[str, float]:
+    def _search_on_device(self) -> bool:
+        """search=torch, or search=auto on a GPU without faiss-gpu: gather, normalise and search in
+        torch on the probe's device. On the CPU, auto keeps faiss / numpy (faster there)."""
+        search = self.params["search"]
+        if not uses_torch(self.device) or search not in ("auto", "torch"):
+            return False
+        return search == "torch" or (self.device.startswith("cuda") and resolve_backend("auto") != "faiss-gpu")
+
+    def _nearest_torch(self, data: np.ndarray) -> np.ndarray:
+        import torch
+
+        def run(budget: int) -> np.ndarray:
+            x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(self.device)
+            idx = {k: torch.from_numpy(v).to(self.device) for k, v in
+                   (("q", self.query_tokens), ("c", self.candidate_tokens))}
+            normalise = torch.nn.functional.normalize
+            queries, cands = normalise(x[idx["q"]], dim=-1, eps=1e-12), normalise(x[idx["c"]], dim=-1, eps=1e-12)
+            del x
+            return nearest_in_groups_torch(queries, self.query_group, cands, self.group_start, budget)[0]
+
+        return with_smaller_batches(run, batch_budget(self.device) // 4, self.device, "semantic-corr's search")
+
+    def read(self, target: Target) -> np.ndarray:
         feats = self.store.read(target.kind, target.layer, target.head, images=self.images)
         if len(feats) != len(self.images):
             raise StoreError(f"store {self.store.root} returned {len(feats)} of {len(self.images)} images; "
                              f"run kvpipe verify")
-        correct = correct_keypoints(self.predict(feats.data), self.gt_xy, self.threshold, self.params["alpha"])
+        return feats.data
+
+    def compute(self, target: Target, data: np.ndarray) -> dict[str, float]:
+        correct = correct_keypoints(self.predict(data), self.gt_xy, self.threshold, self.params["alpha"])
         return pck_scores(correct, self.keypoint_pair, self.n_pairs)
 
     def summarize(self, rows: list[dict[str, Any]], out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:

@@ -25,6 +25,8 @@ have no text counterpart (``TextGroundedProbe.baseline = False``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from kvpipe.errors import StoreError
@@ -69,8 +71,8 @@ class SemanticSegmentation(TextGroundedProbe):
                              f"annotated images")
         self.rows = [r for r, _, _ in self.items]
 
-    def score(self, target: Target) -> dict[str, float]:
-        scores = self.image_scores(target)
+    def compute(self, target: Target, data: Any) -> dict[str, float]:
+        scores = self.image_scores(target, data)
         acc = ClassIoU()
         for r, gt, present in self.items:
             up = scores(r, [self.class_queries[c] for c in present], gt.shape)

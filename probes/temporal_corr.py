@@ -27,6 +27,8 @@ holds one (the manifest row's segments), a finer grid of the same frame.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,10 @@ import numpy as np
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
-from kvpipe.probes.metrics.davis import evaluate_video, summarize
-from kvpipe.probes.propagation import labels_to_grid, propagate_video, upsample_to_mask
+from kvpipe.probes.device import batch_budget, uses_torch, with_smaller_batches
+from kvpipe.probes.metrics.davis import VideoReference, summarize
+from kvpipe.probes.propagation import (labels_to_grid, propagate_video, propagate_videos_torch, upsample_to_mask,
+                                       upsample_to_masks_torch)
 
 DINO_PATCH_PX, DINO_NEIGHBORHOOD, DINO_SHORT_SIDE = 8, 12, 480  # eval_video_segmentation.py defaults
 TOKEN_GRIDS = ("base", "crops")
@@ -76,6 +80,8 @@ class TemporalCorrespondence(Probe):
                 raise UsageError(f"temporal-corr parameter {key}={v!r} must be a number")
         self.videos = {}
         self.radius: dict[str, tuple[int, int] | int] = {}
+        self.objects: dict[str, list[int]] = {}
+        self.references: dict[str, VideoReference] = {}  # ground-truth contours, once per frame and object
         for name, rows in self.store.groups().items():
             if len(rows) < 2 or not name:
                 continue
@@ -88,6 +94,11 @@ class TemporalCorrespondence(Probe):
                                  f"tokens=crops needs an any-resolution model's store with crops (use tokens=base)")
             self.videos[name] = (rows, masks)
             self.radius[name] = self._radius(rows[0], grid)
+            objects = sorted(int(o) for o in np.unique(masks[0]) if 0 < o < 255)
+            if objects:
+                self.objects[name] = objects
+                self.references[name] = VideoReference(
+                    [m if m is not None else np.zeros_like(masks[0]) for m in masks], objects)
         if not self.videos:
             raise StoreError(f"store {self.store.root} has no videos with a first-frame mask; temporal-corr "
                              f"needs a video dataset such as davis or synthetic")
@@ -101,27 +112,65 @@ class TemporalCorrespondence(Probe):
             return 0
         return token_radius(px, (int(row.image_h), int(row.image_w)), grid)
 
-    def score(self, target: Target) -> dict[str, float]:
-        feats = self.store.read(target.kind, target.layer, target.head,
-                                images=[r for rows, _ in self.videos.values() for r in rows])
+    def read(self, target: Target) -> Any:
+        return self.store.read(target.kind, target.layer, target.head,
+                               images=[r for rows, _ in self.videos.values() for r in rows])
+
+    def compute(self, target: Target, feats: Any) -> dict[str, float]:
         index = {r.index: i for i, r in enumerate(feats.rows)}
-        per_object: dict[str, dict[str, float]] = {}
-        for name, (rows, masks) in self.videos.items():
-            grids = [feats.grid(index[r.index], self.params["tokens"]) for r in rows]
-            objects = sorted(int(o) for o in np.unique(masks[0]) if 0 < o < 255)
-            if not objects:
-                continue
-            n_classes = max(objects) + 1
-            first = labels_to_grid(masks[0], grids[0].shape[:2], n_classes)
-            soft = propagate_video(grids, first, n_last_frames=self.params["n_last_frames"],
-                                   size_mask_neighborhood=self.radius[name],
-                                   topk=self.params["topk"], temperature=self.params["temperature"])
-            preds = [masks[0]] + [upsample_to_mask(s, m.shape if m is not None else masks[0].shape)
-                                  for s, m in zip(soft, masks[1:])]
-            gts = [m if m is not None else np.zeros_like(masks[0]) for m in masks]
-            for obj, res in evaluate_video(gts, preds, objects).items():
-                per_object[f"{name}/{obj}"] = res
+        grids = {name: [feats.grid(index[r.index], self.params["tokens"]) for r in rows]
+                 for name, (rows, _) in self.videos.items() if name in self.objects}
+        if uses_torch(self.device):
+            preds = with_smaller_batches(lambda budget: self._predict_torch(grids, budget),
+                                         batch_budget(self.device), self.device,
+                                         f"temporal-corr of {target.kind} L{target.layer} H{target.head}")
+        else:
+            preds = {name: self._predict_numpy(name, g) for name, g in grids.items()}
+        # the videos' J and F in threads (numpy and the k-d tree release the GIL on whole frames)
+        names = list(preds)
+        with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 16))) as pool:
+            results = list(pool.map(lambda n: self.references[n].evaluate(preds[n]), names))
+        per_object = {f"{name}/{obj}": res for name, res_v in zip(names, results) for obj, res in res_v.items()}
         return summarize(per_object)
+
+    def _first_labels(self, name: str, grid_hw: tuple[int, int]) -> np.ndarray:
+        return labels_to_grid(self.videos[name][1][0], grid_hw, max(self.objects[name]) + 1)
+
+    def _mask_shapes(self, name: str) -> list[tuple[int, int]]:
+        masks = self.videos[name][1]
+        return [m.shape if m is not None else masks[0].shape for m in masks[1:]]
+
+    def _predict_numpy(self, name: str, grids: list[np.ndarray]) -> list[np.ndarray]:
+        """The reference: ``propagate_video`` in numpy float64, ``upsample_to_mask`` per frame."""
+        soft = propagate_video(grids, self._first_labels(name, grids[0].shape[:2]),
+                               n_last_frames=self.params["n_last_frames"], size_mask_neighborhood=self.radius[name],
+                               topk=self.params["topk"], temperature=self.params["temperature"])
+        return [self.videos[name][1][0]] + [upsample_to_mask(s, hw) for s, hw in zip(soft, self._mask_shapes(name))]
+
+    def _predict_torch(self, grids: dict[str, list[np.ndarray]], budget: int) -> dict[str, list[np.ndarray]]:
+        """Videos on one grid with one window propagate together (``propagate_videos_torch``);
+        each video's soft labels are upsampled on the device, frames of one size at a time."""
+        batches: dict[tuple, list[str]] = {}
+        for name, g in grids.items():
+            batches.setdefault((g[0].shape[:2], self.radius[name]), []).append(name)
+        out: dict[str, list[np.ndarray]] = {}
+        for (grid_hw, radius), names in batches.items():
+            soft = propagate_videos_torch([grids[n] for n in names], [self._first_labels(n, grid_hw) for n in names],
+                                          device=self.device, n_last_frames=self.params["n_last_frames"],
+                                          size_mask_neighborhood=radius, topk=self.params["topk"],
+                                          temperature=self.params["temperature"], budget=budget)
+            for name, s in zip(names, soft):
+                shapes = self._mask_shapes(name)
+                preds = [self.videos[name][1][0]]
+                start = 0
+                while start < len(shapes):  # runs of frames whose masks have one size
+                    stop = start + 1
+                    while stop < len(shapes) and shapes[stop] == shapes[start]:
+                        stop += 1
+                    preds.extend(upsample_to_masks_torch(s[start:stop], shapes[start], budget))
+                    start = stop
+                out[name] = preds
+        return out
 
     def summarize(self, rows: list[dict[str, Any]], out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
         """The window actually used, in tokens (rows and columns; smallest and largest over videos;

@@ -62,6 +62,33 @@ def l2_variance_pooled(per_image: Sequence[np.ndarray]) -> float:
     return total / n
 
 
+def l2_variance_torch(keys: np.ndarray, device: str, budget: int = 2**30) -> float:
+    """``l2_variance`` in torch on ``device``, float64 like the reference, images in blocks of
+    about ``budget`` bytes."""
+    keys = np.asarray(keys)
+    if keys.ndim != 3 or keys.shape[0] < 2:
+        raise ValueError(f"keys must be (n_images >= 2, n_tokens, D); got {keys.shape}")
+    return _squared_deviations(keys, device, budget) / (keys.shape[0] * keys.shape[1])
+
+
+def l2_variance_pooled_torch(per_image: Sequence[np.ndarray], device: str, budget: int = 2**30) -> float:
+    """``l2_variance_pooled`` in torch on ``device``, float64."""
+    if len(per_image) < 2:
+        raise ValueError("l2_variance_pooled needs at least 2 images")
+    tokens = np.concatenate([np.asarray(a) for a in per_image])
+    return _squared_deviations(tokens, device, budget) / tokens.shape[0]
+
+
+def _squared_deviations(x: np.ndarray, device: str, budget: int) -> float:
+    """sum ||x_i - mean_i x_i||^2 over the first axis (and every other but the last), float64."""
+    import torch
+
+    per = max(1, budget // max(1, 8 * 2 * x[0].size))
+    blocks = [torch.from_numpy(np.ascontiguousarray(x[i:i + per])) for i in range(0, x.shape[0], per)]
+    mean = sum(b.to(device, torch.float64).sum(dim=0) for b in blocks) / x.shape[0]
+    return float(sum(((b.to(device, torch.float64) - mean) ** 2).sum() for b in blocks))
+
+
 def bimodal_threshold(values: np.ndarray, bins: int | None = None) -> Threshold:
     """The valley between the two highest modes of a Gaussian KDE of ``values``, else Otsu.
 

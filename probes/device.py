@@ -1,0 +1,87 @@
+"""Where a probe's compute runs: ``--device auto|cpu|cuda[:N]`` (and ``numpy``, the reference).
+
+Why: the numpy float64 code of each probe is the reference the paper's protocols are checked
+against; the same computation in torch runs batched on a GPU (or on the CPU's cores) and is
+tested against it (tests/probes/test_device_paths.py). ``auto`` takes a GPU when torch sees
+one, else the CPU through torch; ``numpy`` runs the reference code (no torch at all), which is
+also what ``auto`` and ``cpu`` fall back to where torch is not installed. torch is imported
+inside the functions only, so importing the probes does not load it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, TypeVar
+
+from kvpipe.errors import KvpipeError, UsageError
+
+DEVICES = "auto, cpu, cuda, cuda:N, numpy"
+T = TypeVar("T")
+
+
+def resolve_device(device: str | None = "auto") -> str:
+    """``auto`` -> ``cuda:0`` when torch sees a GPU, else ``cpu``; ``cuda`` -> ``cuda:0``;
+    ``cpu`` / ``cuda:N`` checked; ``numpy`` as is. No torch: ``auto`` / ``cpu`` -> ``numpy``.
+    A GPU asked for where torch sees none, or a device index it does not have: one-line UsageError."""
+    device = (device or "auto").strip().lower()
+    if device == "numpy":
+        return device
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device {device!r} is not a device; use one of {DEVICES}")
+    try:
+        import torch
+    except ImportError:
+        if device.startswith("cuda"):
+            raise UsageError(f"--device {device}: torch is not installed, so no GPU can be used "
+                             f"(use --device cpu)") from None
+        return "numpy"
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device == "auto":
+        return "cuda:0" if n_gpus else "cpu"
+    if device == "cpu":
+        return device
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if n_gpus == 0:
+        raise UsageError(f"--device {device}: torch sees no GPU on this machine (use --device cpu or auto)")
+    if index >= n_gpus:
+        raise UsageError(f"--device {device}: torch sees {n_gpus} GPU(s), cuda:0..cuda:{n_gpus - 1}")
+    return f"cuda:{index}"
+
+
+def uses_torch(device: str) -> bool:
+    return device != "numpy"
+
+
+class DeviceMemoryError(KvpipeError):
+    """A target that does not fit on the device even in the smallest batches."""
+
+
+def with_smaller_batches(fn: Callable[[int], T], budget: int, device: str, what: str,
+                         smallest: int = 16 * 2**20) -> T:
+    """``fn(budget_bytes)``, retried with a quarter of the budget each time the device runs
+    out of memory; below ``smallest`` bytes a one-line DeviceMemoryError (nothing is written:
+    the runner writes the results table only after every target is scored)."""
+    import torch
+
+    while True:
+        try:
+            return fn(budget)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if budget // 4 < smallest:
+                raise DeviceMemoryError(f"{what} does not fit in the memory of {device} even in batches of "
+                                        f"{budget / 2**20:.0f} MiB; free the GPU or use --device cpu") from None
+            budget //= 4
+
+
+def batch_budget(device: str) -> int:
+    """Bytes of intermediate arrays per batch: large on a GPU, cache-sized on the CPU."""
+    return 2 * 2**30 if device.startswith("cuda") else 64 * 2**20
+
+
+def to_device(array: Any, device: str, dtype: Any = None) -> Any:
+    """A numpy array as a torch tensor on ``device`` (pinned-free: these are small)."""
+    import torch
+
+    t = torch.as_tensor(array)
+    return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
