@@ -155,13 +155,14 @@ def probe(
     from kvpipe.store import FeatureStore
 
     params = parse_params(param)
+    if task != "all":
+        PROBES.get(task)  # an unknown name is a one-line error listing the registered ones (no torch yet)
     meta = FeatureStore.open(store).meta
-    device = resolve_device(device)  # a GPU asked for where there is none: one line, before any work
     selection = Selection.parse(meta, layers, heads, kinds)
+    device = resolve_device(device)  # a GPU asked for where there is none: one line, before any work
     dataset = meta.dataset
     supported = dataset.tasks
     if task != "all":
-        PROBES.get(task)  # an unknown name is a one-line error listing the registered ones
         if supported is not None and task not in supported:
             raise UsageError(f"task {task} needs annotations the dataset {dataset.name} does not have; "
                              f"it supports: {', '.join(supported) or 'no task'}")
