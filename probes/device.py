@@ -10,8 +10,10 @@ inside the functions only, so importing the probes does not load it.
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 from kvpipe.errors import KvpipeError, UsageError
 
@@ -50,6 +52,27 @@ def resolve_device(device: str | None = "auto") -> str:
 
 def uses_torch(device: str) -> bool:
     return device != "numpy"
+
+
+@contextmanager
+def compute_threads(device: str) -> Iterator[None]:
+    """torch on one intra-op thread while a probe computes on the CPU, as before afterwards.
+
+    The device path's operations are small (a block of target tokens against a band of memory
+    tokens, one image's scores); on a loaded two-core machine two intra-op threads made them
+    about ten times slower than one (threads waiting for each other while other processes hold
+    the cores). ``KVPIPE_PROBE_THREADS=N`` sets another number."""
+    if device != "cpu":
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(os.environ.get("KVPIPE_PROBE_THREADS", "1"))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class DeviceMemoryError(KvpipeError):

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Selection, Target
-from kvpipe.probes.device import resolve_device
+from kvpipe.probes.device import compute_threads, resolve_device
 from kvpipe.store import FeatureStore
 
 COLUMNS = ["model", "dataset", "task", "layer", "head", "kind", "metric", "value"]
@@ -162,7 +162,7 @@ def _scored(probe: Probe, targets: list[Target], timings: dict[str, float],
     if not split:
         for tgt in targets:
             t = time.perf_counter()
-            scores = probe.score(tgt)
+            scores = probe.score(tgt)  # (fg-seg's batched solver is not small: torch's own threads)
             timings["compute_s"] += time.perf_counter() - t
             yield tgt, scores
         return
@@ -177,7 +177,8 @@ def _scored(probe: Probe, targets: list[Target], timings: dict[str, float],
             if pool and i + 1 < len(targets):
                 pending = pool.submit(read, targets[i + 1])
             t = time.perf_counter()
-            scores = probe.compute(tgt, data)
+            with compute_threads(probe.device):
+                scores = probe.compute(tgt, data)
             del data
             timings["compute_s"] += time.perf_counter() - t
             yield tgt, scores

@@ -154,7 +154,19 @@ class TemporalCorrespondence(Probe):
         for name, g in grids.items():
             batches.setdefault((g[0].shape[:2], self.radius[name]), []).append(name)
         out: dict[str, list[np.ndarray]] = {}
+        runs = []  # videos propagated together: one grid and window, their features within 4 x budget
         for (grid_hw, radius), names in batches.items():
+            chunk, size = [], 0
+            for name in names:
+                frames = grids[name]
+                nbytes = 8 * len(frames) * frames[0].size  # float64 on the device
+                if chunk and size + nbytes > 4 * budget:
+                    runs.append((grid_hw, radius, chunk))
+                    chunk, size = [], 0
+                chunk.append(name)
+                size += nbytes
+            runs.append((grid_hw, radius, chunk))
+        for grid_hw, radius, names in runs:
             soft = propagate_videos_torch([grids[n] for n in names], [self._first_labels(n, grid_hw) for n in names],
                                           device=self.device, n_last_frames=self.params["n_last_frames"],
                                           size_mask_neighborhood=radius, topk=self.params["topk"],
