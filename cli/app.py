@@ -41,12 +41,14 @@ def _add_subcommands() -> None:
     from kvpipe.cli.bench import bench_app
     from kvpipe.cli.model_loop import register as register_model_loop
     from kvpipe.cli.paired import register as register_paired
+    from kvpipe.cli.paper import register as register_paper
     from kvpipe.cli.prefix import register as register_prefix
 
     app.add_typer(bench_app, name="bench")
     register_model_loop(app)  # answer, intervene
     register_paired(app)  # paired, figure3
     register_prefix(app)  # report-prefix
+    register_paper(app)  # paper: the paper's tables and figures
 
 
 _add_subcommands()
