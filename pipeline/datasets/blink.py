@@ -62,6 +62,7 @@ class BLINKImages(DatasetAdapter):
 
     tasks = ("art-style", "visual-similarity", "input-agnostic")
     needs_root = True
+    sequences = True  # group = question id, frame = image position: --multi-image
     root_hint = BLINK.root_hint
 
     def __init__(self, root: str | None = None, split: str | None = None, limit: int | None = None, *,
