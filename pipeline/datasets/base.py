@@ -49,7 +49,7 @@ class ImageRecord:
         the capture conditions), "caption"; only the keys the dataset has for this image.
     prefix: the text placed before this image at extraction, once ``--prefix-from`` /
         ``--prefix-control`` have been resolved (None: the run's ``--prefix``).
-    context: with ``--multi-image``, the images before this one in its prompt.
+    sequence: with ``--multi-image``, every image of this one's prompt, in order (itself included).
     """
 
     image_id: str
@@ -62,8 +62,8 @@ class ImageRecord:
     frame: int = -1
     texts: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     prefix: str | None = field(default=None, compare=False)
-    # --multi-image: the records before this one in its sequence (``extraction.sequences``)
-    context: tuple["ImageRecord", ...] = field(default=(), repr=False, compare=False)
+    # --multi-image: every record of this one's prompt, in order, itself included (``extraction.sequences``)
+    sequence: tuple["ImageRecord", ...] = field(default=(), repr=False, compare=False)
 
     def image(self) -> Image.Image:
         """The image as RGB; a file that cannot be decoded raises DataError naming it."""

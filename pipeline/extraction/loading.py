@@ -18,7 +18,7 @@ from PIL import Image
 from kvpipe.errors import DataError
 from kvpipe.pipeline.datasets import ImageRecord
 from kvpipe.pipeline.extraction.config import ExtractConfig
-from kvpipe.pipeline.extraction.sequences import group_chunk, sequence_images, sequence_pieces
+from kvpipe.pipeline.extraction.sequences import group_chunk, position, sequence_images, sequence_pieces
 from kvpipe.pipeline.extraction.transfer import InputUploader, upload_ahead
 from kvpipe.pipeline.models.base import ModelAdapter
 
@@ -93,8 +93,8 @@ def load_batch(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], cfg:
 
 
 def load_sequences(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], cfg: ExtractConfig) -> LoadedBatch:
-    """``--multi-image``: the batch's sequences, each run as one prompt with the images before its
-    stored ones as context; only the stored images keep a layout. A sequence with an unreadable
+    """``--multi-image``: the batch's sequences, each run whole as one prompt; only the images of
+    this batch keep a layout. A sequence with an unreadable
     image, or one the processor refuses, fails its stored images alone."""
     items, failed, sequences, keep = [], [], [], []
     for stored in group_chunk(chunk):
@@ -124,7 +124,7 @@ def load_sequences(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], 
     at = 0
     for stored, images, sizes in sequences:
         for index, rec in stored:
-            j = len(rec.context)
+            j = position(rec)
             items.append((index, sizes[j], rec.annotation()))
             keep.append(at + j)
         at += len(images)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from kvpipe.pipeline.datasets import ImageRecord
+from kvpipe.pipeline.extraction.sequences import position
 from kvpipe.pipeline.extraction.transfer import Copied
 from kvpipe.pipeline.models.capture import CapturedBatch
 from kvpipe.store.chunks import TokenSegments
@@ -39,7 +40,7 @@ class PartBuilder:
         row = ImageRow(index=index, image_id=rec.image_id, part=self.part, status=FAILED,
                        error=error, token_offset=self.n_tokens, source=rec.source, group=rec.group, frame=rec.frame)
         if self.sequences:
-            row.sequence, row.sequence_index = rec.group, len(rec.context)
+            row.sequence, row.sequence_index = rec.group, position(rec)
         self.rows.append(row)
 
     def reserve(self, items: list[tuple[int, ImageRecord, tuple[int, int], Any, Any]],
@@ -55,7 +56,7 @@ class PartBuilder:
                            meta=json.dumps(annotation.meta if rec.prefix is None
                                            else {**annotation.meta, "prefix": rec.prefix}))
             if self.sequences:  # where the image sits in its prompt
-                row.sequence, row.sequence_index = rec.group, len(rec.context)
+                row.sequence, row.sequence_index = rec.group, position(rec)
                 row.sequence_offset = int(lay.positions[0])
             mask = annotation.mask
             if mask is not None:

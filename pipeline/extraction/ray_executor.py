@@ -36,7 +36,7 @@ from kvpipe.errors import DataError, KvpipeError, UsageError
 from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.extraction.config import ExtractConfig, ExtractResult
 from kvpipe.pipeline.extraction.executor import Executor, PartOutcome, Session
-from kvpipe.pipeline.extraction.sequences import with_context
+from kvpipe.pipeline.extraction.sequences import with_sequences
 from kvpipe.pipeline.extraction.loading import LOADERS, LoadedBatch, load_batch
 from kvpipe.pipeline.extraction.prefix import apply_prefixes
 from kvpipe.pipeline.extraction.worker import DatasetView, PartWorker, ProgressFn
@@ -70,7 +70,7 @@ def _records_for(cfg: ExtractConfig) -> list:
         _RECORDS.clear()
         records = apply_prefixes(create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split,
                                                 limit=cfg.limit, **cfg.dataset_options).records(), cfg)
-        _RECORDS[key] = with_context(records) if cfg.multi_image else records
+        _RECORDS[key] = with_sequences(records) if cfg.multi_image else records
     return _RECORDS[key]
 
 

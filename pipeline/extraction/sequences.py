@@ -8,8 +8,10 @@ of one ``group`` in ``frame`` order, a BLINK question's images -- is run as the 
 sequence id, its index in the sequence and the sequence position of its first token.
 
 Parts stay fixed slices of the dataset's records (resume and the reader rely on that), so a
-sequence may straddle two parts: each part then runs the images before its own as context and
-stores only its own. A batch holds ``--batch-size`` sequences.
+sequence may straddle two parts: each part then runs the whole sequence and stores only its own
+images. Always running whole sequences keeps the stored bytes independent of where parts and
+batches end (a shorter prompt changes the attention's summation order in the last bits).
+A batch holds ``--batch-size`` sequences.
 """
 
 from __future__ import annotations
@@ -37,19 +39,21 @@ def check_options(cfg: Any, dataset: DatasetAdapter) -> None:
                          f"drop --prefix / --prefix-from / --prefix-control")
 
 
-def with_context(records: list[ImageRecord]) -> list[ImageRecord]:
-    """Each record with the records before it in its sequence (same group, lower frame)."""
+def with_sequences(records: list[ImageRecord]) -> list[ImageRecord]:
+    """Each record with every record of its sequence (same group, in frame order)."""
     by_group: dict[str, list[ImageRecord]] = {}
-    for rec in records:
-        by_group.setdefault(rec.group, []).append(rec)
-    out = []
     for rec in records:
         if not rec.group:
             raise DataError(f"image {rec.image_id} belongs to no sequence (group); {FLAG} needs the dataset's "
                             f"questions")
-        before = tuple(r for r in by_group[rec.group] if r.frame < rec.frame)
-        out.append(replace(rec, context=before))
-    return out
+        by_group.setdefault(rec.group, []).append(rec)
+    whole = {g: tuple(sorted(recs, key=lambda r: r.frame)) for g, recs in by_group.items()}
+    return [replace(rec, sequence=whole[rec.group]) for rec in records]
+
+
+def position(rec: ImageRecord) -> int:
+    """The record's index in its sequence."""
+    return next(k for k, r in enumerate(rec.sequence) if r.image_id == rec.image_id)
 
 
 def sequence_pieces(chunk: list[tuple[int, ImageRecord]], batch_size: int) -> list[list[tuple[int, ImageRecord]]]:
@@ -74,11 +78,10 @@ def group_chunk(chunk: list[tuple[int, ImageRecord]]) -> list[list[tuple[int, Im
 
 def sequence_images(stored: list[tuple[int, ImageRecord]], image_size: tuple[int, int] | None
                     ) -> tuple[list[Image.Image], list[tuple[int, int]]]:
-    """Every image of one sequence up to the last stored one (its context first), and the
-    original size of each; a context image that cannot be read fails the stored ones."""
-    last = max((rec for _, rec in stored), key=lambda r: len(r.context))
+    """Every image of one sequence and the original size of each; an image that cannot be read
+    fails the sequence's stored images."""
     images, sizes = [], []
-    for rec in (*last.context, last):
+    for rec in stored[0][1].sequence:
         try:
             img = rec.image()
         except DataError as err:

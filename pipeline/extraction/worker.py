@@ -22,7 +22,7 @@ from kvpipe.pipeline.extraction.loading import (LOADER_PROCESSES, LOADERS, Loade
                                                 on_device_ahead, pieces_of)
 from kvpipe.pipeline.extraction.parts import PartBuilder
 from kvpipe.pipeline.extraction.prefix import apply_prefixes
-from kvpipe.pipeline.extraction.sequences import with_context
+from kvpipe.pipeline.extraction.sequences import with_sequences
 from kvpipe.pipeline.extraction.transfer import HostCopier, InputUploader
 from kvpipe.pipeline.models.base import ModelAdapter
 from kvpipe.pipeline.models.loading import load_model, resolve_device, resolve_dtype
@@ -52,7 +52,7 @@ class DatasetView:
             raise DataError(f"dataset {cfg.dataset} at {cfg.data_root} has no images")
         records = apply_prefixes(records, cfg)  # --prefix-from / --prefix-control: each image's text
         if cfg.multi_image:  # each image with the images before it in its prompt
-            records = with_context(records)
+            records = with_sequences(records)
         structure = ds.structure()
         desc = {**ds.describe(), "tasks": list(ds.tasks), "structure_sha256": structure_fingerprint(structure)}
         if cfg.image_size is not None:  # --image-size: part of the feature set's identity

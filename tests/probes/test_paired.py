@@ -360,7 +360,7 @@ def test_extract_blink_then_probe_and_pair(tmp_path):
     store = tmp_path / "store"
     invoke("extract", "--model", "tiny-qwen25vl", "--dataset", "blink", "--data-root", str(root),
            "--option", "subtask=Art_Style", "--out", str(store), "--multi-image", "--batch-size", "2",
-           "--part-size", "4")  # question 2 straddles parts 0 and 1: part 1 runs its first image as context
+           "--part-size", "4")  # question 2 straddles parts 0 and 1: both parts run it whole
     fs = FeatureStore.open(store)
     assert len(fs.images()) == 9 and fs.meta.dataset["tasks"] == ["art-style", "input-agnostic"]
     assert fs.meta.dataset["multi_image"] is True
