@@ -101,6 +101,9 @@ def extract(
                                                            "the model's processor (one token layout for "
                                                            "native-resolution models such as qwen25vl; "
                                                            "input-agnostic's per-position variance needs it)")] = None,
+    multi_image: Annotated[bool, typer.Option("--multi-image", help="each question's images in one prompt, the one "
+                                                                    "kvpipe answer shows the model (dataset blink; "
+                                                                    "the paired tasks read these rows)")] = False,
 ) -> None:
     """Run the model once per image and store every layer's and head's image K/V."""
     from kvpipe.cli.progress import extraction_progress
@@ -114,7 +117,8 @@ def extract(
                         part_size=part_size, strict=strict, seed=seed, executor=executor,
                         ray_address=ray_address, workers=workers, repair=repair,
                         dataset_options=parse_params(option, "--option"), codec=codec,
-                        image_size=parse_image_size(image_size), command="kvpipe " + " ".join(sys.argv[1:]))
+                        image_size=parse_image_size(image_size), multi_image=multi_image,
+                        command="kvpipe " + " ".join(sys.argv[1:]))
     validate(cfg)  # usage errors answer before torch and the model are imported
     from kvpipe.pipeline.extraction.job import extract as run_extract
 

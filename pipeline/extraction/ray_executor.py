@@ -36,6 +36,7 @@ from kvpipe.errors import DataError, KvpipeError, UsageError
 from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.extraction.config import ExtractConfig, ExtractResult
 from kvpipe.pipeline.extraction.executor import Executor, PartOutcome, Session
+from kvpipe.pipeline.extraction.sequences import with_sequences
 from kvpipe.pipeline.extraction.loading import LOADERS, LoadedBatch, load_batch
 from kvpipe.pipeline.extraction.prefix import apply_prefixes
 from kvpipe.pipeline.extraction.worker import DatasetView, PartWorker, ProgressFn
@@ -64,11 +65,12 @@ _RECORDS: dict[str, list] = {}
 def _records_for(cfg: ExtractConfig) -> list:
     """The dataset's records in a loader process, listed once per process and dataset."""
     key = json.dumps([cfg.dataset, cfg.data_root, cfg.split, cfg.limit, cfg.dataset_options, cfg.prefix_from,
-                      cfg.prefix_control, cfg.seed], sort_keys=True, default=str)
+                      cfg.prefix_control, cfg.seed, cfg.multi_image], sort_keys=True, default=str)
     if key not in _RECORDS:
         _RECORDS.clear()
-        _RECORDS[key] = apply_prefixes(create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split,
-                                                      limit=cfg.limit, **cfg.dataset_options).records(), cfg)
+        records = apply_prefixes(create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split,
+                                                limit=cfg.limit, **cfg.dataset_options).records(), cfg)
+        _RECORDS[key] = with_sequences(records) if cfg.multi_image else records
     return _RECORDS[key]
 
 

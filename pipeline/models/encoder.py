@@ -59,6 +59,7 @@ class VisionEncoderAdapter(ModelAdapter):
 
     kinds = (HIDDEN,)
     encodes_text = False
+    multi_image = False  # one image per forward pass: no prompt to hold several
     prefix_tokens: ClassVar[int] = 1  # CLS (+ registers) before the patch tokens
     interpolate_flag: ClassVar[bool] = True  # forward takes interpolate_pos_encoding
     # preprocessing constants of the family's checkpoints, for presets built in code

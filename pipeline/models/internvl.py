@@ -77,6 +77,7 @@ class InternVLAdapter(ModelAdapter):
     family = "internvl"
     hf_class = InternVLForConditionalGeneration
     image_placeholder = "<IMG_CONTEXT>"
+    multi_image = False  # a tiled image's views are counted from its token run, which several images share
 
     @classmethod
     def build_processor(cls, config: Any, tiny: bool = False) -> Any:
