@@ -16,7 +16,7 @@ def test_probe_flags(tmp_path):
     store = str(random_video_store(tmp_path / "s", layers=3, heads=2, frames=3))
     if not torch.cuda.is_available():
         bad = invoke("probe", "--task", "temporal-corr", "--store", store, "--device", "cuda", check=False)
-        assert bad.returncode == 2 and "torch sees no GPU" in bad.stderr + bad.stdout
+        assert bad.returncode == 2 and "torch sees no CUDA device" in bad.stderr + bad.stdout
     bad = invoke("probe", "--task", "temporal-corr", "--store", store, "--layers", "0-13,20", check=False)
     assert bad.returncode == 2 and "whose layers are 0-2" in bad.stderr + bad.stdout
     ok = invoke("probe", "--task", "temporal-corr", "--store", store, "--layers", "1-2", "--heads", "1",
