@@ -40,7 +40,7 @@ from kvpipe.pipeline.extraction.loading import LOADERS, LoadedBatch, load_batch
 from kvpipe.pipeline.extraction.prefix import apply_prefixes
 from kvpipe.pipeline.extraction.worker import DatasetView, PartWorker, ProgressFn
 from kvpipe.pipeline.models.base import ModelAdapter
-from kvpipe.raycluster import cause, check_address, connect, import_ray, one_line
+from kvpipe.raycluster import cause as worker_error, check_address, connect, import_ray, one_line
 
 MAX_RESTARTS = 3  # Ray restarts of one actor process
 MAX_TASK_RETRIES = 3  # Ray re-runs of a part whose actor died mid-call
@@ -186,7 +186,7 @@ class PartActor:
                 try:
                     yield _inputs_as(ray.get(ref), _to_torch)
                 except ray.exceptions.RayTaskError as err:
-                    raise cause(err) from None
+                    raise worker_error(err) from None
         return ordered()
 
 
@@ -221,7 +221,7 @@ class RaySession(Session):
         except self.ray.exceptions.RayActorError as err:
             raise KvpipeError(f"a Ray worker could not start: {one_line(err)}") from None
         except self.ray.exceptions.RayTaskError as err:
-            raise cause(err) from None
+            raise worker_error(err) from None
 
     def n_workers(self, n_parts: int) -> int:
         if self.cfg.workers is not None:
@@ -293,7 +293,7 @@ class RaySession(Session):
                     self.actors[slot] = self._new_actor()
                     generation[slot] += 1
             except Exception as err:
-                cause = cause(err)
+                cause = worker_error(err)
                 on_failure(part, cause, 1)
                 first_error = first_error or cause
                 queue.clear()  # finish what is in flight, start nothing new
