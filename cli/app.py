@@ -151,21 +151,31 @@ def probe(
     heads: Optional[str] = typer.Option(None, help="sweep these KV heads only, e.g. 0,2 (default: all stored)"),
     kinds: Optional[str] = typer.Option(None, help="sweep these kinds only, e.g. values or keys,post_proj "
                                                    "(default: all the probe scores)"),
+    executor: str = typer.Option("local", help="who scores the targets: local (this process) or ray (actors over "
+                                               "a Ray cluster, one per GPU)"),
+    workers: Optional[int] = typer.Option(None, help="--executor ray: actors (default: the cluster's GPUs, or 2 "
+                                                     "on CPU)"),
+    ray_address: Optional[str] = typer.Option(None, help="--executor ray: the cluster (HOST:PORT, ray://HOST:PORT "
+                                                         "or auto; default: RAY_ADDRESS, else a local one)"),
 ) -> None:
     """Sweep a probe over every (layer, head, kind) + post-proj; write table and plots."""
-    from kvpipe.cli.progress import probe_progress
-    from kvpipe.cli.render import print_probe_run
-    from kvpipe.probes import PROBES, run_probe
+    from kvpipe.probes import PROBES
     from kvpipe.probes.base import Selection
-    from kvpipe.probes.device import resolve_device
+    from kvpipe.probes.executor import PROBE_EXECUTORS, ExecutorOptions
     from kvpipe.store import FeatureStore
 
     params = parse_params(param)
     if task != "all":
         PROBES.get(task)  # an unknown name is a one-line error listing the registered ones (no torch yet)
+    scorer = PROBE_EXECUTORS.get(executor)()
+    options = ExecutorOptions(workers=workers, address=ray_address)
+    scorer.check(options)  # Ray missing, or nothing at --ray-address: one line, before any work
     meta = FeatureStore.open(store).meta
     selection = Selection.parse(meta, layers, heads, kinds)
-    device = resolve_device(device)  # a GPU asked for where there is none: one line, before any work
+    if executor == "local":
+        from kvpipe.probes.device import resolve_device
+
+        device = resolve_device(device)  # a GPU asked for where there is none: one line, before any work
     dataset = meta.dataset
     supported = dataset.tasks
     if task != "all":
@@ -196,12 +206,37 @@ def probe(
             raise UsageError(f"no task of --task all has parameter {', '.join(sorted(unused))}")
         runs = [(t, {k: v for k, v in params.items() if k in PROBES.get(t).defaults}) for t in names]
     failed = []
+    started_ray = False
+    if executor == "ray":  # joined once for every task of --task all
+        from kvpipe.raycluster import connect
+
+        started_ray = connect(ray_address)
+    try:
+        _probe_runs(runs, task, out, store, no_cache, allow_incomplete, device, selection, executor, options, failed)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(runs)} tasks failed[/]: {', '.join(failed)}")
+        raise typer.Exit(1)
+
+
+def _probe_runs(runs, task, out, store, no_cache, allow_incomplete, device, selection, executor, options,
+                failed) -> None:
+    """Each task's sweep with its progress bar; under --task all a failed task is reported and skipped."""
+    from kvpipe.cli.progress import probe_progress
+    from kvpipe.cli.render import print_probe_run
+    from kvpipe.probes import run_probe
+
     for name, task_params in runs:
         target = out / name if (out and task == "all") else out
         try:
             with probe_progress(console, name) as advance:
                 run = run_probe(store, name, task_params, target, use_cache=not no_cache, progress=advance,
-                                allow_incomplete=allow_incomplete, device=device, selection=selection)
+                                allow_incomplete=allow_incomplete, device=device, selection=selection,
+                                executor=executor, options=options)
         except KvpipeError as err:
             if task != "all":
                 raise
@@ -209,9 +244,6 @@ def probe(
             failed.append(name)
             continue
         print_probe_run(console, run)
-    if failed:
-        console.print(f"[red]{len(failed)} of {len(runs)} tasks failed[/]: {', '.join(failed)}")
-        raise typer.Exit(1)
 
 
 @app.command()

@@ -25,7 +25,8 @@ from kvpipe.pipeline.extraction.prefix import apply_prefixes
 from kvpipe.pipeline.extraction.sequences import with_sequences
 from kvpipe.pipeline.extraction.transfer import HostCopier, InputUploader
 from kvpipe.pipeline.models.base import ModelAdapter
-from kvpipe.pipeline.models.loading import load_model, resolve_device, resolve_dtype
+from kvpipe.device import resolve_device
+from kvpipe.pipeline.models.loading import load_model, resolve_dtype
 from kvpipe.pipeline.models.capture import run_text_capture
 from kvpipe.store.schema import FeatureSetMeta, ids_fingerprint, structure_fingerprint
 from kvpipe.store.writer import StoreWriter
