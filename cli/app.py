@@ -145,13 +145,17 @@ def probe(
     heads: Optional[str] = typer.Option(None, help="sweep these KV heads only, e.g. 0,2 (default: all stored)"),
     kinds: Optional[str] = typer.Option(None, help="sweep these kinds only, e.g. values or keys,post_proj "
                                                    "(default: all the probe scores)"),
+    save_predictions: str = typer.Option("best", help="write predicted masks / points under OUT/predictions at: "
+                                                      "best (the best target of each kind) | all | none | "
+                                                      "LAYER:HEAD:KIND[,...] (post_proj for the baseline)"),
 ) -> None:
-    """Sweep a probe over every (layer, head, kind) + post-proj; write table and plots."""
+    """Sweep a probe over every (layer, head, kind) + post-proj; write table, plots and predictions."""
     from kvpipe.cli.progress import probe_progress
     from kvpipe.cli.render import print_probe_run
     from kvpipe.probes import PROBES, run_probe
     from kvpipe.probes.base import Selection
     from kvpipe.probes.device import resolve_device
+    from kvpipe.probes.predictions import SaveRequest
     from kvpipe.store import FeatureStore
 
     params = parse_params(param)
@@ -159,6 +163,7 @@ def probe(
         PROBES.get(task)  # an unknown name is a one-line error listing the registered ones (no torch yet)
     meta = FeatureStore.open(store).meta
     selection = Selection.parse(meta, layers, heads, kinds)
+    save = SaveRequest.parse(save_predictions, meta)
     device = resolve_device(device)  # a GPU asked for where there is none: one line, before any work
     dataset = meta.dataset
     supported = dataset.tasks
@@ -195,7 +200,8 @@ def probe(
         try:
             with probe_progress(console, name) as advance:
                 run = run_probe(store, name, task_params, target, use_cache=not no_cache, progress=advance,
-                                allow_incomplete=allow_incomplete, device=device, selection=selection)
+                                allow_incomplete=allow_incomplete, device=device, selection=selection,
+                                save_predictions=save)
         except KvpipeError as err:
             if task != "all":
                 raise
@@ -310,7 +316,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="where the store and re
             kinds="keys,values,post_proj", store_dtype=None, codec="zstd", batch_size=4, part_size=8,
             strict=False, seed=0, executor="local", ray_address=None, workers=None, repair=False, option=[])
     probe(task="all", store=store, out=None, param=[], no_cache=False, device="auto", layers=None, heads=None,
-          kinds=None)
+          kinds=None, save_predictions="best")
     report(store=store, out=out / "report.md")
 
 
