@@ -229,6 +229,28 @@ def report(
 
 
 @app.command()
+def show(
+    store: str = typer.Option(..., help="a store made by kvpipe extract (directory or URL)"),
+    task: str = typer.Option(..., help="a probe that predicts masks or points: fg-seg, cosegmentation, semantic-seg, "
+                                       "refexp-seg, semantic-corr, temporal-corr"),
+    layer: Optional[int] = typer.Option(None, help="target layer (with --head and --kind; default: the best "
+                                                   "image values kvpipe probe saved)"),
+    head: Optional[int] = typer.Option(None, help="target KV head"),
+    kind: Optional[str] = typer.Option(None, help="keys | values | post_proj (the baseline: no --layer/--head)"),
+    out: Optional[Path] = typer.Option(None, help="PAGE.html (default: RESULTS/TASK/show.html)"),
+    results: Annotated[Optional[Path], typer.Option(help="directory of <task>/ results (default: STORE/probes)")] = None,
+    limit: int = typer.Option(8, help="pictures per section"),
+    device: str = typer.Option("auto", help="where a target not saved is predicted: auto, cpu, cuda[:N], numpy"),
+) -> None:
+    """One self-contained HTML page of a probe's predictions over the images (masks, DAVIS frames,
+    keypoint matches, PCA colours); opens from disk."""
+    from kvpipe.probes.show import build_show_page, parse_target
+
+    path = build_show_page(store, task, parse_target(layer, head, kind), out, results, limit, device)
+    console.print(f"page: {path}")
+
+
+@app.command()
 def info(store_arg: Optional[str] = STORE_ARG, store: Optional[str] = STORE_OPT) -> None:
     """Describe a store: model, dataset, layers, heads, kinds, encoding, size."""
     from kvpipe.store import FeatureStore

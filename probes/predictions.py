@@ -74,6 +74,15 @@ def read_palette_png(path: Path) -> np.ndarray:
         return np.asarray(img).copy()
 
 
+def frame_name(row: Any) -> str:
+    """A frame's file name in a DAVIS results folder: the image id after its video's name
+    ("bear/00003" -> "00003"), else the frame number on five digits."""
+    prefix = f"{row.group}/"
+    if row.image_id.startswith(prefix) and "/" not in row.image_id[len(prefix):]:
+        return row.image_id[len(prefix):]
+    return f"{int(row.frame):05d}"
+
+
 def safe_name(name: str) -> str:
     """A relative file path from an image id: path separators kept, anything odd replaced."""
     parts = [re.sub(r"[^A-Za-z0-9._+-]+", "_", p) for p in str(name).split("/")]

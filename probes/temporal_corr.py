@@ -38,7 +38,7 @@ from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.probes.device import batch_budget, uses_torch, with_smaller_batches
 from kvpipe.probes.metrics.davis import VOID_LABEL, VideoReference, summarize
-from kvpipe.probes.predictions import DavisFolders
+from kvpipe.probes.predictions import DavisFolders, frame_name
 from kvpipe.probes.propagation import (labels_to_grid, propagate_video, propagate_videos_torch, upsample_to_mask,
                                        upsample_to_masks_torch)
 
@@ -61,15 +61,6 @@ def segment_hw(row: Any, name: str) -> tuple[int, int] | None:
     """(rows, cols) of an image row's token segment ``name``; None when it has none."""
     seg = next((s for s in row.segment_list() if s["name"] == name), None)
     return None if seg is None else (int(seg["rows"]), int(seg["cols"]))
-
-
-def frame_name(row: Any) -> str:
-    """A frame's file name in a DAVIS results folder: the image id after its video's name
-    ("bear/00003" -> "00003"), else the frame number on five digits."""
-    prefix = f"{row.group}/"
-    if row.image_id.startswith(prefix) and "/" not in row.image_id[len(prefix):]:
-        return row.image_id[len(prefix):]
-    return f"{int(row.frame):05d}"
 
 
 @PROBES.register
