@@ -73,7 +73,8 @@ def matches_figure(source: Image.Image | None, target: Image.Image | None, sourc
 def pca_colours(grid: np.ndarray) -> np.ndarray:
     """(rows, cols, D) token features -> (rows, cols, 3) uint8: the first three principal
     components of the image's tokens (centred, by SVD), each scaled min-max to 0..255 over the
-    image, as red, green and blue (a missing or constant component is 0)."""
+    image, as red, green and blue (a missing or constant component is 0); each component's sign
+    makes its largest loading positive, as scikit-learn's ``svd_flip``."""
     rows, cols, dim = grid.shape
     x = grid.reshape(-1, dim).astype(np.float64)
     x = x - x.mean(axis=0)
@@ -82,7 +83,7 @@ def pca_colours(grid: np.ndarray) -> np.ndarray:
     out = np.zeros((len(x), 3))
     for c in range(proj.shape[1]):
         col = proj[:, c]
-        if np.abs(vt[c]).max() > 0 and col[np.argmax(np.abs(col))] < 0:  # a sign fixed by the data (SVD's is not)
+        if vt[c][np.argmax(np.abs(vt[c]))] < 0:  # SVD's sign is arbitrary: largest loading positive (svd_flip)
             col = -col
         span = col.max() - col.min()
         if span > 1e-12 * max(1.0, np.abs(col).max()):
