@@ -122,7 +122,7 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
         table = table.replace_schema_metadata(None)
         _write_table(table, out, cov)
         saved = _save_predictions(probe_cls, lambda: probe_cls(store, params, device=resolved, selection=selection),
-                                  request, table, _swept(probe_cls, store, selection), out)
+                                  request, table, _swept(probe_cls, store, selection), out, key)
         _write_run_record(out, task, probe_cls, params, key, cached=True,
                           extra={**record, "device": computed_on, "coverage": cov, "predictions": saved})
         return ProbeRun(task, table, out, plots, True, time.perf_counter() - t0, predictions=saved["saved"])
@@ -151,7 +151,7 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     tmp.rename(cached_file)
     _write_table(table, out, cov)
     t_pred = time.perf_counter()
-    saved = _save_predictions(probe_cls, lambda: probe, request, table, targets, out)
+    saved = _save_predictions(probe_cls, lambda: probe, request, table, targets, out, key)
     timings["predictions_s"] = time.perf_counter() - t_pred
     _write_run_record(out, task, probe_cls, params, key, cached=False,
                       extra={**record, "coverage": cov, "predictions": saved})
@@ -168,10 +168,12 @@ def _swept(probe_cls: type[Probe], store: FeatureStore, selection: Selection) ->
 
 
 def _save_predictions(probe_cls: type[Probe], make_probe: Callable[[], Probe], request: SaveRequest,
-                      table: pa.Table, swept: list[Target], out: Path) -> dict[str, Any]:
+                      table: pa.Table, swept: list[Target], out: Path, key: str) -> dict[str, Any]:
     """Write the requested targets' predictions (probes with a ``prediction_format``); what
-    run.json records: the request and, per target saved, its folder, format and why."""
-    record: dict[str, Any] = {"request": request.text(), "saved": []}
+    run.json records: the request, the results' cache key and, per target saved, its folder,
+    format and why. Predictions of the same results and targets already in ``out`` are kept
+    (a cached rerun stays instant)."""
+    record: dict[str, Any] = {"request": request.text(), "cache_key": key, "saved": []}
     if not probe_cls.prediction_format:
         record["note"] = f"{probe_cls.name} makes no per-image predictions"
         return record
@@ -182,9 +184,23 @@ def _save_predictions(probe_cls: type[Probe], make_probe: Callable[[], Probe], r
         if bad:
             raise UsageError(f"--save-predictions {request.text()}: {probe_cls.name} scores "
                              f"{', '.join(sorted(kinds))}, not {bad[0].kind}")
-    if chosen:
-        record["saved"] = save_all(make_probe(), chosen, out)
+    if not chosen:
+        return record
+    before = _previous_predictions(out)
+    same = [(t.kind, t.layer, t.head) for t, _ in chosen] == [(r["kind"], r["layer"], r["head"])
+                                                            for r in before.get("saved", [])]
+    if same and before.get("cache_key") == key and all((out / r["path"]).is_dir() for r in before["saved"]):
+        return {**record, "saved": before["saved"]}
+    record["saved"] = save_all(make_probe(), chosen, out)
     return record
+
+
+def _previous_predictions(out: Path) -> dict[str, Any]:
+    """The predictions record of the run.json an earlier run left in ``out`` ({} when none)."""
+    try:
+        return dict(json.loads((out / RUN_RECORD).read_text()).get("predictions") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _scored(probe: Probe, targets: list[Target], timings: dict[str, float],

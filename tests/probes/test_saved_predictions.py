@@ -215,3 +215,22 @@ def test_a_probe_without_predictions_records_why(tmp_path):
     record = json.loads((run.out_dir / "run.json").read_text())["predictions"]
     assert record["saved"] == [] and "makes no per-image predictions" in record["note"]
     assert not (run.out_dir / "predictions").exists()
+
+
+def test_a_cached_rerun_keeps_the_saved_predictions(tmp_path, monkeypatch):
+    store_path = random_video_store(tmp_path / "video", layers=1, heads=2, frames=4)
+    first = run_probe(store_path, "temporal-corr", device="numpy")
+    png = first.out_dir / first.predictions[0]["path"] / "v0" / "1.png"
+    stamp = png.stat().st_mtime_ns
+    from kvpipe.probes.temporal_corr import TemporalCorrespondence
+
+    def fail(self, target):
+        raise AssertionError("predictions recomputed")
+
+    monkeypatch.setattr(TemporalCorrespondence, "predictions", fail)
+    again = run_probe(store_path, "temporal-corr", device="numpy")
+    assert again.cached and again.predictions == first.predictions and png.stat().st_mtime_ns == stamp
+    monkeypatch.undo()
+    other = run_probe(store_path, "temporal-corr", device="numpy", save_predictions="0:1:keys")
+    assert [p["path"] for p in other.predictions] == ["predictions/keys-L0-H1"]
+    assert not png.exists()  # an earlier run's predictions are replaced, not mixed in
