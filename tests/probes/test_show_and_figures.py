@@ -154,3 +154,24 @@ def test_show_page_renders_in_headless_chromium(tmp_path):
     blended = {tuple(round(0.45 * 128 + 0.55 * c) for c in colour) for colour in ((128, 0, 0), (0, 128, 0))}
     found = {tuple(p) for p in pixels.reshape(-1, 3)[::7].tolist()}
     assert blended & found
+
+
+def test_images_come_back_through_the_stores_dataset_adapter():
+    """A synthetic store's images are rendered again from the options its metadata records;
+    a dataset that cannot be opened here gives None and says why."""
+    from types import SimpleNamespace
+
+    from kvpipe.pipeline.datasets import create_dataset
+    from kvpipe.probes.images import ImageSource
+    from kvpipe.store.schema import DatasetInfo
+
+    desc = create_dataset("synthetic", n_videos=1, n_frames=2, width=64, height=48, seed=3).describe()
+    store = SimpleNamespace(meta=SimpleNamespace(dataset=DatasetInfo.from_dict(desc)))
+    source = ImageSource(store)
+    want = create_dataset("synthetic", n_videos=1, n_frames=2, width=64, height=48, seed=3).records()[1].image()
+    got = source.get("video00/00001")
+    assert got.size == (64, 48) and np.array_equal(np.asarray(got), np.asarray(want)) and source.problem == ""
+    assert source.get("no/such/image") is None
+    gone = ImageSource(SimpleNamespace(meta=SimpleNamespace(dataset=DatasetInfo.from_dict(
+        {"name": "davis", "root": "/nonexistent/DAVIS", "split": "val"}))))
+    assert gone.get("bear/00000") is None and "unavailable" in gone.problem and "\n" not in gone.problem
