@@ -21,7 +21,7 @@ from kvpipe.probes.base import Target
 from kvpipe.probes.figures import mask_overlay, matches_figure, pca_figure, strip
 from kvpipe.probes.images import ImageSource
 from kvpipe.probes.predictions import (DavisFolders, MaskImages, PointMatches, Predictions, frame_name,
-                                       read_predictions, safe_name, target_dir)
+                                       read_predictions, safe_name)
 
 MAX_FRAMES = 8  # frames of a video shown in its row (evenly spaced)
 
@@ -138,6 +138,3 @@ def load_saved(run_dir: Path, record: dict[str, Any]) -> Predictions:
 def record_target(record: dict[str, Any]) -> Target:
     return Target(record["kind"], int(record["layer"]), int(record["head"]))
 
-
-__all__ = ["Picture", "PICTURES", "prediction_pictures", "pca_pictures", "shown_images", "saved_records",
-           "pick_saved", "load_saved", "record_target", "target_dir"]
