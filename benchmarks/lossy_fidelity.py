@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'best int8':>9s} same-best")
     for task in tasks:
         metric = PROBES.get(task).primary_metric
-        tables = {k: run_probe(v, task, use_cache=False).table.to_pylist() for k, v in stores.items()}
+        tables = {k: run_probe(v, task, use_cache=False, save_predictions="none").table.to_pylist() for k, v in stores.items()}
         vals = [{(r["kind"], r["layer"], r["head"]): r["value"] for r in t if r["metric"] == metric}
                 for t in tables.values()]
         keys = sorted(k for k in vals[0] if k in vals[1] and np.isfinite(vals[0][k]) and np.isfinite(vals[1][k]))

@@ -332,7 +332,8 @@ def time_sweep(root: Path, probe: str, params: dict | None = None, device: str =
     try:
         t0 = time.perf_counter()
         run = run_probe(root, probe, params=params or {}, use_cache=False, device="numpy" if baseline else device,
-                        prefetch=not baseline, executor=executor, options=options)
+                        prefetch=not baseline, executor=executor, options=options,
+                        save_predictions="none")  # the sweep alone
         total = time.perf_counter() - t0
     finally:
         FeatureStore.read, sc.nearest_in_groups, sc.nearest_in_groups_torch, tc.VideoReference = originals

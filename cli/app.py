@@ -157,11 +157,15 @@ def probe(
                                                      "on CPU)"),
     ray_address: Optional[str] = typer.Option(None, help="--executor ray: the cluster (HOST:PORT, ray://HOST:PORT "
                                                          "or auto; default: RAY_ADDRESS, else a local one)"),
+    save_predictions: str = typer.Option("best", help="write predicted masks / points under OUT/predictions at: "
+                                                      "best (the best target of each kind) | all | none | "
+                                                      "LAYER:HEAD:KIND[,...] (post_proj for the baseline)"),
 ) -> None:
-    """Sweep a probe over every (layer, head, kind) + post-proj; write table and plots."""
+    """Sweep a probe over every (layer, head, kind) + post-proj; write table, plots and predictions."""
     from kvpipe.probes import PROBES
     from kvpipe.probes.base import Selection
     from kvpipe.probes.executor import PROBE_EXECUTORS, ExecutorOptions
+    from kvpipe.probes.predictions import SaveRequest
     from kvpipe.store import FeatureStore
 
     params = parse_params(param)
@@ -172,6 +176,7 @@ def probe(
     scorer.check(options)  # Ray missing, or nothing at --ray-address: one line, before any work
     meta = FeatureStore.open(store).meta
     selection = Selection.parse(meta, layers, heads, kinds)
+    save = SaveRequest.parse(save_predictions, meta)
     if executor == "local":
         from kvpipe.probes.device import resolve_device
 
@@ -236,7 +241,7 @@ def _probe_runs(runs, task, out, store, no_cache, allow_incomplete, device, sele
             with probe_progress(console, name) as advance:
                 run = run_probe(store, name, task_params, target, use_cache=not no_cache, progress=advance,
                                 allow_incomplete=allow_incomplete, device=device, selection=selection,
-                                executor=executor, options=options)
+                                executor=executor, options=options, save_predictions=save)
         except KvpipeError as err:
             if task != "all":
                 raise
@@ -258,6 +263,28 @@ def report(
 
     path = build_report(store, out, results)
     console.print(f"report: {path}")
+
+
+@app.command()
+def show(
+    store: str = typer.Option(..., help="a store made by kvpipe extract (directory or URL)"),
+    task: str = typer.Option(..., help="a probe that predicts masks or points: fg-seg, cosegmentation, semantic-seg, "
+                                       "refexp-seg, semantic-corr, temporal-corr"),
+    layer: Optional[int] = typer.Option(None, help="target layer (with --head and --kind; default: the best "
+                                                   "image values kvpipe probe saved)"),
+    head: Optional[int] = typer.Option(None, help="target KV head"),
+    kind: Optional[str] = typer.Option(None, help="keys | values | post_proj (the baseline: no --layer/--head)"),
+    out: Optional[Path] = typer.Option(None, help="PAGE.html (default: RESULTS/TASK/show.html)"),
+    results: Annotated[Optional[Path], typer.Option(help="directory of <task>/ results (default: STORE/probes)")] = None,
+    limit: int = typer.Option(8, help="pictures per section"),
+    device: str = typer.Option("auto", help="where a target not saved is predicted: auto, cpu, cuda[:N], numpy"),
+) -> None:
+    """One self-contained HTML page of a probe's predictions over the images (masks, DAVIS frames,
+    keypoint matches, PCA colours); opens from disk."""
+    from kvpipe.probes.show import build_show_page, parse_target
+
+    path = build_show_page(store, task, parse_target(layer, head, kind), out, results, limit, device)
+    console.print(f"page: {path}")
 
 
 @app.command()
@@ -348,7 +375,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="where the store and re
             kinds="keys,values,post_proj", store_dtype=None, codec="zstd", batch_size=4, part_size=8,
             strict=False, seed=0, executor="local", ray_address=None, workers=None, repair=False, option=[])
     probe(task="all", store=store, out=None, param=[], no_cache=False, device="auto", layers=None, heads=None,
-          kinds=None)
+          kinds=None, save_predictions="best")
     report(store=store, out=out / "report.md")
 
 

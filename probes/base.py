@@ -116,6 +116,7 @@ class Probe:
     ranked: ClassVar[bool] = True  # higher primary_metric = better representation (False: a statistic)
     defaults: ClassVar[dict[str, Any]] = {}
     version: ClassVar[int] = 1  # bump when scores change, to invalidate cached results
+    prediction_format: ClassVar[str] = ""  # what ``predictions`` returns (probes/predictions.py FORMATS); "" none
 
     def __init__(self, store: FeatureStore, params: dict[str, Any], device: str = "auto",
                  selection: Selection | None = None):
@@ -158,6 +159,11 @@ class Probe:
     def compute(self, target: Target, data: Any) -> dict[str, float]:
         """Metrics of ``target`` from ``read(target)``'s result (default: ``score``)."""
         return self.score(target)
+
+    def predictions(self, target: Target) -> Any:
+        """What the probe predicts at ``target`` (masks, propagated frames, matched points), as a
+        ``probes.predictions.Predictions`` of ``prediction_format``; the scores come from these."""
+        raise NotImplementedError(f"{self.name} saves no predictions")
 
     def targets(self) -> list[Target]:
         meta = self.store.meta

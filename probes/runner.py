@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Selection, Target
 from kvpipe.probes.executor import PROBE_EXECUTORS, ExecutorOptions, SweepJob, TargetCache
+from kvpipe.probes.predictions import SaveRequest, chosen_targets, save_all
 from kvpipe.store import FeatureStore
 
 COLUMNS = ["model", "dataset", "task", "layer", "head", "kind", "metric", "value"]
@@ -43,6 +44,7 @@ class ProbeRun:
     cached: bool
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)  # read_s, read_wait_s, compute_s, summary_s
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # targets saved: kind, layer, head, path, why
 
     def best(self, metric: str, kind: str = "values") -> dict[str, Any] | None:
         rows = [r for r in self.table.to_pylist() if r["metric"] == metric and r["kind"] == kind
@@ -78,7 +80,8 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
               out_dir: str | Path | None = None, use_cache: bool = True,
               progress: Callable[[int, int], None] | None = None, device: str = "auto",
               selection: Selection | None = None, prefetch: bool = True, allow_incomplete: bool = False,
-              executor: str = "local", options: ExecutorOptions | None = None) -> ProbeRun:
+              executor: str = "local", options: ExecutorOptions | None = None,
+              save_predictions: str | SaveRequest = "best") -> ProbeRun:
     """Run ``task`` on the store; ``progress(done, total)`` after each target.
 
     ``device``: where the probe computes (``auto``, ``cpu``, ``cuda[:N]``, or ``numpy``, the
@@ -90,7 +93,9 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     run.json and the results' parquet metadata. ``executor``: who scores the targets
     (``local``, or ``ray``: actors over a Ray cluster, ``options`` their number and address;
     ``probes/executor.py``); finished targets are cached one by one, so a sweep killed midway
-    recomputes only the targets it had not finished.
+    recomputes only the targets it had not finished. ``save_predictions``: ``best`` (the best
+    target of each kind), ``all``, ``none`` or ``L:H:K,...`` (``probes/predictions.py``); written
+    under ``OUT/predictions/`` by probes that predict masks or points, recorded in run.json.
     """
     t0 = time.perf_counter()
     store = FeatureStore.open(store_path)
@@ -105,6 +110,7 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     scorer = PROBE_EXECUTORS.get(executor)()
     scorer.check(options)
     resolved = scorer.driver_device(device)
+    request = SaveRequest.parse(save_predictions, store.meta)
     out = Path(out_dir) if out_dir else results_dir(store.root) / task
     out.mkdir(parents=True, exist_ok=True)
     key_params = {**probe_cls.defaults, **params}
@@ -119,10 +125,13 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
         plots = sorted(out.glob("*.png"))
         if not plots:
             plots = _plots(probe_cls, store, params, table, out, selection)
-        _write_table(table.replace_schema_metadata(None), out, cov)
+        table = table.replace_schema_metadata(None)
+        _write_table(table, out, cov)
+        saved = _save_predictions(probe_cls, lambda: probe_cls(store, params, device=resolved, selection=selection),
+                                  request, table, _swept(probe_cls, store, selection), out, key)
         _write_run_record(out, task, probe_cls, params, key, cached=True,
-                          extra={**record, "device": computed_on, "coverage": cov})
-        return ProbeRun(task, table.replace_schema_metadata(None), out, plots, True, time.perf_counter() - t0)
+                          extra={**record, "device": computed_on, "coverage": cov, "predictions": saved})
+        return ProbeRun(task, table, out, plots, True, time.perf_counter() - t0, predictions=saved["saved"])
     target_cache = TargetCache(target_cache_dir(cached_file))
     if not use_cache:
         target_cache.clear()
@@ -164,11 +173,57 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     pq.write_table(table.replace_schema_metadata({SCORED_ROWS: str(n_scored), DEVICE: computed_on}), tmp)
     tmp.rename(cached_file)
     _write_table(table, out, cov)
+    t_pred = time.perf_counter()
+    saved = _save_predictions(probe_cls, lambda: probe, request, table, targets, out, key)
+    timings["predictions_s"] = time.perf_counter() - t_pred
     _write_run_record(out, task, probe_cls, params, key, cached=False,
-                      extra={**record, "device": computed_on, "coverage": cov})
+                      extra={**record, "device": computed_on, "coverage": cov, "predictions": saved})
     plots = extra_plots + _figure2(probe, store, table, out)
-    timings["summary_s"] = time.perf_counter() - t_sum
-    return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0, timings)
+    timings["summary_s"] = time.perf_counter() - t_sum - timings["predictions_s"]
+    return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0, timings, saved["saved"])
+
+
+def _swept(probe_cls: type[Probe], store: FeatureStore, selection: Selection) -> list[Target]:
+    """The targets a sweep of ``probe_cls`` scores, without preparing the probe."""
+    probe = probe_cls.__new__(probe_cls)
+    probe.store, probe.selection = store, selection
+    return probe.targets()
+
+
+def _save_predictions(probe_cls: type[Probe], make_probe: Callable[[], Probe], request: SaveRequest,
+                      table: pa.Table, swept: list[Target], out: Path, key: str) -> dict[str, Any]:
+    """Write the requested targets' predictions (probes with a ``prediction_format``); what
+    run.json records: the request, the results' cache key and, per target saved, its folder,
+    format and why. Predictions of the same results and targets already in ``out`` are kept
+    (a cached rerun stays instant)."""
+    record: dict[str, Any] = {"request": request.text(), "cache_key": key, "saved": []}
+    if not probe_cls.prediction_format:
+        record["note"] = f"{probe_cls.name} makes no per-image predictions"
+        return record
+    chosen = chosen_targets(request, table.to_pylist(), probe_cls.primary_metric, swept)
+    if request.mode == "targets":
+        kinds = set(probe_cls.kinds) | ({"post_proj"} if probe_cls.baseline else set())
+        bad = [t for t, _ in chosen if t.kind not in kinds]
+        if bad:
+            raise UsageError(f"--save-predictions {request.text()}: {probe_cls.name} scores "
+                             f"{', '.join(sorted(kinds))}, not {bad[0].kind}")
+    if not chosen:
+        return record
+    before = _previous_predictions(out)
+    same = [(t.kind, t.layer, t.head) for t, _ in chosen] == [(r["kind"], r["layer"], r["head"])
+                                                            for r in before.get("saved", [])]
+    if same and before.get("cache_key") == key and all((out / r["path"]).is_dir() for r in before["saved"]):
+        return {**record, "saved": before["saved"]}
+    record["saved"] = save_all(make_probe(), chosen, out)
+    return record
+
+
+def _previous_predictions(out: Path) -> dict[str, Any]:
+    """The predictions record of the run.json an earlier run left in ``out`` ({} when none)."""
+    try:
+        return dict(json.loads((out / RUN_RECORD).read_text()).get("predictions") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def target_cache_dir(cached_file: Path) -> Path:
