@@ -217,7 +217,8 @@ def probe(
 
         started_ray = connect(ray_address)
     try:
-        _probe_runs(runs, task, out, store, no_cache, allow_incomplete, device, selection, executor, options, failed)
+        _probe_runs(runs, task, out, store, no_cache, allow_incomplete, device, selection, executor, options,
+                    save, failed)
     finally:
         if started_ray:
             import ray
@@ -229,7 +230,7 @@ def probe(
 
 
 def _probe_runs(runs, task, out, store, no_cache, allow_incomplete, device, selection, executor, options,
-                failed) -> None:
+                save, failed) -> None:
     """Each task's sweep with its progress bar; under --task all a failed task is reported and skipped."""
     from kvpipe.cli.progress import probe_progress
     from kvpipe.cli.render import print_probe_run
@@ -375,7 +376,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="where the store and re
             kinds="keys,values,post_proj", store_dtype=None, codec="zstd", batch_size=4, part_size=8,
             strict=False, seed=0, executor="local", ray_address=None, workers=None, repair=False, option=[])
     probe(task="all", store=store, out=None, param=[], no_cache=False, device="auto", layers=None, heads=None,
-          kinds=None, save_predictions="best")
+          kinds=None, executor="local", workers=None, ray_address=None, save_predictions="best")
     report(store=store, out=out / "report.md")
 
 
