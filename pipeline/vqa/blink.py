@@ -118,15 +118,18 @@ class BLINK(Benchmark):
         check_unique(self.name, (it.qid for it in items), str(root))
         return apply_limit(self.name, items, self.limit)
 
+    def _splits(self, root: Path | HubId, sub: str) -> tuple[dict[str, HFTable], str]:
+        """One sub-task's data splits (name -> table) and where they were read, for messages."""
+        if isinstance(root, HubId):
+            return load_hub(root, sub), f"{root} config {sub}"
+        folder = root / sub
+        if not folder.is_dir():
+            raise DataError(f"{folder} does not exist; --data-root must be {self.root_hint}")
+        return hf_splits(folder), str(folder)
+
     def _table(self, root: Path | HubId, sub: str, data_split: str) -> HFTable:
         """One data split's table of one sub-task: its folder of the local copy, or its hub config."""
-        if isinstance(root, HubId):
-            splits, where = load_hub(root, sub), f"{root} config {sub}"
-        else:
-            folder = root / sub
-            if not folder.is_dir():
-                raise DataError(f"{folder} does not exist; --data-root must be {self.root_hint}")
-            splits, where = hf_splits(folder), str(folder)
+        splits, where = self._splits(root, sub)
         table = splits.get(data_split)
         if table is None and set(splits) == {""}:
             table = splits[""]  # a save_to_disk Dataset that did not record its split
@@ -139,13 +142,7 @@ class BLINK(Benchmark):
     def _answered(self, root: Path | HubId, sub: str) -> list[VQAItem]:
         """Every data split of one sub-task whose rows carry answers, val first; a split whose
         answers are all hidden (the hub's test) is left out, one with some hidden is an error."""
-        if isinstance(root, HubId):
-            splits, where = load_hub(root, sub), f"{root} config {sub}"
-        else:
-            folder = root / sub
-            if not folder.is_dir():
-                raise DataError(f"{folder} does not exist; --data-root must be {self.root_hint}")
-            splits, where = hf_splits(folder), str(folder)
+        splits, where = self._splits(root, sub)
         items: list[VQAItem] = []
         for name in [s for s in DATA_SPLITS if s in splits] + sorted(s for s in splits if s not in DATA_SPLITS):
             table = splits[name]
