@@ -88,7 +88,7 @@ def edit_meta(store: Path, **fields) -> None:
     ("layers", "abc", "layers must be a list"),
     ("layers", [0, 7], "layers[1] is 7"),
     ("head_dim", -1, "head_dim is -1"),
-    ("store_dtype", "complex128", "store_dtype is 'complex128'"),
+    ("store_dtype", "complex128", "encoding 'complex128' (store_dtype)"),  # a newer store's: upgrade
     ("kinds", ["keys", "logits"], "kinds[1]"),
     ("n_kv_heads", True, "n_kv_heads must be an integer"),
     ("compressor", {"codec": "blosc", "cname": "zstd", "clevel": 99, "shuffle": "byte"}, "compressor.clevel"),
