@@ -36,6 +36,7 @@ class ReferenceChoice(PairedProbe):
     subtask = ""  # BLINK sub-task of the questions this probe answers
     benchmark = "blink"
     defaults = {"tokens": "all"}
+    crop_params = {"tokens": ("all",)}  # every token: the crops too
 
     def wanted(self, question: dict[str, Any]) -> bool:
         return question.get("subtask") == self.subtask

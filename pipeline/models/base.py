@@ -67,6 +67,15 @@ class TokenLayout:
     def segments_json(self) -> str:
         return json.dumps([s.to_dict() for s in self.segments])
 
+    def base_only(self) -> "TokenLayout":
+        """The base view's tokens alone (``kvpipe extract --views base``): its positions and its
+        segment at offset 0. The model still sees every token; only the stored ones change."""
+        seg = self.base
+        if len(self.segments) == 1 and seg.offset == 0:
+            return self
+        keep = self.positions[seg.offset: seg.offset + seg.n_tokens]
+        return TokenLayout(keep, (Segment(seg.name, 0, seg.rows, seg.cols, seg.newline),))
+
 
 @dataclass
 class Batch:
@@ -75,6 +84,12 @@ class Batch:
     inputs: dict[str, Any]
     layouts: list[TokenLayout]
     prefix_ids: list[list[int]]  # the token ids before each image's first image token
+
+    def views(self, views: str) -> "Batch":
+        """This batch storing ``views``: "all" (every image token) or "base" (the base view only)."""
+        if views == "all":
+            return self
+        return Batch(self.inputs, [lay.base_only() for lay in self.layouts], self.prefix_ids)
 
 
 class ModelAdapter:
@@ -86,6 +101,8 @@ class ModelAdapter:
     kinds: ClassVar[tuple[str, ...]] = ("keys", "values", POST_PROJ)  # the store kinds it captures
     encodes_text: ClassVar[bool] = True  # text queries get a text-only pass (semantic-seg, refexp-seg)
     nested_images: ClassVar[bool] = False  # the processor takes a batch's images as one list per sample
+    # an image becomes more than its base view (crops, tiles, newlines): ``--views base`` stores less
+    multi_view: ClassVar[bool] = False
     # Inputs the forward pass reads on the host (image sizes in Python loops): left there, a
     # device copy would cost one host synchronisation per read. Set by ``accelerate``.
     host_inputs: tuple[str, ...] = ()
