@@ -48,7 +48,7 @@ def _sizes_from_root(dataset: str, data_root: str, options: dict, limit: int | N
             with Image.open(r.source) as im:
                 out.append(im.size)
         except (OSError, ValueError):
-            img = r.load()  # synthetic and in-memory images
+            img = r.load_image()  # synthetic and in-memory images
             out.append(img.size)
     return out
 
