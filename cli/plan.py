@@ -30,6 +30,7 @@ class Plan:
     source: str  # "typical" (catalog numbers) or the data root's image sizes
     tokens: dict[str, float]  # views -> mean tokens per image
     bytes_per_image: dict[tuple[str, str], float]  # (views, encoding) -> bytes
+    default_views: str = "all"  # what kvpipe extract stores by default (the dataset's tasks' needs)
 
     def total(self, views: str, encoding: str) -> float:
         return self.bytes_per_image[(views, encoding)] * self.images
@@ -59,6 +60,8 @@ def make_plan(model: str, dataset: str, data_root: str | None = None, views: tup
     from kvpipe.pipeline.models.sizes import bytes_per_token, model_size
 
     size = model_size(model)
+    if not size.rule.multi_view:
+        views = ("all",)  # one view per image: base and all are the same tokens
     if data_root is not None or dataset not in TYPICAL:
         if data_root is None and dataset != "synthetic":
             raise UsageError(f"--dataset {dataset}: kvpipe plan knows the typical images of "
@@ -75,23 +78,31 @@ def make_plan(model: str, dataset: str, data_root: str | None = None, views: tup
         raise UsageError(f"--dataset {dataset} has no images to plan for")
     tokens = {v: sum(size.rule.tokens(w, h, v) for w, h in sizes) / len(sizes) for v in views}
     per = {(v, e): tokens[v] * bytes_per_token(size, e) for v in views for e in ENCODINGS}
-    return Plan(model, dataset, len(sizes), source, tokens, per)
+    return Plan(model, dataset, len(sizes), source, tokens, per, _default_views(dataset, size.rule.multi_view))
+
+
+def _default_views(dataset: str, multi_view: bool) -> str:
+    from kvpipe.pipeline.datasets import DATASETS
+    from kvpipe.probes.base import views_for
+
+    if not multi_view or dataset.startswith("hf:"):
+        return "all"
+    return views_for(list(DATASETS.get(dataset).tasks))[0]
 
 
 def estimate_bytes(cfg, views: str) -> float | None:
-    """The planned store size of an extraction (None when kvpipe has no token rules for the model)."""
-    from kvpipe.pipeline.models.sizes import SIZES
+    """The planned store size of an extraction (None when kvpipe has no token rules for the model).
+    ``--dtype auto`` is counted as bfloat16, what it means on a GPU."""
+    from kvpipe.pipeline.models.options import dtype_name
+    from kvpipe.pipeline.models.sizes import SIZES, bytes_per_token
 
     if cfg.model not in SIZES:
         return None
     plan = make_plan(cfg.model, cfg.dataset, cfg.data_root, (views,), cfg.dataset_options, cfg.limit, cfg.image_size)
-    encoding = cfg.store_dtype or ("bfloat16" if cfg.dtype in ("auto", "bfloat16", "bf16") else cfg.dtype)
-    if encoding not in ENCODINGS:
-        encoding = "bfloat16" if encoding in ("float16", "fp16") else encoding
-    from kvpipe.pipeline.models.sizes import bytes_per_token, model_size
-
-    tokens = plan.tokens[views]
-    return tokens * bytes_per_token(model_size(cfg.model), encoding if encoding != "fp32" else "float32") * plan.images
+    compute = dtype_name(cfg.dtype)
+    encoding = cfg.store_dtype or ("bfloat16" if compute == "auto" else compute)
+    tokens = plan.tokens[views if views in plan.tokens else "all"]  # a one-view model: the same either way
+    return tokens * bytes_per_token(SIZES[cfg.model], encoding) * plan.images
 
 
 def nearest_existing(path: str) -> Path:
@@ -103,8 +114,8 @@ def nearest_existing(path: str) -> Path:
 
 def check_disk(cfg, views: str) -> None:
     """A one-line UsageError when --out's disk cannot hold the planned store (``--force`` skips)."""
-    if cfg.force or "://" in cfg.out:
-        return
+    if cfg.force or "://" in cfg.out or "://" in (cfg.data_root or ""):
+        return  # an object store has no disk to fill; remote images are not opened twice
     need = estimate_bytes(cfg, views)
     if need is None:
         return
@@ -143,13 +154,22 @@ def choose_views(cfg, views: str | None, tasks: str | None):
 
 
 def print_plan(plans: list[Plan]) -> None:
+    """One row per dataset and view choice (* marks what kvpipe extract stores by default: the
+    views the dataset's tasks read); with several datasets, their sum per view choice."""
     table = Table("model", "dataset", "images", "views", "tokens / image",
                   *[f"{e} MB / image" for e in ENCODINGS], *[f"{e} total GB" for e in ENCODINGS])
     for p in plans:
         for v in p.tokens:
-            table.add_row(p.model, p.dataset, str(p.images), v, f"{p.tokens[v]:.0f}",
+            mark = "*" if v == p.default_views and len(p.tokens) > 1 else ""
+            table.add_row(p.model, p.dataset, str(p.images), v + mark, f"{p.tokens[v]:.0f}",
                           *[f"{p.bytes_per_image[(v, e)] / 1e6:.1f}" for e in ENCODINGS],
                           *[f"{p.total(v, e) / GB:.1f}" for e in ENCODINGS])
+    if len(plans) > 1:
+        rows = [("all", lambda p: "all"), ("base", lambda p: "base"), ("default *", lambda p: p.default_views)]
+        for label, pick in rows[: 1 if len(plans[0].tokens) == 1 else 3]:
+            table.add_row(plans[0].model, "total", str(sum(p.images for p in plans)), label, "",
+                          *[""] * len(ENCODINGS),
+                          *[f"{sum(p.total(pick(p), e) for p in plans) / GB:.1f}" for e in ENCODINGS])
     console.print(table)
     for p in plans:
         console.print(f"{p.model} / {p.dataset}: {p.source}", soft_wrap=True, highlight=False)

@@ -122,7 +122,12 @@ def test_bytes_per_token_by_hand():
 def test_plan_command_prints_every_encoding(tmp_path):
     res = invoke(["plan", "--model", "qwen25vl", "--dataset", "coco"])
     assert res.exit_code == 0, res.output
-    assert "coco" in res.output and "1000" in res.output and "int4" in res.output and "base" in res.output
+    # COCO's typical 640 x 480: smart_resize to 476 x 644, 17 x 23 = 391 tokens; one view (no base row)
+    assert "coco" in res.output and "1000" in res.output and " 391 " in res.output and "base" not in res.output
+    mb = 391 * bytes_per_token(SIZES["qwen25vl"], "bfloat16") / 1e6
+    assert f" {mb:.1f} " in res.output and f" {mb * 1000 / 1e3:.1f} " in res.output  # MB per image, total GB
+    res = invoke(["plan", "--model", "llava-ov", "--dataset", "paper"])
+    assert res.exit_code == 0 and " base* " in res.output and " total " in res.output and " default * " in res.output
     res = invoke(["plan", "--model", "llava-ov", "--dataset", "coco", "--tasks", "art-style", "--views", "base"])
     assert res.exit_code == 2 and "art-style (tokens=all) read the crops" in res.output
     res = invoke(["plan", "--model", "nonesuch", "--dataset", "coco"])
