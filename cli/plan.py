@@ -119,6 +119,9 @@ def check_disk(cfg, views: str) -> None:
     need = estimate_bytes(cfg, views)
     if need is None:
         return
+    out = Path(cfg.out).expanduser()
+    if out.is_dir():  # a resumed store: what is already written counts
+        need -= sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     free = shutil.disk_usage(nearest_existing(cfg.out)).free
     if need > free:
         raise UsageError(f"--out {cfg.out}: the store needs about {need / GB:.1f} GB (kvpipe plan), the disk has "

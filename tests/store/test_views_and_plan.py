@@ -145,3 +145,7 @@ def test_extract_refuses_a_disk_too_small(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "GB (kvpipe plan), the disk has 0.0 GB free" in res.output
     assert "--force" in res.output and not (tmp_path / "new").exists()
     assert invoke(args + ["--force"]).exit_code == 0
+    # resuming the finished store needs nothing more: the bytes already written count
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6, 0))
+    res = invoke(args)
+    assert res.exit_code == 0 and "0 new parts, 1 already committed" in res.output, res.output
