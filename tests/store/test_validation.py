@@ -40,6 +40,7 @@ def test_old_metadata_round_trips_byte_for_byte_and_opens(tmp_path):
     assert meta.dataset.extra["n_videos"] == 4 and "temporal-corr" in meta.dataset.tasks
     assert isinstance(meta.compressor, Encoding) and meta.compressor.cname == "zstd" and meta.compressor.clevel == 1
     assert isinstance(meta.prefix_choice, PrefixChoice) and not meta.prefix_choice
+    assert meta.stored_views == "all" and not meta.views  # made before --views: every view stored
     assert meta.fingerprint() == OLD_FINGERPRINT
     assert write_group(tmp_path / "again", meta.to_dict()) == old
     store = tmp_path / "store"
