@@ -18,7 +18,6 @@ from zarr.codecs import BloscCodec
 from kvpipe.errors import StoreError
 from kvpipe.store.quant import ROTATION_SEED, ROTATIONS, dequantize_int4, int4_stored_dim, quantize_int4
 
-DISK_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16", "int8": "int8", "int4": "uint8"}
 # int8 (lossy): each token vector of D numbers is stored as D int8 codes followed by its float32
 # scale as 4 bytes, so a (layer, head) chunk stays one self-contained [tokens, D + 4] array and
 # every part, chunk and reader path is the same as for the lossless dtypes.
@@ -149,6 +148,7 @@ ENCODINGS: dict[str, DiskEncoding] = {
                          lambda raw, out: dequantize_int8(raw, out), lossy=True, dim_of=lambda w: w - SCALE_BYTES),
     "int4": _int4(),
 }
+DISK_DTYPE = {name: e.disk_dtype for name, e in ENCODINGS.items()}  # --store-dtype -> numpy dtype on disk
 
 
 def lossy_meta(store_dtype: str) -> dict[str, Any]:

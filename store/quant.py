@@ -17,6 +17,8 @@ is an elementwise float32 operation or an exact min/max, in the same order.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 INT4_LEVELS = 15  # codes 0..15
@@ -35,10 +37,13 @@ def hadamard_block(dim: int) -> int:
     return dim & -dim
 
 
+@functools.lru_cache(maxsize=64)
 def rotation_signs(dim: int, seed: int = ROTATION_SEED) -> np.ndarray:
-    """The random +-1 signs of the rotation (float32), fixed by ``seed`` and ``dim``."""
+    """The random +-1 signs of the rotation (float32, read-only), fixed by ``seed`` and ``dim``."""
     rng = np.random.default_rng([seed, dim])
-    return np.where(rng.random(dim) < 0.5, np.float32(-1), np.float32(1)).astype(np.float32)
+    signs = np.where(rng.random(dim) < 0.5, np.float32(-1), np.float32(1)).astype(np.float32)
+    signs.flags.writeable = False
+    return signs
 
 
 def fwht(x: np.ndarray) -> np.ndarray:

@@ -108,7 +108,7 @@ def quantize_int4(x: torch.Tensor, rotation: str = "hadamard", seed: int = ROTAT
     stack) would double its device memory; one layer at a time costs one layer's worth."""
     d = x.shape[-1]
     out = torch.empty(*x.shape[:-1], int4_stored_dim(d), dtype=torch.uint8, device=x.device)
-    signs = torch.from_numpy(rotation_signs(d, seed)).to(x.device) if rotation == "hadamard" else None
+    signs = torch.tensor(rotation_signs(d, seed), device=x.device) if rotation == "hadamard" else None
     for i in range(x.shape[0] if x.dim() > 1 else 1):
         xi = (x[i] if x.dim() > 1 else x).float()
         y = _fwht(xi * signs) if signs is not None else xi
