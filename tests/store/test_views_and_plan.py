@@ -110,6 +110,11 @@ def test_plan_tokens_equal_what_extraction_stores(tmp_path, model):
     rule = SIZES[model].rule
     assert [r.n_tokens for r in rows] == [rule.tokens(r.image_w, r.image_h) for r in rows]
     assert sorted((r.image_w, r.image_h) for r in rows) == sorted(sizes)
+    # kvpipe plan over the same folder reads the images' sizes: its mean tokens are the store's
+    res = invoke(["plan", "--model", model, "--dataset", "folder", "--data-root", str(tmp_path / "imgs"),
+                  "--views", "all"])
+    assert res.exit_code == 0, res.output
+    assert f" {sum(r.n_tokens for r in rows) / len(rows):.0f} " in res.output and " 4 " in res.output
 
 
 def test_bytes_per_token_by_hand():
