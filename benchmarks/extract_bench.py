@@ -39,7 +39,8 @@ from kvpipe.pipeline.models.capture import Selection, model_cache
 from kvpipe.pipeline.extraction.worker import PartWorker
 from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.pipeline.extraction.config import parse_index_spec, parse_kinds
-from kvpipe.pipeline.models.loading import load_model, resolve_device, resolve_dtype
+from kvpipe.device import resolve_device
+from kvpipe.pipeline.models.loading import load_model, resolve_dtype
 from kvpipe.store.encoding import stored_dim
 from kvpipe.store.schema import HIDDEN, POST_PROJ
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Extraction benchmarks on one GPU: full-size architectures with random weights.
-# Usage: bash benchmarks/gpu_extract.sh [--out DIR] [--models qwen|llava|llava-values|encodings|all]
+# Usage: bash benchmarks/gpu_extract.sh [--out DIR] [--models qwen|llava|llava-values|families|encodings|all]
 #   (kvpipe importable, a CUDA device; defaults: --out bench-out --models all)
 # Each line is one process: floor, kvpipe (lossless bf16 and int8) and the naive loop share the
 # model, the images and the batch size.
@@ -15,7 +15,7 @@ while [[ $# -gt 0 ]]; do
     *) echo "gpu_extract.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-case $which in qwen|llava|llava-values|encodings|all) ;; *) echo "gpu_extract.sh: --models $which: one of qwen, llava, llava-values, encodings, all" >&2; exit 2 ;; esac
+case $which in qwen|llava|llava-values|families|encodings|all) ;; *) echo "gpu_extract.sh: --models $which: one of qwen, llava, llava-values, families, encodings, all" >&2; exit 2 ;; esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
 kv() { python3 -m kvpipe.cli bench extract "$@"; }
@@ -36,6 +36,13 @@ if [[ $which == llava-values || $which == all ]]; then
   kv --model llava-ov --size 384 --images 128 --batch-size 8 --part-size 16 --kinds values --runs kvpipe \
      --json "$out/llava-ov-384-b8-values.json"
 fi
+if [[ $which == families ]]; then
+  # The newer families at 448x448, full-size architectures, all layers/heads, keys + values
+  for m in qwen3vl internvl3 gemma3 llava15 smolvlm2; do
+    kv --model $m --size 448 --images 128 --batch-size 16 --part-size 32 --naive-images 8 \
+       --runs floor-hf,floor-kvpipe,kvpipe,naive --json "$out/$m-448-b16.json" || echo "$m: failed"
+  done
+fi
 if [[ $which == encodings ]]; then
   # the store encodings and views, each run one process writing JSON (96-128 images: a minute or
   # two each on an H100): lossless bf16, int8, int4; LLaVA-OV with every view and the base view only
@@ -48,3 +55,4 @@ if [[ $which == encodings ]]; then
     done
   done
 fi
+

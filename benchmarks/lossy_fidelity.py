@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         metric = PROBES.get(task).primary_metric
         vals = {}
         for k, v in stores.items():
-            table = run_probe(v, task, use_cache=False).table.to_pylist()
+            table = run_probe(v, task, use_cache=False, save_predictions="none").table.to_pylist()
             vals[k] = {(r["kind"], r["layer"], r["head"]): r["value"] for r in table if r["metric"] == metric}
         report["tasks"][task] = {}
         for enc in encodings:

@@ -41,6 +41,7 @@ def _add_subcommands() -> None:
     from kvpipe.cli.bench import bench_app
     from kvpipe.cli.model_loop import register as register_model_loop
     from kvpipe.cli.paired import register as register_paired
+    from kvpipe.cli.paper import register as register_paper
     from kvpipe.cli.plan import register as register_plan
     from kvpipe.cli.prefix import register as register_prefix
 
@@ -48,6 +49,7 @@ def _add_subcommands() -> None:
     register_model_loop(app)  # answer, intervene
     register_paired(app)  # paired, figure3
     register_prefix(app)  # report-prefix
+    register_paper(app)  # paper: the paper's tables and figures
     register_plan(app)  # plan
 
 
@@ -110,6 +112,9 @@ def extract(
                                                            "the model's processor (one token layout for "
                                                            "native-resolution models such as qwen25vl; "
                                                            "input-agnostic's per-position variance needs it)")] = None,
+    multi_image: Annotated[bool, typer.Option("--multi-image", help="each question's images in one prompt, the one "
+                                                                    "kvpipe answer shows the model (dataset blink; "
+                                                                    "the paired tasks read these rows)")] = False,
 ) -> None:
     """Run the model once per image and store every layer's and head's image K/V."""
     from kvpipe.cli.plan import choose_views
@@ -124,8 +129,8 @@ def extract(
                         part_size=part_size, strict=strict, seed=seed, executor=executor,
                         ray_address=ray_address, workers=workers, repair=repair,
                         dataset_options=parse_params(option, "--option"), codec=codec,
-                        image_size=parse_image_size(image_size), command="kvpipe " + " ".join(sys.argv[1:]),
-                        force=force)
+                        image_size=parse_image_size(image_size), multi_image=multi_image,
+                        command="kvpipe " + " ".join(sys.argv[1:]), force=force)
     validate(cfg)  # usage errors answer before torch and the model are imported
     cfg = choose_views(cfg, views, tasks)
     from kvpipe.pipeline.extraction.job import extract as run_extract
@@ -159,21 +164,36 @@ def probe(
     heads: Optional[str] = typer.Option(None, help="sweep these KV heads only, e.g. 0,2 (default: all stored)"),
     kinds: Optional[str] = typer.Option(None, help="sweep these kinds only, e.g. values or keys,post_proj "
                                                    "(default: all the probe scores)"),
+    executor: str = typer.Option("local", help="who scores the targets: local (this process) or ray (actors over "
+                                               "a Ray cluster, one per GPU)"),
+    workers: Optional[int] = typer.Option(None, help="--executor ray: actors (default: the cluster's GPUs, or 2 "
+                                                     "on CPU)"),
+    ray_address: Optional[str] = typer.Option(None, help="--executor ray: the cluster (HOST:PORT, ray://HOST:PORT "
+                                                         "or auto; default: RAY_ADDRESS, else a local one)"),
+    save_predictions: str = typer.Option("best", help="write predicted masks / points under OUT/predictions at: "
+                                                      "best (the best target of each kind) | all | none | "
+                                                      "LAYER:HEAD:KIND[,...] (post_proj for the baseline)"),
 ) -> None:
-    """Sweep a probe over every (layer, head, kind) + post-proj; write table and plots."""
-    from kvpipe.cli.progress import probe_progress
-    from kvpipe.cli.render import print_probe_run
-    from kvpipe.probes import PROBES, run_probe
+    """Sweep a probe over every (layer, head, kind) + post-proj; write table, plots and predictions."""
+    from kvpipe.probes import PROBES
     from kvpipe.probes.base import Selection
-    from kvpipe.probes.device import resolve_device
+    from kvpipe.probes.executor import PROBE_EXECUTORS, ExecutorOptions
+    from kvpipe.probes.predictions import SaveRequest
     from kvpipe.store import FeatureStore
 
     params = parse_params(param)
     if task != "all":
         PROBES.get(task)  # an unknown name is a one-line error listing the registered ones (no torch yet)
+    scorer = PROBE_EXECUTORS.get(executor)()
+    options = ExecutorOptions(workers=workers, address=ray_address)
+    scorer.check(options)  # Ray missing, or nothing at --ray-address: one line, before any work
     meta = FeatureStore.open(store).meta
     selection = Selection.parse(meta, layers, heads, kinds)
-    device = resolve_device(device)  # a GPU asked for where there is none: one line, before any work
+    save = SaveRequest.parse(save_predictions, meta)
+    if executor == "local":
+        from kvpipe.probes.device import resolve_device
+
+        device = resolve_device(device)  # a GPU asked for where there is none: one line, before any work
     dataset = meta.dataset
     supported = dataset.tasks
     if task != "all":
@@ -204,12 +224,38 @@ def probe(
             raise UsageError(f"no task of --task all has parameter {', '.join(sorted(unused))}")
         runs = [(t, {k: v for k, v in params.items() if k in PROBES.get(t).defaults}) for t in names]
     failed = []
+    started_ray = False
+    if executor == "ray":  # joined once for every task of --task all
+        from kvpipe.raycluster import connect
+
+        started_ray = connect(ray_address)
+    try:
+        _probe_runs(runs, task, out, store, no_cache, allow_incomplete, device, selection, executor, options,
+                    save, failed)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(runs)} tasks failed[/]: {', '.join(failed)}")
+        raise typer.Exit(1)
+
+
+def _probe_runs(runs, task, out, store, no_cache, allow_incomplete, device, selection, executor, options,
+                save, failed) -> None:
+    """Each task's sweep with its progress bar; under --task all a failed task is reported and skipped."""
+    from kvpipe.cli.progress import probe_progress
+    from kvpipe.cli.render import print_probe_run
+    from kvpipe.probes import run_probe
+
     for name, task_params in runs:
         target = out / name if (out and task == "all") else out
         try:
             with probe_progress(console, name) as advance:
                 run = run_probe(store, name, task_params, target, use_cache=not no_cache, progress=advance,
-                                allow_incomplete=allow_incomplete, device=device, selection=selection)
+                                allow_incomplete=allow_incomplete, device=device, selection=selection,
+                                executor=executor, options=options, save_predictions=save)
         except KvpipeError as err:
             if task != "all":
                 raise
@@ -217,9 +263,6 @@ def probe(
             failed.append(name)
             continue
         print_probe_run(console, run)
-    if failed:
-        console.print(f"[red]{len(failed)} of {len(runs)} tasks failed[/]: {', '.join(failed)}")
-        raise typer.Exit(1)
 
 
 @app.command()
@@ -234,6 +277,28 @@ def report(
 
     path = build_report(store, out, results)
     console.print(f"report: {path}")
+
+
+@app.command()
+def show(
+    store: str = typer.Option(..., help="a store made by kvpipe extract (directory or URL)"),
+    task: str = typer.Option(..., help="a probe that predicts masks or points: fg-seg, cosegmentation, semantic-seg, "
+                                       "refexp-seg, semantic-corr, temporal-corr"),
+    layer: Optional[int] = typer.Option(None, help="target layer (with --head and --kind; default: the best "
+                                                   "image values kvpipe probe saved)"),
+    head: Optional[int] = typer.Option(None, help="target KV head"),
+    kind: Optional[str] = typer.Option(None, help="keys | values | post_proj (the baseline: no --layer/--head)"),
+    out: Optional[Path] = typer.Option(None, help="PAGE.html (default: RESULTS/TASK/show.html)"),
+    results: Annotated[Optional[Path], typer.Option(help="directory of <task>/ results (default: STORE/probes)")] = None,
+    limit: int = typer.Option(8, help="pictures per section"),
+    device: str = typer.Option("auto", help="where a target not saved is predicted: auto, cpu, cuda[:N], numpy"),
+) -> None:
+    """One self-contained HTML page of a probe's predictions over the images (masks, DAVIS frames,
+    keypoint matches, PCA colours); opens from disk."""
+    from kvpipe.probes.show import build_show_page, parse_target
+
+    path = build_show_page(store, task, parse_target(layer, head, kind), out, results, limit, device)
+    console.print(f"page: {path}")
 
 
 @app.command()
@@ -325,7 +390,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="where the store and re
             batch_size=4, part_size=8,
             strict=False, seed=0, executor="local", ray_address=None, workers=None, repair=False, option=[])
     probe(task="all", store=store, out=None, param=[], no_cache=False, device="auto", layers=None, heads=None,
-          kinds=None)
+          kinds=None, executor="local", workers=None, ray_address=None, save_predictions="best")
     report(store=store, out=out / "report.md")
 
 

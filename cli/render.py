@@ -59,3 +59,6 @@ def _print_footer(console: Console, run: ProbeRun, rows: list[dict]) -> None:
     console.print(f"  table: {run.out_dir / 'results.parquet'} (+ .csv)")
     for p in run.plots:
         console.print(f"  plot: {p}")
+    for saved in run.predictions:
+        console.print(f"  predictions: {run.out_dir / saved['path']} ({saved['why']})", soft_wrap=True,
+                      highlight=False)

@@ -116,6 +116,7 @@ class Probe:
     ranked: ClassVar[bool] = True  # higher primary_metric = better representation (False: a statistic)
     defaults: ClassVar[dict[str, Any]] = {}
     version: ClassVar[int] = 1  # bump when scores change, to invalidate cached results
+    prediction_format: ClassVar[str] = ""  # what ``predictions`` returns (probes/predictions.py FORMATS); "" none
     # parameter values that read an any-resolution model's crops (every token, or the crops grid),
     # which a store extracted with --views base does not hold: {"tokens": ("all",)}
     crop_params: ClassVar[dict[str, tuple[Any, ...]]] = {}
@@ -136,9 +137,9 @@ class Probe:
         self.params = {**self.defaults, **params}
         crops = self.reads_crops(self.params)
         if crops and store.meta.stored_views == "base":
-            raise UsageError(f"task {self.name} with {crops} reads the crops, and the store {store.root} holds the "
-                             f"base view only (extracted with --views base); re-extract with --views all, or set "
-                             f"{crops.split('=')[0]} to another value")
+            raise UsageError(f"task {self.name} with {crops} reads the crops (tokens outside the base view), and the "
+                             f"store {store.root} holds the base view only (extracted with --views base); re-extract "
+                             f"with --views all, or set {crops.split('=')[0]} to another value")
         self.device = resolve_device(device)  # "numpy" (the reference code), "cpu" or "cuda:N" (torch)
         self.selection = selection or Selection()
         self.prepare()
@@ -172,6 +173,11 @@ class Probe:
     def compute(self, target: Target, data: Any) -> dict[str, float]:
         """Metrics of ``target`` from ``read(target)``'s result (default: ``score``)."""
         return self.score(target)
+
+    def predictions(self, target: Target) -> Any:
+        """What the probe predicts at ``target`` (masks, propagated frames, matched points), as a
+        ``probes.predictions.Predictions`` of ``prediction_format``; the scores come from these."""
+        raise NotImplementedError(f"{self.name} saves no predictions")
 
     def targets(self) -> list[Target]:
         meta = self.store.meta

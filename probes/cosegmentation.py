@@ -42,13 +42,14 @@ class (every label 1..254 when the set has no class); 255 is ignored.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.probes.metrics.segmentation import jaccard, precision
+from kvpipe.probes.predictions import MaskImages, MaskItem
 from kvpipe.probes.tokens import IGNORE, border_tokens, label_ids, upsample_bilinear
 
 
@@ -124,6 +125,7 @@ def foreground_clusters(labels: Sequence[np.ndarray], borders: Sequence[np.ndarr
 class CoSegmentation(Probe):
     description = "co-segmentation of image sets by k-means over their tokens (Amir et al. 2022), J_m (MSRC)"
     primary_metric = "J_m"
+    prediction_format = "masks"
     defaults = {"elbow": 0.975, "max_clusters": 14, "votes_percentage": 75, "sample_interval": 10,
                 "niter": 300, "nredo": 10, "seed": 1234}
     version = 1
@@ -165,10 +167,24 @@ class CoSegmentation(Probe):
         self.rows = sorted({r.index: r for rs in self.sets.values() for r in rs}.values(), key=lambda r: r.index)
 
     def score(self, target: Target) -> dict[str, float]:
+        js, ps = [], []
+        for r, pred in self._predicted(target):
+            gt, valid = self.gt[r.image_id]
+            js.append(jaccard(pred, gt, valid))
+            ps.append(precision(pred, gt, valid))
+        return {"J_m": float(np.mean(js)), "P_m": float(np.mean(ps))}
+
+    def predictions(self, target: Target) -> MaskImages:
+        """Each image's common-object mask: 1 on the foreground."""
+        set_of = {r.image_id: name for name, rows in self.sets.items() for r in rows}
+        return MaskImages([MaskItem(r.image_id, r.image_id, pred.astype(np.uint8), {"set": set_of[r.image_id]})
+                           for r, pred in self._predicted(target)])
+
+    def _predicted(self, target: Target) -> Iterator[tuple[Any, np.ndarray]]:
+        """(row, predicted foreground at the mask's size) of every image of every set."""
         feats = self.store.read(target.kind, target.layer, target.head, images=self.rows)
         index = {r.image_id: i for i, r in enumerate(feats.rows)}
         p = self.params
-        js, ps = [], []
         for rows in self.sets.values():
             grids = [feats.grid(index[r.image_id]) for r in rows]
             descs = [g.reshape(-1, g.shape[-1]) for g in grids]
@@ -178,9 +194,5 @@ class CoSegmentation(Probe):
             borders = [border_tokens(g.shape[:2]) for g in grids]
             fg_ids = foreground_clusters(labels, borders, k, float(p["votes_percentage"]))
             for r, g, lab in zip(rows, grids, labels):
-                gt, valid = self.gt[r.image_id]
                 tokens_fg = np.isin(lab, fg_ids).reshape(g.shape[:2]).astype(np.float64)
-                pred = upsample_bilinear(tokens_fg, gt.shape) > 0.5
-                js.append(jaccard(pred, gt, valid))
-                ps.append(precision(pred, gt, valid))
-        return {"J_m": float(np.mean(js)), "P_m": float(np.mean(ps))}
+                yield r, upsample_bilinear(tokens_fg, self.gt[r.image_id][0].shape) > 0.5

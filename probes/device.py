@@ -11,43 +11,20 @@ inside the functions only, so importing the probes does not load it.
 from __future__ import annotations
 
 import os
-import re
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
-from kvpipe.errors import KvpipeError, UsageError
+from kvpipe import device as core_device
+from kvpipe.errors import KvpipeError
 
-DEVICES = "auto, cpu, cuda, cuda:N, numpy"
+DEVICES = f"{core_device.DEVICES}, {core_device.REFERENCE}"
 T = TypeVar("T")
 
 
 def resolve_device(device: str | None = "auto") -> str:
-    """``auto`` -> ``cuda:0`` when torch sees a GPU, else ``cpu``; ``cuda`` -> ``cuda:0``;
-    ``cpu`` / ``cuda:N`` checked; ``numpy`` as is. No torch: ``auto`` / ``cpu`` -> ``numpy``.
-    A GPU asked for where torch sees none, or a device index it does not have: one-line UsageError."""
-    device = (device or "auto").strip().lower()
-    if device == "numpy":
-        return device
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise UsageError(f"--device {device!r} is not a device; use one of {DEVICES}")
-    try:
-        import torch
-    except ImportError:
-        if device.startswith("cuda"):
-            raise UsageError(f"--device {device}: torch is not installed, so no GPU can be used "
-                             f"(use --device cpu)") from None
-        return "numpy"
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device == "auto":
-        return "cuda:0" if n_gpus else "cpu"
-    if device == "cpu":
-        return device
-    index = int(device.split(":")[1]) if ":" in device else 0
-    if n_gpus == 0:
-        raise UsageError(f"--device {device}: torch sees no GPU on this machine (use --device cpu or auto)")
-    if index >= n_gpus:
-        raise UsageError(f"--device {device}: torch sees {n_gpus} GPU(s), cuda:0..cuda:{n_gpus - 1}")
-    return f"cuda:{index}"
+    """``kvpipe.device.resolve_device`` with the reference code: ``numpy`` is a device, and
+    ``auto`` / ``cpu`` fall back to it where torch is not installed."""
+    return core_device.resolve_device(device, reference=True)
 
 
 def uses_torch(device: str) -> bool:

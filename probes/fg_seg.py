@@ -28,6 +28,7 @@ from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.probes.logistic import fit_logistic
 from kvpipe.probes.metrics.segmentation import FewShotIoU, binary_areas
+from kvpipe.probes.predictions import MaskImages, MaskItem
 from kvpipe.probes.tokens import IGNORE, base_grid_hw, label_ids, token_fractions, upsample_bilinear
 
 BATCH_BYTES = 256 * 2**20  # padded support features per batch of episodes (float32)
@@ -44,6 +45,7 @@ class Episode:
 class ForegroundSegmentation(Probe):
     description = "few-shot foreground segmentation: logistic regression on support tokens, mIoU (Pascal-5i)"
     primary_metric = "mIoU"
+    prediction_format = "masks"
     defaults = {"shots": 5, "C": 1.0, "threshold": 0.5, "max_iter": 50}
     version = 1
 
@@ -93,23 +95,39 @@ class ForegroundSegmentation(Probe):
                 self.query_truth[(ep.query, ep.class_id)] = class_pixels(annotations[ep.query], ep.class_id)
 
     def score(self, target: Target) -> dict[str, float]:
+        acc = FewShotIoU()
+        self._run(target, acc)
+        return {"mIoU": acc.miou(), "FB_IoU": acc.fb_iou()}
+
+    def predictions(self, target: Target) -> MaskImages:
+        """Each episode's predicted query mask: the episode's class id on the foreground."""
+        keep: dict[int, np.ndarray] = {}
+        self._run(target, FewShotIoU(), keep)
+        items = []
+        for n, ep in enumerate(self.episodes):
+            pred = keep[id(ep)]
+            items.append(MaskItem(f"episode{n:04d}", ep.query, np.where(pred, ep.class_id, 0).astype(np.uint8),
+                                  {"class": ep.class_id, "support": list(ep.support)}))
+        return MaskImages(items)
+
+    def _run(self, target: Target, acc: FewShotIoU, keep: dict[int, np.ndarray] | None = None) -> None:
+        """Fit and score every episode into ``acc``; ``keep`` gets each episode's predicted mask."""
         feats = self.store.read(target.kind, target.layer, target.head, images=self.rows)
         tokens = {r.image_id: feats.grid(i).reshape(-1, feats.data.shape[1]) for i, r in enumerate(feats.rows)}
         dim = feats.data.shape[1]
-        acc = FewShotIoU()
         # batches of episodes with similar support sizes (less padding), each under BATCH_BYTES
         sizes = np.array([sum(len(tokens[s]) for s in ep.support) for ep in self.episodes])
         batch: list[Episode] = []
         for j in np.argsort(sizes, kind="stable"):  # ascending: the newest episode is the largest
             if batch and (len(batch) + 1) * int(sizes[j]) * (dim + 1) * 4 > BATCH_BYTES:
-                self._batch(batch, tokens, dim, acc)
+                self._batch(batch, tokens, dim, acc, keep)
                 batch = []
             batch.append(self.episodes[j])
         if batch:
-            self._batch(batch, tokens, dim, acc)
-        return {"mIoU": acc.miou(), "FB_IoU": acc.fb_iou()}
+            self._batch(batch, tokens, dim, acc, keep)
 
-    def _batch(self, episodes: list[Episode], tokens: dict[str, np.ndarray], dim: int, acc: FewShotIoU) -> None:
+    def _batch(self, episodes: list[Episode], tokens: dict[str, np.ndarray], dim: int, acc: FewShotIoU,
+               keep: dict[int, np.ndarray] | None = None) -> None:
         n_max = max(sum(len(tokens[s]) for s in ep.support) for ep in episodes)
         x = np.zeros((len(episodes), n_max, dim), np.float32)
         y = np.zeros((len(episodes), n_max), np.float32)
@@ -125,8 +143,11 @@ class ForegroundSegmentation(Probe):
             prob = 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))
             fg, valid = self.query_truth[(ep.query, ep.class_id)]
             up = upsample_bilinear(prob.reshape(self.grids[ep.query]), fg.shape)
-            inter, union = binary_areas(up > float(self.params["threshold"]), fg, valid)
+            pred = up > float(self.params["threshold"])
+            inter, union = binary_areas(pred, fg, valid)
             acc.add(ep.class_id, inter, union)
+            if keep is not None:
+                keep[id(ep)] = pred
 
 
 def class_pixels(annotation, class_id: int) -> tuple[np.ndarray, np.ndarray]:

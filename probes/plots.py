@@ -2,6 +2,8 @@
 
 * ``plot_layer_head``: Figure 2 (and 5-13) -- per-layer max over heads on top, with the
   post-projection baseline as a red dashed line; per-head heatmap (heads x layers) below.
+* ``plot_panels``: Figure 2's side-by-side panels (averaged tasks), ``plot_table_bars``: a
+  table's cells as kvpipe-vs-paper bars (``kvpipe paper``).
 * ``plot_variance_histogram``: Figure 14 -- distribution of per-head L2 variance, threshold dashed.
 * ``plot_variance_heatmap``: Figure 15 -- L2 variance per (layer, head), cells below the
   threshold hatched (input-agnostic keys).
@@ -53,6 +55,54 @@ def plot_layer_head(scores: np.ndarray, title: str, metric: str, path: str | Pat
     bottom.set_xlabel("layer")
     bottom.set_ylabel("head")
     fig.colorbar(im, ax=[top, bottom], location="right", shrink=0.6, label=metric)
+    return _save(fig, path)
+
+
+def plot_panels(panels: Sequence[tuple[np.ndarray, str, float | None]], metric: str, path: str | Path,
+                title: str = "") -> Path:
+    """Figure 2's layout: side by side, one column per panel (scores (layers, heads), title,
+    post-proj baseline): per-layer max over heads on top, heads x layers heatmap below."""
+    n = len(panels)
+    if not n:
+        fig, ax = plt.subplots(figsize=(5, 2))
+        ax.axis("off")
+        ax.text(0.5, 0.5, title or "no panels", ha="center", va="center")
+        return _save(fig, path)
+    fig, axes = plt.subplots(2, n, figsize=(max(5.0, 4.5 * n), 6.5), squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 1.6]})
+    for k, (scores, name, baseline) in enumerate(panels):
+        scores = np.asarray(scores, dtype=np.float64)
+        top, bottom = axes[0, k], axes[1, k]
+        top.plot(np.arange(scores.shape[0]), _nanmax_rows(scores), marker="o", ms=3, color="tab:blue",
+                 label="max over heads")
+        if baseline is not None and np.isfinite(baseline):
+            top.axhline(baseline, color="red", ls="--", lw=1.2, label="post-projection")
+        top.set_title(name, fontsize=10)
+        top.set_ylabel(metric)
+        top.grid(alpha=0.3)
+        top.legend(fontsize=7, loc="best")
+        im = _heatmap(bottom, scores.T)
+        bottom.set_xlabel("layer")
+        bottom.set_ylabel("head")
+        fig.colorbar(im, ax=bottom, location="bottom", shrink=0.8, label=metric)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def plot_table_bars(labels: Sequence[str], ours: Sequence[float | None], paper: Sequence[float | None],
+                    path: str | Path, title: str) -> Path:
+    """One pair of bars per table cell: kvpipe's number and the paper's (a missing one drawn as no bar)."""
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * n + 2), 4.5))
+    x = np.arange(n)
+    as_array = lambda vs: np.array([np.nan if v is None else float(v) for v in vs], dtype=np.float64)  # noqa: E731
+    ax.bar(x - 0.2, as_array(ours), 0.4, label="kvpipe", color="tab:blue")
+    ax.bar(x + 0.2, as_array(paper), 0.4, label="paper", color="tab:grey")
+    ax.set_xticks(x, list(labels), rotation=70, ha="right", fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
 

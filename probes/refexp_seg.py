@@ -19,13 +19,14 @@ No post-projector baseline: the post_proj features have no text counterpart (``T
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from kvpipe.errors import StoreError
 from kvpipe.probes.base import PROBES, Target
 from kvpipe.probes.grounding import TextGroundedProbe, check_threshold
+from kvpipe.probes.predictions import MaskImages, MaskItem
 from kvpipe.probes.tokens import IGNORE
 
 
@@ -33,6 +34,7 @@ from kvpipe.probes.tokens import IGNORE
 class ReferringExpressionSegmentation(TextGroundedProbe):
     description = "referring-expression segmentation: tokens . expression token, mIoU (RefCOCO)"
     example = "refcoco or synthetic"
+    prediction_format = "masks"
     version = 2
 
     def prepare(self) -> None:
@@ -56,15 +58,9 @@ class ReferringExpressionSegmentation(TextGroundedProbe):
         self.rows = [r for r, _, _ in self.items]
 
     def compute(self, target: Target, data: Any) -> dict[str, float]:
-        scores = self.image_scores(target, data)
         per_sentence, per_ref, inter_total, union_total = [], [], 0.0, 0.0
-        for r, mask, refs in self.items:
-            if not refs:
-                continue
-            queries = [q for _, qs in refs for q in qs]
-            owner = np.repeat([label for label, _ in refs], [len(qs) for _, qs in refs])
-            up = scores(r, queries, mask.shape)
-            pred = np.moveaxis(up, -1, 0).reshape(len(queries), -1) > self.threshold  # (Q, pixels)
+        for (r, mask, refs), (queries, owner, pred) in self._predicted(target, data):
+            pred = pred.reshape(len(queries), -1)  # (Q, pixels)
             flat = mask.ravel()
             valid = flat != IGNORE
             objects = {label: (flat == label) & valid for label, _ in refs}
@@ -79,3 +75,26 @@ class ReferringExpressionSegmentation(TextGroundedProbe):
         return {"mIoU": float(np.mean(per_sentence)) if per_sentence else float("nan"),
                 "cIoU": float(inter_total / union_total) if union_total > 0 else float("nan"),
                 "mIoU_per_object": float(np.mean(per_ref)) if per_ref else float("nan")}
+
+    def predictions(self, target: Target) -> MaskImages:
+        """Each sentence's predicted mask (1 on the referred region), named image/sentence-N."""
+        texts = self.store.text_queries()
+        items = []
+        for (r, _, _), (queries, owner, pred) in self._predicted(target, self.read(target)):
+            for q, label, p in zip(queries, owner, pred):
+                items.append(MaskItem(f"{r.image_id}/sentence-{q}", r.image_id, p.astype(np.uint8),
+                                      {"sentence": texts[q], "query": int(q), "object_label": int(label)}))
+        return MaskImages(items)
+
+    def _predicted(self, target: Target, data: Any) -> Iterator[tuple[tuple, tuple[list[int], np.ndarray, np.ndarray]]]:
+        """(item, (query indices, owning mask label per query, (Q, H, W) predicted masks)) per
+        image that has sentences."""
+        scores = self.image_scores(target, data)
+        for item in self.items:
+            r, mask, refs = item
+            if not refs:
+                continue
+            queries = [q for _, qs in refs for q in qs]
+            owner = np.repeat([label for label, _ in refs], [len(qs) for _, qs in refs])
+            up = scores(r, queries, mask.shape)
+            yield item, (queries, owner, np.moveaxis(up, -1, 0) > self.threshold)

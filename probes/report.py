@@ -7,7 +7,10 @@ against the post-projection baseline -- and the plots, in one file that renders 
 
 Input: the results tables STORE/probes/<task>/results.parquet (and run.json, the parameters;
 ``runner.results_dir``: ./kvpipe-probes/<url> for a store given by URL),
-written by ``run_probe``; nothing is recomputed. Tasks whose probe is ``ranked`` (higher is
+written by ``run_probe``; nothing is recomputed. Where a probe saved predictions
+(``predictions/``), the page also shows a few of them as pictures (the paper's Figures 16-18:
+predicted masks over the images, propagated video frames, keypoint matches, PCA colours of the
+image keys), drawn by ``probes/gallery.py`` into ``figures/`` next to the page. Tasks whose probe is ``ranked`` (higher is
 better) enter the summary table; the others (input-agnostic: a variance statistic) get the
 spread of their metrics and their flags instead.
 """
@@ -25,13 +28,18 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from kvpipe.errors import StoreError, UsageError
-from kvpipe.probes.base import PROBES
+from kvpipe.probes.base import PROBES, Target
+from kvpipe.probes.gallery import (load_saved, pca_pictures, pick_saved, prediction_pictures, record_target,
+                                   saved_records, shown_images)
+from kvpipe.probes.images import ImageSource
+from kvpipe.probes.predictions import target_label
 from kvpipe.probes.runner import results_dir
 from kvpipe.store import FeatureStore
 
 REPRESENTATIONS = (("post_proj", "Visual encoder (post-proj)"), ("values", "LM image value (max)"),
                    ("keys", "LM image key (max)"), ("hidden", "Vision encoder block output (max)"))
 
+PICTURES_PER_TASK = 3  # prediction pictures per task in the report
 Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", header, rows) | ("img", path, alt) | ("list", items)
 
 
@@ -111,6 +119,7 @@ def build_report(store_path: str | Path, out: str | Path | None = None, results:
         tasks.append({"task": task, "rows": rows, "metric": metric, "ranked": ranked, "kinds": kinds,
                       "params": run.get("params"), "plots": plots, "dir": path.parent})
     blocks = _blocks(store, tasks, out.parent)
+    blocks += _prediction_blocks(store, tasks, out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     title = f"kvpipe report: {store.meta.model.name} on {store.meta.dataset.name}"
     out.write_text(_render_html(title, blocks) if fmt == "html" else _render_md(blocks))
@@ -179,6 +188,39 @@ def _task_blocks(t: dict[str, Any], base: Path) -> list[Block]:
         out.append(("list", [f"{r['metric']}: {_fmt(r['value'], False)}" for r in extra]))
     for p in t["plots"]:
         out.append(("img", Path(os.path.relpath(p, base)).as_posix(), p.stem))
+    return out
+
+
+def _prediction_blocks(store: FeatureStore, tasks: list[dict[str, Any]], base: Path) -> list[Block]:
+    """Pictures of the predictions ``kvpipe probe`` saved (the best image values' by default):
+    masks over images, propagated frames, keypoint matches, and the PCA colours of the same
+    images' keys; PNG files under ``<report dir>/figures/<task>/``."""
+    images = ImageSource(store)
+    out: list[Block] = []
+    for t in tasks:
+        record = pick_saved(saved_records(t["dir"]), None)
+        if record is None:
+            continue
+        try:
+            preds = load_saved(t["dir"], record)
+        except StoreError:
+            continue
+        target = record_target(record)
+        pictures = prediction_pictures(store, preds, images, PICTURES_PER_TASK)
+        pca_target = Target("keys", target.layer, target.head) if target.kind == "values" and \
+            "keys" in store.meta.kinds else target
+        pictures += pca_pictures(store, pca_target, shown_images(store, preds, 1), images)
+        if not pictures:
+            continue
+        folder = base / "figures" / t["task"]
+        folder.mkdir(parents=True, exist_ok=True)
+        out.append(("h2", f"{t['task']}: predictions at {target_label(target)}"))
+        out.append(("p", f"{record['why']}; saved in {Path(os.path.relpath(t['dir'] / record['path'], base)).as_posix()}"
+                    + (f"; {images.problem}" if images.problem else "")))
+        for i, pic in enumerate(pictures):
+            path = folder / f"{i:02d}.png"
+            pic.image.save(path)
+            out.append(("img", Path(os.path.relpath(path, base)).as_posix(), f"{pic.title}. {pic.caption}"))
     return out
 
 

@@ -11,10 +11,9 @@ import hashlib
 import json
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +22,8 @@ import pyarrow.parquet as pq
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Selection, Target
-from kvpipe.probes.device import compute_threads, resolve_device
+from kvpipe.probes.executor import PROBE_EXECUTORS, ExecutorOptions, SweepJob, TargetCache
+from kvpipe.probes.predictions import SaveRequest, chosen_targets, save_all
 from kvpipe.store import FeatureStore
 
 COLUMNS = ["model", "dataset", "task", "layer", "head", "kind", "metric", "value"]
@@ -44,6 +44,7 @@ class ProbeRun:
     cached: bool
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)  # read_s, read_wait_s, compute_s, summary_s
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # targets saved: kind, layer, head, path, why
 
     def best(self, metric: str, kind: str = "values") -> dict[str, Any] | None:
         rows = [r for r in self.table.to_pylist() if r["metric"] == metric and r["kind"] == kind
@@ -78,7 +79,9 @@ def check_complete(store: FeatureStore, allow_incomplete: bool = False) -> dict[
 def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None = None,
               out_dir: str | Path | None = None, use_cache: bool = True,
               progress: Callable[[int, int], None] | None = None, device: str = "auto",
-              selection: Selection | None = None, prefetch: bool = True, allow_incomplete: bool = False) -> ProbeRun:
+              selection: Selection | None = None, prefetch: bool = True, allow_incomplete: bool = False,
+              executor: str = "local", options: ExecutorOptions | None = None,
+              save_predictions: str | SaveRequest = "best") -> ProbeRun:
     """Run ``task`` on the store; ``progress(done, total)`` after each target.
 
     ``device``: where the probe computes (``auto``, ``cpu``, ``cuda[:N]``, or ``numpy``, the
@@ -87,7 +90,12 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     (layer, head, kind) subset to sweep (part of the cache key). ``prefetch``: read the next
     target's features in a thread while the current one computes. A store with parts still
     pending is refused (``allow_incomplete`` probes what it holds); the coverage goes into
-    run.json and the results' parquet metadata.
+    run.json and the results' parquet metadata. ``executor``: who scores the targets
+    (``local``, or ``ray``: actors over a Ray cluster, ``options`` their number and address;
+    ``probes/executor.py``); finished targets are cached one by one, so a sweep killed midway
+    recomputes only the targets it had not finished. ``save_predictions``: ``best`` (the best
+    target of each kind), ``all``, ``none`` or ``L:H:K,...`` (``probes/predictions.py``); written
+    under ``OUT/predictions/`` by probes that predict masks or points, recorded in run.json.
     """
     t0 = time.perf_counter()
     store = FeatureStore.open(store_path)
@@ -98,7 +106,11 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
         raise StoreError(f"store {store.root}: {why}")
     params = params or {}
     selection = selection or Selection()
-    resolved = resolve_device(device)
+    options = options or ExecutorOptions()
+    scorer = PROBE_EXECUTORS.get(executor)()
+    scorer.check(options)
+    resolved = scorer.driver_device(device)
+    request = SaveRequest.parse(save_predictions, store.meta)
     out = Path(out_dir) if out_dir else results_dir(store.root) / task
     out.mkdir(parents=True, exist_ok=True)
     key_params = {**probe_cls.defaults, **params}
@@ -106,30 +118,50 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
         key_params = {**key_params, SELECTION: selection.to_dict()}
     key = cache_key(store, task, probe_cls.version, key_params)
     cached_file = results_dir(store.root) / ".cache" / f"{task}-{key}.parquet"
-    record = {"device": resolved, "selection": selection.to_dict()}
+    record = {"device": resolved, "selection": selection.to_dict(), "executor": executor}
     if use_cache and cached_file.exists():
         table = pq.read_table(cached_file)
         computed_on = (table.schema.metadata or {}).get(DEVICE.encode(), b"").decode() or None
         plots = sorted(out.glob("*.png"))
         if not plots:
             plots = _plots(probe_cls, store, params, table, out, selection)
-        _write_table(table.replace_schema_metadata(None), out, cov)
+        table = table.replace_schema_metadata(None)
+        _write_table(table, out, cov)
+        saved = _save_predictions(probe_cls, lambda: probe_cls(store, params, device=resolved, selection=selection),
+                                  request, table, _swept(probe_cls, store, selection), out, key)
         _write_run_record(out, task, probe_cls, params, key, cached=True,
-                          extra={**record, "device": computed_on, "coverage": cov})
-        return ProbeRun(task, table.replace_schema_metadata(None), out, plots, True, time.perf_counter() - t0)
+                          extra={**record, "device": computed_on, "coverage": cov, "predictions": saved})
+        return ProbeRun(task, table, out, plots, True, time.perf_counter() - t0, predictions=saved["saved"])
+    target_cache = TargetCache(target_cache_dir(cached_file))
+    if not use_cache:
+        target_cache.clear()
     probe = probe_cls(store, params, device=resolved, selection=selection)
     targets = probe.targets()
     if not targets:
         raise UsageError(f"task {task}: the selection {_describe(selection)} leaves nothing to score in {store.root}")
+    # finished targets of an earlier, interrupted sweep are read back, not recomputed
+    found = {t: target_cache.get(t) for t in targets} if use_cache else {}
+    done: dict[Target, dict[str, float]] = {t: s for t, s in found.items() if s is not None}
+    if progress and done:
+        progress(len(done), len(targets))
+    job = SweepJob(_location(store.root), task, params, device, selection, str(target_cache.root.resolve()))
+    timings = {"read_s": 0.0, "read_wait_s": 0.0, "compute_s": 0.0}
+    devices: set[str] = set()
+    for res in scorer.score(probe, job, [t for t in targets if t not in done], options, prefetch):
+        done[res.target] = res.scores
+        devices.add(res.device)
+        timings["read_s"] += res.read_s
+        timings["read_wait_s"] += res.read_wait_s
+        timings["compute_s"] += res.compute_s
+        if progress:
+            progress(len(done), len(targets))
+    computed_on = ",".join(sorted(devices)) or resolved
     rows: list[dict[str, Any]] = []
     base = {"model": store.meta.model.name, "dataset": store.meta.dataset.name, "task": task}
-    timings = {"read_s": 0.0, "read_wait_s": 0.0, "compute_s": 0.0}
-    for i, (tgt, scores) in enumerate(_scored(probe, targets, timings, prefetch)):
-        for metric, value in scores.items():
+    for tgt in targets:  # the targets' order, whoever scored them and when
+        for metric, value in done[tgt].items():
             rows.append({**base, "layer": tgt.layer, "head": tgt.head, "kind": tgt.kind,
                          "metric": metric, "value": float(value)})
-        if progress:
-            progress(i + 1, len(targets))
     n_scored = len(rows)
     t_sum = time.perf_counter()
     extra, extra_plots = probe.summarize(rows, out)
@@ -138,53 +170,70 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     cached_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached_file.with_suffix(".tmp")
     # the scored rows come first; the count lets a cached run redraw the probe's own plots
-    pq.write_table(table.replace_schema_metadata({SCORED_ROWS: str(n_scored), DEVICE: resolved}), tmp)
+    pq.write_table(table.replace_schema_metadata({SCORED_ROWS: str(n_scored), DEVICE: computed_on}), tmp)
     tmp.rename(cached_file)
     _write_table(table, out, cov)
-    _write_run_record(out, task, probe_cls, params, key, cached=False, extra={**record, "coverage": cov})
+    t_pred = time.perf_counter()
+    saved = _save_predictions(probe_cls, lambda: probe, request, table, targets, out, key)
+    timings["predictions_s"] = time.perf_counter() - t_pred
+    _write_run_record(out, task, probe_cls, params, key, cached=False,
+                      extra={**record, "device": computed_on, "coverage": cov, "predictions": saved})
     plots = extra_plots + _figure2(probe, store, table, out)
-    timings["summary_s"] = time.perf_counter() - t_sum
-    return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0, timings)
+    timings["summary_s"] = time.perf_counter() - t_sum - timings["predictions_s"]
+    return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0, timings, saved["saved"])
 
 
-def _scored(probe: Probe, targets: list[Target], timings: dict[str, float],
-            prefetch: bool) -> Iterator[tuple[Target, dict[str, float]]]:
-    """(target, scores) in order. A probe that splits ``read`` from ``compute`` has the next
-    target read by one thread while the current one computes (two targets in memory at most);
-    ``timings`` gets the seconds spent reading (in the thread), waiting for reads, computing."""
-    split = type(probe).compute is not Probe.compute
+def _swept(probe_cls: type[Probe], store: FeatureStore, selection: Selection) -> list[Target]:
+    """The targets a sweep of ``probe_cls`` scores, without preparing the probe."""
+    probe = probe_cls.__new__(probe_cls)
+    probe.store, probe.selection = store, selection
+    return probe.targets()
 
-    def read(tgt: Target) -> tuple[Any, float]:
-        t = time.perf_counter()
-        data = probe.read(tgt)
-        return data, time.perf_counter() - t
 
-    if not split:
-        for tgt in targets:
-            t = time.perf_counter()
-            scores = probe.score(tgt)  # (fg-seg's batched solver is not small: torch's own threads)
-            timings["compute_s"] += time.perf_counter() - t
-            yield tgt, scores
-        return
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvpipe-prefetch") if prefetch else None
+def _save_predictions(probe_cls: type[Probe], make_probe: Callable[[], Probe], request: SaveRequest,
+                      table: pa.Table, swept: list[Target], out: Path, key: str) -> dict[str, Any]:
+    """Write the requested targets' predictions (probes with a ``prediction_format``); what
+    run.json records: the request, the results' cache key and, per target saved, its folder,
+    format and why. Predictions of the same results and targets already in ``out`` are kept
+    (a cached rerun stays instant)."""
+    record: dict[str, Any] = {"request": request.text(), "cache_key": key, "saved": []}
+    if not probe_cls.prediction_format:
+        record["note"] = f"{probe_cls.name} makes no per-image predictions"
+        return record
+    chosen = chosen_targets(request, table.to_pylist(), probe_cls.primary_metric, swept)
+    if request.mode == "targets":
+        kinds = set(probe_cls.kinds) | ({"post_proj"} if probe_cls.baseline else set())
+        bad = [t for t, _ in chosen if t.kind not in kinds]
+        if bad:
+            raise UsageError(f"--save-predictions {request.text()}: {probe_cls.name} scores "
+                             f"{', '.join(sorted(kinds))}, not {bad[0].kind}")
+    if not chosen:
+        return record
+    before = _previous_predictions(out)
+    same = [(t.kind, t.layer, t.head) for t, _ in chosen] == [(r["kind"], r["layer"], r["head"])
+                                                            for r in before.get("saved", [])]
+    if same and before.get("cache_key") == key and all((out / r["path"]).is_dir() for r in before["saved"]):
+        return {**record, "saved": before["saved"]}
+    record["saved"] = save_all(make_probe(), chosen, out)
+    return record
+
+
+def _previous_predictions(out: Path) -> dict[str, Any]:
+    """The predictions record of the run.json an earlier run left in ``out`` ({} when none)."""
     try:
-        pending = pool.submit(read, targets[0]) if pool else None
-        for i, tgt in enumerate(targets):
-            t = time.perf_counter()
-            data, spent = pending.result() if pool else read(tgt)
-            timings["read_wait_s"] += time.perf_counter() - t
-            timings["read_s"] += spent
-            if pool and i + 1 < len(targets):
-                pending = pool.submit(read, targets[i + 1])
-            t = time.perf_counter()
-            with compute_threads(probe.device):
-                scores = probe.compute(tgt, data)
-            del data
-            timings["compute_s"] += time.perf_counter() - t
-            yield tgt, scores
-    finally:
-        if pool:
-            pool.shutdown(wait=True, cancel_futures=True)
+        return dict(json.loads((out / RUN_RECORD).read_text()).get("predictions") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def target_cache_dir(cached_file: Path) -> Path:
+    """The per-target cache of a sweep whose table is cached as ``cached_file``."""
+    return cached_file.with_suffix(".targets")
+
+
+def _location(root: Any) -> str:
+    """The store as workers open it: an absolute path, or the URL."""
+    return str(root.resolve()) if isinstance(root, Path) else str(root)
 
 
 def _describe(selection: Selection) -> str:

@@ -37,11 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.probes.device import batch_budget, uses_torch, with_smaller_batches
 from kvpipe.probes.neighbours import BACKENDS, l2_normalise, nearest_in_groups, nearest_in_groups_torch, resolve_backend
+from kvpipe.probes.predictions import POINT_COLUMNS, PointMatches
 from kvpipe.store.manifest import ImageRow
 
 
@@ -97,6 +99,7 @@ def base_segment(row: ImageRow) -> dict[str, Any]:
 class SemanticCorrespondence(Probe):
     description = "keypoint transfer by nearest token (cosine), PCK@alpha of the target bbox (SPair-71k)"
     primary_metric = "pck"
+    prediction_format = "points"
     # search: the nearest-neighbour backend (probes/neighbours.py); every backend is exact
     defaults = {"alpha": 0.1, "search": "auto"}
     version = 2  # 2: pck_token_ceiling summary row
@@ -114,6 +117,7 @@ class SemanticCorrespondence(Probe):
         by_id = {r.image_id: r for r in self.store.images()}
         usable: list[tuple[ImageRow, ImageRow, np.ndarray, np.ndarray, float]] = []
         self.skipped_pairs = 0
+        self.pair_keypoints: list[tuple[int, np.ndarray]] = []
         for n, p in enumerate(pairs):
             try:
                 src_id, tgt_id = p["source"], p["target"]
@@ -131,6 +135,7 @@ class SemanticCorrespondence(Probe):
                 self.skipped_pairs += 1  # an image not extracted (failed / --limit), or nothing to score
                 continue
             usable.append((by_id[src_id], by_id[tgt_id], src_kps[keep], tgt_kps[keep], thr))
+            self.pair_keypoints.append((n, np.flatnonzero(keep)))  # dataset.json pair, keypoints kept
         if not usable:
             raise StoreError(f"none of the {len(pairs)} keypoint pairs of {self.store.root} has both images "
                              f"in the store; re-extract without --limit")
@@ -178,6 +183,8 @@ class SemanticCorrespondence(Probe):
         self.candidate_xy = np.concatenate(cand_xy)
         self.group_start = np.array(group_start)
         self.gt_xy = np.concatenate(gt)
+        self.source_xy = np.concatenate([s_kps for _, _, s_kps, _, _ in usable])
+        self.pair_images = [(src, tgt) for src, tgt, *_ in usable]
         self.threshold = np.concatenate(thr)
         self.keypoint_pair = np.concatenate(kp_pair)
         self.n_pairs = len(usable)
@@ -221,6 +228,21 @@ class SemanticCorrespondence(Probe):
             raise StoreError(f"store {self.store.root} returned {len(feats)} of {len(self.images)} images; "
                              f"run kvpipe verify")
         return feats.data
+
+    def predictions(self, target: Target) -> PointMatches:
+        """Every keypoint's transfer: pair (its index in dataset.json), images, keypoint index,
+        source, predicted and ground-truth pixels, threshold and whether it is correct."""
+        pred = self.predict(self.read(target))
+        correct = correct_keypoints(pred, self.gt_xy, self.threshold, self.params["alpha"])
+        pair = np.array([n for n, _ in self.pair_keypoints])[self.keypoint_pair]
+        images = [(s.image_id, t.image_id) for s, t in self.pair_images]
+        cols = {"pair": pair, "source": [images[i][0] for i in self.keypoint_pair],
+                "target": [images[i][1] for i in self.keypoint_pair],
+                "keypoint": np.concatenate([k for _, k in self.pair_keypoints]),
+                "source_x": self.source_xy[:, 0], "source_y": self.source_xy[:, 1], "pred_x": pred[:, 0],
+                "pred_y": pred[:, 1], "gt_x": self.gt_xy[:, 0], "gt_y": self.gt_xy[:, 1],
+                "threshold": self.params["alpha"] * self.threshold, "correct": correct}
+        return PointMatches(pa.table({k: cols[k] for k in POINT_COLUMNS}))
 
     def compute(self, target: Target, data: np.ndarray) -> dict[str, float]:
         correct = correct_keypoints(self.predict(data), self.gt_xy, self.threshold, self.params["alpha"])

@@ -25,7 +25,7 @@ have no text counterpart (``TextGroundedProbe.baseline = False``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from kvpipe.errors import StoreError
 from kvpipe.probes.base import PROBES, Target
 from kvpipe.probes.grounding import TextGroundedProbe, check_threshold
 from kvpipe.probes.metrics.segmentation import ClassIoU, confusion
+from kvpipe.probes.predictions import MaskImages, MaskItem
 from kvpipe.probes.tokens import IGNORE, class_map, classes_present
 
 
@@ -40,6 +41,7 @@ from kvpipe.probes.tokens import IGNORE, class_map, classes_present
 class SemanticSegmentation(TextGroundedProbe):
     description = "zero-shot semantic segmentation: tokens . class-name token, mIoU (ImageNet-S)"
     example = "imagenet-s or synthetic"
+    prediction_format = "masks"
     version = 2
 
     def prepare(self) -> None:
@@ -72,16 +74,28 @@ class SemanticSegmentation(TextGroundedProbe):
         self.rows = [r for r, _, _ in self.items]
 
     def compute(self, target: Target, data: Any) -> dict[str, float]:
-        scores = self.image_scores(target, data)
         acc = ClassIoU()
-        for r, gt, present in self.items:
-            up = scores(r, [self.class_queries[c] for c in present], gt.shape)
-            k = len(present)
-            pred = np.where(up.max(axis=-1) > self.threshold, up.argmax(axis=-1) + 1, 0)  # local: 0 = bg
+        for (r, gt, present), pred in zip(self.items, self._predicted(target, data)):
             keep = gt != IGNORE
-            acc.add_confusion(confusion(gt[keep].astype(np.int64), pred[keep], k + 1), [0, *present])
+            acc.add_confusion(confusion(gt[keep].astype(np.int64), pred[keep], len(present) + 1), [0, *present])
         fg = acc.miou(exclude=(0,))
         return {"mIoU": acc.miou() if self.has_background else fg, "mIoU_fg": fg}
+
+    def predictions(self, target: Target) -> MaskImages:
+        """Each image's predicted classes: class ids as indices (0 background; ids above 255,
+        which a palette PNG cannot hold, are left out as background)."""
+        items = []
+        for (r, _, present), local in zip(self.items, self._predicted(target, self.read(target))):
+            lut = np.array([0, *[c if c <= 255 else 0 for c in present]], np.uint8)
+            items.append(MaskItem(r.image_id, r.image_id, lut[local], {"classes": present}))
+        return MaskImages(items)
+
+    def _predicted(self, target: Target, data: Any) -> Iterator[np.ndarray]:
+        """Per item, the predicted map of local classes (0 background, 1 + index in ``present``)."""
+        scores = self.image_scores(target, data)
+        for r, gt, present in self.items:
+            up = scores(r, [self.class_queries[c] for c in present], gt.shape)
+            yield np.where(up.max(axis=-1) > self.threshold, up.argmax(axis=-1) + 1, 0)  # local: 0 = bg
 
 
 # Datasets whose stores predate the structure's "has_background" key and have no background class.

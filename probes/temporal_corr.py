@@ -37,7 +37,8 @@ import numpy as np
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.probes.device import batch_budget, uses_torch, with_smaller_batches
-from kvpipe.probes.metrics.davis import VideoReference, summarize
+from kvpipe.probes.metrics.davis import VOID_LABEL, VideoReference, summarize
+from kvpipe.probes.predictions import DavisFolders, frame_name
 from kvpipe.probes.propagation import (labels_to_grid, propagate_video, propagate_videos_torch, upsample_to_mask,
                                        upsample_to_masks_torch)
 
@@ -66,6 +67,7 @@ def segment_hw(row: Any, name: str) -> tuple[int, int] | None:
 class TemporalCorrespondence(Probe):
     description = "video label propagation from frame 0, J&F (DAVIS protocol)"
     primary_metric = "JF_mean"
+    prediction_format = "davis"
     version = 2
     defaults = {"n_last_frames": 7, "neighborhood_px": DINO_NEIGHBORHOOD * DINO_PATCH_PX,
                 "size_mask_neighborhood": None, "topk": 5, "temperature": 0.1, "tokens": "base"}
@@ -118,6 +120,26 @@ class TemporalCorrespondence(Probe):
                                images=[r for rows, _ in self.videos.values() for r in rows])
 
     def compute(self, target: Target, feats: Any) -> dict[str, float]:
+        preds = self._predicted(target, feats)
+        # the videos' J and F in threads (numpy and the k-d tree release the GIL on whole frames)
+        names = list(preds)
+        with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 16))) as pool:
+            results = list(pool.map(lambda n: self.references[n].evaluate(preds[n]), names))
+        per_object = {f"{name}/{obj}": res for name, res_v in zip(names, results) for obj, res in res_v.items()}
+        return summarize(per_object)
+
+    def predictions(self, target: Target) -> DavisFolders:
+        """Every scored video's label maps, frame 0 the given mask (void as background)."""
+        preds = self._predicted(target, self.read(target))
+        videos = {}
+        for name, frames in preds.items():
+            rows = self.videos[name][0]
+            first = np.where(frames[0] == VOID_LABEL, 0, frames[0]).astype(np.uint8)
+            videos[name] = [(frame_name(r), p.astype(np.uint8)) for r, p in zip(rows, [first, *frames[1:]])]
+        return DavisFolders(videos)
+
+    def _predicted(self, target: Target, feats: Any) -> dict[str, list[np.ndarray]]:
+        """Per video with objects, the label map of every frame (frame 0: the given mask)."""
         index = {r.index: i for i, r in enumerate(feats.rows)}
         grids = {name: [feats.grid(index[r.index], self.params["tokens"]) for r in rows]
                  for name, (rows, _) in self.videos.items() if name in self.objects}
@@ -127,12 +149,7 @@ class TemporalCorrespondence(Probe):
                                          f"temporal-corr of {target.kind} L{target.layer} H{target.head}")
         else:
             preds = {name: self._predict_numpy(name, g) for name, g in grids.items()}
-        # the videos' J and F in threads (numpy and the k-d tree release the GIL on whole frames)
-        names = list(preds)
-        with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 16))) as pool:
-            results = list(pool.map(lambda n: self.references[n].evaluate(preds[n]), names))
-        per_object = {f"{name}/{obj}": res for name, res_v in zip(names, results) for obj, res in res_v.items()}
-        return summarize(per_object)
+        return preds
 
     def _first_labels(self, name: str, grid_hw: tuple[int, int]) -> np.ndarray:
         return labels_to_grid(self.videos[name][1][0], grid_hw, max(self.objects[name]) + 1)

@@ -16,4 +16,4 @@ class VisualSimilarity(ReferenceChoice):
     description = ("BLINK Visual_Similarity from image values: mean-pooled tokens, option most cosine-similar "
                    "to the reference")
     subtask = "Visual_Similarity"
-    extract_hint = "extract with --dataset blink --option subtask=Visual_Similarity (or subtask=paired)"
+    extract_hint = "extract with --dataset blink --option subtask=Visual_Similarity (or subtask=paired) --multi-image"

@@ -40,6 +40,11 @@ SCHEMA = pa.schema([
     ("mask_h", pa.int64()),
     ("mask_w", pa.int64()),
     ("meta", pa.string()),  # JSON annotation metadata
+    # --multi-image: the prompt (sequence) the image was run in, its index there and the sequence
+    # position of its first token ("", -1, -1: the image was run alone)
+    ("sequence", pa.string()),
+    ("sequence_index", pa.int64()),
+    ("sequence_offset", pa.int64()),
 ])
 
 
@@ -64,6 +69,9 @@ class ImageRow:
     mask_h: int = 0
     mask_w: int = 0
     meta: str = "{}"
+    sequence: str = ""
+    sequence_index: int = -1
+    sequence_offset: int = -1
 
     @property
     def ok(self) -> bool:
@@ -219,11 +227,12 @@ def check_record(commit: PartCommit, where: str, part: int | None = None) -> Non
                              ("n_tokens", 0, MAX_TOKENS), ("grid_h", 0, MAX_GRID), ("grid_w", 0, MAX_GRID),
                              ("image_h", 0, MAX_PIXELS), ("image_w", 0, MAX_PIXELS), ("frame", -1, MAX_INDEX),
                              ("mask_offset", -1, MAX_INDEX * MAX_PIXELS), ("mask_h", 0, MAX_PIXELS),
-                             ("mask_w", 0, MAX_PIXELS)):
+                             ("mask_w", 0, MAX_PIXELS), ("sequence_index", -1, MAX_INDEX),
+                             ("sequence_offset", -1, MAX_INDEX)):
             v = getattr(r, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise bad_field(where, f"{at} {name}", f"is {v!r}, outside {lo}..{hi}")
-        for name in ("image_id", "status", "error", "segments", "source", "group", "meta"):
+        for name in ("image_id", "status", "error", "segments", "source", "group", "meta", "sequence"):
             if not isinstance(getattr(r, name), str):
                 raise bad_field(where, f"{at} {name}", f"is {getattr(r, name)!r}, not a string")
         if part is not None and r.part != part:

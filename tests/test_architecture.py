@@ -19,7 +19,8 @@ PACKAGES = {"kvpipe": "core", "kvpipe.pipeline": "pipeline", "kvpipe.store": "st
 
 # Floors, lowest first: a module may import its own floor and the floors below it.
 FLOORS = [
-    ("core", ("kvpipe.errors", "kvpipe.registry", "kvpipe.roots", "kvpipe.provenance", "kvpipe", "kvpipe.pipeline")),
+    ("core", ("kvpipe.errors", "kvpipe.registry", "kvpipe.roots", "kvpipe.provenance", "kvpipe.device",
+              "kvpipe.raycluster", "kvpipe", "kvpipe.pipeline")),
     ("store", ("kvpipe.store",)),
     ("data", ("kvpipe.pipeline.datasets", "kvpipe.pipeline.vqa")),
     ("models", ("kvpipe.pipeline.models",)),

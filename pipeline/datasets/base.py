@@ -49,6 +49,7 @@ class ImageRecord:
         the capture conditions), "caption"; only the keys the dataset has for this image.
     prefix: the text placed before this image at extraction, once ``--prefix-from`` /
         ``--prefix-control`` have been resolved (None: the run's ``--prefix``).
+    sequence: with ``--multi-image``, every image of this one's prompt, in order (itself included).
     """
 
     image_id: str
@@ -61,6 +62,8 @@ class ImageRecord:
     frame: int = -1
     texts: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     prefix: str | None = field(default=None, compare=False)
+    # --multi-image: every record of this one's prompt, in order, itself included (``extraction.sequences``)
+    sequence: tuple["ImageRecord", ...] = field(default=(), repr=False, compare=False)
 
     def image(self) -> Image.Image:
         """The image as RGB; a file that cannot be decoded raises DataError naming it."""
@@ -118,6 +121,8 @@ class DatasetAdapter:
     name: ClassVar[str] = ""
     tasks: ClassVar[tuple[str, ...]] = ()
     needs_root: ClassVar[bool] = True
+    # records are questions' images (group = question, frame = position): --multi-image applies
+    sequences: ClassVar[bool] = False
 
     def __init__(self, root: str | None = None, split: str | None = None, limit: int | None = None):
         self.root = root

@@ -18,7 +18,9 @@ structure()["questions"]: [{"qid", "subtask", "reference": image id, "candidates
 "answer": index into candidates}] -- with ``limit`` (images), only questions whose images all
 remain.
 
-Options: ``--split`` is BLINK's data split (val, the one with answers); ``--option
+Options: ``--split`` is BLINK's data split: ``answered`` (default: every split whose rows carry
+answers -- val in the public copy, val + test in a copy with test answers, the paper's 234
+Art_Style and 271 Visual_Similarity questions), ``val``, ``test`` or ``val+test``; ``--option
 subtask=Art_Style`` (or Visual_Similarity, or "paired" for both, the default).
 """
 
@@ -29,7 +31,7 @@ from typing import Any
 from kvpipe.errors import DataError, UsageError
 from kvpipe.pipeline.datasets.base import DATASETS, Annotation, DatasetAdapter, ImageRecord
 from kvpipe.pipeline.vqa.base import VQAItem
-from kvpipe.pipeline.vqa.blink import BLINK, PAIRED
+from kvpipe.pipeline.vqa.blink import ANSWERED, BLINK, PAIRED
 from kvpipe.pipeline.vqa.common import LETTERS, select
 
 TASK_OF = {"Art_Style": "art-style", "Visual_Similarity": "visual-similarity"}
@@ -60,11 +62,12 @@ class BLINKImages(DatasetAdapter):
 
     tasks = ("art-style", "visual-similarity", "input-agnostic")
     needs_root = True
+    sequences = True  # group = question id, frame = image position: --multi-image
     root_hint = BLINK.root_hint
 
     def __init__(self, root: str | None = None, split: str | None = None, limit: int | None = None, *,
                  subtask: str = "paired"):
-        super().__init__(root, split or "val", limit)
+        super().__init__(root, split or ANSWERED, limit)
         try:
             self.subtasks = select(self.name, subtask, PAIRED, {"paired": PAIRED}, what="sub-task")
         except UsageError:

@@ -17,6 +17,7 @@ import kvpipe
 from kvpipe.errors import UsageError
 from kvpipe.pipeline.datasets import ImageRecord, create_dataset
 from kvpipe.pipeline.extraction import prefix as prefixes
+from kvpipe.pipeline.extraction import sequences
 from kvpipe.pipeline.models.catalog import model_source
 from kvpipe.pipeline.models.options import check_init, dtype_name
 from kvpipe.pipeline.models.selection import Selection
@@ -72,6 +73,9 @@ class ExtractConfig:
     views: str = "all"
     views_reason: str = ""  # how views was chosen (recorded in the store metadata)
     force: bool = False  # start even when the output disk looks too small for the planned store
+    # each sequence's images (a BLINK question's) in one prompt, as kvpipe answer shows them
+    # (extraction.sequences); recorded in the store's dataset description
+    multi_image: bool = False
 
 
 @dataclass
@@ -179,7 +183,8 @@ def validate(cfg: ExtractConfig) -> None:
         parse_index_spec(spec, None, option)  # syntax and order now; bounds once the model is known
     check_init(cfg.init)
     model_source(cfg.model, cfg.init)  # a misspelt name or a missing directory
-    create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, limit=cfg.limit, **cfg.dataset_options)
+    ds = create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split, limit=cfg.limit, **cfg.dataset_options)
+    sequences.check_options(cfg, ds)
     if cfg.data_root is not None and "://" not in cfg.data_root:
         existing_root(cfg.data_root, cfg.dataset, "the dataset's directory in its official layout")
     prefixes.check_options(cfg)
@@ -196,6 +201,8 @@ def resolve(adapter: ModelAdapter, cfg: ExtractConfig) -> tuple[ExtractConfig, S
     one-line UsageError for an option the model cannot honour (e.g. --prefix on an encoder)."""
     kinds = parse_kinds(cfg.kinds) if cfg.kinds is not None else adapter.kinds
     adapter.check_options(kinds, prefix=cfg.prefix, keys=cfg.keys)
+    if cfg.multi_image:
+        adapter.check_multi_image()
     if prefixes.per_image(cfg) and not adapter.encodes_text:
         raise UsageError(f"--prefix-from / --prefix-control need an MLM: {adapter.source.get('name')} is a "
                          f"vision encoder and reads no text")

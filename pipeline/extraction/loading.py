@@ -18,6 +18,7 @@ from PIL import Image
 from kvpipe.errors import DataError
 from kvpipe.pipeline.datasets import ImageRecord
 from kvpipe.pipeline.extraction.config import ExtractConfig
+from kvpipe.pipeline.extraction.sequences import group_chunk, position, sequence_images, sequence_pieces
 from kvpipe.pipeline.extraction.transfer import InputUploader, upload_ahead
 from kvpipe.pipeline.models.base import ModelAdapter
 
@@ -59,6 +60,8 @@ def on_device_ahead(adapter: ModelAdapter, batches: Iterator[LoadedBatch],
 
 
 def load_batch(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], cfg: ExtractConfig) -> LoadedBatch:
+    if cfg.multi_image:
+        return load_sequences(adapter, chunk, cfg)
     items, failed = [], []
     images, texts = [], []
     for index, rec in chunk:
@@ -87,6 +90,56 @@ def load_batch(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], cfg:
             items, images, texts = ([seq[k] for k in keep] for seq in (items, images, texts))
             batch = adapter.preprocess(images, texts, cfg.template) if images else None
     return LoadedBatch(items, failed, batch, len(chunk))
+
+
+def load_sequences(adapter: ModelAdapter, chunk: list[tuple[int, ImageRecord]], cfg: ExtractConfig) -> LoadedBatch:
+    """``--multi-image``: the batch's sequences, each run whole as one prompt; only the images of
+    this batch keep a layout. A sequence with an unreadable
+    image, or one the processor refuses, fails its stored images alone."""
+    items, failed, sequences, keep = [], [], [], []
+    for stored in group_chunk(chunk):
+        try:
+            images, sizes = sequence_images(stored, cfg.image_size)
+        except DataError as err:
+            if cfg.strict:
+                return LoadedBatch([], [], None, len(chunk), fatal=f"{err} (--strict)")
+            failed += [(index, str(err)) for index, _ in stored]
+            continue
+        sequences.append((stored, images, sizes))
+    batch = None
+    while sequences:
+        try:
+            batch = adapter.preprocess_sequences([images for _, images, _ in sequences], cfg.template)
+            break
+        except Exception:  # find the sequence the processor refuses; the others go on
+            bad = next((k for k, (_, images, _) in enumerate(sequences)
+                        if not _processes(adapter, images, cfg.template)), None)
+            if bad is None:
+                raise
+            stored = sequences.pop(bad)[0]
+            why = f"the model's processor refused sequence {stored[0][1].group}"
+            if cfg.strict:
+                return LoadedBatch([], [], None, len(chunk), fatal=f"{why} (--strict)")
+            failed += [(index, why) for index, _ in stored]
+    at = 0
+    for stored, images, sizes in sequences:
+        for index, rec in stored:
+            j = position(rec)
+            items.append((index, sizes[j], rec.annotation()))
+            keep.append(at + j)
+        at += len(images)
+    if batch is not None:
+        batch = replace(batch, layouts=[batch.layouts[k] for k in keep],
+                        prefix_ids=[batch.prefix_ids[k] for k in keep], samples=[batch.sample_of(k) for k in keep])
+    return LoadedBatch(items, failed, batch, len(chunk))
+
+
+def _processes(adapter: ModelAdapter, images: list, template: str) -> bool:
+    try:
+        adapter.preprocess_sequences([images], template)
+        return True
+    except Exception:
+        return False
 
 
 def _processable(adapter: ModelAdapter, images: list, texts: list[str],
@@ -155,4 +208,6 @@ def _identity(x: Any) -> Any:
 def pieces_of(records: list[ImageRecord], part: int, cfg: ExtractConfig) -> list[list[tuple[int, ImageRecord]]]:
     start = part * cfg.part_size
     chunk = list(enumerate(records[start:start + cfg.part_size], start))
+    if cfg.multi_image:
+        return sequence_pieces(chunk, cfg.batch_size)
     return [chunk[b:b + cfg.batch_size] for b in range(0, len(chunk), cfg.batch_size)]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from kvpipe.pipeline.datasets import ImageRecord
+from kvpipe.pipeline.extraction.sequences import position
 from kvpipe.pipeline.extraction.transfer import Copied
 from kvpipe.pipeline.models.capture import CapturedBatch
 from kvpipe.store.chunks import TokenSegments
@@ -26,8 +27,9 @@ class PartBuilder:
     ``arrays`` has waited for their copies, then ``release`` hands the host buffers back.
     """
 
-    def __init__(self, part: int):
+    def __init__(self, part: int, sequences: bool = False):
         self.part = part
+        self.sequences = sequences  # --multi-image: rows record their sequence and position in it
         self.rows: list[ImageRow] = []
         self.copies: list[Copied] = []
         self.masks: list[np.ndarray] = []
@@ -35,9 +37,11 @@ class PartBuilder:
         self.n_mask = 0
 
     def add_failed(self, index: int, rec: ImageRecord, error: str) -> None:
-        self.rows.append(ImageRow(index=index, image_id=rec.image_id, part=self.part, status=FAILED,
-                                  error=error, token_offset=self.n_tokens, source=rec.source,
-                                  group=rec.group, frame=rec.frame))
+        row = ImageRow(index=index, image_id=rec.image_id, part=self.part, status=FAILED,
+                       error=error, token_offset=self.n_tokens, source=rec.source, group=rec.group, frame=rec.frame)
+        if self.sequences:
+            row.sequence, row.sequence_index = rec.group, position(rec)
+        self.rows.append(row)
 
     def reserve(self, items: list[tuple[int, ImageRecord, tuple[int, int], Any, Any]],
                 counts: list[int]) -> tuple[int, int]:
@@ -51,6 +55,9 @@ class PartBuilder:
                            group=rec.group, frame=rec.frame,
                            meta=json.dumps(annotation.meta if rec.prefix is None
                                            else {**annotation.meta, "prefix": rec.prefix}))
+            if self.sequences:  # where the image sits in its prompt
+                row.sequence, row.sequence_index = rec.group, position(rec)
+                row.sequence_offset = int(lay.positions[0])
             mask = annotation.mask
             if mask is not None:
                 row.mask_offset, row.mask_h, row.mask_w = self.n_mask, int(mask.shape[0]), int(mask.shape[1])

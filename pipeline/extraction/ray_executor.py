@@ -36,26 +36,17 @@ from kvpipe.errors import DataError, KvpipeError, UsageError
 from kvpipe.pipeline.datasets import create_dataset
 from kvpipe.pipeline.extraction.config import ExtractConfig, ExtractResult
 from kvpipe.pipeline.extraction.executor import Executor, PartOutcome, Session
+from kvpipe.pipeline.extraction.sequences import with_sequences
 from kvpipe.pipeline.extraction.loading import LOADERS, LoadedBatch, load_batch
 from kvpipe.pipeline.extraction.prefix import apply_prefixes
 from kvpipe.pipeline.extraction.worker import DatasetView, PartWorker, ProgressFn
 from kvpipe.pipeline.models.base import ModelAdapter
+from kvpipe.raycluster import cause as worker_error, check_address, connect, import_ray, one_line
 
 MAX_RESTARTS = 3  # Ray restarts of one actor process
 MAX_TASK_RETRIES = 3  # Ray re-runs of a part whose actor died mid-call
 MAX_RESUBMITS = 2  # the driver's own resubmissions of a part whose actor is gone for good
 PARTS_IN_FLIGHT = 4  # per actor: one capturing, up to two being written (a write takes longer than a capture), one loading
-CONNECT_TIMEOUT_S = 5.0
-# HTTP/2 client connection preface + an empty SETTINGS frame
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-
-
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise UsageError("--executor ray needs Ray: pip install 'kvpipe[ray]'") from None
-    return ray
 
 
 _RECORDS: dict[str, list] = {}
@@ -64,11 +55,12 @@ _RECORDS: dict[str, list] = {}
 def _records_for(cfg: ExtractConfig) -> list:
     """The dataset's records in a loader process, listed once per process and dataset."""
     key = json.dumps([cfg.dataset, cfg.data_root, cfg.split, cfg.limit, cfg.dataset_options, cfg.prefix_from,
-                      cfg.prefix_control, cfg.seed], sort_keys=True, default=str)
+                      cfg.prefix_control, cfg.seed, cfg.multi_image], sort_keys=True, default=str)
     if key not in _RECORDS:
         _RECORDS.clear()
-        _RECORDS[key] = apply_prefixes(create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split,
-                                                      limit=cfg.limit, **cfg.dataset_options).records(), cfg)
+        records = apply_prefixes(create_dataset(cfg.dataset, root=cfg.data_root, split=cfg.split,
+                                                limit=cfg.limit, **cfg.dataset_options).records(), cfg)
+        _RECORDS[key] = with_sequences(records) if cfg.multi_image else records
     return _RECORDS[key]
 
 
@@ -196,53 +188,13 @@ class PartActor:
                 try:
                     yield _inputs_as(ray.get(ref), _to_torch)
                 except ray.exceptions.RayTaskError as err:
-                    raise _cause(err) from None
+                    raise worker_error(err) from None
         return ordered()
-
-
-def _check_address(address: str) -> None:
-    """Fail in seconds, with one line, when nothing listens at a host:port address."""
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--ray-address {address!r} must look like HOST:PORT, ray://HOST:PORT or auto")
-    try:
-        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S) as sock:
-            # Ray's GCS (and the Ray Client server) speak gRPC: HTTP/2 in clear text. Without
-            # this, a port where some other server listens makes ray.init retry for minutes.
-            sock.sendall(H2_PREFACE)
-            reply = b""
-            while len(reply) < 9:
-                chunk = sock.recv(9 - len(reply))
-                if not chunk:
-                    break
-                reply += chunk
-    except OSError as err:
-        raise UsageError(f"--ray-address {address}: no Ray cluster answers there ({err.strerror or err}); "
-                         f"start one (ray start --head, or see docs/DEPLOY.md) or fix the address") from None
-    if len(reply) < 9 or reply[3] != 0x04:  # a SETTINGS frame opens every HTTP/2 server's reply
-        raise UsageError(f"--ray-address {address}: the server there is not a Ray cluster (no gRPC); "
-                         f"give the head node's GCS port (6379) or ray://HOST:10001")
-
-
-def _cause(err: BaseException) -> BaseException:
-    """The worker's own exception inside a Ray error, when there is one."""
-    cause = getattr(err, "cause", None)
-    return cause if isinstance(cause, BaseException) else err
-
-
-def _one_line(err: BaseException) -> str:
-    if isinstance(err, KvpipeError):
-        return str(err)
-    lines = [l for l in str(err).splitlines() if l.strip()]
-    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
 
 
 class RaySession(Session):
     def __init__(self, cfg: ExtractConfig, data: DatasetView, started_ray: bool):
-        self.ray = _import_ray()
+        self.ray = import_ray()
         self.cfg, self.data, self.started_ray = cfg, data, started_ray
         self.run_id = uuid.uuid4().hex[:8]
         # --device auto: the actors take GPUs when the cluster has any (the driver may have none)
@@ -269,9 +221,9 @@ class RaySession(Session):
         try:
             return self.ray.get(ref)
         except self.ray.exceptions.RayActorError as err:
-            raise KvpipeError(f"a Ray worker could not start: {_one_line(err)}") from None
+            raise KvpipeError(f"a Ray worker could not start: {one_line(err)}") from None
         except self.ray.exceptions.RayTaskError as err:
-            raise _cause(err) from None
+            raise worker_error(err) from None
 
     def n_workers(self, n_parts: int) -> int:
         if self.cfg.workers is not None:
@@ -325,7 +277,7 @@ class RaySession(Session):
                 writer.commit_part(part, out.staged, out.rows)
             except ray.exceptions.RayActorError as err:
                 if getattr(err, "_actor_init_failed", False):  # e.g. kvpipe missing on a worker host
-                    cause = KvpipeError(f"a Ray worker could not start: {_one_line(err)}")
+                    cause = KvpipeError(f"a Ray worker could not start: {one_line(err)}")
                     on_failure(part, cause, 1)
                     first_error = first_error or cause
                     queue.clear()
@@ -334,7 +286,7 @@ class RaySession(Session):
                 if lost[part] > MAX_RESUBMITS:
                     on_failure(part, err, lost[part] + MAX_TASK_RETRIES)
                     first_error = first_error or KvpipeError(
-                        f"part {part} failed: its Ray worker died {lost[part]} times ({_one_line(err)})")
+                        f"part {part} failed: its Ray worker died {lost[part]} times ({one_line(err)})")
                     queue.clear()
                     continue
                 queue.appendleft(part)
@@ -343,7 +295,7 @@ class RaySession(Session):
                     self.actors[slot] = self._new_actor()
                     generation[slot] += 1
             except Exception as err:
-                cause = _cause(err)
+                cause = worker_error(err)
                 on_failure(part, cause, 1)
                 first_error = first_error or cause
                 queue.clear()  # finish what is in flight, start nothing new
@@ -362,7 +314,7 @@ class RaySession(Session):
         if first_error is not None:
             if isinstance(first_error, KvpipeError):
                 raise first_error
-            raise KvpipeError(f"extraction failed on a Ray worker: {_one_line(first_error)}") from first_error
+            raise KvpipeError(f"extraction failed on a Ray worker: {one_line(first_error)}") from first_error
 
     def close(self) -> None:
         for a in self.actors:
@@ -377,31 +329,11 @@ class RaySession(Session):
 
 class RayExecutor(Executor):
     def check(self, cfg: ExtractConfig) -> None:
-        _import_ray()
+        import_ray()
         if cfg.workers is not None and cfg.workers < 1:
             raise UsageError("--workers must be at least 1")
         if cfg.ray_address:
-            _check_address(cfg.ray_address)
+            check_address(cfg.ray_address)
 
     def start(self, cfg: ExtractConfig, data: DatasetView, adapter: ModelAdapter | None) -> Session:
-        ray = _import_ray()
-        started = False
-        if not ray.is_initialized():
-            import logging
-
-            kwargs: dict[str, Any] = dict(logging_level=logging.WARNING, log_to_driver=True)
-            if not cfg.ray_address and not os.environ.get("RAY_ADDRESS"):
-                kwargs["include_dashboard"] = False  # a private local instance starts faster without
-            try:
-                try:
-                    ray.init(address=cfg.ray_address or None, **kwargs)
-                except ValueError as err:  # joined a running cluster: its dashboard is not ours to set
-                    if "include_dashboard" not in kwargs or "dashboard" not in str(err):
-                        raise
-                    kwargs.pop("include_dashboard")
-                    ray.init(address=cfg.ray_address or None, **kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as err:
-                where = f"--ray-address {cfg.ray_address}" if cfg.ray_address else "Ray"
-                raise UsageError(f"{where}: cannot connect ({_one_line(err)})") from None
-            started = True
-        return RaySession(cfg, data, started)
+        return RaySession(cfg, data, connect(cfg.ray_address))

@@ -22,9 +22,11 @@ from kvpipe.pipeline.extraction.loading import (LOADER_PROCESSES, LOADERS, Loade
                                                 on_device_ahead, pieces_of)
 from kvpipe.pipeline.extraction.parts import PartBuilder
 from kvpipe.pipeline.extraction.prefix import apply_prefixes
+from kvpipe.pipeline.extraction.sequences import with_sequences
 from kvpipe.pipeline.extraction.transfer import HostCopier, InputUploader
 from kvpipe.pipeline.models.base import ModelAdapter
-from kvpipe.pipeline.models.loading import load_model, resolve_device, resolve_dtype
+from kvpipe.device import resolve_device
+from kvpipe.pipeline.models.loading import load_model, resolve_dtype
 from kvpipe.pipeline.models.capture import run_text_capture
 from kvpipe.store.schema import FeatureSetMeta, ids_fingerprint, structure_fingerprint
 from kvpipe.store.writer import StoreWriter
@@ -50,10 +52,14 @@ class DatasetView:
         if not records:
             raise DataError(f"dataset {cfg.dataset} at {cfg.data_root} has no images")
         records = apply_prefixes(records, cfg)  # --prefix-from / --prefix-control: each image's text
+        if cfg.multi_image:  # each image with the images before it in its prompt
+            records = with_sequences(records)
         structure = ds.structure()
         desc = {**ds.describe(), "tasks": list(ds.tasks), "structure_sha256": structure_fingerprint(structure)}
         if cfg.image_size is not None:  # --image-size: part of the feature set's identity
             desc["image_size"] = list(cfg.image_size)
+        if cfg.multi_image:  # --multi-image: so is storing a question's images from one prompt
+            desc["multi_image"] = True
         return cls(records, structure, desc, ds.text_queries())
 
     @property
@@ -155,7 +161,7 @@ class PartWorker:
         next parts' batches; their inputs are sent to the device ahead here unless already
         sent); each batch's features travel to the host while the next one runs. Call
         ``builder.release()`` once its arrays are written so the next part reuses the host buffers."""
-        builder = PartBuilder(part)
+        builder = PartBuilder(part, sequences=self.cfg.multi_image)
         records = self.records
         copier = self.copier
         for _ in range(len(self.pieces(part))):

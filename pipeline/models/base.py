@@ -9,7 +9,7 @@ image (the token layout), and (3) name its decoder layers. Adding a family = one
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -84,12 +84,17 @@ class Batch:
     inputs: dict[str, Any]
     layouts: list[TokenLayout]
     prefix_ids: list[list[int]]  # the token ids before each image's first image token
+    # the sample (row of the inputs) of each layout; None: layout i is sample i (one image per sample)
+    samples: list[int] | None = None
+
+    def sample_of(self, i: int) -> int:
+        return i if self.samples is None else self.samples[i]
 
     def views(self, views: str) -> "Batch":
         """This batch storing ``views``: "all" (every image token) or "base" (the base view only)."""
         if views == "all":
             return self
-        return Batch(self.inputs, [lay.base_only() for lay in self.layouts], self.prefix_ids)
+        return replace(self, layouts=[lay.base_only() for lay in self.layouts])
 
 
 class ModelAdapter:
@@ -103,6 +108,9 @@ class ModelAdapter:
     nested_images: ClassVar[bool] = False  # the processor takes a batch's images as one list per sample
     # an image becomes more than its base view (crops, tiles, newlines): ``--views base`` stores less
     multi_view: ClassVar[bool] = False
+    # several images in one prompt (``preprocess_sequences``): each image's token count follows
+    # from the processor's output alone, and the oracle tests pass for the family
+    multi_image: ClassVar[bool] = True
     # Inputs the forward pass reads on the host (image sizes in Python loops): left there, a
     # device copy would cost one host synchronisation per read. Set by ``accelerate``.
     host_inputs: tuple[str, ...] = ()
@@ -293,6 +301,55 @@ class ModelAdapter:
                 raise ModelError(f"token layout of image {i} covers {n} tokens but the sequence has "
                                  f"{int(pos.numel())}; the adapter {self.family} does not match this processor")
         return Batch(inputs, layouts, prefixes)
+
+    def check_multi_image(self) -> None:
+        """A one-line UsageError when this family cannot extract several images in one prompt."""
+        if not self.multi_image:
+            raise UsageError(f"--multi-image: {self.source.get('name')} ({self.family or 'this model'}) cannot "
+                             f"place several images in one prompt in kvpipe; extract without --multi-image")
+
+    def sequence_prompt(self, n_images: int, template: str) -> str:
+        """The text of a prompt holding ``n_images`` images: with the chat template the prompt
+        ``kvpipe answer`` builds (``chat_prompt``: the images of one user turn, then the text),
+        whose text after the last image is cut away; ``none``: the placeholders alone."""
+        if template == "none":
+            return self.image_placeholder * n_images
+        if template != "chat":
+            raise UsageError(f"--template must be one of {', '.join(TEMPLATES)}, not {template!r}")
+        return self.chat_prompt(".", n_images)
+
+    def preprocess_sequences(self, sequences: list[list[Image.Image]], template: str = "chat") -> Batch:
+        """Tokenise a batch of multi-image prompts (one per sample) and cut it after the last
+        image token; one layout per image, in order, each knowing its sample (``Batch.samples``).
+
+        Why a prompt per sample: an image's K/V depend on every image before it in its prompt
+        (causal attention), so the images of one question are stored as the MLM sees them when it
+        answers the question (``kvpipe answer``), not one by one."""
+        self.check_multi_image()
+        prompts = [self.sequence_prompt(len(seq), template) for seq in sequences]
+        enc = self.processor(text=prompts, images=[list(seq) for seq in sequences], return_tensors="pt",
+                             padding=True, padding_side="right")
+        ids = enc["input_ids"]
+        is_image = ids == self.image_token_id
+        last = int(torch.where(is_image.any(0))[0].max()) + 1
+        inputs = {k: (v[:, :last] if isinstance(v, torch.Tensor) and v.shape == ids.shape else v)
+                  for k, v in enc.items()}
+        layouts, prefixes, samples, flat = [], [], [], 0
+        for i, seq in enumerate(sequences):
+            pos = torch.where(is_image[i])[0]
+            at = 0
+            for _ in seq:
+                segments = self.segments(enc, flat, -1)
+                n = sum(seg.n_tokens for seg in segments)
+                layouts.append(TokenLayout(pos[at:at + n], segments))
+                prefixes.append(ids[i, : int(pos[at])].tolist() if at < pos.numel() else [])
+                samples.append(i)
+                at, flat = at + n, flat + 1
+            if at != pos.numel():
+                raise ModelError(f"the token layouts of sample {i}'s {len(seq)} images cover {at} tokens but the "
+                                 f"sequence has {int(pos.numel())}; the adapter {self.family} does not match this "
+                                 f"processor's multi-image prompts")
+        return Batch(inputs, layouts, prefixes, samples)
 
     def per_sample(self, images: list[Image.Image]) -> list[Any]:
         """One image per sample, as this family's processor wants it: a flat list, or one list

@@ -180,8 +180,9 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
     all_heads = sel.heads == tuple(range(adapter.n_kv_heads))
     heads = torch.tensor(sel.heads, device=device)
     b, s = inputs["input_ids"].shape
-    # (image, position) of every image token, in batch order
-    rows = torch.cat([torch.full_like(lay.positions, i) for i, lay in enumerate(batch.layouts)]).to(device)
+    # (sample, position) of every image token, in batch order (a sample may hold several images)
+    rows = torch.cat([torch.full_like(lay.positions, batch.sample_of(i))
+                      for i, lay in enumerate(batch.layouts)]).to(device)
     cols = torch.cat([lay.positions for lay in batch.layouts]).to(device)
     arrays: dict[str, torch.Tensor] = {}
     for kind in ("keys", "values"):

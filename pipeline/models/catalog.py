@@ -34,6 +34,8 @@ class ModelEntry:
     tokens_448: int | None = None  # image tokens of one 448 x 448 image (every view, tile and newline)
     layers: int | None = None  # decoder layers (an encoder's blocks)
     kv_heads: int | None = None  # KV heads per layer (1 for an encoder's "hidden" kind)
+    # a vision encoder's input resolution (RESOLUTIONS below): what the paper's baseline used
+    resolution: str | None = None
 
     @property
     def adapter_module(self) -> str:
@@ -96,12 +98,45 @@ def _looks_local(path: str) -> bool:
             or (os.sep != "/" and os.sep in path))
 
 
+def resolved_hw(resolution: str, height: int, width: int) -> tuple[int, int]:
+    """The (height, width) an encoder of ``resolution`` is fed for an image of that size.
+
+    ``"HxW"``: every image resized whole to H x W. ``"short=N/M"``: the short side to N, the long
+    side to N x long / short floored to a multiple of M -- DINO's ``read_frame`` in
+    facebookresearch/dino ``eval_video_segmentation.py`` (N = 480, M = 64: an 854 x 480 DAVIS
+    frame becomes 832 x 480, 104 x 60 patches of 8 px)."""
+    if resolution.startswith("short="):
+        n, _, m = resolution[len("short="):].partition("/")
+        short, multiple = int(n), int(m or 1)
+        if height > width:
+            return int(short * height / width // multiple * multiple), short
+        return short, int(short * width / height // multiple * multiple)
+    h, _, w = resolution.partition("x")
+    return int(h), int(w)
+
+
+def check_resolution(resolution: str) -> str:
+    """A one-line UsageError unless ``resolution`` is "HxW" or "short=N/M" (positive integers)."""
+    try:
+        if resolution.startswith("short="):
+            n, sep, m = resolution[len("short="):].partition("/")
+            ok = int(n) > 0 and int(m) > 0 and bool(sep)
+        else:
+            h, sep, w = resolution.partition("x")
+            ok = int(h) > 0 and int(w) > 0 and bool(sep)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise UsageError(f"resolution {resolution!r} must be HxW (e.g. 384x384) or short=N/M (e.g. short=480/64)")
+    return resolution
+
+
 def _add(name: str, adapter: str, checkpoint: str | None, preset: str, description: str, *preset_args: Any,
-         tiny: bool = False, shape: tuple[int, int, int] | None = None) -> None:
-    """``shape``: (image tokens of a 448 x 448 image, layers, KV heads)."""
+         tiny: bool = False, shape: tuple[int, int, int] | None = None, resolution: str | None = None) -> None:
+    """``shape``: (image tokens of a 448 x 448 image, layers, KV heads); ``resolution``: an encoder's input."""
     tokens, layers, kv_heads = shape or (None, None, None)
     MODELS.add(name, ModelEntry(adapter, checkpoint, preset, description, tiny, tuple(preset_args),
-                                tokens, layers, kv_heads))
+                                tokens, layers, kv_heads, resolution and check_resolution(resolution)))
 
 
 def _family(name: str, label: str, adapter: str, checkpoint: str, preset: str, shape: tuple[int, int, int],
@@ -145,24 +180,34 @@ _family("smolvlm2", "SmolVLM2", "smolvlm:SmolVLMAdapter", "HuggingFaceTB/SmolVLM
         (1377, 24, 32), "2.2B Instruct (Idefics3 architecture: tiles + global view)", (272, 2, 4))
 _family("internvl3", "InternVL3", "internvl:InternVLAdapter", "OpenGVLab/InternVL3-8B-hf", "internvl3_8b_config",
         (256, 28, 4), "8B (-hf format; tiles + thumbnail)", (160, 2, 2))
-# Vision encoders (the paper's baselines): they store the "hidden" kind
+# Vision encoders (the paper's baselines): they store the "hidden" kind. ``resolution``: the input
+# the paper's number comes from (docs/PROTOCOLS.md "Vision-encoder baselines" says why each).
 _add("siglip", "siglip:SiglipEncoderAdapter", "google/siglip-so400m-patch14-384", "siglip:siglip_so400m_384_config",
-     "SigLIP so400m/14 at 384 px, vision tower (LLaVA-OneVision's, before MLM fine-tuning)", shape=(729, 27, 1))
+     "SigLIP so400m/14 at 384 px, vision tower (LLaVA-OneVision's, before MLM fine-tuning)", shape=(729, 27, 1),
+     resolution="384x384")
 _add("tiny-siglip", "siglip:SiglipEncoderAdapter", None, "siglip:tiny_siglip_config",
-     "2-block random SigLIP vision tower for tests", tiny=True, shape=(16, 2, 1))
+     "2-block random SigLIP vision tower for tests", tiny=True, shape=(16, 2, 1), resolution="56x56")
 _add("clip-vit-l14", "clip:ClipEncoderAdapter", "openai/clip-vit-large-patch14", "clip:clip_vit_l14_config",
-     "CLIP ViT-L/14 at 224 px, vision tower", shape=(256, 24, 1))
+     "CLIP ViT-L/14 at 224 px, vision tower", shape=(256, 24, 1), resolution="224x224")
 _add("clip-vit-l14-336", "clip:ClipEncoderAdapter", "openai/clip-vit-large-patch14-336", "clip:clip_vit_l14_config",
-     "CLIP ViT-L/14 at 336 px, vision tower", 336, shape=(576, 24, 1))
+     "CLIP ViT-L/14 at 336 px, vision tower", 336, shape=(576, 24, 1), resolution="336x336")
 _add("tiny-clip", "clip:ClipEncoderAdapter", None, "clip:tiny_clip_config",
-     "2-block random CLIP vision tower for tests", tiny=True, shape=(16, 2, 1))
+     "2-block random CLIP vision tower for tests", tiny=True, shape=(16, 2, 1), resolution="56x56")
 _add("dino-vitb16", "dino:VitEncoderAdapter", "facebook/dino-vitb16", "dino:dino_vitb16_config",
-     "DINO ViT-B/16 at 224 px", shape=(196, 12, 1))
+     "DINO ViT-B/16 at 224 px", shape=(196, 12, 1), resolution="224x224")
+_add("dino-vitb8", "dino:VitEncoderAdapter", "facebook/dino-vitb8", "dino:dino_vitb8_config",
+     "DINO ViT-B/8 at 480p (short side 480, DINO's DAVIS protocol; Table 2's DINO row)", shape=(3360, 12, 1),
+     resolution="short=480/64")
+_add("dino-vitb8-224", "dino:VitEncoderAdapter", "facebook/dino-vitb8", "dino:dino_vitb8_config",
+     "DINO ViT-B/8 at 224 px (the checkpoint's own input size)", shape=(784, 12, 1), resolution="224x224")
 _add("tiny-dino", "dino:VitEncoderAdapter", None, "dino:tiny_dino_config",
-     "2-block random ViT (DINO architecture) for tests", tiny=True, shape=(16, 2, 1))
+     "2-block random ViT (DINO architecture) for tests", tiny=True, shape=(16, 2, 1), resolution="64x64")
+_add("tiny-dino-vitb8", "dino:VitEncoderAdapter", None, "dino:tiny_dino_vitb8_config",
+     "2-block random ViT/8 at short side 32 (dino-vitb8's 480p rule, scaled down) for tests", tiny=True,
+     shape=(16, 2, 1), resolution="short=32/16")
 _add("dinov2-base", "dinov2:Dinov2EncoderAdapter", "facebook/dinov2-base", "dinov2:dinov2_config",
-     "DINOv2 ViT-B/14 at 224 px", 768, 12, 12, shape=(256, 12, 1))
+     "DINOv2 ViT-B/14 at 224 px", 768, 12, 12, shape=(256, 12, 1), resolution="224x224")
 _add("dinov2-large", "dinov2:Dinov2EncoderAdapter", "facebook/dinov2-large", "dinov2:dinov2_config",
-     "DINOv2 ViT-L/14 at 224 px", 1024, 24, 16, shape=(256, 24, 1))
+     "DINOv2 ViT-L/14 at 224 px", 1024, 24, 16, shape=(256, 24, 1), resolution="224x224")
 _add("tiny-dinov2", "dinov2:Dinov2EncoderAdapter", None, "dinov2:tiny_dinov2_config",
-     "2-block random DINOv2 for tests", tiny=True, shape=(16, 2, 1))
+     "2-block random DINOv2 for tests", tiny=True, shape=(16, 2, 1), resolution="56x56")

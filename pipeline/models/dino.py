@@ -1,6 +1,8 @@
-"""DINO (facebook/dino-vitb16): a plain ViT (``ViTModel``) trained self-supervised.
+"""DINO (facebook/dino-vitb16, -vitb8): a plain ViT (``ViTModel``) trained self-supervised.
 
-One CLS token precedes the 14 x 14 patch tokens of a 224 px image. The adapter serves any
+One CLS token precedes the patch tokens (14 x 14 of a 224 px image for /16). dino-vitb8 runs at
+480p as DINO's DAVIS evaluation does (catalog resolution ``short=480/64``): each image keeps its
+aspect ratio, so the position embeddings are interpolated. The adapter serves any
 ``vit`` checkpoint; the DINO preset's preprocessing constants are the original DINO
 evaluation's (ImageNet mean/std); a loaded checkpoint's own processor file takes precedence.
 """
@@ -18,6 +20,18 @@ def dino_vitb16_config() -> ViTConfig:
     """facebook/dino-vitb16's config."""
     return ViTConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                      image_size=224, patch_size=16, qkv_bias=True, layer_norm_eps=1e-12, hidden_act="gelu")
+
+
+def dino_vitb8_config() -> ViTConfig:
+    """facebook/dino-vitb8's config: ViT-B with 8 px patches (28 x 28 at 224 px)."""
+    return ViTConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     image_size=224, patch_size=8, qkv_bias=True, layer_norm_eps=1e-12, hidden_act="gelu")
+
+
+def tiny_dino_vitb8_config() -> ViTConfig:
+    """2 blocks, width 32, 8 px patches; the catalog feeds it short side 32 (4 patch rows)."""
+    return ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                     image_size=32, patch_size=8)
 
 
 def tiny_dino_config() -> ViTConfig:

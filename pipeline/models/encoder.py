@@ -24,6 +24,7 @@ from PIL import Image
 from kvpipe.errors import ModelError, UsageError
 from kvpipe.pipeline.models.base import Batch, ModelAdapter, Segment, TokenLayout
 from kvpipe.pipeline.models.capture import gather_hidden
+from kvpipe.pipeline.models.catalog import MODELS, resolved_hw
 from kvpipe.store.schema import HIDDEN
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -58,6 +59,7 @@ class VisionEncoderAdapter(ModelAdapter):
 
     kinds = (HIDDEN,)
     encodes_text = False
+    multi_image = False  # one image per forward pass: no prompt to hold several
     prefix_tokens: ClassVar[int] = 1  # CLS (+ registers) before the patch tokens
     interpolate_flag: ClassVar[bool] = True  # forward takes interpolate_pos_encoding
     # preprocessing constants of the family's checkpoints, for presets built in code
@@ -67,12 +69,27 @@ class VisionEncoderAdapter(ModelAdapter):
 
     def __init__(self, model: torch.nn.Module, processor: Any, source: dict[str, Any]):
         self.model = model.eval().requires_grad_(False)  # kvpipe never trains: no autograd graph, ever
+        name = source.get("name")
+        # the catalog's resolution (the paper's baseline input) overrides the processor's size;
+        # a checkpoint given by path keeps its processor's own size
+        self.resolution = MODELS.get(name).resolution if name in MODELS else None
+        if self.resolution and not self.resolution.startswith("short="):
+            processor = self.whole_image_processor(resolved_hw(self.resolution, 1, 1), processor.resample,
+                                                   processor.image_mean, processor.image_std)
         self.processor = processor
-        h, w = input_hw(processor)
+        if self.short_side:
+            size = f"short side {self.resolution[len('short='):].replace('/', ' px, long side a multiple of ')} px"
+        else:
+            size = "{}x{} px".format(*input_hw(processor))
         self.source = {**source, "features": (
             f"{HIDDEN}: output of every transformer block (hidden_states[1:], before the final norm) at the "
-            f"patch tokens only (no CLS/register tokens); images resized to {h}x{w} px, no crop")}
+            f"patch tokens only (no CLS/register tokens); images resized to {size}, no crop")}
         self.image_token_id = -1
+
+    @property
+    def short_side(self) -> bool:
+        """Images keep their aspect ratio (``short=N/M``): each is resized to its own size."""
+        return bool(self.resolution and self.resolution.startswith("short="))
 
     # ---- to be provided by subclasses -------------------------------------------------
     @classmethod
@@ -143,8 +160,25 @@ class VisionEncoderAdapter(ModelAdapter):
             raise UsageError(f"--keys needs an MLM: {name} is a vision encoder and stores no keys")
 
     def gather(self, batch: Batch, sel: Any, dtype: str = "float32") -> tuple[dict[str, torch.Tensor], list[int]]:
+        """One forward pass per input size in the batch (one for a fixed resolution)."""
+        sizes = batch.inputs.get("image_hw")
+        if sizes is None:
+            return gather_hidden(self, batch, sel, dtype)
+        pixels = batch.inputs["pixel_values"]
+        pieces: dict[int, torch.Tensor] = {}
+        for hw in sorted({tuple(int(v) for v in row) for row in sizes.tolist()}):
+            idx = [i for i, row in enumerate(sizes.tolist()) if tuple(row) == hw]
+            sub = Batch({"pixel_values": pixels[idx, :, :hw[0], :hw[1]], **self._interpolate(hw)},
+                        [batch.layouts[i] for i in idx], [batch.prefix_ids[i] for i in idx])
+            arrays, counts = gather_hidden(self, sub, sel, dtype)
+            for i, part in zip(idx, arrays[HIDDEN].split(counts, dim=2)):
+                pieces[i] = part
+        order = [pieces[i] for i in range(len(batch.layouts))]
+        return {HIDDEN: torch.cat(order, dim=2)}, [int(p.shape[2]) for p in order]
 
-        return gather_hidden(self, batch, sel, dtype)
+    def _interpolate(self, hw: tuple[int, int]) -> dict[str, Any]:
+        size = self.model.config.image_size
+        return {"interpolate_pos_encoding": True} if self.interpolate_flag and hw != (size, size) else {}
 
     def input_meta(self, prefix: str, template: str, keys_rope: str) -> dict[str, Any]:
         return {"template": "none", "prefix": "", "prefix_token_ids": (), "image_token_id": -1, "keys_rope": "none"}
@@ -153,6 +187,8 @@ class VisionEncoderAdapter(ModelAdapter):
         """Pixel values through the image processor; the layout is the patch grid after the
         ``prefix_tokens`` leading tokens (no text: ``prefix`` and ``template`` do not apply)."""
         config = self.model.config  # config only: a preprocessor() copy has no weights
+        if self.short_side:
+            return self._preprocess_own_sizes(images)
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
         rows, cols = int(pixels.shape[-2]) // config.patch_size, int(pixels.shape[-1]) // config.patch_size
         inputs: dict[str, Any] = {"pixel_values": pixels}
@@ -161,6 +197,23 @@ class VisionEncoderAdapter(ModelAdapter):
         positions = torch.arange(self.prefix_tokens, self.prefix_tokens + rows * cols)
         layout = TokenLayout(positions, (Segment("base", 0, rows, cols),))
         return Batch(inputs, [layout] * len(images), [[] for _ in images])
+
+    def _preprocess_own_sizes(self, images: list[Image.Image]) -> Batch:
+        """``short=N/M``: each image resized to its own size (``resolved_hw``), zero-padded to the
+        batch's largest; ``image_hw`` says each one's size, so ``gather`` crops the padding off."""
+        patch = self.model.config.patch_size
+        hws = [resolved_hw(self.resolution, im.height, im.width) for im in images]
+        singles = [self.processor(images=[im], size={"height": h, "width": w}, return_tensors="pt")["pixel_values"][0]
+                   for im, (h, w) in zip(images, hws)]
+        pixels = torch.zeros((len(images), 3, max(h for h, _ in hws), max(w for _, w in hws)))
+        layouts = []
+        for i, (px, (h, w)) in enumerate(zip(singles, hws)):
+            pixels[i, :, :h, :w] = px
+            rows, cols = h // patch, w // patch
+            positions = torch.arange(self.prefix_tokens, self.prefix_tokens + rows * cols)
+            layouts.append(TokenLayout(positions, (Segment("base", 0, rows, cols),)))
+        inputs = {"pixel_values": pixels, "image_hw": torch.tensor(hws, dtype=torch.int64)}
+        return Batch(inputs, layouts, [[] for _ in images])
 
     def text_batch(self, texts: list[str], template: str = "chat") -> tuple[dict[str, Any], list[int]]:
         raise ModelError(f"{self.source.get('name')} is a vision encoder; it has no text model for text queries")

@@ -49,6 +49,7 @@ class GenericAdapter(ModelAdapter):
     family = "generic"
     model_types = ()  # never chosen by model type: only through any:
     nested_images = True
+    multi_image = False  # token counts per image are not known from the processor's output alone
 
     def __init__(self, model: Any, processor: Any, source: dict[str, Any]):
         why = refusal(model.config)

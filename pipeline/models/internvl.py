@@ -78,6 +78,7 @@ class InternVLAdapter(ModelAdapter):
     multi_view = True  # base view + crops / tiles (--views base stores the base view only)
     hf_class = InternVLForConditionalGeneration
     image_placeholder = "<IMG_CONTEXT>"
+    multi_image = False  # a tiled image's views are counted from its token run, which several images share
 
     @classmethod
     def build_processor(cls, config: Any, tiny: bool = False) -> Any:

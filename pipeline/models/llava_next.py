@@ -22,15 +22,15 @@ from kvpipe.pipeline.models.tokenizer import build_word_tokenizer, with_bos
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<image>"]
 
-# llava-hf/llama3-llava-next-8b-hf's chat_template.json: images first, then the text, no system
-# prompt; <|begin_of_text|> is not in the template, the tokenizer prepends it.
+# llava-hf/llama3-llava-next-8b-hf's chat_template.json, byte for byte: images first, then the text, no
+# system prompt; <|begin_of_text|> is not in the template, the tokenizer prepends it.
 LLAMA3_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'}}"
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'}}"
     "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
     "{{ '<image>' }}{% endfor %}{# Render all text next #}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ '\n' + content['text'] + '<|eot_id|>' }}{% endfor %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    "{{ '\\n' + content['text'] + '<|eot_id|>' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
 TINY_VOCAB = 256

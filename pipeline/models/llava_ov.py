@@ -23,17 +23,19 @@ from kvpipe.pipeline.models.tokenizer import build_word_tokenizer
 
 OV_SPECIALS = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 
-# llava-hf/llava-onevision-qwen2-*-ov-hf's chat_template.json: "<|im_start|>user <image>\n{text}<|im_end|>",
-# no default system prompt, all images of a turn first, then videos, then the text.
+# llava-hf/llava-onevision-qwen2-*-ov-hf's chat_template.json, byte for byte: "<|im_start|>user <image>\n{text}
+# <|im_end|>", no default system prompt, all images of a turn first, then videos, then the text.
 OV_CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
     "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
     "{{ '<image>' }}{% endfor %}"
     "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
     "{{ '<video>' }}{% endfor %}"
-    "{# Render all text next #}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{{ '\n' + content['text'] }}{% endfor %}{{'<|im_end|>'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ '\\n' + content['text'] }}{% endgeneration %}{% endfor %}{% endif %}{{'<|im_end|>'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 TINY_VOCAB = 256

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from kvpipe.device import resolve_device
 from kvpipe.errors import ModelError, UsageError
 from kvpipe.pipeline.models.base import ModelAdapter
 from kvpipe.pipeline.models.catalog import MODELS, ModelEntry, model_source
@@ -24,15 +25,6 @@ def parse_dtype(name: str) -> torch.dtype:
     if name == "auto":
         raise UsageError("--dtype auto must be resolved for a device first (resolve_dtype)")
     return DTYPES[name]
-
-
-def resolve_device(spec: str) -> str:
-    """``--device auto``: the first GPU when torch sees one, else the CPU; anything else as given."""
-    if spec == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: torch sees no CUDA device here; use --device auto or cpu")
-    return spec
 
 
 def resolve_dtype(spec: str, device: str) -> str:

@@ -16,16 +16,27 @@ from kvpipe.pipeline.models.tokenizer import build_word_tokenizer
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                  "<|image_pad|>", "<|video_pad|>"]
 
-# The structure of Qwen2-VL's own chat template (default system prompt, images in place).
+# Qwen/Qwen2.5-VL-7B-Instruct's chat_template.json (the same in Qwen/Qwen2-VL-7B-Instruct), byte for
+# byte: a default system prompt before a first turn that is not a system turn, images in place,
+# "Picture N: " only with add_vision_id. tests/fixtures/hub/ holds the copy the tests compare with.
 QWEN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# The 7B Instruct checkpoints' preprocessor_config.json bounds (transformers' class defaults differ:
+# 56*56 .. 28*28*1280): min_pixels = 4 LM tokens, max_pixels = 16384 LM tokens of 28 x 28 pixels.
+QWEN_IMAGE_PIXELS = {"min_pixels": 3136, "max_pixels": 12845056}
 
 TINY_VOCAB = 256
 
@@ -77,7 +88,8 @@ class Qwen2VLAdapter(ModelAdapter):
     model_types = ("qwen2_vl",)
     image_placeholder = "<|vision_start|><|image_pad|>"
     chat_template: ClassVar[str] = QWEN_CHAT_TEMPLATE
-    image_processor_kw: ClassVar[dict[str, Any]] = {}  # the checkpoint's preprocessor_config.json, where it differs
+    # the checkpoint's preprocessor_config.json, where it differs from transformers' defaults
+    image_processor_kw: ClassVar[dict[str, Any]] = QWEN_IMAGE_PIXELS
 
     # the processor classes in transformers, by name (imported when a processor is built)
     processor_names: ClassVar[tuple[str, str]] = ("Qwen2VLProcessor", "Qwen2VLVideoProcessor")

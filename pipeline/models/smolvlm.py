@@ -82,6 +82,7 @@ class SmolVLMAdapter(ModelAdapter):
     hf_class = SmolVLMForConditionalGeneration
     image_placeholder = "<image>"
     nested_images = True
+    multi_image = False  # the tile markers of several images in one prompt are not split per image yet
 
     @classmethod
     def build_processor(cls, config: Any, tiny: bool = False) -> Any:

@@ -7,8 +7,12 @@ parquet-converter layout ``<root>/Art_Style/val/0000.parquet``, per-config
 is reachable (one ``datasets.load_dataset`` config per sub-task). Columns: idx, question,
 sub_task, image_1..image_4 (None where the question has fewer images), choices, answer ("(A)"),
 prompt, explanation. Only the val split has public answers (the hub's test rows say "hidden";
-test is scored on EvalAI), so val is read by default; ``data_split=`` names another, or
-``val+test`` for both (a copy whose test rows carry answers).
+test is scored on EvalAI), so val is read by default; ``data_split=`` names another, ``val+test``
+both (a copy whose test rows carry answers), or ``answered``: every split of the copy whose rows
+carry answers (a split whose answers are all hidden is left out). ``answered`` is the default
+when only the paired sub-tasks are read (Art_Style, Visual_Similarity): the paper's 234 and 271
+questions are val + test, so a copy with test answers gives them and the public copy its val
+questions, 117 and 135, the same as ``kvpipe extract --dataset blink`` reads.
 
 Counts (BLINK-Benchmark/BLINK dataset card): the perception subset is Counting 120 + 120,
 Object_Localization 122 + 125, Relative_Depth 124 + 124, Spatial_Relation 143 + 143 questions
@@ -52,6 +56,13 @@ IMAGE_COLUMNS = ("image_1", "image_2", "image_3", "image_4")
 TEXT_COLUMNS = ("idx", "question", "sub_task", "choices", "answer", "prompt", "explanation")
 REQUIRED = ("idx", "choices", "answer", "prompt", "image_1")
 DATA_SPLITS = ("val", "test")
+ANSWERED = "answered"  # every data split whose rows carry answers (the paired tasks' default)
+
+
+def default_data_split(subtasks: tuple[str, ...]) -> str:
+    """``answered`` when every chosen sub-task is a paired one (the paper counts their val and
+    test questions), else ``val`` (test answers are hidden in the public copy)."""
+    return ANSWERED if subtasks and set(subtasks) <= set(PAIRED) else "val"
 
 
 def mc_prompt(prompt: str, n_choices: int) -> str:
@@ -87,7 +98,7 @@ class BLINK(Benchmark):
                              f"sub-tasks; give one")
         self.chosen = subtask if subtask is not None else named  # None: every sub-task present
         self.subtasks = select(self.name, self.chosen, SUBTASKS, ALIASES, what="sub-task")
-        self.data_split = data_split or "val"
+        self.data_split = data_split or default_data_split(self.subtasks)
 
     def items(self) -> list[VQAItem]:
         root = require_root(self.name, self.root, self.root_hint)
@@ -99,6 +110,9 @@ class BLINK(Benchmark):
                                 f"{self.root_hint}")
         items: list[VQAItem] = []
         for sub in subtasks:
+            if self.data_split == ANSWERED:
+                items += self._answered(root, sub)
+                continue
             for data_split in self.data_split.replace(",", "+").split("+"):
                 items += self._read(self._table(root, sub, data_split), sub, data_split)
         check_unique(self.name, (it.qid for it in items), str(root))
@@ -121,6 +135,29 @@ class BLINK(Benchmark):
             raise DataError(f"{where} has no {data_split} split (found: {found}); BLINK's answers are "
                             f"in val-*.parquet")
         return table
+
+    def _answered(self, root: Path | HubId, sub: str) -> list[VQAItem]:
+        """Every data split of one sub-task whose rows carry answers, val first; a split whose
+        answers are all hidden (the hub's test) is left out, one with some hidden is an error."""
+        if isinstance(root, HubId):
+            splits, where = load_hub(root, sub), f"{root} config {sub}"
+        else:
+            folder = root / sub
+            if not folder.is_dir():
+                raise DataError(f"{folder} does not exist; --data-root must be {self.root_hint}")
+            splits, where = hf_splits(folder), str(folder)
+        items: list[VQAItem] = []
+        for name in [s for s in DATA_SPLITS if s in splits] + sorted(s for s in splits if s not in DATA_SPLITS):
+            table = splits[name]
+            column = table.column("answer").to_pylist() if "answer" in table.column_names else []
+            answers = [str(a or "").strip().lower() for a in column]
+            if answers and all(a in HIDDEN_ANSWERS for a in answers):
+                continue
+            items += self._read(table, sub, name or "val")
+        if not items:
+            raise DataError(f"{where} has no split with answers (found: {', '.join(sorted(splits)) or 'none'}); "
+                            f"BLINK's answers are in val-*.parquet")
+        return items
 
     def _read(self, table: HFTable, sub: str, data_split: str) -> list[VQAItem]:
         rows = table.rows(TEXT_COLUMNS, REQUIRED, "BLINK-Benchmark/BLINK")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvpipe.store import layout
@@ -109,3 +110,13 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "JF_mean" in proc.stdout and "l2_variance" in proc.stdout
     pngs = sorted(p.name for p in (tmp_path / "demo").rglob("*.png"))
     assert "input-agnostic-histogram.png" in pngs and "temporal-corr-values-JF_mean.png" in pngs
+    # the report shows the saved predictions over the synthetic images (rendered again, not grey)
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "## temporal-corr: predictions at" in report and "## fg-seg: predictions at" in report
+    frames = sorted((tmp_path / "demo" / "figures" / "temporal-corr").glob("*.png"))
+    assert frames and f"](figures/temporal-corr/{frames[0].name})" in report
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(frames[0]).convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 50  # image content, not a flat canvas with a mask
+    assert (tmp_path / "demo" / "store" / "probes" / "temporal-corr" / "predictions").is_dir()

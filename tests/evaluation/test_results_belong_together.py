@@ -31,7 +31,7 @@ def test_paired_checks_model_and_data_and_records_provenance(tmp_path, monkeypat
     root = make_blink(tmp_path / "BLINK")
     store = tmp_path / "store"
     kvpipe(monkeypatch, capsys, "extract", "--model", "tiny-qwen25vl", "--dataset", "blink", "--data-root", str(root),
-           "--option", "subtask=Art_Style", "--out", str(store))
+           "--option", "subtask=Art_Style", "--out", str(store), "--multi-image")
     answer = ["answer", "--benchmark", "blink", "--data-root", str(root), "--option", "subtask=Art_Style",
               "--max-new-tokens", "2"]
     kvpipe(monkeypatch, capsys, *answer, "--model", "tiny-qwen25vl", "--out", str(tmp_path / "ans"))

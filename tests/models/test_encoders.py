@@ -123,6 +123,8 @@ FULL = [  # name, blocks, width, patch grid side, parameters (millions)
     ("clip-vit-l14", 24, 1024, 16, 303.2),
     ("clip-vit-l14-336", 24, 1024, 24, 303.5),
     ("dino-vitb16", 12, 768, 14, 86.4),  # ViT-B/16 + ViTModel's pooler
+    ("dino-vitb8", 12, 768, 28, 86.4),  # ViT-B/8: the checkpoint's 224 px (the catalog feeds it 480p)
+    ("dino-vitb8-224", 12, 768, 28, 86.4),
     ("dinov2-base", 12, 768, 16, 86.6),
     ("dinov2-large", 24, 1024, 16, 304.4),
 ]
@@ -130,7 +132,8 @@ FULL = [  # name, blocks, width, patch grid side, parameters (millions)
 
 def test_every_encoder_entry_is_checked():
     encoders = {n for n, e in MODELS.items() if not e.adapter.encodes_text}
-    assert encoders == {row[0] for row in FULL} | set(TINY)
+    # tiny-dino-vitb8 keeps each image's aspect ratio: tests/models/test_encoder_resolution.py
+    assert encoders == {row[0] for row in FULL} | set(TINY) | {"tiny-dino-vitb8"}
 
 
 @pytest.mark.parametrize("name, layers, width, grid, params_m", FULL)

@@ -115,7 +115,7 @@ def test_key_variance_device_path_equals_the_reference(tmp_path):
 # ------------------------------------------------------------------------------- bad input
 def test_cuda_without_a_gpu_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(UsageError, match="torch sees no GPU") as err:
+    with pytest.raises(UsageError, match="torch sees no CUDA device") as err:
         resolve_device("cuda")
     assert "\n" not in str(err.value)
     assert resolve_device("auto") == "cpu"

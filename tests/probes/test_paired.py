@@ -122,8 +122,8 @@ def art_questions(n: int = 40, seed: int = 0, wrong: tuple[int, ...] = ()) -> tu
         bad = ToyImage("", stripes({int(c): (2, 4)}, fill=int(t)))
         gold = int(rng.integers(2))
         options = [good, bad] if gold == 0 else [bad, good]
-        for j, im in enumerate(options):
-            im.image_id = f"{qid}/image_{j + 2}"
+        for j, im in enumerate([ref, *options]):  # one prompt per question, as --multi-image stores them
+            im.image_id, im.sequence, im.sequence_index = f"{qid}/image_{j + 1}", qid, j
         images += [ref, *options]
         questions.append({"qid": qid, "subtask": "Art_Style", "reference": ref.image_id,
                           "candidates": [o.image_id for o in options], "answer": 1 - gold if k in wrong else gold})
@@ -149,7 +149,8 @@ def test_art_style_oracle_is_perfect_and_noise_is_chance(tmp_path):
             assert 0.25 < accuracy(run, kind, layer, 1) < 0.75  # head 1 is noise: chance is 0.5
     assert accuracy(run, "post_proj", -1, -1) == 1.0
     summary = {r["metric"]: r["value"] for r in run.table.to_pylist() if r["kind"] == "dataset"}
-    assert summary == {"n_questions": 40, "n_questions_skipped": 0, "chance_accuracy": 0.5}
+    assert summary == {"n_questions": 40, "n_questions_skipped": 0, "chance_accuracy": 0.5,
+                       "images_in_one_prompt": 1.0}
     preds = pq.read_table(run.out_dir / PREDICTIONS).to_pylist()
     assert len(preds) == 9 * 40  # (2 kinds x 2 layers x 2 heads + post_proj) x questions
     assert all(p["correct"] == (p["predicted"] == p["answer"]) for p in preds)
@@ -165,7 +166,8 @@ def test_art_style_oracle_is_perfect_and_noise_is_chance(tmp_path):
 def test_art_style_with_shuffled_features_is_chance(tmp_path):
     images, structure = art_questions(seed=1)
     perm = np.random.default_rng(7).permutation(len(images))
-    shuffled = [ToyImage(im.image_id, images[p].tokens) for im, p in zip(images, perm)]
+    shuffled = [ToyImage(im.image_id, images[p].tokens, sequence=im.sequence, sequence_index=im.sequence_index)
+                for im, p in zip(images, perm)]
     run = run_probe(write_toy_store(tmp_path / "shuffled", shuffled, "oracle", structure), "art-style")
     for kind in ("values", "keys", "post_proj"):
         layer, head = (-1, -1) if kind == "post_proj" else (0, 0)
@@ -357,9 +359,18 @@ def test_extract_blink_then_probe_and_pair(tmp_path):
     root = make_blink(tmp_path / "BLINK")
     store = tmp_path / "store"
     invoke("extract", "--model", "tiny-qwen25vl", "--dataset", "blink", "--data-root", str(root),
-           "--option", "subtask=Art_Style", "--out", str(store))
+           "--option", "subtask=Art_Style", "--out", str(store), "--multi-image", "--batch-size", "2",
+           "--part-size", "4")  # question 2 straddles parts 0 and 1: both parts run it whole
     fs = FeatureStore.open(store)
     assert len(fs.images()) == 9 and fs.meta.dataset["tasks"] == ["art-style", "input-agnostic"]
+    assert fs.meta.dataset["multi_image"] is True
+    rows = sorted(fs.images(), key=lambda r: r.index)
+    assert [(r.sequence, r.sequence_index) for r in rows] == [(f"val_Art_Style_{q}", j)
+                                                              for q in (1, 2, 3) for j in range(3)]
+    # each image's first token sits after the images before it (and their delimiters) in its prompt
+    for a, b in zip(rows, rows[1:]):
+        if a.sequence == b.sequence:
+            assert b.sequence_offset >= a.sequence_offset + a.n_tokens
     invoke("probe", "--task", "art-style", "--store", str(store))
     rows = pacsv.read_csv(store / "probes" / "art-style" / "results.csv").to_pylist()
     acc = [r for r in rows if r["metric"] == "accuracy"]
@@ -372,3 +383,13 @@ def test_extract_blink_then_probe_and_pair(tmp_path):
     got = {r["metric"]: r["value"] for r in pacsv.read_csv(store / "probes" / "art-style" / "paired" /
                                                            "paired.csv").to_pylist()}
     assert got["n"] == 3 and got["mlm_right_pct"] == pytest.approx(100 / 3)
+
+    single = tmp_path / "single"  # each image alone: the paired tasks refuse it, naming the flag
+    invoke("extract", "--model", "tiny-qwen25vl", "--dataset", "blink", "--data-root", str(root),
+           "--option", "subtask=Art_Style", "--out", str(single), "--limit", "3")
+    assert {r.sequence for r in FeatureStore.open(single).images()} == {""}
+    proc = invoke("paired", "--store", str(single), "--task", "art-style", "--answers", str(answers), check=False)
+    assert proc.returncode == 2 and "--multi-image" in proc.stderr
+    assert len([ln for ln in proc.stderr.splitlines() if ln.strip()]) == 1
+    alone = run_probe(single, "art-style", {"images": "single"})  # explicitly: the images extracted alone
+    assert {r["value"] for r in alone.table.to_pylist() if r["metric"] == "images_in_one_prompt"} == {0.0}

@@ -11,6 +11,8 @@ from kvpipe.probes.propagation import (bilinear_matrix, labels_to_grid, propagat
                                        upsample_to_mask)
 from kvpipe.probes.variance import Threshold, bimodal_threshold, l2_variance, l2_variance_pooled
 
+from fixtures.davis_reference import brute_force_f  # the official formula written out, independently
+
 
 def square(shape, rows, cols):
     m = np.zeros(shape, bool)
@@ -57,16 +59,6 @@ def test_boundary_f_hand_made():
     assert boundary_f(a, b) == pytest.approx(0.625)
     assert boundary_f(a, np.zeros_like(a)) == 0.0  # precision 1, recall 0
     assert boundary_f(np.zeros_like(a), np.zeros_like(a)) == 1.0
-
-
-def brute_force_f(gt, pred, bound_th=0.008):
-    """The official formula written out: match = another boundary pixel within the disk radius."""
-    r = np.ceil(bound_th * np.linalg.norm(gt.shape))
-    bg, bp = np.argwhere(seg2bmap(gt)), np.argwhere(seg2bmap(pred))
-    d2 = ((bp[:, None, :] - bg[None, :, :]) ** 2).sum(-1)
-    precision = (d2.min(1) <= r * r).mean()
-    recall = (d2.min(0) <= r * r).mean()
-    return 2 * precision * recall / (precision + recall)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -13,7 +13,7 @@ from kvpipe.probes.neighbours import l2_normalise, nearest_in_groups
 from kvpipe.probes.semantic_corr import (bbox_threshold, chance_pck, correct_keypoints, pck_scores,
                                          pixel_to_token, token_centre)
 
-from fixtures.probe_stores import grid_segments, write_feature_store
+from fixtures.probe_stores import HAND_S, grid_segments, hand_store, write_feature_store
 
 
 def value(run, kind, layer, head, metric):
@@ -70,30 +70,6 @@ def test_torch_search_batches_groups_like_one_batch(monkeypatch):
     assert (got[0] == want[0]).all() and np.allclose(got[1], want[1], atol=1e-6)
     with pytest.raises(ValueError, match="no base vectors"):
         nearest_in_groups(q, group, bases[:2] + [np.zeros((0, 8), np.float32)] + bases[3:], backend="torch")
-
-
-# ---------------------------------------------------------------------------- hand store
-HAND_S = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], np.float32)  # 20x20 px, 2x2 grid
-HAND_T = np.array([[5, 5], [0.9, 0.1], [0, 2], [-1, -0.2]], np.float32)  # 40 tall x 20 wide, 2x2 grid
-
-
-def hand_store(path: Path) -> Path:
-    images = [{"id": "s", "h": 20, "w": 20, "segments": grid_segments(2, 2), "feat": HAND_S},
-              {"id": "t", "h": 40, "w": 20, "segments": grid_segments(2, 2), "feat": HAND_T},
-              {"id": "u", "h": 20, "w": 20, "segments": grid_segments(2, 2), "feat": HAND_S[::-1].copy()}]
-    pairs = [
-        # s token (0,0)=[1,0] -> cosine NN t(0,1) (not t(0,0), whose dot product is larger) centre (14.5, 9.5)
-        # s token (0,1)=[0,1] -> t(1,0) centre (4.5, 29.5); s token (1,0)=[-1,0] -> t(1,1) centre (14.5, 29.5)
-        # threshold 0.1 * max(20, 30) = 3: distances 2 (ok), 5.5 (wrong), 2.92 (ok)
-        {"source": "s", "target": "t", "source_kps": [[3, 4], [15, 2], [5, 19]],
-         "target_kps": [[14.5, 11.5], [10, 29.5], [12, 28]], "target_bbox": [0, 0, 20, 30], "category": "a"},
-        # t token (1,1)=[-1,-0.2] -> s(1,0) centre (4.5, 14.5); threshold 1.5, distance 1.118 (ok)
-        {"source": "t", "target": "s", "source_kps": [[14, 30]], "target_kps": [[5, 15.5]],
-         "target_bbox": [2, 2, 12, 17], "category": "a"},
-        {"source": "s", "target": "missing", "source_kps": [[1, 1]], "target_kps": [[1, 1]],
-         "target_bbox": [0, 0, 5, 5], "category": "a"},
-    ]
-    return write_feature_store(path, images, {"pairs": pairs})
 
 
 def test_hand_computed_pck(tmp_path):
