@@ -8,8 +8,9 @@ and report ratios to each other rather than absolute numbers alone.
   floor-kvpipe  the same prefill with kvpipe's equivalent kernels (ModelAdapter.accelerate)
   kvpipe        full extraction into a local store (loading, preprocessing, capture, writes),
                 end to end; kvpipe-steady: the same run from the end of its first part on;
-                kvpipe-lz4bit / kvpipe-int8: the same with the lz4 bit-shuffle codec (larger
-                stores, faster encoding) / the lossy int8 encoding
+                kvpipe-lz4bit / kvpipe-int8 / kvpipe-int4: the same with the lz4 bit-shuffle codec
+                (larger stores, faster encoding) / the lossy int8 / int4 encodings; --views base
+                stores an any-resolution model's base view only (every run)
   naive         what one writes by hand: batch size 1, full forward with use_cache, slice
                 past_key_values at image positions, torch.save one file per image
 
@@ -57,6 +58,7 @@ class BenchConfig:
     naive_images: int = 16
     store_dtype: str | None = None
     codec: str = "zstd"
+    views: str = "all"  # all | base (an any-resolution model's base view only)
     kinds: str | None = None  # None: keys,values for an MLM, hidden for a vision encoder
     layers: str = "all"
     heads: str = "all"
@@ -85,6 +87,7 @@ class BenchResult:
                      ("kvpipe-steady", "floor-hf"), ("kvpipe-steady", "floor-kvpipe"), ("kvpipe-steady", "naive"),
                      ("kvpipe-lz4bit-steady", "floor-hf"), ("kvpipe-lz4bit-steady", "naive"),
                      ("kvpipe-int8-steady", "floor-hf"), ("kvpipe-int8-steady", "naive"),
+                     ("kvpipe-int4-steady", "floor-hf"), ("kvpipe-int4-steady", "naive"),
                      ("floor-kvpipe", "floor-hf")):
             if a in ips and b in ips and ips[b] > 0:
                 out[f"{a} / {b}"] = ips[a] / ips[b]
@@ -105,7 +108,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
     ds_opts = synthetic_options(cfg.images, cfg.size)
     images = synthetic_images(cfg.images, cfg.size)
     batches = [adapter.preprocess(images[i:i + cfg.batch_size]) for i in range(0, len(images), cfg.batch_size)]
-    n_tok = int(batches[0].layouts[0].positions.numel())
+    n_tok = int(batches[0].views(cfg.views).layouts[0].positions.numel())  # tokens stored per image
     name = device_name(device)
     result = BenchResult(asdict(cfg), name, n_tok)
     log(f"{cfg.model} ({cfg.init}, {cfg.dtype}) on {name}: {len(images)} images {cfg.size}x{cfg.size}, "
@@ -133,7 +136,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         record("floor-kvpipe", timed(prefill, device), len(images))
     try:
         extract_runs = (("kvpipe", cfg.store_dtype, cfg.codec), ("kvpipe-lz4bit", cfg.store_dtype, "lz4bit"),
-                        ("kvpipe-int8", "int8", cfg.codec))
+                        ("kvpipe-int8", "int8", cfg.codec), ("kvpipe-int4", "int4", cfg.codec))
         if any(run in cfg.runs for run, _, _ in extract_runs):
             # a short extraction first, as the floors get a warm-up batch, so the first timed
             # run does not also pay the process's one-time costs (encoder threads, the text
@@ -157,7 +160,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
                         parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), parse_kinds(cfg.kinds))
         store_dtype = cfg.store_dtype or cfg.dtype
-        itemsize = {"bfloat16": 2, "float16": 2, "int8": 1}.get(store_dtype, 4)
+        itemsize = {"bfloat16": 2, "float16": 2, "int8": 1, "int4": 1}.get(store_dtype, 4)
         kv = sum(k in sel.kinds for k in ("keys", "values", HIDDEN))
         result.bytes_per_image_raw = (len(sel.layers) * len(sel.heads) * n_tok * kv * itemsize
                                       * stored_dim(adapter.head_dim, store_dtype))
@@ -227,7 +230,7 @@ def _extract_config(cfg: BenchConfig, store: Path, store_dtype: str | None, code
                          init=cfg.init, dtype=cfg.dtype, device=cfg.device, kinds=cfg.kinds,
                          layers=cfg.layers, heads=cfg.heads, store_dtype=store_dtype,
                          batch_size=cfg.batch_size, part_size=cfg.part_size, dataset_options=ds_opts,
-                         codec=codec, command="kvpipe bench extract")
+                         codec=codec, views=cfg.views, command="kvpipe bench extract")
 
 
 def _naive_mlm(adapter: Any, device: torch.device) -> Callable[[Any], dict[str, list[torch.Tensor]]]:

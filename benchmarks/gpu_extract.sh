@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Extraction benchmarks on one GPU: full-size architectures with random weights.
-# Usage: bash benchmarks/gpu_extract.sh [--out DIR] [--models qwen|llava|llava-values|families|all]
+# Usage: bash benchmarks/gpu_extract.sh [--out DIR] [--models qwen|llava|llava-values|families|encodings|all]
 #   (kvpipe importable, a CUDA device; defaults: --out bench-out --models all)
 # Each line is one process: floor, kvpipe (lossless bf16 and int8) and the naive loop share the
 # model, the images and the batch size.
@@ -15,7 +15,7 @@ while [[ $# -gt 0 ]]; do
     *) echo "gpu_extract.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-case $which in qwen|llava|llava-values|families|all) ;; *) echo "gpu_extract.sh: --models $which: one of qwen, llava, llava-values, families, all" >&2; exit 2 ;; esac
+case $which in qwen|llava|llava-values|families|encodings|all) ;; *) echo "gpu_extract.sh: --models $which: one of qwen, llava, llava-values, families, encodings, all" >&2; exit 2 ;; esac
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
 kv() { python3 -m kvpipe.cli bench extract "$@"; }
@@ -43,3 +43,16 @@ if [[ $which == families ]]; then
        --runs floor-hf,floor-kvpipe,kvpipe,naive --json "$out/$m-448-b16.json" || echo "$m: failed"
   done
 fi
+if [[ $which == encodings ]]; then
+  # the store encodings and views, each run one process writing JSON (96-128 images: a minute or
+  # two each on an H100): lossless bf16, int8, int4; LLaVA-OV with every view and the base view only
+  for enc in bfloat16 int8 int4; do
+    kv --model qwen25vl --size 448 --images 128 --batch-size 32 --part-size 64 --runs kvpipe \
+       --store-dtype $enc --json "$out/enc-qwen25vl-448-$enc.json"
+    for views in all base; do
+      kv --model llava-ov --size 384 --images 96 --batch-size 8 --part-size 16 --runs kvpipe \
+         --store-dtype $enc --views $views --json "$out/enc-llava-ov-384-$enc-$views.json"
+    done
+  done
+fi
+

@@ -1,13 +1,19 @@
-"""What the lossy int8 encoding does to probe results, against the lossless store.
+"""What the lossy encodings do to probe results, against the lossless store.
 
-Extracts the same model and images twice (lossless float32 or bfloat16, and ``--store-dtype
-int8``), runs every probe the dataset supports on both, and reports per task: the largest and
-the mean absolute change of the primary metric over all (layer, head, kind) targets, whether
-the best target is the same, and the stored bytes. Also the reconstruction error of the
-features themselves (relative to each token's largest magnitude).
+Extracts the same model and images once lossless (float32 or bfloat16) and once per lossy
+``--store-dtype`` (``--encodings``, default int8 and int4), runs every probe the dataset supports
+on each, and reports per encoding and task: the largest and mean absolute change of the primary
+metric over all (layer, head, kind) targets, whether the best target is the same, and the stored
+bytes; per encoding the cosine of every decoded K/V token to its lossless vector. A second table
+compares candidate encodings on the lossless features themselves (host quantisers, nothing
+stored): int8, int4 with and without the Hadamard rotation, and fp8 e4m3 with a per-token scale.
 
     python -m kvpipe.benchmarks.lossy_fidelity --out /tmp/kvpipe-lossy
     python -m kvpipe.benchmarks.lossy_fidelity --model tiny-llava-ov --images 48 --out /tmp/kvpipe-lossy-ov
+    # on a GPU host: the full-size architecture with random weights (random-7B features are not
+    # real features: this measures the encodings on 7B-shaped activations, not probe quality)
+    python -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random --device cuda --dtype bfloat16 \
+        --reference-dtype bfloat16 --images 16 --tasks input-agnostic --out /tmp/kvpipe-lossy-7b
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ def stored_bytes(root: Path) -> int:
     return sum(f.stat().st_size for f in (root / "parts").rglob("*") if f.is_file())
 
 
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
 def feature_error(ref: FeatureStore, lossy: FeatureStore) -> dict[str, float]:
     errs, cos = [], []
     for kind in ("keys", "values"):
@@ -39,9 +49,49 @@ def feature_error(ref: FeatureStore, lossy: FeatureStore) -> dict[str, float]:
                 a, b = ref.read(kind, layer, head).data, lossy.read(kind, layer, head).data
                 peak = np.maximum(np.abs(a).max(1), 1e-30)
                 errs.append(np.abs(a - b).max(1) / peak)
-                cos.append((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30))
+                cos.append(_cosine(a, b))
     e, c = np.concatenate(errs), np.concatenate(cos)
-    return {"max_rel_error": float(e.max()), "mean_rel_error": float(e.mean()), "min_cosine": float(c.min())}
+    return {"max_rel_error": float(e.max()), "mean_rel_error": float(e.mean()), "min_cosine": float(c.min()),
+            "mean_cosine": float(c.mean())}
+
+
+def _fp8(x: np.ndarray) -> np.ndarray:
+    """fp8 e4m3 with a per-token float32 scale (max |x| / 448), decoded back (torch's rounding)."""
+    import torch
+
+    t = torch.from_numpy(x)
+    scale = t.abs().amax(-1, keepdim=True) / 448.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return ((t / scale).to(torch.float8_e4m3fn).float() * scale).numpy()
+
+
+def candidates() -> dict[str, tuple[float, object]]:
+    """Encodings compared on the features: name -> (bytes per 128-number token, encode + decode)."""
+    from kvpipe.store.encoding import dequantize_int8, quantize_int8
+    from kvpipe.store.quant import dequantize_int4, int4_stored_dim, quantize_int4
+
+    return {"int8": (132, lambda x: dequantize_int8(quantize_int8(x))),
+            "fp8-e4m3": (132, _fp8),
+            "int4 (hadamard)": (int4_stored_dim(128), lambda x: dequantize_int4(quantize_int4(x), x.shape[-1])),
+            "int4 (no rotation)": (int4_stored_dim(128), lambda x: dequantize_int4(
+                quantize_int4(x, rotation="none"), x.shape[-1], rotation="none"))}
+
+
+def compare_candidates(ref: FeatureStore) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, (nbytes, roundtrip) in candidates().items():
+        cos, rel = [], []
+        for kind in ("keys", "values"):
+            for layer in ref.meta.layers:
+                for head in ref.meta.heads:
+                    a = ref.read(kind, layer, head).data
+                    b = roundtrip(a)
+                    cos.append(_cosine(a, b))
+                    rel.append(np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(a, axis=1), 1e-30))
+        c, r = np.concatenate(cos), np.concatenate(rel)
+        out[name] = {"bytes_per_128": nbytes, "mean_cosine": float(c.mean()), "min_cosine": float(c.min()),
+                     "mean_rel_l2": float(r.mean())}
+    return out
 
 
 def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
@@ -51,6 +101,8 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--reference-dtype", default="float32",
                         help="the lossless store's dtype (default: %(default)s)")
+    parser.add_argument("--encodings", default="int8,int4", help="lossy store dtypes to extract and probe, comma "
+                                                                    "list (default: %(default)s)")
     parser.add_argument("--tasks", default=None, help="probes to compare, comma list (default: every probe the "
                                                       "dataset supports)")
     parser.set_defaults(model="tiny-qwen25vl", init="pretrained", dtype="float32", device="cpu", part_size=8)
@@ -60,37 +112,46 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(get_args_parser(), argv)
     if args.out is None:
-        raise SystemExit("lossy_fidelity needs --out (the directory for its two stores)")
+        raise SystemExit("lossy_fidelity needs --out (the directory for its stores)")
     shutil.rmtree(args.out, ignore_errors=True)
+    encodings = comma_list(args.encodings)
     stores = {}
-    for name, dtype in (("reference", args.reference_dtype), ("int8", "int8")):
+    for name, dtype in (("reference", args.reference_dtype), *((e, e) for e in encodings)):
         stores[name] = args.out / name
         extract(ExtractConfig(model=args.model, dataset=args.dataset, out=str(stores[name]), limit=args.images,
                               init=args.init, dtype=args.dtype, device=args.device, store_dtype=dtype,
                               batch_size=args.batch_size, part_size=args.part_size))
-    ref, lossy = FeatureStore.open(stores["reference"]), FeatureStore.open(stores["int8"])
+    opened = {k: FeatureStore.open(v) for k, v in stores.items()}
+    ref = opened["reference"]
     report = {"model": args.model, "dataset": args.dataset, "images": len(ref.images()),
               "bytes_per_image": {k: stored_bytes(v) / len(ref.images()) for k, v in stores.items()},
-              "features": feature_error(ref, lossy), "tasks": {}}
+              "features": {e: feature_error(ref, opened[e]) for e in encodings},
+              "candidates": compare_candidates(ref), "tasks": {}}
     tasks = [t for t in (ref.meta.dataset.tasks or ()) if t in PROBES
              and (args.tasks is None or t in comma_list(args.tasks))]
-    print(f"{'task':16s} {'metric':10s} {'targets':>7s} {'max |d|':>8s} {'mean |d|':>8s} {'best ref':>8s} "
-          f"{'best int8':>9s} same-best")
+    print(f"{'task':16s} {'encoding':9s} {'metric':10s} {'targets':>7s} {'max |d|':>8s} {'mean |d|':>8s} "
+          f"{'best ref':>8s} {'best':>8s} same-best")
     for task in tasks:
         metric = PROBES.get(task).primary_metric
-        tables = {k: run_probe(v, task, use_cache=False, save_predictions="none").table.to_pylist() for k, v in stores.items()}
-        vals = [{(r["kind"], r["layer"], r["head"]): r["value"] for r in t if r["metric"] == metric}
-                for t in tables.values()]
-        keys = sorted(k for k in vals[0] if k in vals[1] and np.isfinite(vals[0][k]) and np.isfinite(vals[1][k]))
-        d = np.array([abs(vals[0][k] - vals[1][k]) for k in keys])
-        best = [max(keys, key=lambda k: v[k]) for v in vals]
-        row = {"metric": metric, "targets": len(keys), "max_abs_diff": float(d.max()),
-               "mean_abs_diff": float(d.mean()), "best_reference": vals[0][best[0]], "best_int8": vals[1][best[1]],
-               "same_best_target": best[0] == best[1]}
-        report["tasks"][task] = row
-        print(f"{task:16s} {metric:10s} {len(keys):7d} {row['max_abs_diff']:8.4f} {row['mean_abs_diff']:8.4f} "
-              f"{row['best_reference']:8.4f} {row['best_int8']:9.4f} {row['same_best_target']}")
-    print(json.dumps({k: report[k] for k in ("bytes_per_image", "features")}, indent=1))
+        vals = {}
+        for k, v in stores.items():
+            table = run_probe(v, task, use_cache=False, save_predictions="none").table.to_pylist()
+            vals[k] = {(r["kind"], r["layer"], r["head"]): r["value"] for r in table if r["metric"] == metric}
+        report["tasks"][task] = {}
+        for enc in encodings:
+            a, b = vals["reference"], vals[enc]
+            keys = sorted(k for k in a if k in b and np.isfinite(a[k]) and np.isfinite(b[k]))
+            d = np.array([abs(a[k] - b[k]) for k in keys])
+            best = [max(keys, key=lambda k: v[k]) for v in (a, b)]
+            row = {"metric": metric, "targets": len(keys), "max_abs_diff": float(d.max()),
+                   "mean_abs_diff": float(d.mean()), "best_reference": a[best[0]], "best_lossy": b[best[1]],
+                   "best_target_reference": list(best[0]), "best_target_lossy": list(best[1]),
+                   "same_best_target": best[0] == best[1]}
+            report["tasks"][task][enc] = row
+            print(f"{task:16s} {enc:9s} {metric:10s} {len(keys):7d} {row['max_abs_diff']:8.4f} "
+                  f"{row['mean_abs_diff']:8.4f} {row['best_reference']:8.4f} {row['best_lossy']:8.4f} "
+                  f"{row['same_best_target']}")
+    print(json.dumps({k: report[k] for k in ("bytes_per_image", "features", "candidates")}, indent=1))
     return finish(args, report)
 
 

@@ -42,6 +42,7 @@ def _add_subcommands() -> None:
     from kvpipe.cli.model_loop import register as register_model_loop
     from kvpipe.cli.paired import register as register_paired
     from kvpipe.cli.paper import register as register_paper
+    from kvpipe.cli.plan import register as register_plan
     from kvpipe.cli.prefix import register as register_prefix
 
     app.add_typer(bench_app, name="bench")
@@ -49,6 +50,7 @@ def _add_subcommands() -> None:
     register_paired(app)  # paired, figure3
     register_prefix(app)  # report-prefix
     register_paper(app)  # paper: the paper's tables and figures
+    register_plan(app)  # plan
 
 
 _add_subcommands()
@@ -82,7 +84,16 @@ def extract(
     kinds: Optional[str] = typer.Option(None, help="comma list of keys, values, post_proj (an MLM's; default: all "
                                                     "three) or hidden (a vision encoder's block outputs; its default)"),
     store_dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: --dtype) | int8 (lossy: "
-                                                          "8-bit codes and a scale per token, half of bf16)"),
+                                                          "8-bit codes and a scale per token, half of bf16) | int4 "
+                                                          "(lossy: rotated 4-bit codes, a scale and zero point per "
+                                                          "token, about a quarter of bf16)"),
+    views: Annotated[Optional[str], typer.Option(help="base (an any-resolution model's base view only: what the "
+                                                      "probes read) | all (crops/tiles too); default: what --tasks "
+                                                      "need")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="comma list of the probes the store will serve (default: "
+                                                      "every task of the dataset); sets the default --views")] = None,
+    force: Annotated[bool, typer.Option("--force", help="start even when the output disk looks too small for "
+                                                        "the planned store (see kvpipe plan)")] = False,
     codec: str = typer.Option("zstd", help="lossless codec: zstd (smaller) | lz4bit (lz4, bit shuffle: faster to "
                                                "write and read) | lz4 | zstd3"),
     batch_size: int = typer.Option(4, help="images per forward pass"),
@@ -106,6 +117,7 @@ def extract(
                                                                     "the paired tasks read these rows)")] = False,
 ) -> None:
     """Run the model once per image and store every layer's and head's image K/V."""
+    from kvpipe.cli.plan import choose_views
     from kvpipe.cli.progress import extraction_progress
     from kvpipe.pipeline.extraction.config import ExtractConfig, parse_image_size, validate
 
@@ -118,8 +130,9 @@ def extract(
                         ray_address=ray_address, workers=workers, repair=repair,
                         dataset_options=parse_params(option, "--option"), codec=codec,
                         image_size=parse_image_size(image_size), multi_image=multi_image,
-                        command="kvpipe " + " ".join(sys.argv[1:]))
+                        command="kvpipe " + " ".join(sys.argv[1:]), force=force)
     validate(cfg)  # usage errors answer before torch and the model are imported
+    cfg = choose_views(cfg, views, tasks)
     from kvpipe.pipeline.extraction.job import extract as run_extract
 
     with extraction_progress(console) as (on_start, advance):
@@ -373,7 +386,8 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="where the store and re
     extract(model="tiny-qwen25vl", dataset="synthetic", out=store, data_root=None, split=None,
             limit=None, init="pretrained", revision=None, dtype="float32", device="cpu", prefix="",
             template="chat", keys="post-rope", layers="all", heads="all",
-            kinds="keys,values,post_proj", store_dtype=None, codec="zstd", batch_size=4, part_size=8,
+            kinds="keys,values,post_proj", store_dtype=None, views=None, tasks=None, force=False, codec="zstd",
+            batch_size=4, part_size=8,
             strict=False, seed=0, executor="local", ray_address=None, workers=None, repair=False, option=[])
     probe(task="all", store=store, out=None, param=[], no_cache=False, device="auto", layers=None, heads=None,
           kinds=None, executor="local", workers=None, ray_address=None, save_predictions="best")

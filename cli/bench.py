@@ -27,7 +27,9 @@ def bench_extract_cmd(
                                                   "hidden of a vision encoder)"),
     layers: str = typer.Option("all", help="layers kvpipe stores"),
     heads: str = typer.Option("all", help="KV heads kvpipe stores"),
-    store_dtype: Optional[str] = typer.Option(None, help="on-disk dtype (default: --dtype)"),
+    store_dtype: Optional[str] = typer.Option(None, help="on-disk dtype (default: --dtype): float32 | float16 | "
+                                                          "bfloat16 | int8 | int4"),
+    views: str = typer.Option("all", help="all | base (an any-resolution model's base view only)"),
     codec: str = typer.Option("zstd", help="store codec: zstd | lz4bit | lz4 | zstd3"),
     runs: str = typer.Option("floor-hf,floor-kvpipe,kvpipe,naive", help="which runs"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
@@ -37,7 +39,7 @@ def bench_extract_cmd(
 
     cfg = BenchConfig(model=model, init=init, dtype=dtype, device=device, size=size, images=images,
                       batch_size=batch_size, part_size=part_size, naive_images=naive_images, kinds=kinds,
-                      layers=layers, heads=heads, store_dtype=store_dtype, codec=codec,
+                      layers=layers, heads=heads, store_dtype=store_dtype, codec=codec, views=views,
                       runs=tuple(r.strip() for r in runs.split(",") if r.strip()))
     result = bench_extract(cfg, log=typer.echo)
     if json_out:

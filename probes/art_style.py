@@ -43,6 +43,7 @@ class ReferenceChoice(PairedProbe):
     subtask = ""  # BLINK sub-task of the questions this probe answers
     benchmark = "blink"
     defaults = {"tokens": "all", "images": "sequence"}
+    crop_params = {"tokens": ("all",)}  # every token: crops, tiles and newlines too
 
     def wanted(self, question: dict[str, Any]) -> bool:
         return question.get("subtask") == self.subtask

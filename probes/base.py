@@ -117,6 +117,15 @@ class Probe:
     defaults: ClassVar[dict[str, Any]] = {}
     version: ClassVar[int] = 1  # bump when scores change, to invalidate cached results
     prediction_format: ClassVar[str] = ""  # what ``predictions`` returns (probes/predictions.py FORMATS); "" none
+    # parameter values that read an any-resolution model's crops (every token, or the crops grid),
+    # which a store extracted with --views base does not hold: {"tokens": ("all",)}
+    crop_params: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    @classmethod
+    def reads_crops(cls, params: dict[str, Any] | None = None) -> str:
+        """"tokens=all" when these parameters (over the defaults) read the crops, else ""."""
+        full = {**cls.defaults, **(params or {})}
+        return ", ".join(f"{k}={full.get(k)}" for k, values in cls.crop_params.items() if full.get(k) in values)
 
     def __init__(self, store: FeatureStore, params: dict[str, Any], device: str = "auto",
                  selection: Selection | None = None):
@@ -126,6 +135,11 @@ class Probe:
                              f"its parameters: {', '.join(self.defaults) or 'none'}")
         self.store = store
         self.params = {**self.defaults, **params}
+        crops = self.reads_crops(self.params)
+        if crops and store.meta.stored_views == "base":
+            raise UsageError(f"task {self.name} with {crops} reads the crops (tokens outside the base view), and the "
+                             f"store {store.root} holds the base view only (extracted with --views base); re-extract "
+                             f"with --views all, or set {crops.split('=')[0]} to another value")
         self.device = resolve_device(device)  # "numpy" (the reference code), "cpu" or "cuda:N" (torch)
         self.selection = selection or Selection()
         self.prepare()
@@ -189,3 +203,13 @@ PROBES: Registry[type[Probe]] = Registry(
     "task", "--task", package="kvpipe.probes",
     modules=("cosegmentation", "fg_seg", "input_agnostic", "refexp_seg", "semantic_corr", "semantic_seg",
              "temporal_corr", "art_style", "spair_vqa", "visual_similarity"))
+
+
+def views_for(tasks: list[str] | tuple[str, ...], params: dict[str, dict[str, Any]] | None = None) -> tuple[str, str]:
+    """The views a store must hold for ``tasks`` (each with its default parameters, or those in
+    ``params[task]``): ("all", why) when one of them reads the crops, else ("base", why)."""
+    crops = [f"{t} ({why})" for t in tasks if t in PROBES
+             for why in [PROBES.get(t).reads_crops((params or {}).get(t))] if why]
+    if crops:
+        return "all", f"{', '.join(crops)} read the crops"
+    return "base", f"tasks {', '.join(tasks) or 'none'} read the base view"

@@ -63,6 +63,7 @@ class InputAgnostic(Probe):
     version = 2
     defaults = {"max_images": 1000, "threshold": None, "pca_layer": None, "pca_images": None,
                 "estimator": "position"}
+    crop_params = {"estimator": ("pooled",)}  # every key token of every image, crops and newlines too
 
     def prepare(self) -> None:
         rows = self.store.images()[: int(self.params["max_images"])]

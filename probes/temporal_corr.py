@@ -71,6 +71,7 @@ class TemporalCorrespondence(Probe):
     version = 2
     defaults = {"n_last_frames": 7, "neighborhood_px": DINO_NEIGHBORHOOD * DINO_PATCH_PX,
                 "size_mask_neighborhood": None, "topk": 5, "temperature": 0.1, "tokens": "base"}
+    crop_params = {"tokens": ("crops",)}
 
     def prepare(self) -> None:
         tokens = self.params["tokens"]

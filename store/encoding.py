@@ -1,18 +1,23 @@
-"""Array encodings of the store: dtypes on disk (lossless, or int8 per token), the codec.
+"""Array encodings of the store: dtypes on disk (lossless, or int8 / int4 per token), the codec.
 
 Why: bfloat16 is what 7B models compute in, and Zarr v3 has no bfloat16 type, so bf16 is
 stored as its raw 16-bit pattern (uint16) and converted back on read: lossless and fast.
 Blosc with byte shuffle + zstd is the default compressor (numcodecs' Blosc, via Zarr; ``CODECS``).
+Each ``--store-dtype`` is one entry of ``ENCODINGS`` (disk dtype, token width, encode, decode);
+the lossy ones record their parameters in the store's Encoding metadata (``lossy_meta``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 from zarr.codecs import BloscCodec
 
-DISK_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16", "int8": "int8"}
+from kvpipe.errors import StoreError
+from kvpipe.store.quant import ROTATION_SEED, ROTATIONS, dequantize_int4, int4_stored_dim, quantize_int4
+
 # int8 (lossy): each token vector of D numbers is stored as D int8 codes followed by its float32
 # scale as 4 bytes, so a (layer, head) chunk stays one self-contained [tokens, D + 4] array and
 # every part, chunk and reader path is the same as for the lossless dtypes.
@@ -39,8 +44,10 @@ def compressor(store_dtype: str, clevel: int = CLEVEL, cname: str = "zstd", shuf
 
 
 def compressor_meta(store_dtype: str, codec: str = "zstd") -> dict:
+    """The store's Encoding metadata: the Blosc codec, and a lossy encoding's parameters."""
     cname, clevel, shuffle = CODECS[codec]
-    return {"codec": "blosc", "cname": cname, "clevel": clevel, "shuffle": _SHUFFLE_META[shuffle]}
+    return {"codec": "blosc", "cname": cname, "clevel": clevel, "shuffle": _SHUFFLE_META[shuffle],
+            **lossy_meta(store_dtype)}
 
 
 def compressor_for(meta_compressor: Any, store_dtype: str) -> BloscCodec:
@@ -52,11 +59,6 @@ def compressor_for(meta_compressor: Any, store_dtype: str) -> BloscCodec:
     shuffle = _SHUFFLE_OF_META[enc.shuffle or "byte"]
     clevel = 3 if enc.clevel is None else enc.clevel
     return compressor(store_dtype, clevel, enc.cname or "zstd", shuffle)
-
-
-def stored_dim(dim: int, store_dtype: str) -> int:
-    """Length of a token's last axis on disk."""
-    return dim + SCALE_BYTES if store_dtype == "int8" else dim
 
 
 def quantize_int8(x: np.ndarray) -> np.ndarray:
@@ -80,30 +82,6 @@ def dequantize_int8(raw: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
     return out
 
 
-def encode(x: np.ndarray, store_dtype: str) -> np.ndarray:
-    """float32 (or float16) array -> the on-disk array for ``store_dtype``.
-
-    Arrays already in the on-disk dtype (bf16 bit patterns or int8 codes from the GPU) pass
-    unchanged.
-    """
-    if store_dtype == "int8":
-        return x if x.dtype == np.int8 else quantize_int8(x)
-    if store_dtype == "bfloat16":
-        if x.dtype == np.uint16:
-            return x
-        return float32_to_bf16_bits(np.asarray(x, dtype=np.float32))
-    return np.asarray(x, dtype=store_dtype)
-
-
-def decode(raw: np.ndarray, store_dtype: str) -> np.ndarray:
-    """On-disk array -> float32."""
-    if store_dtype == "int8":
-        return dequantize_int8(raw)
-    if store_dtype == "bfloat16":
-        return bf16_bits_to_float32(raw)
-    return raw.astype(np.float32, copy=False)
-
-
 def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """Round-to-nearest-even float32 -> bfloat16 bit patterns (as torch does)."""
     bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
@@ -119,12 +97,108 @@ def bf16_bits_to_float32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
-def decode_into(raw: np.ndarray, store_dtype: str, out: np.ndarray) -> None:
-    """Decode ``raw`` into the float32 array ``out`` in place (no temporary float32 copy)."""
-    if store_dtype == "int8":
-        dequantize_int8(raw, out)
-    elif store_dtype == "bfloat16":
-        bits = out.view(np.uint32)
-        np.left_shift(raw, 16, out=bits, dtype=np.uint32)
-    else:
+def _bf16_encode(x: np.ndarray) -> np.ndarray:
+    return x if x.dtype == np.uint16 else float32_to_bf16_bits(np.asarray(x, dtype=np.float32))
+
+
+def _bf16_decode_into(raw: np.ndarray, out: np.ndarray) -> None:
+    np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
+
+
+def _plain(dtype: str) -> "DiskEncoding":
+    def enc(x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=dtype)
+
+    def dec(raw: np.ndarray, out: np.ndarray) -> None:
         out[...] = raw
+
+    return DiskEncoding(dtype, lambda d: d, enc, dec)
+
+
+@dataclass(frozen=True)
+class DiskEncoding:
+    """One ``--store-dtype``: its disk dtype, token width on disk for a vector of D numbers,
+    encode (float -> disk array; arrays already in the disk dtype, as the device sends them,
+    pass unchanged) and decode (disk -> a float32 array, in place)."""
+
+    disk_dtype: str
+    width: Callable[[int], int]
+    encode: Callable[[np.ndarray], np.ndarray]
+    decode_into: Callable[[np.ndarray, np.ndarray], None]
+    lossy: bool = False
+    dim_of: Callable[[int], int] = lambda w: w  # the (even) vector length stored in w columns
+
+
+def _int4(rotation: str = "hadamard", seed: int = ROTATION_SEED) -> DiskEncoding:
+    def enc(x: np.ndarray) -> np.ndarray:
+        return x if x.dtype == np.uint8 else quantize_int4(x, rotation, seed)
+
+    def dec(raw: np.ndarray, out: np.ndarray) -> None:
+        dequantize_int4(raw, out.shape[-1], out, rotation, seed)
+
+    return DiskEncoding("uint8", int4_stored_dim, enc, dec, lossy=True, dim_of=lambda w: 2 * (w - 8))
+
+
+ENCODINGS: dict[str, DiskEncoding] = {
+    "float32": _plain("float32"),
+    "float16": _plain("float16"),
+    "bfloat16": DiskEncoding("uint16", lambda d: d, _bf16_encode, _bf16_decode_into),
+    "int8": DiskEncoding("int8", lambda d: d + SCALE_BYTES,
+                         lambda x: x if x.dtype == np.int8 else quantize_int8(x),
+                         lambda raw, out: dequantize_int8(raw, out), lossy=True, dim_of=lambda w: w - SCALE_BYTES),
+    "int4": _int4(),
+}
+DISK_DTYPE = {name: e.disk_dtype for name, e in ENCODINGS.items()}  # --store-dtype -> numpy dtype on disk
+
+
+def lossy_meta(store_dtype: str) -> dict[str, Any]:
+    """The lossy encoding's parameters for the store's Encoding metadata ({} when lossless)."""
+    if store_dtype == "int8":
+        return {"quant": "int8", "scale": "absmax"}
+    if store_dtype == "int4":
+        return {"quant": "int4", "scale": "minmax", "rotation": "hadamard", "rotation_seed": ROTATION_SEED}
+    return {}
+
+
+def encoding_for(store_dtype: str, params: Any = None) -> DiskEncoding:
+    """The encoding of a store (``params``: its Encoding metadata, for a lossy encoding's
+    rotation and seed); a one-line StoreError for one this kvpipe does not know."""
+    if store_dtype not in ENCODINGS:
+        raise StoreError(f"the store uses encoding {store_dtype!r}, which this kvpipe does not know "
+                         f"(known: {', '.join(ENCODINGS)}); upgrade kvpipe to read it")
+    if store_dtype == "int4" and params is not None:
+        get = params.get if hasattr(params, "get") else dict(params).get
+        rotation = get("rotation") or "hadamard"
+        if rotation not in ROTATIONS:
+            raise StoreError(f"the store's int4 encoding uses rotation {rotation!r}, which this kvpipe does not "
+                             f"know (known: {', '.join(ROTATIONS)}); upgrade kvpipe to read it")
+        seed = get("rotation_seed")
+        return _int4(rotation, ROTATION_SEED if seed is None else int(seed))
+    return ENCODINGS[store_dtype]
+
+
+def stored_dim(dim: int, store_dtype: str) -> int:
+    """Length of a token's last axis on disk."""
+    return encoding_for(store_dtype).width(dim)
+
+
+def encode(x: np.ndarray, store_dtype: str, params: Any = None) -> np.ndarray:
+    """float32 (or float16) array -> the on-disk array for ``store_dtype``.
+
+    Arrays already in the on-disk dtype (bf16 bit patterns or int8 / int4 codes from the GPU)
+    pass unchanged.
+    """
+    return encoding_for(store_dtype, params).encode(x)
+
+
+def decode(raw: np.ndarray, store_dtype: str, params: Any = None, dim: int | None = None) -> np.ndarray:
+    """On-disk array -> float32 (``dim``: the vector length, needed by int4 for odd lengths)."""
+    enc = encoding_for(store_dtype, params)
+    out = np.empty(raw.shape[:-1] + (enc.dim_of(raw.shape[-1]) if dim is None else dim,), np.float32)
+    enc.decode_into(raw, out)
+    return out
+
+
+def decode_into(raw: np.ndarray, store_dtype: str, out: np.ndarray, params: Any = None) -> None:
+    """Decode ``raw`` into the float32 array ``out`` in place (no temporary float32 copy)."""
+    encoding_for(store_dtype, params).decode_into(raw, out)

@@ -249,7 +249,7 @@ class FeatureStore:
                             f"{Kind.POST_PROJ} of part {layout.part_name(part)}", self.root)
 
     def _chunk(self, part: int, kind: str, li: int | None, hi: int | None) -> np.ndarray:
-        return decode(self._raw(part, kind, li, hi), self.meta.store_dtype)
+        return decode(self._raw(part, kind, li, hi), self.meta.store_dtype, self.meta.compressor)
 
     def read(self, kind: str, layer: int | None = None, head: int | None = None,
              images: Sequence[ImageRow] | None = None) -> Features:
@@ -283,7 +283,7 @@ class FeatureStore:
             for i in by_part[part]:
                 r = rows[i]
                 decode_into(raw[r.token_offset: r.token_offset + r.n_tokens], self.meta.store_dtype,
-                            data[offsets[i]: offsets[i + 1]])
+                            data[offsets[i]: offsets[i + 1]], self.meta.compressor)
 
         if len(by_part) > 1:
             with ThreadPoolExecutor(min(READ_THREADS, len(by_part))) as pool:
@@ -378,7 +378,7 @@ class FeatureStore:
         dtype = np.dtype(DISK_DTYPE[self.meta.store_dtype])
         dim = stored_dim(self.meta.head_dim, self.meta.store_dtype)
         raw = decode_chunk(payload, dtype, len(queries), dim, f"{kind} of the text queries", self.root)
-        return decode(raw, self.meta.store_dtype)
+        return decode(raw, self.meta.store_dtype, self.meta.compressor, self.meta.head_dim)
 
     def describe(self) -> dict[str, Any]:
         ok = self.images()
@@ -394,6 +394,11 @@ class FeatureStore:
             "kinds": ", ".join(self.meta.kinds),
             "keys": self.meta.keys_rope,
             "dtype": f"{self.meta.store_dtype} on disk (computed in {self.meta.compute_dtype})",
+            **({"encoding": ", ".join(f"{k} {v}" for k, v in self.meta.compressor.items()
+                                      if k in ("quant", "scale", "rotation", "rotation_seed"))}
+               if self.meta.compressor.get("quant") else {}),
+            "views": self.meta.stored_views + (" (base view only: crops not stored)"
+                                               if self.meta.stored_views == "base" else ""),
             "head_dim": self.meta.head_dim,
             "template": self.meta.template + (f" + prefix {self.meta.prefix!r}" if self.meta.prefix else ""),
             **({"prefix per image": ", ".join(f"{k} {v}" for k, v in self.meta.prefix_choice.to_dict().items())}

@@ -45,7 +45,7 @@ POST_PROJ = Kind.POST_PROJ.value
 ALL_KINDS = (*KINDS, POST_PROJ)
 KEY_ROPE = ("post-rope", "pre-rope")
 KEY_CONVENTIONS = (*KEY_ROPE, "none")  # "none": a vision encoder's store (no keys)
-STORE_DTYPES = ("float32", "float16", "bfloat16", "int8")  # int8: lossy, a scale per token
+STORE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4")  # int8, int4: lossy (store.encoding)
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 META_ATTR = "kvpipe"
 
@@ -147,6 +147,11 @@ class Section:
             return check_int(where, name, value, *args)
         if kind == "strs":
             return check_str_list(where, name, value)
+        if kind == "newer":  # a name a later kvpipe may add: refused as unknown, not as damage
+            check_str(where, name, value)
+            if value not in args[0]:
+                raise StoreError(f"{where} uses {name} {value!r}, which this kvpipe does not know "
+                                 f"(known: {', '.join(args[0])}); upgrade kvpipe to read it")
         return value
 
     def _value(self, key: str) -> Any:
@@ -232,16 +237,24 @@ SHUFFLES = ("byte", "bit", "none")
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Encoding(Section):
     """The chunk codec (``store.encoding.CODECS``); empty in stores made before the choice
-    existed, which were written with Blosc zstd level 3, byte shuffle."""
+    existed, which were written with Blosc zstd level 3, byte shuffle. A lossy store dtype
+    adds its parameters: ``quant`` (int8 | int4), ``scale`` (absmax: symmetric; minmax: a
+    scale and a zero point per token), ``rotation`` (hadamard | none) and ``rotation_seed``.
+    A value this kvpipe does not know (a newer store) is refused with "upgrade kvpipe"."""
 
     codec: str | None = None
     cname: str | None = None
     clevel: int | None = None
     shuffle: str | None = None
+    quant: str | None = None
+    scale: str | None = None
+    rotation: str | None = None
+    rotation_seed: int | None = None
 
     _SPECS: ClassVar[dict[str, tuple]] = {
         "codec": ("str", ("blosc",)), "cname": ("str", BLOSC_CNAMES), "clevel": ("int", 0, 9),
-        "shuffle": ("str", SHUFFLES)}
+        "shuffle": ("str", SHUFFLES), "quant": ("newer", ("int8", "int4")), "scale": ("newer", ("absmax", "minmax")),
+        "rotation": ("newer", ("hadamard", "none")), "rotation_seed": ("int", 0, (1 << 32) - 1)}
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -257,7 +270,25 @@ class PrefixChoice(Section):
         "source": ("str",), "control": ("str",), "seed": ("int", -(1 << 63), (1 << 64) - 1)}
 
 
-_SECTIONS = {"model": ModelSource, "dataset": DatasetInfo, "compressor": Encoding, "prefix_choice": PrefixChoice}
+VIEWS = ("all", "base")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ViewChoice(Section):
+    """Which views of an any-resolution model's image were stored (``kvpipe extract --views``):
+    ``all`` (every token: base view, crops or tiles, newlines) or ``base`` (the base view's grid
+    only: what the probes read by default; crops are not written). ``reason`` says how it was
+    chosen (the option, or the tasks it serves). Empty in stores made before the choice
+    existed, which hold every view."""
+
+    views: str | None = None
+    reason: str | None = None
+
+    _SPECS: ClassVar[dict[str, tuple]] = {"views": ("newer", VIEWS), "reason": ("str",)}
+
+
+_SECTIONS = {"model": ModelSource, "dataset": DatasetInfo, "compressor": Encoding, "prefix_choice": PrefixChoice,
+             "views": ViewChoice}
 
 
 @dataclass(frozen=True)
@@ -290,6 +321,8 @@ class FeatureSetMeta:
     # per-image prefixes (kvpipe extract --prefix-from / --prefix-control): {"source", "control",
     # "seed"}; each image's text is its manifest row's meta["prefix"]. {}: none (older stores too)
     prefix_choice: PrefixChoice = field(default_factory=PrefixChoice)
+    # which views were stored ({"views": "all" | "base", "reason": ...}); {}: every view (older stores)
+    views: ViewChoice = field(default_factory=ViewChoice)
     command: str = ""
     kvpipe_version: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -308,6 +341,8 @@ class FeatureSetMeta:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "views" and not value:
+                continue  # older stores have no views section; their metadata is written back as it was
             out[f.name] = value.to_dict() if isinstance(value, Section) else value
         return json.loads(json.dumps(out))
 
@@ -322,7 +357,8 @@ class FeatureSetMeta:
             raise StoreError(f"{where} uses store schema {version}, newer than this kvpipe "
                              f"({SCHEMA_VERSION}); upgrade kvpipe to read it")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data) - {"text_queries", "compressor", "prefix_choice", "command", "kvpipe_version"}
+        missing = names - set(data) - {"text_queries", "compressor", "prefix_choice", "views", "command",
+                                       "kvpipe_version"}
         if missing:
             raise StoreError(f"{where} metadata lacks {', '.join(sorted(missing))}; the store is damaged")
         kw = {k: v for k, v in data.items() if k in names}
@@ -346,7 +382,16 @@ class FeatureSetMeta:
             d.pop(k, None)
         if not d.get("prefix_choice"):
             d.pop("prefix_choice", None)  # stores without per-image prefixes keep their fingerprint
+        if self.stored_views == "all":
+            d.pop("views", None)  # every view stored: the same feature set as an older store's
+        else:
+            d["views"] = {"views": self.stored_views}  # how it was chosen is provenance
         return d
+
+    @property
+    def stored_views(self) -> str:
+        """"base" when only the base view's tokens were stored, else "all" (older stores too)."""
+        return self.views.views or "all"
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
@@ -381,7 +426,10 @@ def check_fields(kw: dict[str, Any], where: str) -> None:
     check_int(where, "head_dim", kw["head_dim"], 1, MAX_DIM)
     check_int(where, "hidden_size", kw["hidden_size"], 1, MAX_DIM)
     check_str(where, "compute_dtype", kw["compute_dtype"], COMPUTE_DTYPES)
-    check_str(where, "store_dtype", kw["store_dtype"], STORE_DTYPES)
+    check_str(where, "store_dtype", kw["store_dtype"])
+    if kw["store_dtype"] not in STORE_DTYPES:
+        raise StoreError(f"{where} uses encoding {kw['store_dtype']!r} (store_dtype), which this kvpipe does not "
+                         f"know (known: {', '.join(STORE_DTYPES)}); upgrade kvpipe to read it")
     check_str(where, "template", kw["template"])
     check_str(where, "prefix", kw["prefix"])
     check_int_list(where, "prefix_token_ids", kw["prefix_token_ids"], 0, MAX_TOKEN_ID, MAX_PREFIX_TOKENS)

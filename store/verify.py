@@ -23,6 +23,7 @@ import zarr
 
 from kvpipe.store import layout
 from kvpipe.store.checksum import THREADS
+from kvpipe.store.encoding import stored_dim
 from kvpipe.store.fs import Location
 from kvpipe.store.manifest import check_checksums
 from kvpipe.store.reader import FeatureStore
@@ -112,8 +113,10 @@ def _check_arrays(store: FeatureStore, part: int, report: VerifyReport) -> None:
             elif end > n_tokens:
                 report.add(part, f"the manifest's token ranges end at {end}, past the {n_tokens} tokens of {kind}")
             dim = store.meta.hidden_size if kind == Kind.POST_PROJ else store.meta.head_dim
-            if data.shape[-1] not in (dim, dim + 4):
-                report.add(part, f"{kind} tokens have {data.shape[-1]} numbers, the metadata says {dim}")
+            width = stored_dim(dim, store.meta.store_dtype)
+            if data.shape[-1] != width:
+                report.add(part, f"{kind} tokens have {data.shape[-1]} columns on disk, the metadata says {dim} "
+                                 f"numbers ({width} columns as {store.meta.store_dtype})")
         n_mask = sum(r.mask_h * r.mask_w for r in rows if r.mask_offset >= 0)
         if n_mask:
             size = group["masks"].shape[0]

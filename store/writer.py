@@ -280,7 +280,9 @@ class StoreWriter:
             comp = type(comp)(cname="zstd", clevel=3, shuffle="noshuffle", typesize=1)
         else:  # batches from the device come already in the disk dtype; encode() passes them through
             sd = self.meta.store_dtype
-            data = arr.map(lambda piece: encode(piece, sd)) if isinstance(arr, TokenSegments) else encode(arr, sd)
+            params = self.meta.compressor
+            data = (arr.map(lambda piece: encode(piece, sd, params)) if isinstance(arr, TokenSegments)
+                    else encode(arr, sd, params))
             dtype, comp = DISK_DTYPE[self.meta.store_dtype], compressor_for(self.meta.compressor, self.meta.store_dtype)
         if data.size == 0:
             return {}  # a part whose images all failed has no tokens

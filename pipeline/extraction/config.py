@@ -23,7 +23,7 @@ from kvpipe.pipeline.models.options import check_init, dtype_name
 from kvpipe.pipeline.models.selection import Selection
 from kvpipe.roots import existing_root
 from kvpipe.store.encoding import CODECS, compressor_meta
-from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, FeatureSetMeta, ids_fingerprint
+from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, VIEWS, FeatureSetMeta, ids_fingerprint
 
 if TYPE_CHECKING:  # config is checked before any model code is imported
     from kvpipe.pipeline.models.base import ModelAdapter
@@ -68,6 +68,11 @@ class ExtractConfig:
     # (width, height): every image resized to this size before the model's processor (one token
     # layout for native-resolution models; recorded in the store's dataset description)
     image_size: tuple[int, int] | None = None
+    # all | base: an any-resolution model's crops/tiles stored too, or the base view only (what the
+    # probes read); the CLI's default follows the tasks the store serves (probes.base.views_for)
+    views: str = "all"
+    views_reason: str = ""  # how views was chosen (recorded in the store metadata)
+    force: bool = False  # start even when the output disk looks too small for the planned store
     # each sequence's images (a BLINK question's) in one prompt, as kvpipe answer shows them
     # (extraction.sequences); recorded in the store's dataset description
     multi_image: bool = False
@@ -162,6 +167,7 @@ def validate(cfg: ExtractConfig) -> None:
         raise UsageError(f"--keys must be one of {', '.join(KEY_ROPE)}, not {cfg.keys!r}")
     if cfg.store_dtype is not None and cfg.store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
+    validate_views(cfg)
     if cfg.codec not in CODECS:
         raise UsageError(f"--codec must be one of {', '.join(CODECS)}, not {cfg.codec!r}")
     if cfg.batch_size < 1 or (cfg.part_size is not None and cfg.part_size < 1):
@@ -185,6 +191,11 @@ def validate(cfg: ExtractConfig) -> None:
 
 
 
+def validate_views(cfg: ExtractConfig) -> None:
+    if cfg.views not in VIEWS:
+        raise UsageError(f"--views must be one of {', '.join(VIEWS)}, not {cfg.views!r}")
+
+
 def resolve(adapter: ModelAdapter, cfg: ExtractConfig) -> tuple[ExtractConfig, Selection]:
     """``cfg`` with the model's defaults filled in (kinds, keys) and what to capture; a
     one-line UsageError for an option the model cannot honour (e.g. --prefix on an encoder)."""
@@ -196,8 +207,10 @@ def resolve(adapter: ModelAdapter, cfg: ExtractConfig) -> tuple[ExtractConfig, S
         raise UsageError(f"--prefix-from / --prefix-control need an MLM: {adapter.source.get('name')} is a "
                          f"vision encoder and reads no text")
     cfg = replace(cfg, kinds=",".join(kinds), keys=cfg.keys or KEY_ROPE[0])
+    if cfg.views == "base" and not adapter.multi_view:  # its only view is the base view
+        cfg = replace(cfg, views="all", views_reason=f"{adapter.family} stores one view per image")
     sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
-                    parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), kinds, cfg.keys)
+                    parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), kinds, cfg.keys, cfg.views)
     return cfg, sel
 
 
@@ -215,5 +228,6 @@ def build_meta(adapter: ModelAdapter, records: list[ImageRecord], dataset_desc: 
         image_ids_sha256=ids_fingerprint([r.image_id for r in records]),
         text_queries=tuple(queries) if adapter.encodes_text else (),
         compressor=compressor_meta(store_dtype, codec=cfg.codec),
+        views={"views": sel.views, "reason": cfg.views_reason or ("--views" if sel.views == "base" else "default")},
         command=cfg.command or " ".join(shlex.quote(a) for a in sys.argv),
         kvpipe_version=kvpipe.__version__)

@@ -178,9 +178,10 @@ class PartWorker:
             if loaded.batch is not None:
                 t1 = time.perf_counter()
                 batch = loaded.batch if loaded.uploaded is None else replace(loaded.batch, inputs=loaded.uploaded.use())
+                batch = batch.views(self.sel.views)  # --views base: the base view's tokens only
                 device_arrays, counts = self.adapter.gather(batch, self.sel, self.store_dtype)
                 builder.reserve([(index, records[index], size, lay, ann)
-                                 for (index, size, ann), lay in zip(loaded.items, loaded.batch.layouts)], counts)
+                                 for (index, size, ann), lay in zip(loaded.items, batch.layouts)], counts)
                 builder.add(copier.submit(device_arrays))
                 result.timed("capture", t1)
                 result.images_ok += len(loaded.items)

@@ -9,7 +9,7 @@ image (the token layout), and (3) name its decoder layers. Adding a family = one
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -67,6 +67,15 @@ class TokenLayout:
     def segments_json(self) -> str:
         return json.dumps([s.to_dict() for s in self.segments])
 
+    def base_only(self) -> "TokenLayout":
+        """The base view's tokens alone (``kvpipe extract --views base``): its positions and its
+        segment at offset 0. The model still sees every token; only the stored ones change."""
+        seg = self.base
+        if len(self.segments) == 1 and seg.offset == 0:
+            return self
+        keep = self.positions[seg.offset: seg.offset + seg.n_tokens]
+        return TokenLayout(keep, (Segment(seg.name, 0, seg.rows, seg.cols, seg.newline),))
+
 
 @dataclass
 class Batch:
@@ -81,6 +90,12 @@ class Batch:
     def sample_of(self, i: int) -> int:
         return i if self.samples is None else self.samples[i]
 
+    def views(self, views: str) -> "Batch":
+        """This batch storing ``views``: "all" (every image token) or "base" (the base view only)."""
+        if views == "all":
+            return self
+        return replace(self, layouts=[lay.base_only() for lay in self.layouts])
+
 
 class ModelAdapter:
     """Base class: subclasses wrap one transformers MLM family."""
@@ -91,6 +106,8 @@ class ModelAdapter:
     kinds: ClassVar[tuple[str, ...]] = ("keys", "values", POST_PROJ)  # the store kinds it captures
     encodes_text: ClassVar[bool] = True  # text queries get a text-only pass (semantic-seg, refexp-seg)
     nested_images: ClassVar[bool] = False  # the processor takes a batch's images as one list per sample
+    # an image becomes more than its base view (crops, tiles, newlines): ``--views base`` stores less
+    multi_view: ClassVar[bool] = False
     # several images in one prompt (``preprocess_sequences``): each image's token count follows
     # from the processor's output alone, and the oracle tests pass for the family
     multi_image: ClassVar[bool] = True

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from kvpipe.pipeline.models.selection import Selection
+from kvpipe.store.quant import INT4_LEVELS, ROTATION_SEED, hadamard_block, int4_stored_dim, rotation_signs
 from kvpipe.store.schema import HIDDEN, POST_PROJ
 
 if TYPE_CHECKING:  # the adapter calls into this module; annotations only
@@ -84,8 +85,51 @@ def quantize_int8(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _fwht(y: torch.Tensor) -> torch.Tensor:
+    """``store.quant.fwht`` on the device: the same float32 butterflies, so the same bits."""
+    d = y.shape[-1]
+    n = hadamard_block(d)
+    lead = y.shape[:-1]
+    y = y.reshape(-1, d // n, n)
+    h = 1
+    while h < n:
+        y = y.reshape(y.shape[0], d // n, n // (2 * h), 2, h)
+        y = torch.stack([y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]], dim=-2)
+        h *= 2
+    return y.reshape(*lead, d) * torch.tensor(np.float32(1 / np.sqrt(n)), device=y.device)
+
+
+def quantize_int4(x: torch.Tensor, rotation: str = "hadamard", seed: int = ROTATION_SEED) -> torch.Tensor:
+    """[..., D] -> [..., ceil(D/2) + 8] uint8 on the device, the bytes ``store.quant.quantize_int4``
+    computes on the host: rotated (random signs, Walsh-Hadamard), 4-bit codes of the token's
+    [min, max] range packed two per byte, then its float32 scale and minimum.
+
+    Why in slices of the leading axis: the float32 rotation of a whole batch's K/V (a layer
+    stack) would double its device memory; one layer at a time costs one layer's worth."""
+    d = x.shape[-1]
+    out = torch.empty(*x.shape[:-1], int4_stored_dim(d), dtype=torch.uint8, device=x.device)
+    signs = torch.tensor(rotation_signs(d, seed), device=x.device) if rotation == "hadamard" else None
+    for i in range(x.shape[0] if x.dim() > 1 else 1):
+        xi = (x[i] if x.dim() > 1 else x).float()
+        y = _fwht(xi * signs) if signs is not None else xi
+        lo = y.amin(dim=-1, keepdim=True)
+        scale = (y.amax(dim=-1, keepdim=True) - lo) / torch.tensor(np.float32(INT4_LEVELS), device=x.device)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes = torch.div(y - lo, safe).round_().clamp_(0, INT4_LEVELS).to(torch.uint8)
+        if d % 2:
+            codes = torch.nn.functional.pad(codes, (0, 1))
+        oi = out[i] if x.dim() > 1 else out
+        oi[..., : (d + 1) // 2] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        oi[..., (d + 1) // 2:] = torch.cat([scale, lo], dim=-1).view(torch.uint8)
+    return out
+
+
+DEVICE_QUANT = {"int8": quantize_int8, "int4": quantize_int4}  # lossy store dtypes, quantised on the device
+
+
 def to_store_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    return quantize_int8(x) if dtype == "int8" else x.to(TORCH_DTYPES[dtype])
+    quant = DEVICE_QUANT.get(dtype)
+    return quant(x) if quant is not None else x.to(TORCH_DTYPES[dtype])
 
 
 @dataclass
@@ -124,7 +168,7 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
 
     Why one gather: all images' image positions are selected with one indexing kernel per
     (kind, layer), written straight into the batch's [L, H, tokens, D] array in the store
-    dtype (int8: quantised after), so the host receives one contiguous array per kind
+    dtype (int8 / int4: quantised after), so the host receives one contiguous array per kind
     (post_proj: [tokens, hidden]) and the K/V are read once, not copied whole first.
     Returns the device tensors and the tokens per image.
     """
@@ -150,11 +194,11 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
             if not all_heads:
                 full = full.index_select(1, heads)
             if gathered is None:
-                into = full.dtype if dtype == "int8" else TORCH_DTYPES[dtype]
+                into = full.dtype if dtype in DEVICE_QUANT else TORCH_DTYPES[dtype]
                 gathered = torch.empty(len(sel.layers), full.shape[1], rows.numel(), full.shape[-1],
                                        dtype=into, device=device)
             gathered[i] = full.transpose(0, 1)[:, rows, cols]  # [H, tokens, D]
-        arrays[kind] = quantize_int8(gathered) if dtype == "int8" else gathered  # [L, H, tokens, D]
+        arrays[kind] = DEVICE_QUANT[dtype](gathered) if dtype in DEVICE_QUANT else gathered  # [L, H, tokens, D]
     if POST_PROJ in sel.kinds:
         arrays[POST_PROJ] = to_store_dtype(seen[POST_PROJ][rows, cols], dtype)
     return arrays, [int(lay.positions.numel()) for lay in batch.layouts]

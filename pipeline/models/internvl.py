@@ -75,6 +75,7 @@ def tiny_internvl3_config() -> InternVLConfig:
 
 class InternVLAdapter(ModelAdapter):
     family = "internvl"
+    multi_view = True  # base view + crops / tiles (--views base stores the base view only)
     hf_class = InternVLForConditionalGeneration
     image_placeholder = "<IMG_CONTEXT>"
     multi_image = False  # a tiled image's views are counted from its token run, which several images share

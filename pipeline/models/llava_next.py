@@ -93,6 +93,7 @@ SIZES_ON_HOST = ("image_sizes", "batch_num_images")
 class LlavaNextAdapter(ModelAdapter):
     hf_class = LlavaNextForConditionalGeneration
     family = "llava_next"
+    multi_view = True  # base view + crops / tiles (--views base stores the base view only)
     model_types = ("llava_next",)
     image_placeholder = "<image>"
     modeling: ClassVar[Any] = modeling_llava_next  # where get_anyres_image_grid_shape / unpad_image live

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Selection:
-    """What to capture: model layer indices, KV head indices, kinds, key convention."""
+    """What to capture: model layer indices, KV head indices, kinds, key convention, and which
+    views of an image's tokens ("all", or "base": the base view only, ``--views``)."""
 
     layers: tuple[int, ...]
     heads: tuple[int, ...]
     kinds: tuple[str, ...]
     keys_rope: str = "post-rope"
+    views: str = "all"

@@ -78,6 +78,7 @@ def tiny_smolvlm2_config() -> SmolVLMConfig:
 
 class SmolVLMAdapter(ModelAdapter):
     family = "smolvlm"
+    multi_view = True  # base view + crops / tiles (--views base stores the base view only)
     hf_class = SmolVLMForConditionalGeneration
     image_placeholder = "<image>"
     nested_images = True

@@ -37,3 +37,18 @@ def test_bench_extract_runs_everything_on_the_same_images(tmp_path, model, kinds
     assert ratios["kvpipe / naive"] == pytest.approx(result.images_per_s["kvpipe"] / result.images_per_s["naive"])
     assert result.disk_write_mb_s > 0 and any("stored per image" in line for line in lines)
     json.dumps(result.to_dict())  # the --json output
+
+
+def test_bench_extract_int4_and_the_base_view(tmp_path):
+    cfg = BenchConfig(model="tiny-llava-ov", device="cpu", dtype="float32", size=130, images=4, batch_size=2,
+                      part_size=2, runs=("kvpipe", "kvpipe-int4"), views="base", store_dtype="int4",
+                      out=str(tmp_path), disk_probe_bytes=1 << 20)
+    result = bench_extract(cfg, log=lambda line: None)
+    from kvpipe.store import FeatureStore
+
+    store = FeatureStore.open(tmp_path / "kvpipe")
+    assert store.meta.store_dtype == "int4" and store.meta.stored_views == "base"
+    assert result.image_tokens == 16 == store.images()[0].n_tokens  # the 4 x 4 base view of a 130 px image
+    # raw bytes: keys and values x layers x heads x tokens x (8 code bytes + 8 scale/min bytes)
+    assert result.bytes_per_image_raw == 2 * 2 * 2 * 16 * (8 + 8)
+    assert 0 < result.stored_per_image["kvpipe-int4"]

@@ -109,14 +109,21 @@ def test_linear_probes_fits_episodes_in_batches():
     assert res["per_batch"] >= 1
 
 
-def test_lossy_fidelity_compares_int8_with_the_lossless_store(tmp_path):
+def test_lossy_fidelity_compares_int8_and_int4_with_the_lossless_store(tmp_path):
     res = script("lossy_fidelity").main(["--out", str(tmp_path / "lossy"), "--images", "8", "--tasks",
                                          "input-agnostic"])
     assert res["images"] == 8 and set(res["tasks"]) == {"input-agnostic"}
-    row = res["tasks"]["input-agnostic"]
-    assert row["targets"] > 0 and row["max_abs_diff"] >= row["mean_abs_diff"] >= 0
-    assert res["bytes_per_image"]["int8"] < res["bytes_per_image"]["reference"]
-    assert res["features"]["min_cosine"] > 0.999 and res["features"]["max_rel_error"] < 0.01
+    for enc in ("int8", "int4"):
+        row = res["tasks"]["input-agnostic"][enc]
+        assert row["targets"] > 0 and row["max_abs_diff"] >= row["mean_abs_diff"] >= 0
+        assert res["bytes_per_image"][enc] < res["bytes_per_image"]["reference"]
+    assert res["bytes_per_image"]["int4"] < res["bytes_per_image"]["int8"]
+    assert res["features"]["int8"]["min_cosine"] > 0.999 and res["features"]["int8"]["max_rel_error"] < 0.01
+    assert 0.9 < res["features"]["int4"]["mean_cosine"] < res["features"]["int8"]["mean_cosine"]
+    cand = res["candidates"]
+    assert set(cand) == {"int8", "fp8-e4m3", "int4 (hadamard)", "int4 (no rotation)"}
+    # the stored int4 is the rotated candidate: the same mean cosine as computed on the host
+    assert cand["int4 (hadamard)"]["mean_cosine"] == pytest.approx(res["features"]["int4"]["mean_cosine"], abs=1e-6)
     with pytest.raises(SystemExit, match="needs --out"):
         script("lossy_fidelity").main([])
 

@@ -47,6 +47,23 @@ def test_stored_kv_equal_model_cache(adapter, size):
         assert torch.equal(got["keys"][layer], cache.layers[layer].keys[0][:, pos])
 
 
+def test_base_view_equals_model_cache_at_base_positions(adapter):
+    """--views base: the stored tokens are the model's cache at the base view's positions (the
+    model still sees every token), the layout one base segment at offset 0."""
+    img = noise_image(224, 168, seed=5)
+    batch = adapter.preprocess([img])
+    base = batch.layouts[0].base
+    got = run_capture(adapter, batch.views("base"), all_of(adapter))[0]
+    cache, pos = reference_cache(adapter, img)
+    keep = pos[base.offset: base.offset + base.n_tokens]
+    assert batch.views("base").layouts[0].segments[0].offset == 0
+    assert got["values"].shape[2] == base.n_tokens == base.rows * base.cols
+    assert (base.n_tokens < pos.numel()) == adapter.multi_view
+    for layer in range(adapter.n_layers):
+        assert torch.equal(got["values"][layer], cache.layers[layer].values[0][:, keep])
+        assert torch.equal(got["keys"][layer], cache.layers[layer].keys[0][:, keep])
+
+
 def test_batched_equals_one_at_a_time(adapter):
     imgs = [noise_image(224, 168, 2), noise_image(84, 140, 3), noise_image(112, 112, 4)]
     sel = all_of(adapter)

@@ -40,6 +40,7 @@ def test_old_metadata_round_trips_byte_for_byte_and_opens(tmp_path):
     assert meta.dataset.extra["n_videos"] == 4 and "temporal-corr" in meta.dataset.tasks
     assert isinstance(meta.compressor, Encoding) and meta.compressor.cname == "zstd" and meta.compressor.clevel == 1
     assert isinstance(meta.prefix_choice, PrefixChoice) and not meta.prefix_choice
+    assert meta.stored_views == "all" and not meta.views  # made before --views: every view stored
     assert meta.fingerprint() == OLD_FINGERPRINT
     assert write_group(tmp_path / "again", meta.to_dict()) == old
     store = tmp_path / "store"
@@ -88,7 +89,7 @@ def edit_meta(store: Path, **fields) -> None:
     ("layers", "abc", "layers must be a list"),
     ("layers", [0, 7], "layers[1] is 7"),
     ("head_dim", -1, "head_dim is -1"),
-    ("store_dtype", "complex128", "store_dtype is 'complex128'"),
+    ("store_dtype", "complex128", "encoding 'complex128' (store_dtype)"),  # a newer store's: upgrade
     ("kinds", ["keys", "logits"], "kinds[1]"),
     ("n_kv_heads", True, "n_kv_heads must be an integer"),
     ("compressor", {"codec": "blosc", "cname": "zstd", "clevel": 99, "shuffle": "byte"}, "compressor.clevel"),

@@ -1,0 +1,105 @@
+"""The 4-bit store encoding (``--store-dtype int4``), host side: encode and decode in numpy.
+
+Why 4 bits with a rotation: at paper scale the store, not the GPU, is the limit (LLaVA-OV-7B
+at 384 px stores ~59 MB per image lossless). Keys have a few channels far larger than the
+rest, so a per-token range set by those channels leaves the others only one or two codes.
+A random Hadamard rotation (random signs, then an orthonormal Walsh-Hadamard transform)
+spreads every channel over all of them; the per-token range then fits the bulk, and the
+rotation is undone on read (it is its own inverse up to the signs). Measured per probe in
+docs/BENCHMARKS.md ("Lossy encodings").
+
+A token vector of D numbers is stored as ceil(D / 2) bytes of codes (two 4-bit codes per
+byte, the even element in the low nibble), then its float32 scale and float32 minimum (the
+zero point): codes = rint((y - min) / scale), scale = (max - min) / 15, y the rotated vector.
+``pipeline.models.capture.quantize_int4`` computes the same bytes on the device: every step
+is an elementwise float32 operation or an exact min/max, in the same order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+INT4_LEVELS = 15  # codes 0..15
+INT4_TAIL = 8  # float32 scale + float32 minimum after the codes
+ROTATION_SEED = 0  # the random signs' seed (recorded in the store's Encoding metadata)
+ROTATIONS = ("hadamard", "none")
+
+
+def int4_stored_dim(dim: int) -> int:
+    return (dim + 1) // 2 + INT4_TAIL
+
+
+def hadamard_block(dim: int) -> int:
+    """The Walsh-Hadamard block: the largest power of two dividing ``dim`` (128 for a head of
+    128; 512 for a 3584-wide post-projector vector, rotated as 7 blocks)."""
+    return dim & -dim
+
+
+@functools.lru_cache(maxsize=64)
+def rotation_signs(dim: int, seed: int = ROTATION_SEED) -> np.ndarray:
+    """The random +-1 signs of the rotation (float32, read-only), fixed by ``seed`` and ``dim``."""
+    rng = np.random.default_rng([seed, dim])
+    signs = np.where(rng.random(dim) < 0.5, np.float32(-1), np.float32(1)).astype(np.float32)
+    signs.flags.writeable = False
+    return signs
+
+
+def fwht(x: np.ndarray) -> np.ndarray:
+    """Orthonormal Walsh-Hadamard transform of the last axis in blocks of ``hadamard_block``;
+    symmetric and orthogonal, so it is its own inverse. Butterflies of float32 sums and
+    differences (the device version runs the same ones, so both give the same bits)."""
+    d = x.shape[-1]
+    n = hadamard_block(d)
+    lead = x.shape[:-1]
+    y = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, d // n, n)
+    h = 1
+    while h < n:
+        y = y.reshape(y.shape[0], d // n, n // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = np.stack([a + b, a - b], axis=-2)
+        h *= 2
+    return (y.reshape(*lead, d) * np.float32(1 / np.sqrt(n))).astype(np.float32, copy=False)
+
+
+def rotate(x: np.ndarray, seed: int = ROTATION_SEED) -> np.ndarray:
+    return fwht(np.asarray(x, np.float32) * rotation_signs(x.shape[-1], seed))
+
+
+def unrotate(y: np.ndarray, seed: int = ROTATION_SEED) -> np.ndarray:
+    return fwht(y) * rotation_signs(y.shape[-1], seed)
+
+
+def quantize_int4(x: np.ndarray, rotation: str = "hadamard", seed: int = ROTATION_SEED) -> np.ndarray:
+    """[..., D] float -> [..., ceil(D/2) + 8] uint8: packed codes, float32 scale, float32 min."""
+    x = np.asarray(x, dtype=np.float32)
+    y = rotate(x, seed) if rotation == "hadamard" else x
+    lo = y.min(axis=-1, keepdims=True)
+    scale = (y.max(axis=-1, keepdims=True) - lo) / np.float32(INT4_LEVELS)
+    safe = np.where(scale > 0, scale, np.float32(1))
+    codes = np.clip(np.rint((y - lo) / safe), 0, INT4_LEVELS).astype(np.uint8)
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (1,), np.uint8)], axis=-1)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    tail = np.concatenate([np.ascontiguousarray(scale), np.ascontiguousarray(lo)], axis=-1).view(np.uint8)
+    return np.concatenate([packed, tail], axis=-1)
+
+
+def dequantize_int4(raw: np.ndarray, dim: int, out: np.ndarray | None = None, rotation: str = "hadamard",
+                    seed: int = ROTATION_SEED) -> np.ndarray:
+    """[..., ceil(D/2) + 8] uint8 -> [..., D] float32 (codes times scale plus min, rotated back)."""
+    raw = np.asarray(raw, np.uint8)
+    tail = np.ascontiguousarray(raw[..., -INT4_TAIL:]).view(np.float32)
+    scale, lo = tail[..., :1], tail[..., 1:]
+    packed = raw[..., :-INT4_TAIL]
+    codes = np.empty(raw.shape[:-1] + (packed.shape[-1] * 2,), np.float32)
+    codes[..., 0::2] = packed & 0x0F
+    codes[..., 1::2] = packed >> 4
+    y = codes[..., :dim] * scale + lo
+    if rotation == "hadamard":
+        y = unrotate(y, seed)
+    if out is None:
+        return y.astype(np.float32, copy=False)
+    out[...] = y
+    return out

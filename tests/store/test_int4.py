@@ -1,0 +1,124 @@
+"""The 4-bit store encoding: a hand-computed vector, the rotation, the same bytes on the device
+and the host, a store extracted with --store-dtype int4 against the lossless one, and stores
+whose encoding this kvpipe does not know."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kvpipe.errors import StoreError
+from kvpipe.pipeline.extraction import ExtractConfig, extract
+from kvpipe.pipeline.models.capture import quantize_int4 as quantize_on_device
+from kvpipe.store import FeatureStore
+from kvpipe.store.encoding import decode, encode, stored_dim
+from kvpipe.store.quant import dequantize_int4, fwht, quantize_int4, rotate, unrotate
+from kvpipe.store.verify import verify_store
+
+
+def test_hand_computed_vector_without_rotation():
+    x = np.array([[3.0, 4.5, 6.0, 10.5]], np.float32)  # min 3, max 10.5: scale 0.5
+    q = quantize_int4(x, rotation="none")
+    assert q.dtype == np.uint8 and q.shape == (1, 2 + 8)
+    # codes (x - 3) / 0.5 = 0, 3, 6, 15 -> bytes 0 | 3 << 4, 6 | 15 << 4
+    assert list(q[0, :2]) == [0x30, 0xF6]
+    assert q[0, 2:6].view(np.float32)[0] == 0.5 and q[0, 6:10].view(np.float32)[0] == 3.0
+    np.testing.assert_array_equal(dequantize_int4(q, 4, rotation="none"), x)
+    # a tie (x - min) / scale = 1.5 rounds to even (2); a constant vector is stored exactly
+    y = quantize_int4(np.array([[0.0, 0.75, 7.5, 1.0]], np.float32), rotation="none")
+    assert y[0, 0] & 0x0F == 0 and y[0, 0] >> 4 == 2
+    c = np.full((1, 6), -2.25, np.float32)
+    np.testing.assert_array_equal(dequantize_int4(quantize_int4(c, rotation="none"), 6, rotation="none"), c)
+
+
+def test_rotation_is_orthonormal_and_undone():
+    x = np.eye(8, dtype=np.float32)
+    h = fwht(x)  # the rows of the normalised 8 x 8 Hadamard matrix
+    np.testing.assert_allclose(np.abs(h), np.full((8, 8), 8 ** -0.5), rtol=1e-6)
+    np.testing.assert_allclose(h @ h.T, np.eye(8), atol=1e-6)
+    z = np.random.default_rng(0).standard_normal((4, 3584)).astype(np.float32)  # 7 blocks of 512
+    np.testing.assert_allclose(np.linalg.norm(rotate(z), axis=1), np.linalg.norm(z, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(unrotate(rotate(z)), z, atol=1e-5)
+    assert not np.allclose(rotate(z, seed=1), rotate(z, seed=0))
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "none"])
+def test_host_and_device_quantizers_give_the_same_bytes(rotation):
+    rng = np.random.default_rng(0)
+    for shape in [(3, 5, 16), (2, 2, 7, 128), (5, 3584), (4, 15)]:
+        x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 3, shape[:-1] + (1,))).astype(np.float32)
+        host = quantize_int4(x, rotation)
+        assert host.shape == shape[:-1] + (stored_dim(shape[-1], "int4"),)
+        np.testing.assert_array_equal(host, quantize_on_device(torch.from_numpy(x), rotation).numpy())
+    assert encode(host, "int4") is host  # codes from the device pass unchanged
+
+
+def test_error_within_half_a_step_of_the_rotated_range():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    x[:, 5] *= 40  # an outlier channel, as keys have
+    for rotation in ("hadamard", "none"):
+        y = rotate(x) if rotation == "hadamard" else x
+        step = (y.max(1) - y.min(1)) / 15
+        err = np.linalg.norm(x - dequantize_int4(quantize_int4(x, rotation), 32, rotation=rotation), axis=1)
+        assert np.all(err <= np.sqrt(32) * step / 2 * (1 + 1e-5))
+    plain = dequantize_int4(quantize_int4(x, "none"), 32, rotation="none")
+    rotated = dequantize_int4(quantize_int4(x), 32)
+    assert np.linalg.norm(x - rotated) < 0.5 * np.linalg.norm(x - plain)  # the rotation pays off on outliers
+
+
+def test_int4_store_against_the_lossless_store(tmp_path):
+    kw = dict(model="tiny-qwen25vl", dataset="synthetic", limit=4, batch_size=2, part_size=2)
+    extract(ExtractConfig(out=str(tmp_path / "f32"), **kw))
+    extract(ExtractConfig(out=str(tmp_path / "i4"), store_dtype="int4", **kw))
+    assert verify_store(tmp_path / "i4").ok
+    ref, lossy = FeatureStore.open(tmp_path / "f32"), FeatureStore.open(tmp_path / "i4")
+    enc = lossy.meta.compressor
+    assert lossy.meta.store_dtype == "int4"
+    assert (enc.quant, enc.scale, enc.rotation, enc.rotation_seed) == ("int4", "minmax", "hadamard", 0)
+    assert "int4" in lossy.describe()["encoding"]
+    for kind in ("keys", "values"):
+        a, b = ref.read(kind, 1, 1).data, lossy.read(kind, 1, 1).data
+        raw = lossy._raw(0, kind, 1, 1)
+        np.testing.assert_array_equal(raw, quantize_int4(a[: raw.shape[0]]))  # the device's bytes
+        r = rotate(a)
+        step = (r.max(1) - r.min(1)) / 15
+        assert np.all(np.linalg.norm(a - b, axis=1) <= np.sqrt(a.shape[1]) * step / 2 * (1 + 1e-5))
+    a, b = ref.read("post_proj").data, lossy.read("post_proj").data
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.97
+    qa, qb = ref.text("values", 0, 0), lossy.text("values", 0, 0)
+    np.testing.assert_allclose(qb, decode(quantize_int4(qa), "int4"))
+    size = {k: sum(f.stat().st_size for f in (tmp_path / k / "parts").rglob("c/*/*/0/0") if f.is_file())
+            for k in ("f32", "i4")}
+    assert 0 < size["i4"] < 0.35 * size["f32"]  # 16 bytes per 16-number token against 64 (compressed)
+
+
+def _edit(store, **fields):
+    doc = json.loads((store / "zarr.json").read_text())
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            doc["attributes"]["kvpipe"][key].update(value)
+        else:
+            doc["attributes"]["kvpipe"][key] = value
+    (store / "zarr.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("fields,says", [
+    ({"store_dtype": "int2"}, "encoding 'int2'"),
+    ({"compressor": {"quant": "nf4"}}, "compressor.quant 'nf4'"),
+    ({"compressor": {"rotation": "learned"}}, "compressor.rotation 'learned'"),
+    ({"views": {"views": "tiles"}}, "views.views 'tiles'"),
+])
+def test_a_newer_encoding_asks_for_an_upgrade(tmp_path, fields, says):
+    store = tmp_path / "s"
+    extract(ExtractConfig(model="tiny-qwen25vl", dataset="synthetic", out=str(store), limit=2, batch_size=2,
+                          store_dtype="int4"))
+    _edit(store, **fields)
+    with pytest.raises(StoreError) as err:
+        FeatureStore.open(store)
+    msg = str(err.value)
+    assert says in msg and "upgrade kvpipe" in msg and "\n" not in msg, msg
