@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One H100 run of ~9 minutes: the store encodings/views (extraction) and three probe sweeps at
+# One H100 run of ~7 minutes: the store encodings/views (extraction) and three probe sweeps at
 # reduced sizes; every command is bounded so a slow one cannot starve the rest.
 # Usage: bash benchmarks/gpu_session.sh OUT_DIR   (kvpipe importable, a CUDA device)
 set -uo pipefail
@@ -12,19 +12,17 @@ kv() { python3 -m kvpipe.cli bench extract "$@"; }
 sweep() { python3 -m kvpipe.benchmarks.sweep --device cuda --repeat 1 "$@"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # encodings, one process per model and view choice: lossless bf16, int8, int4 on the same images
-bounded 120 enc-qwen25vl kv --model qwen25vl --size 448 --images 96 --batch-size 32 --part-size 32 \
+bounded 110 enc-qwen25vl kv --model qwen25vl --size 448 --images 96 --batch-size 32 --part-size 32 \
     --runs floor-hf,kvpipe,kvpipe-int8,kvpipe-int4 --json "$out/enc-qwen25vl-448.json"
-bounded 110 enc-llava-ov-base kv --model llava-ov --size 384 --images 48 --batch-size 8 --part-size 16 --views base \
+bounded 100 enc-llava-ov-base kv --model llava-ov --size 384 --images 48 --batch-size 8 --part-size 16 --views base \
     --runs floor-hf,kvpipe,kvpipe-int8,kvpipe-int4 --json "$out/enc-llava-ov-384-base.json"
-bounded 80 enc-llava-ov-all kv --model llava-ov --size 384 --images 48 --batch-size 8 --part-size 16 --views all \
+bounded 60 enc-llava-ov-all kv --model llava-ov --size 384 --images 48 --batch-size 8 --part-size 16 --views all \
     --runs kvpipe --json "$out/enc-llava-ov-384-all.json"
 # probe sweeps (7B shape: 27 x 27 tokens, head_dim 128), one layer x 4 KV heads + post-proj
-bounded 110 probe-temporal-corr sweep --probe temporal-corr --out "$stores/davis" --videos 10 --images 667 \
+bounded 80 probe-temporal-corr sweep --probe temporal-corr --out "$stores/davis" --videos 5 --images 333 \
     --layers 1 --heads 4 --hidden 1024 --json "$out/probe-temporal-corr.json"
 rm -rf "$stores/davis"
-bounded 60 probe-fg-seg sweep --probe fg-seg --out "$stores/pascal" --layers 1 --heads 4 --hidden 1024 \
+bounded 50 probe-fg-seg sweep --probe fg-seg --out "$stores/pascal" --layers 1 --heads 4 --hidden 1024 \
     --json "$out/probe-fg-seg.json"
 rm -rf "$stores/pascal"
-bounded 60 probe-semantic-seg sweep --probe semantic-seg --out "$stores/imagenet-s" --layers 1 --heads 4 \
-    --hidden 1024 --json "$out/probe-semantic-seg.json"
 rm -rf "$stores"
