@@ -63,7 +63,7 @@ def make_plan(model: str, dataset: str, data_root: str | None = None, views: tup
     if not size.rule.multi_view:
         views = ("all",)  # one view per image: base and all are the same tokens
     if data_root is not None or dataset not in TYPICAL:
-        if data_root is None and dataset != "synthetic":
+        if data_root is None and dataset != "synthetic" and not dataset.startswith("hf:"):
             raise UsageError(f"--dataset {dataset}: kvpipe plan knows the typical images of "
                              f"{', '.join(TYPICAL)}; for another dataset give --data-root")
         sizes = _sizes_from_root(dataset, data_root, options or {}, limit)
@@ -91,13 +91,14 @@ def _default_views(dataset: str, multi_view: bool) -> str:
 
 
 def estimate_bytes(cfg, views: str) -> float | None:
-    """The planned store size of an extraction (None when kvpipe has no token rules for the model).
+    """The planned store size of an extraction (None when kvpipe has no token rules for the model,
+    or for an hf: dataset).
     ``--dtype auto`` is counted as bfloat16, what it means on a GPU."""
     from kvpipe.pipeline.models.options import dtype_name
     from kvpipe.pipeline.models.sizes import SIZES, bytes_per_token
 
-    if cfg.model not in SIZES:
-        return None
+    if cfg.model not in SIZES or cfg.dataset.startswith("hf:"):
+        return None  # an hf: dataset's images would be decoded twice to learn their sizes
     plan = make_plan(cfg.model, cfg.dataset, cfg.data_root, (views,), cfg.dataset_options, cfg.limit, cfg.image_size)
     compute = dtype_name(cfg.dtype)
     encoding = cfg.store_dtype or ("bfloat16" if compute == "auto" else compute)
