@@ -13,6 +13,8 @@ from kvpipe.probes import PROBES, ProbeRun
 def print_probe_run(console: Console, run: ProbeRun) -> None:
     probe = PROBES.get(run.task)
     rows = run.table.to_pylist()
+    for note in run.skipped:
+        console.print(f"[yellow]note[/] {run.task} skipped {note}", soft_wrap=True, highlight=False)
     if not probe.ranked:
         _print_statistics(console, run, rows)
         return

@@ -194,11 +194,15 @@ def run_capture(adapter: ModelAdapter, batch: Batch, sel: Selection) -> list[dic
 @torch.inference_mode()
 def run_text_capture(adapter: ModelAdapter, texts: list[str], sel: Selection,
                      template: str) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
-    """Final-token K/V of each text from a text-only pass: {"keys"/"values": [L, H, Q, D]}."""
+    """Final-token features of each text from a text-only pass: {"keys"/"values": [L, H, Q, D],
+    "post_proj": [Q, hidden]}.
+
+    post_proj is the final token's row of the LM's input embeddings (what the embedding layer
+    feeds the LM, read by the same pre-hook as the image tokens' post_proj): the text in the
+    space the projector maps the image into, the query of the post-projector baseline."""
     enc, last = adapter.text_batch(texts, template)
     inputs = inputs_to_device(enc, adapter.device)
-    with _hooks(adapter, Selection(sel.layers, sel.heads, tuple(k for k in sel.kinds if k != POST_PROJ),
-                                    sel.keys_rope)) as seen:
+    with _hooks(adapter, sel) as seen:
         out = adapter.model.model(**inputs, use_cache=True)
     cache = model_cache(out)
     heads = torch.tensor(sel.heads, device=adapter.device)
@@ -213,5 +217,7 @@ def run_text_capture(adapter: ModelAdapter, texts: list[str], sel: Selection,
             full = _layer_kv(adapter, cache, seen, sel, kind, l, *inputs["input_ids"].shape)
             per_layer.append(full[rows, :, idx].index_select(1, heads).transpose(0, 1))  # [H, Q, D]
         result[kind] = torch.stack(per_layer).float().cpu()
+    if POST_PROJ in sel.kinds:
+        result[POST_PROJ] = seen[POST_PROJ][rows, idx].float().cpu()  # [Q, hidden]
     ids = [enc["input_ids"][q, : last[q] + 1].tolist() for q in range(len(texts))]
     return result, ids
