@@ -18,7 +18,7 @@ def print_probe_run(console: Console, run: ProbeRun) -> None:
     if not probe.ranked:
         _print_statistics(console, run, rows)
         return
-    metrics = sorted({r["metric"] for r in rows if r["layer"] >= 0})
+    metrics = sorted({r["metric"] for r in rows if r["layer"] >= 0 or r["kind"] == "post_proj"})
     table = Table(title=f"{run.task} ({'cached, ' if run.cached else ''}{run.seconds:.1f} s)")
     for col in ("representation", "best layer", "best head", *metrics):
         table.add_column(col)

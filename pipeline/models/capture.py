@@ -163,7 +163,9 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
 @torch.inference_mode()
 def gather_hidden(adapter: ModelAdapter, batch: Batch, sel: Selection,
                   dtype: str = "float32") -> tuple[dict[str, torch.Tensor], list[int]]:
-    """A vision encoder's block outputs at the patch positions: {"hidden": [L, 1, tokens, width]}.
+    """A vision encoder's block outputs at the patch positions: {"hidden": [L, 1, tokens, width]},
+    and with post_proj its per-patch image-text embeddings (``adapter.project_patches`` of the
+    final, normed states): {"post_proj": [tokens, width]}.
 
     Why ``output_hidden_states``: the encoder's own returned states (embeddings, then every
     block's output, before any final norm) are the reference, so the stored features equal
@@ -171,12 +173,19 @@ def gather_hidden(adapter: ModelAdapter, batch: Batch, sel: Selection,
     gathers all images' patch tokens (CLS/register positions are not in the layout).
     """
     inputs = inputs_to_device(batch.inputs, adapter.device)
-    states = adapter.model(**inputs, output_hidden_states=True).hidden_states
+    out = adapter.model(**inputs, output_hidden_states=True)
+    states = out.hidden_states
     b, s, d = states[0].shape
     flat = torch.cat([lay.positions.to(adapter.device) + i * s for i, lay in enumerate(batch.layouts)])
-    per_layer = [states[l + 1].reshape(b * s, d).index_select(0, flat) for l in sel.layers]
-    return ({HIDDEN: to_store_dtype(torch.stack(per_layer).unsqueeze(1), dtype)},
-            [int(lay.positions.numel()) for lay in batch.layouts])
+    arrays: dict[str, torch.Tensor] = {}
+    if HIDDEN in sel.kinds:
+        per_layer = [states[l + 1].reshape(b * s, d).index_select(0, flat) for l in sel.layers]
+        arrays[HIDDEN] = to_store_dtype(torch.stack(per_layer).unsqueeze(1), dtype)
+    if POST_PROJ in sel.kinds:  # the encoder's projection of each patch into its image-text space
+        last = out.last_hidden_state
+        arrays[POST_PROJ] = to_store_dtype(adapter.project_patches(last.reshape(b * s, -1).index_select(0, flat)),
+                                           dtype)
+    return arrays, [int(lay.positions.numel()) for lay in batch.layouts]
 
 
 def capture_batch(adapter: ModelAdapter, batch: Batch, sel: Selection, dtype: str = "float32") -> CapturedBatch:
