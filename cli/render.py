@@ -13,10 +13,12 @@ from kvpipe.probes import PROBES, ProbeRun
 def print_probe_run(console: Console, run: ProbeRun) -> None:
     probe = PROBES.get(run.task)
     rows = run.table.to_pylist()
+    for note in run.skipped:
+        console.print(f"[yellow]note[/] {run.task} skipped {note}", soft_wrap=True, highlight=False)
     if not probe.ranked:
         _print_statistics(console, run, rows)
         return
-    metrics = sorted({r["metric"] for r in rows if r["layer"] >= 0})
+    metrics = sorted({r["metric"] for r in rows if r["layer"] >= 0 or r["kind"] == "post_proj"})
     table = Table(title=f"{run.task} ({'cached, ' if run.cached else ''}{run.seconds:.1f} s)")
     for col in ("representation", "best layer", "best head", *metrics):
         table.add_column(col)

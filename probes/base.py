@@ -149,12 +149,17 @@ class Probe:
         """Why a store with this metadata has nothing this probe can score ("" when it has):
         none of its kinds is stored, or it needs text-query K/V and the store is an encoder's."""
         swept = cls.kinds + (("post_proj",) if cls.baseline else ())
+        if cls.needs_text and not meta.text_queries and not any(k in meta.kinds for k in ("keys", "values")):
+            return (f"{cls.name} scores image tokens against text queries' features, which only an MLM's "
+                    f"store has, or SigLIP's on a dataset with text queries (this one holds "
+                    f"{', '.join(meta.kinds)}, no text queries)")
         if not any(k in meta.kinds for k in swept):
             return f"{cls.name} scores {' or '.join(swept)}, and the store holds {', '.join(meta.kinds)}"
-        if cls.needs_text and not any(k in meta.kinds for k in ("keys", "values")):
-            return (f"{cls.name} scores image tokens against text queries' keys/values, which only an MLM's "
-                    f"store has (this one holds {', '.join(meta.kinds)})")
         return ""
+
+    def skipped(self) -> list[str]:
+        """Stored kinds this probe leaves out of the sweep, each with why (default: none)."""
+        return []
 
     def prepare(self) -> None:
         """Load and check the annotations once; raise a one-line error if they are missing."""

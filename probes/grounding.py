@@ -59,9 +59,16 @@ def upsampled_scores(tokens: np.ndarray, queries: np.ndarray, grid_hw: tuple[int
 
 class TextGroundedProbe(Probe):
     """Base of semantic-seg and refexp-seg: a threshold on normalised scores, query indices
-    checked against the store's text queries, and each image's scores of its queries."""
+    checked against the store's text queries, and each image's scores of its queries.
 
-    baseline = False  # text queries have keys and values only: post_proj has no text counterpart
+    A kind is scored when the text queries have features of it too (``store.text_kinds()``):
+    an MLM's keys and values; post_proj, the image tokens as they enter the LM against each
+    query's final-token input-embedding row (Table 1's post-proj baseline); for SigLIP,
+    post_proj is the per-patch embedding in its image-text space against its text tower's
+    embedding. A store made before text queries had post_proj skips that kind with a note."""
+
+    kinds = ("keys", "values")  # an encoder's block outputs (hidden) have no text counterpart
+    baseline = True
     needs_text = True
     primary_metric = "mIoU"
     defaults = {"threshold": 0.5}
@@ -75,8 +82,22 @@ class TextGroundedProbe(Probe):
             raise StoreError(f"store {self.store.root}: {what} index {bad[0]} is outside its {n_queries} "
                              f"text queries; the store is damaged (re-extract it)")
 
+    def targets(self) -> list[Target]:
+        """The swept targets whose kind the text queries have (``skipped`` says which are left out)."""
+        text = self.store.text_kinds()
+        return [t for t in super().targets() if t.kind in text]
+
+    def skipped(self) -> list[str]:
+        text = self.store.text_kinds()
+        missing = [k for k in (*self.kinds, "post_proj") if k in self.store.meta.kinds and k not in text
+                   and self.selection.has_kind(k)]
+        return [f"{k}: the store's text queries have no {k} features (a store made before text queries stored "
+                f"them); re-extract the store to score it" for k in missing]
+
     def read(self, target: Target) -> tuple[np.ndarray, Any]:
         """The text queries' and ``self.rows``' features of ``target``."""
+        if target.kind == "post_proj":
+            return self.store.text("post_proj"), self.store.read("post_proj", images=self.rows)
         return (self.store.text(target.kind, target.layer, target.head),
                 self.store.read(target.kind, target.layer, target.head, images=self.rows))
 

@@ -55,11 +55,19 @@ class Column:
 
 @dataclass(frozen=True)
 class RowSpec:
-    """A row the paper prints: its label, the models (catalog names) that fill it, the kind read."""
+    """A row the paper prints: its label, the models (catalog names) that fill it, the kind read;
+    ``grounded_kind``: the kind read instead in the text-grounded columns (SigLIP's block outputs
+    have no text counterpart: its cells there are its image-text space, post_proj)."""
 
     label: str
     models: frozenset[str]
     kind: str
+    grounded_kind: str | None = None
+
+    def kind_for(self, column: "Column") -> str:
+        if self.grounded_kind and column.task and PROBES.get(column.task).needs_text:
+            return self.grounded_kind
+        return self.kind
 
 
 @dataclass
@@ -123,7 +131,7 @@ TABLE4_COLUMNS = (
 )
 TABLE1_ROWS = (RowSpec("Visual Encoder (post-proj)", frozenset({LLAVA_OV}), "post_proj"),
                RowSpec("LM Image Value (max)", frozenset({LLAVA_OV}), "values"),
-               RowSpec("SigLIP without MLM FT", frozenset({"siglip"}), "hidden"))
+               RowSpec("SigLIP without MLM FT", frozenset({"siglip"}), "hidden", grounded_kind="post_proj"))
 TABLE2_ROWS = (RowSpec("CLIP", CLIP_MODELS, "hidden"), RowSpec("DINO", frozenset({"dino-vitb8"}), "hidden"),
                RowSpec("LM Image Value (max)", frozenset({LLAVA_OV}), "values"))
 TABLE6_ROWS = (RowSpec("LLAMA3-LLaVA-NeXT 8B", frozenset({LLAMA3_NEXT}), "values"),
@@ -164,12 +172,13 @@ def best_cell(stores: Sequence[tuple[str, FeatureSetMeta]], column: Column, kind
 
 
 def _fill(table: PaperTable, row: str, cols: Sequence[Column], stores: Sequence[tuple[str, FeatureSetMeta]],
-          kind: str) -> None:
+          kind: str | RowSpec) -> None:
+    """Fill ``row`` with ``kind`` (a RowSpec: its kind for each column)."""
     table.add_row(row)
     for col in cols:
         if not col.task:  # a derived column (Table 6's Average) is filled by its table
             continue
-        found = best_cell(stores, col, kind, table.notes)
+        found = best_cell(stores, col, kind.kind_for(col) if isinstance(kind, RowSpec) else kind, table.notes)
         cell = table.cell(row, col.label)
         cell.value, cell.where = found.value, found.where
 
@@ -191,7 +200,7 @@ def model_table(name: str, title: str, cols: Sequence[Column], specs: Sequence[R
     for spec in specs:
         group = [s for m in sorted(spec.models) for s in stores.by_model.get(m, ())]
         claimed |= spec.models
-        _fill(table, spec.label, cols, group, spec.kind)
+        _fill(table, spec.label, cols, group, spec)
     for model, group in stores.by_model.items():
         if model in claimed:
             continue

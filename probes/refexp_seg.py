@@ -14,7 +14,8 @@ of per-sentence IoUs); ``cIoU`` (overall IoU) = sum of intersections / sum of un
 sentences (LAVT ``cum_I / cum_U``). ``mIoU_per_object``, a further metric of kvpipe's, is the
 mean over referred objects (refs) of the mean IoU of each ref's sentences.
 
-No post-projector baseline: the post_proj features have no text counterpart (``TextGroundedProbe``).
+post_proj (Table 1's post-proj and SigLIP cells) scores against each sentence's post_proj, as
+semantic-seg does (``probes/grounding.py``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class ReferringExpressionSegmentation(TextGroundedProbe):
     description = "referring-expression segmentation: tokens . expression token, mIoU (RefCOCO)"
     example = "refcoco or synthetic"
     prediction_format = "masks"
-    version = 2
+    version = 3  # 3: post_proj scored against the text queries' post_proj
 
     def prepare(self) -> None:
         root = self.store.root

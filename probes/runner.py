@@ -45,6 +45,7 @@ class ProbeRun:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)  # read_s, read_wait_s, compute_s, summary_s
     predictions: list[dict[str, Any]] = field(default_factory=list)  # targets saved: kind, layer, head, path, why
+    skipped: list[str] = field(default_factory=list)  # stored kinds left out of the sweep, with why
 
     def best(self, metric: str, kind: str = "values") -> dict[str, Any] | None:
         rows = [r for r in self.table.to_pylist() if r["metric"] == metric and r["kind"] == kind
@@ -118,7 +119,8 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
         key_params = {**key_params, SELECTION: selection.to_dict()}
     key = cache_key(store, task, probe_cls.version, key_params)
     cached_file = results_dir(store.root) / ".cache" / f"{task}-{key}.parquet"
-    record = {"device": resolved, "selection": selection.to_dict(), "executor": executor}
+    skipped = _skipped(probe_cls, store, selection)
+    record = {"device": resolved, "selection": selection.to_dict(), "executor": executor, "skipped": skipped}
     if use_cache and cached_file.exists():
         table = pq.read_table(cached_file)
         computed_on = (table.schema.metadata or {}).get(DEVICE.encode(), b"").decode() or None
@@ -131,7 +133,8 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
                                   request, table, _swept(probe_cls, store, selection), out, key)
         _write_run_record(out, task, probe_cls, params, key, cached=True,
                           extra={**record, "device": computed_on, "coverage": cov, "predictions": saved})
-        return ProbeRun(task, table, out, plots, True, time.perf_counter() - t0, predictions=saved["saved"])
+        return ProbeRun(task, table, out, plots, True, time.perf_counter() - t0, predictions=saved["saved"],
+                        skipped=skipped)
     target_cache = TargetCache(target_cache_dir(cached_file))
     if not use_cache:
         target_cache.clear()
@@ -180,7 +183,7 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
                       extra={**record, "device": computed_on, "coverage": cov, "predictions": saved})
     plots = extra_plots + _figure2(probe, store, table, out)
     timings["summary_s"] = time.perf_counter() - t_sum - timings["predictions_s"]
-    return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0, timings, saved["saved"])
+    return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0, timings, saved["saved"], skipped)
 
 
 def _swept(probe_cls: type[Probe], store: FeatureStore, selection: Selection) -> list[Target]:
@@ -188,6 +191,13 @@ def _swept(probe_cls: type[Probe], store: FeatureStore, selection: Selection) ->
     probe = probe_cls.__new__(probe_cls)
     probe.store, probe.selection = store, selection
     return probe.targets()
+
+
+def _skipped(probe_cls: type[Probe], store: FeatureStore, selection: Selection) -> list[str]:
+    """The stored kinds a sweep of ``probe_cls`` leaves out, with why, without preparing the probe."""
+    probe = probe_cls.__new__(probe_cls)
+    probe.store, probe.selection = store, selection
+    return probe.skipped()
 
 
 def _save_predictions(probe_cls: type[Probe], make_probe: Callable[[], Probe], request: SaveRequest,

@@ -19,8 +19,9 @@ background is not a class of the metric: pixels the mask rule leaves unassigned 
 their true class, and ``mIoU`` = ``mIoU_fg``. (Averaging a background that never occurs in
 the ground truth would add an IoU of 0: a per-class IoU of 0.9 on two classes would read 0.6.)
 
-No post-projector baseline: text queries have keys and values only, so the post_proj features
-have no text counterpart (``TextGroundedProbe.baseline = False``).
+post_proj (Table 1's post-proj baseline) scores the image tokens as they enter the LM against
+each class name's final-token row of the LM's input embeddings; on a SigLIP store, its per-patch
+image-text embeddings against its text tower's embeddings (``probes/grounding.py``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class SemanticSegmentation(TextGroundedProbe):
     description = "zero-shot semantic segmentation: tokens . class-name token, mIoU (ImageNet-S)"
     example = "imagenet-s or synthetic"
     prediction_format = "masks"
-    version = 2
+    version = 3  # 3: post_proj scored against the text queries' post_proj
 
     def prepare(self) -> None:
         root = self.store.root

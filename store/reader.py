@@ -358,16 +358,30 @@ class FeatureStore:
         record = self._text_record()
         return record[0] if record else []
 
-    def text(self, kind: str, layer: int, head: int) -> np.ndarray:
-        """Final-token features [n_queries, head_dim] of the dataset's text queries (checked reads)."""
+    def text_kinds(self) -> tuple[str, ...]:
+        """The kinds the text queries have features of (text.parquet's files): keys/values of an
+        MLM, post_proj of stores made since text queries got one; () without text queries."""
+        record = self._text_record()
+        names = {key.split("/", 1)[0] for key in record[1]} if record else set()
+        return tuple(k for k in ALL_KINDS if k in names)
+
+    def text(self, kind: str, layer: int = -1, head: int = -1) -> np.ndarray:
+        """Final-token features of the dataset's text queries (checked reads): [n_queries, head_dim]
+        for a (layer, head) of keys/values, [n_queries, hidden_size] for post_proj (no layer, head)."""
         record = self._text_record()
         if record is None:
             raise StoreError(f"store {self.root} has no text queries; its dataset supplies none")
         queries, sums = record
-        li, hi = self.meta.layer_index(layer), self.meta.head_index(head)
-        key = f"{kind}/c/{li}/{hi}/0/0"
+        if kind == Kind.POST_PROJ:
+            key, width = f"{Kind.POST_PROJ}/c/0/0", self.meta.hidden_size
+        else:
+            li, hi = self.meta.layer_index(layer), self.meta.head_index(head)
+            key, width = f"{kind}/c/{li}/{hi}/0/0", self.meta.head_dim
         rel = f"{layout.TEXT}/{key}"
         fix = f"run kvpipe verify {self.root}, then kvpipe extract --repair"
+        if kind == Kind.POST_PROJ and key not in sums:
+            raise StoreError(f"the text queries of {self.root} have no post_proj (the store predates it); "
+                             f"re-extract the store to score post_proj against text")
         if key not in sums:
             raise StoreError(f"{self.root}/{layout.TEXT_RECORD} lists no file {key}; {fix}")
         try:
@@ -376,7 +390,7 @@ class FeatureStore:
             raise StoreError(f"text queries of {self.root}: file {rel} is missing; {fix}") from None
         check_crc(payload, sums[key], f"text queries of {self.root}: file {rel}", self.root)
         dtype = np.dtype(DISK_DTYPE[self.meta.store_dtype])
-        dim = stored_dim(self.meta.head_dim, self.meta.store_dtype)
+        dim = stored_dim(width, self.meta.store_dtype)
         raw = decode_chunk(payload, dtype, len(queries), dim, f"{kind} of the text queries", self.root)
         return decode(raw, self.meta.store_dtype, self.meta.compressor, self.meta.head_dim)
 

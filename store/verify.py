@@ -27,6 +27,7 @@ from kvpipe.store.encoding import stored_dim
 from kvpipe.store.fs import Location
 from kvpipe.store.manifest import check_checksums
 from kvpipe.store.reader import FeatureStore
+from kvpipe.store.encoding import stored_dim
 from kvpipe.store.schema import Kind, structure_fingerprint
 
 
@@ -151,10 +152,14 @@ def _check_text(store: FeatureStore, decode: bool) -> list[str]:
         try:
             group = zarr.open_group(loc.zarr_store(layout.TEXT), mode="r")
             for kind in meta.kinds:
-                if kind == Kind.POST_PROJ or kind not in group:
+                if kind not in group:
                     continue
                 shape = np.asarray(group[kind][...]).shape
-                if shape[:3] != (len(meta.layers), len(meta.heads), len(queries)):
+                if kind == Kind.POST_PROJ:
+                    width = stored_dim(meta.hidden_size, meta.store_dtype)
+                    if shape != (len(queries), width):
+                        problems.append(f"{layout.TEXT}/{kind} has shape {shape}, not [{len(queries)}, {width}]")
+                elif shape[:3] != (len(meta.layers), len(meta.heads), len(queries)):
                     problems.append(f"{layout.TEXT}/{kind} has shape {shape}, not "
                                     f"[{len(meta.layers)}, {len(meta.heads)}, {len(queries)}, ...]")
         except Exception as err:

@@ -226,7 +226,7 @@ def build_meta(adapter: ModelAdapter, records: list[ImageRecord], dataset_desc: 
         prefix_choice=prefixes.prefix_choice(cfg),
         part_size=cfg.part_size, n_images=len(records),
         image_ids_sha256=ids_fingerprint([r.image_id for r in records]),
-        text_queries=tuple(queries) if adapter.encodes_text else (),
+        text_queries=tuple(queries) if adapter.encodes_queries else (),
         compressor=compressor_meta(store_dtype, codec=cfg.codec),
         views={"views": sel.views, "reason": cfg.views_reason or ("--views" if sel.views == "base" else "default")},
         command=cfg.command or " ".join(shlex.quote(a) for a in sys.argv),

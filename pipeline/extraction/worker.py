@@ -27,7 +27,6 @@ from kvpipe.pipeline.extraction.transfer import HostCopier, InputUploader
 from kvpipe.pipeline.models.base import ModelAdapter
 from kvpipe.device import resolve_device
 from kvpipe.pipeline.models.loading import load_model, resolve_dtype
-from kvpipe.pipeline.models.capture import run_text_capture
 from kvpipe.store.schema import FeatureSetMeta, ids_fingerprint, structure_fingerprint
 from kvpipe.store.writer import StoreWriter
 
@@ -207,8 +206,8 @@ class PartWorker:
         self._uploader = None  # its page-locked buffers go with it
 
     def text(self) -> tuple[list[list[int]], dict[str, np.ndarray]]:
-        """Token ids and final-token K/V of the dataset's text queries."""
-        feats, ids = run_text_capture(self.adapter, self.data.queries, self.sel, self.cfg.template)
+        """Token ids and final-token features of the dataset's text queries."""
+        feats, ids = self.adapter.text_features(self.data.queries, self.sel, self.cfg.template)
         return ids, {k: v.numpy() for k, v in feats.items()}
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from kvpipe.errors import ModelError, UsageError
-from kvpipe.pipeline.models.capture import gather_batch
+from kvpipe.pipeline.models.capture import gather_batch, run_text_capture
 from kvpipe.store.schema import POST_PROJ
 
 TEMPLATES = ("chat", "none")
@@ -215,6 +215,16 @@ class ModelAdapter:
         K/V come from its own cache (``capture.gather_batch``)."""
 
         return gather_batch(self, batch, sel, dtype)
+
+    @property
+    def encodes_queries(self) -> bool:
+        """Whether a dataset's text queries get a text pass (``text_features``) into the store."""
+        return self.encodes_text
+
+    def text_features(self, texts: list[str], sel: Any, template: str) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+        """Each text query's features of the selected kinds (float32, CPU) and its token ids: an
+        MLM's final-token K/V and input-embedding row (``capture.run_text_capture``)."""
+        return run_text_capture(self, texts, sel, template)
 
     def input_meta(self, prefix: str, template: str, keys_rope: str) -> dict[str, Any]:
         """The store metadata fixed by the model's input: template, prefix, every token id

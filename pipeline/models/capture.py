@@ -207,7 +207,9 @@ def gather_batch(adapter: ModelAdapter, batch: Batch, sel: Selection,
 @torch.inference_mode()
 def gather_hidden(adapter: ModelAdapter, batch: Batch, sel: Selection,
                   dtype: str = "float32") -> tuple[dict[str, torch.Tensor], list[int]]:
-    """A vision encoder's block outputs at the patch positions: {"hidden": [L, 1, tokens, width]}.
+    """A vision encoder's block outputs at the patch positions: {"hidden": [L, 1, tokens, width]},
+    and with post_proj its per-patch image-text embeddings (``adapter.project_patches`` of the
+    final, normed states): {"post_proj": [tokens, width]}.
 
     Why ``output_hidden_states``: the encoder's own returned states (embeddings, then every
     block's output, before any final norm) are the reference, so the stored features equal
@@ -215,12 +217,19 @@ def gather_hidden(adapter: ModelAdapter, batch: Batch, sel: Selection,
     gathers all images' patch tokens (CLS/register positions are not in the layout).
     """
     inputs = inputs_to_device(batch.inputs, adapter.device)
-    states = adapter.model(**inputs, output_hidden_states=True).hidden_states
+    out = adapter.model(**inputs, output_hidden_states=True)
+    states = out.hidden_states
     b, s, d = states[0].shape
     flat = torch.cat([lay.positions.to(adapter.device) + i * s for i, lay in enumerate(batch.layouts)])
-    per_layer = [states[l + 1].reshape(b * s, d).index_select(0, flat) for l in sel.layers]
-    return ({HIDDEN: to_store_dtype(torch.stack(per_layer).unsqueeze(1), dtype)},
-            [int(lay.positions.numel()) for lay in batch.layouts])
+    arrays: dict[str, torch.Tensor] = {}
+    if HIDDEN in sel.kinds:
+        per_layer = [states[l + 1].reshape(b * s, d).index_select(0, flat) for l in sel.layers]
+        arrays[HIDDEN] = to_store_dtype(torch.stack(per_layer).unsqueeze(1), dtype)
+    if POST_PROJ in sel.kinds:  # the encoder's projection of each patch into its image-text space
+        last = out.last_hidden_state
+        arrays[POST_PROJ] = to_store_dtype(adapter.project_patches(last.reshape(b * s, -1).index_select(0, flat)),
+                                           dtype)
+    return arrays, [int(lay.positions.numel()) for lay in batch.layouts]
 
 
 def capture_batch(adapter: ModelAdapter, batch: Batch, sel: Selection, dtype: str = "float32") -> CapturedBatch:
@@ -238,11 +247,15 @@ def run_capture(adapter: ModelAdapter, batch: Batch, sel: Selection) -> list[dic
 @torch.inference_mode()
 def run_text_capture(adapter: ModelAdapter, texts: list[str], sel: Selection,
                      template: str) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
-    """Final-token K/V of each text from a text-only pass: {"keys"/"values": [L, H, Q, D]}."""
+    """Final-token features of each text from a text-only pass: {"keys"/"values": [L, H, Q, D],
+    "post_proj": [Q, hidden]}.
+
+    post_proj is the final token's row of the LM's input embeddings (what the embedding layer
+    feeds the LM, read by the same pre-hook as the image tokens' post_proj): the text in the
+    space the projector maps the image into, the query of the post-projector baseline."""
     enc, last = adapter.text_batch(texts, template)
     inputs = inputs_to_device(enc, adapter.device)
-    with _hooks(adapter, Selection(sel.layers, sel.heads, tuple(k for k in sel.kinds if k != POST_PROJ),
-                                    sel.keys_rope)) as seen:
+    with _hooks(adapter, sel) as seen:
         out = adapter.model.model(**inputs, use_cache=True)
     cache = model_cache(out)
     heads = torch.tensor(sel.heads, device=adapter.device)
@@ -257,5 +270,7 @@ def run_text_capture(adapter: ModelAdapter, texts: list[str], sel: Selection,
             full = _layer_kv(adapter, cache, seen, sel, kind, l, *inputs["input_ids"].shape)
             per_layer.append(full[rows, :, idx].index_select(1, heads).transpose(0, 1))  # [H, Q, D]
         result[kind] = torch.stack(per_layer).float().cpu()
+    if POST_PROJ in sel.kinds:
+        result[POST_PROJ] = seen[POST_PROJ][rows, idx].float().cpu()  # [Q, hidden]
     ids = [enc["input_ids"][q, : last[q] + 1].tolist() for q in range(len(texts))]
     return result, ids

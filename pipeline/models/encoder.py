@@ -150,10 +150,10 @@ class VisionEncoderAdapter(ModelAdapter):
 
     def check_options(self, kinds: tuple[str, ...], *, prefix: str, keys: str | None) -> None:
         name = self.source.get("name")
-        other = [k for k in kinds if k != HIDDEN]
+        other = [k for k in kinds if k not in self.kinds]
         if other:
-            raise UsageError(f"--kinds {','.join(other)}: {name} is a vision encoder and stores {HIDDEN} only "
-                             f"(keys, values and post_proj come from an MLM)")
+            raise UsageError(f"--kinds {','.join(other)}: {name} is a vision encoder and stores "
+                             f"{' and '.join(self.kinds)} only (keys and values come from an MLM)")
         if prefix:
             raise UsageError(f"--prefix needs an MLM: {name} is a vision encoder and reads no text")
         if keys is not None:
@@ -171,10 +171,18 @@ class VisionEncoderAdapter(ModelAdapter):
             sub = Batch({"pixel_values": pixels[idx, :, :hw[0], :hw[1]], **self._interpolate(hw)},
                         [batch.layouts[i] for i in idx], [batch.prefix_ids[i] for i in idx])
             arrays, counts = gather_hidden(self, sub, sel, dtype)
-            for i, part in zip(idx, arrays[HIDDEN].split(counts, dim=2)):
-                pieces[i] = part
-        order = [pieces[i] for i in range(len(batch.layouts))]
-        return {HIDDEN: torch.cat(order, dim=2)}, [int(p.shape[2]) for p in order]
+            for kind, arr in arrays.items():  # the token axis is second to last in every kind
+                for i, part in zip(idx, arr.split(counts, dim=-2)):
+                    pieces[(kind, i)] = part
+        kinds = sorted({kind for kind, _ in pieces})
+        order = {kind: [pieces[(kind, i)] for i in range(len(batch.layouts))] for kind in kinds}
+        return ({kind: torch.cat(parts, dim=-2) for kind, parts in order.items()},
+                [int(p.shape[-2]) for p in order[kinds[0]]])
+
+    def project_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[N, width] final states -> [N, dim] embeddings in the encoder's image-text space
+        (post_proj); only encoders with a text tower (SigLIP) have one."""
+        raise ModelError(f"{self.source.get('name')} has no image-text head; it stores {HIDDEN} only")
 
     def _interpolate(self, hw: tuple[int, int]) -> dict[str, Any]:
         size = self.model.config.image_size

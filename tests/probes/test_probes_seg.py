@@ -3,6 +3,8 @@ cases, oracle features that must score 1.0, random features that must not, and b
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from fixtures.probe_stores import (ToyImage, coseg_images, fewshot_images, refexp_images, semantic_images, stripes,
@@ -201,9 +203,11 @@ def test_semantic_seg_oracle_and_random(tmp_path):
         assert value(oracle, kind, 0, 0, "mIoU") == pytest.approx(1.0)
         assert value(oracle, kind, 1, 0, "mIoU_fg") == pytest.approx(1.0)
     assert value(oracle, "values", 0, 1, "mIoU") < 0.6
-    assert not any(r["kind"] == "post_proj" for r in oracle.table.to_pylist())  # no text baseline
+    # the post-proj baseline: image post_proj against the text queries' post_proj
+    assert value(oracle, "post_proj", -1, -1, "mIoU") == pytest.approx(1.0)
     rand = write_toy_store(tmp_path / "r", images, "random", structure, queries, classes)
     assert scores(rand, "semantic-seg", Target("values", 0, 0))["mIoU"] < 0.6
+    assert scores(rand, "semantic-seg", Target("post_proj"))["mIoU"] < 0.6
 
 
 def test_refexp_seg_oracle_and_random(tmp_path):
@@ -213,8 +217,28 @@ def test_refexp_seg_oracle_and_random(tmp_path):
     assert value(oracle, "values", 1, 0, "mIoU") == pytest.approx(1.0)
     assert value(oracle, "keys", 0, 0, "cIoU") == pytest.approx(1.0)
     assert value(oracle, "values", 0, 1, "mIoU") < 0.6
+    assert value(oracle, "post_proj", -1, -1, "mIoU") == pytest.approx(1.0)
     rand = write_toy_store(tmp_path / "r", images, "random", structure, queries, classes)
     assert scores(rand, "refexp-seg", Target("values", 0, 0))["mIoU"] < 0.6
+    assert scores(rand, "refexp-seg", Target("post_proj"))["mIoU"] < 0.6
+
+
+@pytest.mark.parametrize("task, build", [("semantic-seg", semantic_images), ("refexp-seg", refexp_images)])
+def test_text_probes_skip_post_proj_of_a_store_whose_text_queries_lack_it(tmp_path, task, build):
+    """A store made before text queries had post_proj: keys and values are scored as before,
+    post_proj is left out with a note naming the fix."""
+    images, structure, queries, classes = build()
+    old = write_toy_store(tmp_path / "old", images, "oracle", structure, queries, classes, text_post_proj=False)
+    run = run_probe(old, task)
+    kinds = {r["kind"] for r in run.table.to_pylist()}
+    assert "post_proj" not in kinds and {"keys", "values"} <= kinds
+    assert len(run.skipped) == 1 and run.skipped[0].startswith("post_proj:") and "re-extract" in run.skipped[0]
+    assert json.loads((run.out_dir / "run.json").read_text())["skipped"] == run.skipped
+    cached = run_probe(old, task)
+    assert cached.cached and cached.skipped == run.skipped
+    with pytest.raises(StoreError, match="have no post_proj") as err:
+        FeatureStore.open(old).text("post_proj")
+    assert "\n" not in str(err.value)
 
 
 def test_refexp_metrics_by_hand(tmp_path):
