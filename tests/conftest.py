@@ -1,4 +1,5 @@
-"""Shared fixtures: small stores extracted once per session from tiny models."""
+"""Shared fixtures: small stores extracted once per session from tiny models, one S3-compatible
+server and one local Ray instance for the tests that need them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup``, a test file's tests run on one worker, in order,
+    sharing its module-scoped fixtures: each test joins its file's group unless it names one
+    (the Ray tests share ``ray``). Runs before xdist reads the groups."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+
+
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory) -> Path:
     """tiny-qwen25vl over the default synthetic dataset (4 videos x 6 frames)."""
@@ -21,6 +32,26 @@ def synthetic_store(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stores") / "synthetic"
     extract(ExtractConfig(model="tiny-qwen25vl", dataset="synthetic", out=str(out), batch_size=4, part_size=8))
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory):
+    """``tiny_store(**options)``: the store ``extract(ExtractConfig(out=..., **options))`` makes,
+    extracted once per session for each set of options. Tests share it: one that changes a store
+    copies it first (``shutil.copytree``)."""
+    from kvpipe.pipeline.extraction import ExtractConfig, extract
+
+    made: dict[tuple, Path] = {}
+
+    def get(**options) -> Path:
+        key = tuple(sorted(options.items()))
+        if key not in made:
+            out = tmp_path_factory.mktemp("tiny-store") / "store"
+            extract(ExtractConfig(out=str(out), **options))
+            made[key] = out
+        return made[key]
+
+    return get
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +100,21 @@ def s3_server():
         fsspec.config.conf.pop("s3", None)
         proc.kill()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server) -> str:
+    """One local Ray instance (2 CPUs) shared by every Ray test; yields its GCS address, which
+    drivers in other processes join with ``--ray-address``.
+
+    Starting Ray costs seconds of CPU (GCS, raylet, worker processes that import torch), so it
+    is started once. The executor uses an already-initialised Ray as it finds it and leaves it
+    running. It starts after the S3 server, so its workers inherit the endpoint settings. Under
+    pytest-xdist the Ray tests share the ``ray`` group (``--dist loadgroup``): one worker runs
+    them all, so there is one instance."""
+    ray = pytest.importorskip("ray")
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
