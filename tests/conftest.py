@@ -14,14 +14,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist's ``--dist loadgroup``, a test file's tests run on one worker, in order,
-    sharing its module-scoped fixtures: each test joins its file's group unless it names one
-    (the Ray tests share ``ray``). Runs before xdist reads the groups."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+RAY_FILES = "test_ray_"  # test files whose tests use the ray_cluster fixture
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (pyproject's addopts) with every Ray test file in one unit, handed out first.
+
+    A file's tests run on one worker, in order, sharing its module-scoped fixtures. The Ray files
+    (test_ray_*.py) share the session's Ray instance, so one worker runs them all; they take
+    longest, so they start at once while the other worker goes through the remaining files."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class RayFirst(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "ray" if path.rpartition("/")[2].startswith(RAY_FILES) else path
+
+        def _assign_work_unit(self, node) -> None:
+            if "ray" in self.workqueue:
+                self.workqueue.move_to_end("ray", last=False)
+            super()._assign_work_unit(node)
+
+    return RayFirst(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -110,8 +127,8 @@ def ray_cluster(s3_server) -> str:
     Starting Ray costs seconds of CPU (GCS, raylet, worker processes that import torch), so it
     is started once. The executor uses an already-initialised Ray as it finds it and leaves it
     running. It starts after the S3 server, so its workers inherit the endpoint settings. Under
-    pytest-xdist the Ray tests share the ``ray`` group (``--dist loadgroup``): one worker runs
-    them all, so there is one instance."""
+    pytest-xdist one worker runs every Ray test file (``pytest_xdist_make_scheduler`` above), so
+    there is one instance."""
     ray = pytest.importorskip("ray")
     ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
