@@ -14,6 +14,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+TERMINAL_VARIABLES = ("COLUMNS", "LINES")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist (the controller): send the workers this process's COLUMNS and LINES."""
+    node.workerinput["terminal_variables"] = {k: os.environ.get(k) for k in TERMINAL_VARIABLES}
+
+
+def pytest_configure(config):
+    """An xdist worker takes the controller's COLUMNS and LINES back: GNU readline, which pytest
+    imports at start, sets them to 80 x 24 in a process without a terminal, and the CLI wraps
+    its piped output at COLUMNS."""
+    sent = getattr(config, "workerinput", {}).get("terminal_variables")
+    for k, v in (sent or {}).items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 RAY_FILES = "test_ray_"  # test files whose tests use the ray_cluster fixture
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,39 +18,9 @@ from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.pipeline.extraction.config import default_part_size, validate
 from kvpipe.store import FeatureStore
 
+from fixtures.cli import invoke, run_cli_each
+
 ROOT = Path(__file__).resolve().parents[2]
-
-# Runs the CLI's main() for each command line in turn, in one fresh interpreter, each on captured
-# streams as in fixtures.cli.invoke, and prints per command line: exit code, output, and whether model
-# code has been imported so far. Model code once imported stays imported, so the first command line
-# that imports it is the first one reported with it.
-_PROBE = """
-import io, json, sys
-from contextlib import redirect_stderr, redirect_stdout
-from kvpipe.cli import app as cli
-from kvpipe.cli.common import consoles
-results = []
-for args in json.loads(sys.argv[1]):
-    sys.argv = ["kvpipe", *args]
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with redirect_stdout(out), redirect_stderr(err):
-        cli.console, cli.err_console = consoles()
-        try:
-            cli.main()
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
-    imported = {m: m in sys.modules for m in ("torch", "transformers")}
-    results.append([code, out.getvalue() + err.getvalue(), imported])
-print("RESULTS " + json.dumps(results))
-"""
-
-
-def _run(commands: list[list[str]]) -> list[tuple[int, str, dict]]:
-    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(commands)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(proc.stdout.rpartition("RESULTS ")[2])
-
 
 def _cases(store: str, tmp: Path) -> list[tuple[list[str], int, str]]:
     ex = ["extract", "--out", str(tmp / "never")]
@@ -83,9 +52,9 @@ def test_listings_and_usage_errors_import_no_model_code(synthetic_store, tmp_pat
     """Listing, inspecting and every one-line usage error answer without importing torch or transformers
     (what made `kvpipe models` take 9 s and a misspelt --model 15 s)."""
     cases = _cases(str(synthetic_store), tmp_path)
-    ran = _run([args for args, _, _ in cases])
-    assert len(ran) == len(cases)
-    for (args, code, expected), (rc, out, imported) in zip(cases, ran):
+    ran = run_cli_each([args for args, _, _ in cases], env={"HF_HUB_OFFLINE": "1"})
+    for (args, code, expected), (rc, stdout, stderr, imported) in zip(cases, ran):
+        out = stdout + stderr
         assert rc == code, (args, out)
         assert expected in out, (args, out)
         assert imported == {"torch": False, "transformers": False}, (args, imported)
@@ -129,9 +98,9 @@ def test_one_vocabulary_of_flags(synthetic_store):
     assert "subtask='paired'" in listed and "fold=0" in listed  # each dataset's --option keys and defaults
 
 
-def test_piped_output_is_not_wrapped_at_80_columns():
-    out = subprocess.run([sys.executable, "-m", "kvpipe.cli", "models"], capture_output=True, text=True,
-                         timeout=120, env={k: v for k, v in os.environ.items() if k != "COLUMNS"}).stdout
+def test_piped_output_is_not_wrapped_at_80_columns(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = invoke("models").stdout
     row = next(line for line in out.splitlines() if "tiny-llava-next-llama3" in line)
     assert "for tests" in row and len(row) > 80  # the whole row on one line
 
