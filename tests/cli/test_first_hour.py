@@ -114,8 +114,8 @@ def test_the_wheel_imports_and_runs_from_any_folder(tmp_path):
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
                                                             "__pycache__", ".pytest_cache"))
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(src)], check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-q",
+                    "-w", str(dist), str(src)], check=True, timeout=600)
     wheel = next(dist.glob("kvpipe-*.whl"))
     venv = tmp_path / "venv"
     # no pip of its own (seconds saved): this environment's pip installs into it through --python
@@ -126,8 +126,8 @@ def test_the_wheel_imports_and_runs_from_any_folder(tmp_path):
     own_site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                    capture_output=True, text=True, check=True).stdout.strip())
     (own_site / "deps.pth").write_text(f"{site}\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
-                   check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-cache-dir", "-q",
+                    str(wheel)], check=True, timeout=600)
     dockerfile_check = "import kvpipe.pipeline.extraction.ray_executor, s3fs"
     for cwd in (ROOT, tmp_path):
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
