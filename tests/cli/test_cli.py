@@ -13,7 +13,7 @@ import pytest
 
 from kvpipe.store import layout
 
-from fixtures.cli import invoke, run_cli
+from fixtures.cli import invoke, run_cli, run_cli_each
 
 
 def one_line_error(proc, *fragments: str) -> str:
@@ -89,12 +89,16 @@ def test_probes_run_without_transformers(tmp_path, synthetic_store):
     site.mkdir()
     (site / "sitecustomize.py").write_text(BLOCK_TRANSFORMERS)
     env = {"PYTHONPATH": str(site)}
-    check = run_cli("extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--limit", "1", "--out",
-                    str(tmp_path / "blocked"), check=False, env=env)
-    assert check.returncode != 0, "the block must really stop transformers"
-    for task in ("temporal-corr", "input-agnostic"):
-        proc = run_cli("probe", "--task", task, "--store", str(synthetic_store), "--out",
-                       str(tmp_path / task), "--no-cache", env=env)
+    tasks = ("temporal-corr", "input-agnostic")
+    check, *probes = run_cli_each(  # one interpreter: the block is in place for every command
+        [["extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--limit", "1", "--out",
+          str(tmp_path / "blocked")]]
+        + [["probe", "--task", task, "--store", str(synthetic_store), "--out", str(tmp_path / task), "--no-cache"]
+           for task in tasks], env=env)
+    assert check.code != 0, "the block must really stop transformers"
+    assert not check.imported["transformers"]
+    for task, proc in zip(tasks, probes):
+        assert proc.code == 0, proc.stdout + proc.stderr
         assert (tmp_path / task / "results.csv").exists(), proc.stdout
 
 

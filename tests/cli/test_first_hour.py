@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,25 +18,9 @@ from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.pipeline.extraction.config import default_part_size, validate
 from kvpipe.store import FeatureStore
 
+from fixtures.cli import invoke, run_cli_each
+
 ROOT = Path(__file__).resolve().parents[2]
-
-# Runs the CLI's main() in a fresh interpreter and reports, at exit, whether model code was imported.
-_PROBE = """
-import atexit, json, sys
-atexit.register(lambda: print("\\nIMPORTED " + json.dumps({m: m in sys.modules for m in ("torch", "transformers")}),
-                              file=sys.stderr))
-sys.argv = ["kvpipe"] + json.loads(sys.argv[1])
-from kvpipe.cli.app import main
-main()
-"""
-
-
-def _run(args: list[str]) -> tuple[int, str, dict]:
-    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    err, _, imported = proc.stderr.rpartition("IMPORTED ")
-    return proc.returncode, proc.stdout + err, json.loads(imported)
-
 
 def _cases(store: str, tmp: Path) -> list[tuple[list[str], int, str]]:
     ex = ["extract", "--out", str(tmp / "never")]
@@ -67,8 +51,10 @@ def _cases(store: str, tmp: Path) -> list[tuple[list[str], int, str]]:
 def test_listings_and_usage_errors_import_no_model_code(synthetic_store, tmp_path):
     """Listing, inspecting and every one-line usage error answer without importing torch or transformers
     (what made `kvpipe models` take 9 s and a misspelt --model 15 s)."""
-    for args, code, expected in _cases(str(synthetic_store), tmp_path):
-        rc, out, imported = _run(args)
+    cases = _cases(str(synthetic_store), tmp_path)
+    ran = run_cli_each([args for args, _, _ in cases], env={"HF_HUB_OFFLINE": "1"})
+    for (args, code, expected), (rc, stdout, stderr, imported) in zip(cases, ran):
+        out = stdout + stderr
         assert rc == code, (args, out)
         assert expected in out, (args, out)
         assert imported == {"torch": False, "transformers": False}, (args, imported)
@@ -112,9 +98,9 @@ def test_one_vocabulary_of_flags(synthetic_store):
     assert "subtask='paired'" in listed and "fold=0" in listed  # each dataset's --option keys and defaults
 
 
-def test_piped_output_is_not_wrapped_at_80_columns():
-    out = subprocess.run([sys.executable, "-m", "kvpipe.cli", "models"], capture_output=True, text=True,
-                         timeout=120, env={k: v for k, v in os.environ.items() if k != "COLUMNS"}).stdout
+def test_piped_output_is_not_wrapped_at_80_columns(monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out = invoke("models").stdout
     row = next(line for line in out.splitlines() if "tiny-llava-next-llama3" in line)
     assert "for tests" in row and len(row) > 80  # the whole row on one line
 
@@ -123,19 +109,25 @@ def test_piped_output_is_not_wrapped_at_80_columns():
 def test_the_wheel_imports_and_runs_from_any_folder(tmp_path):
     """`pip install .` (a wheel, not editable) works from the repository root, which holds folders
     named like the packages, and from elsewhere; the container file's own check runs too."""
+    # built from a copy: setuptools writes build/ and *.egg-info/ beside the sources it builds
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                            "__pycache__", ".pytest_cache"))
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(ROOT)], check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir", "-q",
+                    "-w", str(dist), str(src)], check=True, timeout=600)
     wheel = next(dist.glob("kvpipe-*.whl"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # no pip of its own (seconds saved): this environment's pip installs into it through --python
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
     # the test environment's packages (torch, ray, ...) but not its editable kvpipe
     site = next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
     own_site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                    capture_output=True, text=True, check=True).stdout.strip())
     (own_site / "deps.pth").write_text(f"{site}\n")
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-cache-dir", "-q",
+                    str(wheel)], check=True, timeout=600)
     dockerfile_check = "import kvpipe.pipeline.extraction.ray_executor, s3fs"
     for cwd in (ROOT, tmp_path):
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}

@@ -1,4 +1,6 @@
-"""SIGKILL the driver of a Ray extraction mid-run; the rerun redoes only unfinished parts."""
+"""SIGKILL the driver of a Ray extraction mid-run; the rerun redoes only unfinished parts. Both
+drivers are ``kvpipe extract`` processes that join the session's Ray instance (``--ray-address``),
+as a driver joins a cluster."""
 
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import pytest
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
 
-from kvpipe.pipeline.extraction import ExtractConfig, extract  # noqa: E402
 from kvpipe.store import layout  # noqa: E402
 
 from fixtures.store_equality import assert_identical_stores  # noqa: E402
@@ -24,11 +25,12 @@ ARGS = ["extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--limi
         "--part-size", "2", "--executor", "ray", "--workers", "1"]
 
 
-def start(out: Path, log: Path) -> subprocess.Popen:
+def start(out: Path, log: Path, address: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # its own process group: the Ray processes the driver starts can be cleaned up afterwards
+    # its own process group: whatever the driver starts can be cleaned up afterwards
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "kvpipe.cli", *ARGS, "--out", str(out)],
+        return subprocess.Popen([sys.executable, "-m", "kvpipe.cli", *ARGS, "--ray-address", address,
+                                 "--out", str(out)],
                                 stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -55,9 +57,9 @@ def reap(proc: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
-def test_sigkill_driver_then_rerun_resumes(tmp_path):
+def test_sigkill_driver_then_rerun_resumes(ray_cluster, tiny_store, tmp_path):
     out = tmp_path / "ray"
-    proc = start(out, tmp_path / "killed.log")
+    proc = start(out, tmp_path / "killed.log", ray_cluster)
     manifest = out / layout.MANIFEST
     try:
         deadline = time.time() + 180
@@ -70,7 +72,7 @@ def test_sigkill_driver_then_rerun_resumes(tmp_path):
         reap(proc)
     done = {p.name: p.stat().st_mtime_ns for p in manifest.glob("*.parquet")}
     assert 1 <= len(done) < 8, "the driver must die part-way"
-    rerun = start(out, tmp_path / "rerun.log")
+    rerun = start(out, tmp_path / "rerun.log", ray_cluster)
     try:
         rerun.wait(timeout=240)
     finally:
@@ -83,7 +85,5 @@ def test_sigkill_driver_then_rerun_resumes(tmp_path):
     assert skipped == len(done) and new == 8 - len(done), "finished parts were recomputed"
     assert {n: (manifest / n).stat().st_mtime_ns for n in done} == done
     assert not any((out / layout.STAGING).iterdir())
-    ref = tmp_path / "local"
-    extract(ExtractConfig(model="tiny-qwen25vl", dataset="synthetic", out=str(ref), limit=16, batch_size=2,
-                          part_size=2))
+    ref = tiny_store(model="tiny-qwen25vl", dataset="synthetic", limit=16, batch_size=2, part_size=2)
     assert_identical_stores(out, ref)

@@ -14,16 +14,15 @@ from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.store import FeatureStore, layout
 from kvpipe.store.verify import verify_store
 
-from fixtures.cli import run_cli
+from fixtures.cli import invoke
 from fixtures.store_equality import assert_identical_stores
 
 KW = dict(model="tiny-qwen25vl", dataset="synthetic", limit=8, batch_size=2, part_size=2)
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "clean"
-    extract(ExtractConfig(out=str(out), **KW))
+def clean(tiny_store) -> Path:
+    out = tiny_store(**KW)  # shared: tests damage copies of it
     assert verify_store(out).ok and FeatureStore.open(out).text_queries()
     return out
 
@@ -122,7 +121,7 @@ def test_damage_is_found_and_repaired_bit_for_bit(clean, tmp_path, case):
         with pytest.raises(StoreError, match=raises) as err:
             read(store)
         assert "\n" not in str(err.value)
-    proc = run_cli("verify", str(store), check=False)
+    proc = invoke("verify", str(store), check=False)
     out = " ".join(proc.stdout.split())
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert all(n in out for n in names), out
@@ -142,7 +141,7 @@ def test_metadata_out_of_bounds_is_named_by_verify_and_extract(clean, tmp_path):
     doc = json.loads((store / "zarr.json").read_text())
     doc["attributes"]["kvpipe"]["head_dim"] = -1
     (store / "zarr.json").write_text(json.dumps(doc, indent=2))
-    proc = run_cli("verify", str(store), check=False)
+    proc = invoke("verify", str(store), check=False)
     assert proc.returncode == 2 and "metadata field head_dim is -1" in " ".join(proc.stderr.split() + proc.stdout.split())
     with pytest.raises(StoreError, match="metadata field head_dim is -1"):
         extract(ExtractConfig(out=str(store), repair=True, **KW))

@@ -31,10 +31,8 @@ def kvpipe(*args) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def clean_store(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ops") / "clean"
-    extract(ExtractConfig(out=str(out), **KW))
-    return out
+def clean_store(tiny_store) -> Path:
+    return tiny_store(**KW)  # shared: tests change copies of it
 
 
 def copy_store(src: Path, dst: Path) -> Path:

@@ -13,7 +13,7 @@ from kvpipe.errors import StoreError
 from kvpipe.probes.runner import run_probe
 from kvpipe.store import layout
 
-from fixtures.cli import run_cli
+from fixtures.cli import invoke
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def test_probe_refuses_an_incomplete_store(incomplete):
         run_probe(incomplete, "input-agnostic")
     msg = str(err.value)
     assert "incomplete: 2 of 3 parts committed (16 of 24 images)" in msg and "--allow-incomplete" in msg
-    proc = run_cli("probe", "--task", "input-agnostic", "--store", str(incomplete), check=False)
+    proc = invoke("probe", "--task", "input-agnostic", "--store", str(incomplete), check=False)
     errors = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("error:")]  # not the progress bar
     assert proc.returncode == 2 and len(errors) == 1 and "incomplete" in errors[0], proc.stdout + proc.stderr
 
@@ -42,7 +42,7 @@ def test_allow_incomplete_records_coverage(incomplete):
     assert json.loads(meta[b"kvpipe.coverage"]) == want
     cached = run_probe(incomplete, "input-agnostic", allow_incomplete=True)  # from the cache: recorded too
     assert cached.cached and json.loads((cached.out_dir / "run.json").read_text())["coverage"] == want
-    proc = run_cli("probe", "--task", "input-agnostic", "--store", str(incomplete), "--allow-incomplete")
+    proc = invoke("probe", "--task", "input-agnostic", "--store", str(incomplete), "--allow-incomplete")
     assert proc.returncode == 0
 
 

@@ -20,7 +20,7 @@ from kvpipe.store.lease import LEASE, LeaseInfo, read_lease
 from kvpipe.store.verify import verify_store
 from kvpipe.store.writer import StoreWriter
 
-from fixtures.cli import run_cli
+from fixtures.cli import invoke
 from test_store import make_meta, part_arrays, rows_for
 
 HERE = Path(__file__).resolve().parent
@@ -124,7 +124,7 @@ def test_cli_extract_refused_while_another_run_holds_the_store(tmp_path):
     out = str(tmp_path / "s")
     procs, gate = start_writers(1, out, tmp_path)
     assert first_line(procs[0]) == "HOLDING"
-    proc = run_cli("extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--limit", "2",
+    proc = invoke("extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--limit", "2",
                    "--part-size", "2", "--batch-size", "2", "--out", out, check=False)
     gate.touch()
     procs[0].communicate(timeout=120)
