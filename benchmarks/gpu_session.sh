@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One H100 run of ~7 minutes: the store encodings/views (extraction) and three probe sweeps at
 # reduced sizes; every command is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR   (kvpipe importable, a CUDA device)
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes]   (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes]}
+what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
 stores=${TMPDIR:-/tmp}/kvpipe-gpu-session
@@ -11,6 +12,7 @@ bounded() { local secs=$1 name=$2; shift 2; timeout "$secs" "$@" 2>&1 | grep -v 
 kv() { python3 -m kvpipe.cli bench extract "$@"; }
 sweep() { python3 -m kvpipe.benchmarks.sweep --device cuda --repeat 1 "$@"; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [[ $what != probes ]]; then
 # encodings, one process per model and view choice: lossless bf16, int8, int4 on the same images
 bounded 110 enc-qwen25vl kv --model qwen25vl --size 448 --images 96 --batch-size 32 --part-size 32 \
     --runs floor-hf,kvpipe,kvpipe-int8,kvpipe-int4 --json "$out/enc-qwen25vl-448.json"
@@ -18,6 +20,8 @@ bounded 100 enc-llava-ov-base kv --model llava-ov --size 384 --images 48 --batch
     --runs floor-hf,kvpipe,kvpipe-int8,kvpipe-int4 --json "$out/enc-llava-ov-384-base.json"
 bounded 60 enc-llava-ov-all kv --model llava-ov --size 384 --images 48 --batch-size 8 --part-size 16 --views all \
     --runs kvpipe --json "$out/enc-llava-ov-384-all.json"
+fi
+if [[ $what != encodings ]]; then
 # probe sweeps (7B shape: 27 x 27 tokens, head_dim 128), one layer x 4 KV heads + post-proj
 bounded 80 probe-temporal-corr sweep --probe temporal-corr --out "$stores/davis" --videos 5 --images 333 \
     --layers 1 --heads 4 --hidden 1024 --json "$out/probe-temporal-corr.json"
@@ -26,3 +30,4 @@ bounded 50 probe-fg-seg sweep --probe fg-seg --out "$stores/pascal" --layers 1 -
     --json "$out/probe-fg-seg.json"
 rm -rf "$stores/pascal"
 rm -rf "$stores"
+fi
