@@ -392,7 +392,7 @@ class FeatureStore:
         dtype = np.dtype(DISK_DTYPE[self.meta.store_dtype])
         dim = stored_dim(width, self.meta.store_dtype)
         raw = decode_chunk(payload, dtype, len(queries), dim, f"{kind} of the text queries", self.root)
-        return decode(raw, self.meta.store_dtype, self.meta.compressor, self.meta.head_dim)
+        return decode(raw, self.meta.store_dtype, self.meta.compressor, width)
 
     def describe(self) -> dict[str, Any]:
         ok = self.images()

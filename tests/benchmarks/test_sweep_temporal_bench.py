@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from fixtures.sweep_args import TINY
+
 pytest.importorskip("torch")
 
 
@@ -26,9 +28,6 @@ def test_temporal_corr_sweep_against_the_replaced_code(tmp_path):
     assert json.loads(out.read_text())["medians"]["device"]["total_s"] > 0
 
 
-TINY = ["--images", "12", "--grid", "4", "--layers", "1", "--heads", "1", "--head-dim", "8", "--hidden", "16",
-        "--part-size", "6", "--repeat", "1", "--device", "cpu", "--mask-size", "64x40", "--videos", "2",
-        "--pairs", "10", "--episodes", "10", "--sets", "3", "--classes", "4", "--sentences", "30"]
 
 
 def test_all_six_table1_tasks_are_swept_and_summed_with_their_floors(tmp_path):
@@ -61,19 +60,3 @@ def test_semantic_seg_flops_are_the_tokens_times_the_classes_of_each_image(tmp_p
     per_kind = sum(16 * len(r.meta_dict()["labels"]) for r in store.images())  # multiply-adds per dimension
     assert res["floors"]["flops"] == 2 * per_kind * 2 * 8  # keys + values of 1 layer x 1 head, head_dim 8
     assert "bandwidth_s" not in res["floors"]
-
-
-@pytest.mark.slow
-def test_ray_against_local_with_one_actor_killed(tmp_path):
-    ray = pytest.importorskip("ray")
-    from kvpipe.benchmarks import sweep
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        res = sweep.main(["--probe", "cosegmentation", "--out", str(tmp_path / "s"), *TINY, "--layers", "3",
-                          "--executor", "local,ray", "--kill-one-after", "0"])
-    finally:
-        ray.shutdown()
-    (check,) = res["ray_checks"]
-    assert check["identical_rows"] and check["recomputed"] == 0 and check["killed_pids"]
-    assert res["ray_speedup"] > 0

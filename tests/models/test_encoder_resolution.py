@@ -67,6 +67,7 @@ def test_own_size_batches_equal_one_image_at_a_time():
 
     class Sel:
         layers = (0, 1)
+        kinds = ("hidden",)
 
     together, counts = adapter.gather(batch, Sel())
     assert counts == [24, 24, 24]

@@ -23,10 +23,9 @@ from fixtures.video_stores import random_video_store  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_session(ray_cluster):
+    """The session's shared Ray instance (tests/conftest.py)."""
+    yield ray_cluster
 
 
 def same_rows(a, b) -> bool:
