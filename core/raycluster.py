@@ -2,7 +2,8 @@
 
 Why here: extraction (pipeline) and the probe sweep (probes) both spread work over Ray actors
 and must fail the same way -- one line, in seconds -- when Ray is not installed or nothing
-answers at the address, instead of ray.init retrying for minutes. Ray is imported on use only.
+answers at the address, instead of ray.init retrying for minutes. Ray is imported on use only. Both hand their items (parts, targets) to a fixed pool of
+actors the same way, so that loop lives here too (ActorQueue).
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+from collections import deque
+from typing import Any, Callable, Iterable, Iterator
 
 from kvpipe.errors import KvpipeError, UsageError
 
@@ -90,3 +92,49 @@ def connect(address: str | None) -> bool:
         where = f"--ray-address {address}" if address else "Ray"
         raise UsageError(f"{where}: cannot connect ({one_line(err)})") from None
     return True
+
+
+class ActorQueue:
+    """Items handed to a pool of Ray actors, ``in_flight`` at a time each, in the order given.
+
+    Iterating yields ``(item, ref)`` as each call finishes (the caller ``ray.get``s the ref and
+    handles its errors); the finished call's actor then gets the next item. ``retry(item)``
+    puts an item whose actor died first in line and replaces that actor -- once, however many
+    of its calls are lost. ``stop()`` starts nothing new: what is in flight still finishes.
+    ``actors`` is the caller's list, updated in place."""
+
+    def __init__(self, ray: Any, actors: list[Any], items: Iterable[Any], call: Callable[[Any, Any], Any],
+                 new_actor: Callable[[], Any], in_flight: int) -> None:
+        self.ray, self.actors, self.call, self.new_actor = ray, actors, call, new_actor
+        self.queue = deque(items)
+        self.generation = [0] * len(actors)
+        self.inflight: dict[Any, tuple[Any, int, int]] = {}  # ref -> (item, actor slot, generation)
+        self._current = (0, 0)
+        for slot in range(len(actors)):
+            for _ in range(in_flight):
+                if self.queue:
+                    self._submit(slot)
+
+    def _submit(self, slot: int) -> None:
+        item = self.queue.popleft()
+        self.inflight[self.call(self.actors[slot], item)] = (item, slot, self.generation[slot])
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        while self.inflight:
+            ready, _ = self.ray.wait(list(self.inflight), num_returns=1)
+            item, slot, gen = self.inflight.pop(ready[0])
+            self._current = (slot, gen)
+            yield item, ready[0]
+            if self.queue:
+                self._submit(slot)
+
+    def retry(self, item: Any) -> None:
+        slot, gen = self._current
+        self.queue.appendleft(item)
+        if gen == self.generation[slot]:  # replace the dead actor once, not per lost item
+            self.ray.kill(self.actors[slot])
+            self.actors[slot] = self.new_actor()
+            self.generation[slot] += 1
+
+    def stop(self) -> None:
+        self.queue.clear()

@@ -20,7 +20,6 @@ import os
 import threading
 import time
 import uuid
-from collections import deque
 from typing import Any, Iterator
 
 from kvpipe.errors import KvpipeError, UsageError
@@ -28,7 +27,7 @@ from kvpipe.probes.base import PROBES, Probe, Target
 from kvpipe.probes.device import resolve_device
 from kvpipe.probes.executor import ExecutorOptions, ProbeExecutor, Scored, SweepJob, TargetCache, compute_target, \
     is_split
-from kvpipe.raycluster import cause, check_address, connect, import_ray, one_line
+from kvpipe.raycluster import ActorQueue, cause, check_address, connect, import_ray, one_line
 
 MAX_RESTARTS = 3  # Ray restarts of one actor process
 MAX_TASK_RETRIES = 3  # Ray re-runs of a target whose actor died mid-call
@@ -140,37 +139,18 @@ class RayProbeExecutor(ProbeExecutor):
             raise cause(err) from None
 
     def _run(self, ray: Any, actors: list[Any], targets: list[Target], new_actor: Any) -> Iterator[Scored]:
-        queue = deque(targets)
-        generation = [0] * len(actors)
-        inflight: dict[Any, tuple[Target, int, int]] = {}  # ref -> (target, actor slot, generation)
+        pool = ActorQueue(ray, actors, targets, lambda actor, tgt: actor.score.remote(tgt), new_actor, IN_FLIGHT)
         lost: dict[Target, int] = {}
-
-        def submit(slot: int) -> None:
-            tgt = queue.popleft()
-            inflight[actors[slot].score.remote(tgt)] = (tgt, slot, generation[slot])
-
-        for slot in range(len(actors)):
-            for _ in range(IN_FLIGHT):
-                if queue:
-                    submit(slot)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            tgt, slot, gen = inflight.pop(ready[0])
+        for tgt, ref in pool:
             try:
-                res: Scored = ray.get(ready[0])
+                res: Scored = ray.get(ref)
             except ray.exceptions.RayActorError as err:  # restarts and retries used up
                 lost[tgt] = lost.get(tgt, 0) + 1
                 if lost[tgt] > MAX_RESUBMITS:
                     raise KvpipeError(f"target {tgt.kind} layer {tgt.layer} head {tgt.head}: its Ray worker died "
                                       f"{lost[tgt]} times ({one_line(err)})") from None
-                queue.appendleft(tgt)
-                if gen == generation[slot]:  # replace the dead actor once, not per lost target
-                    ray.kill(actors[slot])
-                    actors[slot] = new_actor()
-                    generation[slot] += 1
+                pool.retry(tgt)
             except ray.exceptions.RayTaskError as err:
                 raise cause(err) from None
             else:
                 yield res
-            if queue:
-                submit(slot)

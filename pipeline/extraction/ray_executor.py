@@ -24,7 +24,6 @@ import threading
 import time
 import uuid
 import warnings
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Callable, Iterator
@@ -41,7 +40,7 @@ from kvpipe.pipeline.extraction.loading import LOADERS, LoadedBatch, load_batch
 from kvpipe.pipeline.extraction.prefix import apply_prefixes
 from kvpipe.pipeline.extraction.worker import DatasetView, PartWorker, ProgressFn
 from kvpipe.pipeline.models.base import ModelAdapter
-from kvpipe.raycluster import cause as worker_error, check_address, connect, import_ray, one_line
+from kvpipe.raycluster import ActorQueue, cause as worker_error, check_address, connect, import_ray, one_line
 
 MAX_RESTARTS = 3  # Ray restarts of one actor process
 MAX_TASK_RETRIES = 3  # Ray re-runs of a part whose actor died mid-call
@@ -254,51 +253,35 @@ class RaySession(Session):
         if not parts:
             return
         ray = self.ray
-        generation = [0] * len(self.actors)
-        queue = deque(parts)
-        inflight: dict[Any, tuple[int, int, int]] = {}  # ref -> (part, actor slot, generation)
+        meta = writer.meta
+        pool = ActorQueue(ray, self.actors, parts, lambda actor, part: actor.stage.remote(part, meta),
+                          self._new_actor, PARTS_IN_FLIGHT)
         lost: dict[int, int] = {}
         first_error: BaseException | None = None
-        meta = writer.meta
-
-        def submit(slot: int) -> None:
-            part = queue.popleft()
-            inflight[self.actors[slot].stage.remote(part, meta)] = (part, slot, generation[slot])
-
-        for slot in range(len(self.actors)):
-            for _ in range(PARTS_IN_FLIGHT):
-                if queue:
-                    submit(slot)
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
-            part, slot, gen = inflight.pop(ready[0])
+        for part, ref in pool:
             try:
-                out: PartOutcome = ray.get(ready[0])
+                out: PartOutcome = ray.get(ref)
                 writer.commit_part(part, out.staged, out.rows)
             except ray.exceptions.RayActorError as err:
                 if getattr(err, "_actor_init_failed", False):  # e.g. kvpipe missing on a worker host
                     cause = KvpipeError(f"a Ray worker could not start: {one_line(err)}")
                     on_failure(part, cause, 1)
                     first_error = first_error or cause
-                    queue.clear()
+                    pool.stop()
                     continue
                 lost[part] = lost.get(part, 0) + 1
                 if lost[part] > MAX_RESUBMITS:
                     on_failure(part, err, lost[part] + MAX_TASK_RETRIES)
                     first_error = first_error or KvpipeError(
                         f"part {part} failed: its Ray worker died {lost[part]} times ({one_line(err)})")
-                    queue.clear()
+                    pool.stop()
                     continue
-                queue.appendleft(part)
-                if gen == generation[slot]:  # replace the dead actor once, not per lost part
-                    ray.kill(self.actors[slot])
-                    self.actors[slot] = self._new_actor()
-                    generation[slot] += 1
+                pool.retry(part)
             except Exception as err:
                 cause = worker_error(err)
                 on_failure(part, cause, 1)
                 first_error = first_error or cause
-                queue.clear()  # finish what is in flight, start nothing new
+                pool.stop()  # finish what is in flight, start nothing new
                 continue
             else:
                 result.parts_done += 1
@@ -309,8 +292,6 @@ class RaySession(Session):
                     result.timings[k] = result.timings.get(k, 0.0) + v
                 if progress:
                     progress(out.images_ok + out.images_failed)
-            if queue and first_error is None:
-                submit(slot)
         if first_error is not None:
             if isinstance(first_error, KvpipeError):
                 raise first_error

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvpipe.errors import UsageError
+from kvpipe.pipeline.models.catalog import MODELS
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -90,7 +91,7 @@ class TokenRule:
 @dataclass(frozen=True)
 class ModelSize:
     """What a model stores per image token: layers x KV heads x head_dim (keys and values) and
-    the post-projector width."""
+    the post-projector width (layers and KV heads from the catalog entry)."""
 
     rule: TokenRule
     layers: int
@@ -105,26 +106,32 @@ _QWEN_TINY = {"patch": 14, "merge": 2, "min_pixels": 4 * 28 ** 2, "max_pixels": 
 _OV_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
 _NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
+def _size(name: str, rule: TokenRule, head_dim: int, hidden: int, label: str) -> tuple[str, ModelSize]:
+    """A catalog model's size data: its layers and KV heads as the catalog states them."""
+    entry = MODELS.get(name)
+    return name, ModelSize(rule, entry.layers, entry.kv_heads, head_dim, hidden, label)
+
+
 # --model name -> its size data (the catalog's names; tests/models/test_plan_sizes.py checks the
 # tiny presets against a real extraction and the full-size ones against their config presets)
-SIZES: dict[str, ModelSize] = {
-    "qwen25vl": ModelSize(TokenRule("qwen", _QWEN_7B), 28, 4, 128, 3584, "Qwen2.5-VL-7B"),
-    "qwen2vl": ModelSize(TokenRule("qwen", _QWEN_7B), 28, 4, 128, 3584, "Qwen2-VL-7B"),
-    "tiny-qwen25vl": ModelSize(TokenRule("qwen", _QWEN_TINY), 2, 2, 16, 64, "tiny Qwen2.5-VL"),
-    "llava-ov": ModelSize(TokenRule("anyres", {"tile": 384, "patch": 14, "pinpoints": _OV_PINPOINTS, "max_views": 9}),
-                          28, 4, 128, 3584, "LLaVA-OV-7B"),
-    "llava-ov-0.5b": ModelSize(TokenRule("anyres", {"tile": 384, "patch": 14, "pinpoints": _OV_PINPOINTS,
-                                                    "max_views": 9}), 24, 2, 64, 896, "LLaVA-OV-0.5B"),
-    "tiny-llava-ov": ModelSize(TokenRule("anyres", {"tile": 56, "patch": 14, "max_views": 9,
-                                                    "pinpoints": [[56, 56], [56, 112], [112, 56], [112, 112]]}),
-                               2, 2, 16, 64, "tiny LLaVA-OV"),
-    "llava-next-llama3": ModelSize(TokenRule("anyres", {"tile": 336, "patch": 14, "pinpoints": _NEXT_PINPOINTS}),
-                                   32, 8, 128, 4096, "LLaVA-NeXT-Llama3-8B"),
-    "tiny-llava-next-llama3": ModelSize(TokenRule("anyres", {"tile": 56, "patch": 14, "pinpoints":
-                                                             [[h // 6, w // 6] for h, w in _NEXT_PINPOINTS]}),
-                                        2, 2, 16, 64, "tiny LLaVA-NeXT"),
-    "llava15": ModelSize(TokenRule("fixed", {"tile": 336, "patch": 14}), 32, 32, 128, 4096, "LLaVA-1.5-7B"),
-}
+SIZES: dict[str, ModelSize] = dict([
+    _size("qwen25vl", TokenRule("qwen", _QWEN_7B), 128, 3584, "Qwen2.5-VL-7B"),
+    _size("qwen2vl", TokenRule("qwen", _QWEN_7B), 128, 3584, "Qwen2-VL-7B"),
+    _size("tiny-qwen25vl", TokenRule("qwen", _QWEN_TINY), 16, 64, "tiny Qwen2.5-VL"),
+    _size("llava-ov", TokenRule("anyres", {"tile": 384, "patch": 14, "pinpoints": _OV_PINPOINTS, "max_views": 9}),
+          128, 3584, "LLaVA-OV-7B"),
+    _size("llava-ov-0.5b", TokenRule("anyres", {"tile": 384, "patch": 14, "pinpoints": _OV_PINPOINTS,
+                                                "max_views": 9}), 64, 896, "LLaVA-OV-0.5B"),
+    _size("tiny-llava-ov", TokenRule("anyres", {"tile": 56, "patch": 14, "max_views": 9,
+                                                "pinpoints": [[56, 56], [56, 112], [112, 56], [112, 112]]}),
+          16, 64, "tiny LLaVA-OV"),
+    _size("llava-next-llama3", TokenRule("anyres", {"tile": 336, "patch": 14, "pinpoints": _NEXT_PINPOINTS}),
+          128, 4096, "LLaVA-NeXT-Llama3-8B"),
+    _size("tiny-llava-next-llama3", TokenRule("anyres", {"tile": 56, "patch": 14, "pinpoints":
+                                                         [[h // 6, w // 6] for h, w in _NEXT_PINPOINTS]}),
+          16, 64, "tiny LLaVA-NeXT"),
+    _size("llava15", TokenRule("fixed", {"tile": 336, "patch": 14}), 128, 4096, "LLaVA-1.5-7B"),
+])
 
 # Lossless bytes stored per raw byte by the default codec (Blosc zstd 1, byte shuffle), measured
 # on 7B models' bf16 K/V (docs/BENCHMARKS.md, end-to-end table): LLaVA-OV-7B 85.2 -> 59.3 MB,
