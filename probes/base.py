@@ -145,10 +145,15 @@ class Probe:
         self.prepare()
 
     @classmethod
+    def scored_kinds(cls) -> tuple[str, ...]:
+        """The kinds a sweep scores: the probe's own, and post_proj where it has the baseline."""
+        return tuple(cls.kinds) + (("post_proj",) if cls.baseline else ())
+
+    @classmethod
     def unavailable(cls, meta: FeatureSetMeta) -> str:
         """Why a store with this metadata has nothing this probe can score ("" when it has):
         none of its kinds is stored, or it needs text-query K/V and the store is an encoder's."""
-        swept = cls.kinds + (("post_proj",) if cls.baseline else ())
+        swept = cls.scored_kinds()
         if cls.needs_text and not meta.text_queries and not any(k in meta.kinds for k in ("keys", "values")):
             return (f"{cls.name} scores image tokens against text queries' features, which only an MLM's "
                     f"store has, or SigLIP's on a dataset with text queries (this one holds "

@@ -8,7 +8,6 @@ masks over their images, a row of propagated frames per video, keypoint matches 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +21,7 @@ from kvpipe.probes.figures import mask_overlay, matches_figure, pca_figure, stri
 from kvpipe.probes.images import ImageSource
 from kvpipe.probes.predictions import (DavisFolders, MaskImages, PointMatches, Predictions, frame_name,
                                        read_predictions, safe_name)
+from kvpipe.provenance import read_run_json
 
 MAX_FRAMES = 8  # frames of a video shown in its row (evenly spaced)
 
@@ -113,10 +113,7 @@ def pca_pictures(store: Any, target: Target, image_ids: list[str], images: Image
 
 def saved_records(run_dir: Path) -> list[dict[str, Any]]:
     """What run.json says ``kvpipe probe`` saved under ``run_dir`` ([] when nothing)."""
-    try:
-        record = json.loads((Path(run_dir) / "run.json").read_text())
-    except (OSError, ValueError):
-        return []
+    record = read_run_json(Path(run_dir)) or {}
     return list((record.get("predictions") or {}).get("saved") or [])
 
 

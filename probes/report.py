@@ -34,6 +34,7 @@ from kvpipe.probes.gallery import (load_saved, pca_pictures, pick_saved, predict
 from kvpipe.probes.images import ImageSource
 from kvpipe.probes.predictions import target_label
 from kvpipe.probes.runner import results_dir
+from kvpipe.provenance import read_run_json
 from kvpipe.store import FeatureStore
 
 REPRESENTATIONS = (("post_proj", "Visual encoder (post-proj)"), ("values", "LM image value (max)"),
@@ -114,7 +115,7 @@ def build_report(store_path: str | Path, out: str | Path | None = None, results:
         metric = probe.primary_metric if probe else _first_metric(rows)
         ranked = probe.ranked if probe else True
         kinds = probe.kinds if probe else ("keys", "values")
-        run = _read_json(path.parent / "run.json")
+        run = read_run_json(path) or {}
         plots = sorted(path.parent.glob("*.png"))
         tasks.append({"task": task, "rows": rows, "metric": metric, "ranked": ranked, "kinds": kinds,
                       "params": run.get("params"), "plots": plots, "dir": path.parent})
@@ -294,8 +295,3 @@ def _first_metric(rows: list[dict[str, Any]]) -> str:
     return metrics[0] if metrics else (rows[0]["metric"] if rows else "")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -24,6 +24,7 @@ from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Selection, Target
 from kvpipe.probes.executor import PROBE_EXECUTORS, ExecutorOptions, SweepJob, TargetCache
 from kvpipe.probes.predictions import SaveRequest, chosen_targets, save_all
+from kvpipe.provenance import RUN_FILE, read_run_json
 from kvpipe.store import FeatureStore
 
 COLUMNS = ["model", "dataset", "task", "layer", "head", "kind", "metric", "value"]
@@ -212,7 +213,7 @@ def _save_predictions(probe_cls: type[Probe], make_probe: Callable[[], Probe], r
         return record
     chosen = chosen_targets(request, table.to_pylist(), probe_cls.primary_metric, swept)
     if request.mode == "targets":
-        kinds = set(probe_cls.kinds) | ({"post_proj"} if probe_cls.baseline else set())
+        kinds = set(probe_cls.scored_kinds())
         bad = [t for t, _ in chosen if t.kind not in kinds]
         if bad:
             raise UsageError(f"--save-predictions {request.text()}: {probe_cls.name} scores "
@@ -230,10 +231,7 @@ def _save_predictions(probe_cls: type[Probe], make_probe: Callable[[], Probe], r
 
 def _previous_predictions(out: Path) -> dict[str, Any]:
     """The predictions record of the run.json an earlier run left in ``out`` ({} when none)."""
-    try:
-        return dict(json.loads((out / RUN_RECORD).read_text()).get("predictions") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}
+    return dict((read_run_json(out) or {}).get("predictions") or {})
 
 
 def target_cache_dir(cached_file: Path) -> Path:
@@ -270,9 +268,6 @@ def _write_table(table: pa.Table, out: Path, coverage: dict[str, int] | None = N
     pacsv.write_csv(table, out / "results.csv")
 
 
-RUN_RECORD = "run.json"
-
-
 def _write_run_record(out: Path, task: str, probe_cls: type[Probe], params: dict[str, Any], key: str,
                       cached: bool, extra: dict[str, Any] | None = None) -> None:
     """What produced results.parquet (parameters with defaults, probe version, cache key, the
@@ -280,7 +275,7 @@ def _write_run_record(out: Path, task: str, probe_cls: type[Probe], params: dict
     parts extracted of those planned)."""
     record = {"task": task, "params": {**probe_cls.defaults, **params}, "probe_version": probe_cls.version,
               "cache_key": key, "from_cache": cached, **(extra or {})}
-    (out / RUN_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+    (out / RUN_FILE).write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def _plots(probe_cls: type[Probe], store: FeatureStore, params: dict[str, Any], table: pa.Table,

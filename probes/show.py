@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from kvpipe.probes.gallery import (Picture, load_saved, pca_pictures, pick_saved
 from kvpipe.probes.images import ImageSource
 from kvpipe.probes.predictions import target_label
 from kvpipe.probes.runner import results_dir
+from kvpipe.provenance import read_run_json
 from kvpipe.store import FeatureStore
 
 MIN_HEIGHT = 120  # pixels a picture is shown at, at least (an integer zoom)
@@ -79,15 +79,12 @@ def build_show_page(store_path: str | Path, task: str, target: Target | None = N
 
 
 def _params(run_dir: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads((run_dir / "run.json").read_text()).get("params") or {})
-    except (OSError, ValueError):
-        return {}
+    return dict((read_run_json(run_dir) or {}).get("params") or {})
 
 
 def _check_target(store: FeatureStore, target: Target, probe_cls: Any) -> None:
     meta = store.meta
-    kinds = tuple(probe_cls.kinds) + (("post_proj",) if probe_cls.baseline else ())
+    kinds = probe_cls.scored_kinds()
     if target.kind not in kinds or target.kind not in meta.kinds:
         raise UsageError(f"--kind {target.kind}: {probe_cls.name} scores {', '.join(k for k in kinds if k in meta.kinds)}"
                          f" of this store")
