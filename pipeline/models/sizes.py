@@ -143,9 +143,11 @@ KV_KINDS = 2  # keys and values
 
 def bytes_per_token(size: ModelSize, encoding: str, post_proj: bool = True) -> float:
     """Stored bytes of one image token (compressed by ``CODEC_RATIO``)."""
+    import numpy as np
+
     from kvpipe.store.encoding import DISK_DTYPE, stored_dim
 
-    item = {"float32": 4, "float16": 2, "uint16": 2, "int8": 1, "uint8": 1}[DISK_DTYPE[encoding]]
+    item = np.dtype(DISK_DTYPE[encoding]).itemsize
     kv = KV_KINDS * size.layers * size.kv_heads * stored_dim(size.head_dim, encoding) * item
     pp = stored_dim(size.hidden, encoding) * item if post_proj else 0
     return (kv + pp) * CODEC_RATIO[encoding]
