@@ -10,40 +10,40 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
 stores=${TMPDIR:-/tmp}/kvpipe-gpu-session
 bounded() { local secs=$1 name=$2; shift 2; timeout "$secs" "$@" 2>&1 | grep -v Warning > "$out/$name.log"; tail -30 "$out/$name.log"; }
-kv() { python3 -m kvpipe.cli bench extract "$@"; }
-sweep() { python3 -m kvpipe.benchmarks.sweep --device cuda --repeat 1 "$@"; }
+kv=(python3 -m kvpipe.cli bench extract)  # arrays, not functions: timeout runs a program
+sweep=(python3 -m kvpipe.benchmarks.sweep --device cuda --repeat 1)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [[ $what == all || $what == encodings ]]; then
 # encodings, one process per model and view choice: lossless bf16, int8, int4 on the same images
-bounded 110 enc-qwen25vl kv --model qwen25vl --size 448 --images 96 --batch-size 32 --part-size 32 \
+bounded 110 enc-qwen25vl "${kv[@]}" --model qwen25vl --size 448 --images 96 --batch-size 32 --part-size 32 \
     --runs floor-hf,kvpipe,kvpipe-int8,kvpipe-int4 --json "$out/enc-qwen25vl-448.json"
-bounded 100 enc-llava-ov-base kv --model llava-ov --size 384 --images 48 --batch-size 8 --part-size 16 --views base \
+bounded 100 enc-llava-ov-base "${kv[@]}" --model llava-ov --size 384 --images 48 --batch-size 8 --part-size 16 --views base \
     --runs floor-hf,kvpipe,kvpipe-int8,kvpipe-int4 --json "$out/enc-llava-ov-384-base.json"
-bounded 60 enc-llava-ov-all kv --model llava-ov --size 384 --images 48 --batch-size 8 --part-size 16 --views all \
+bounded 60 enc-llava-ov-all "${kv[@]}" --model llava-ov --size 384 --images 48 --batch-size 8 --part-size 16 --views all \
     --runs kvpipe --json "$out/enc-llava-ov-384-all.json"
 fi
 if [[ $what == all || $what == probes ]]; then
 # probe sweeps (7B shape: 27 x 27 tokens, head_dim 128), one layer x 4 KV heads (keys + values) +
 # post-proj = 9 targets each; every target reads and scores the whole dataset, so the per-target
 # figures carry over to the 225-target sweep
-bounded 150 probe-temporal-corr sweep --probe temporal-corr --out "$stores/davis" --videos 5 --images 333 \
+bounded 150 probe-temporal-corr "${sweep[@]}" --probe temporal-corr --out "$stores/davis" --videos 5 --images 333 \
     --layers 1 --heads 4 --hidden 1024 --json "$out/probe-temporal-corr.json"
 rm -rf "$stores/davis"
-bounded 70 probe-fg-seg sweep --probe fg-seg --out "$stores/pascal" --layers 1 --heads 4 --hidden 1024 \
+bounded 70 probe-fg-seg "${sweep[@]}" --probe fg-seg --out "$stores/pascal" --layers 1 --heads 4 --hidden 1024 \
     --json "$out/probe-fg-seg.json"
 rm -rf "$stores/pascal"
 fi
 if [[ $what == all || $what == probes-rest ]]; then
-bounded 100 probe-semantic-corr sweep --probe semantic-corr --out "$stores/spair" --layers 1 --heads 4 \
+bounded 100 probe-semantic-corr "${sweep[@]}" --probe semantic-corr --out "$stores/spair" --layers 1 --heads 4 \
     --search torch --json "$out/probe-semantic-corr.json"
 rm -rf "$stores/spair"
-bounded 100 probe-cosegmentation sweep --probe cosegmentation --out "$stores/msrc" --layers 1 --heads 4 \
+bounded 100 probe-cosegmentation "${sweep[@]}" --probe cosegmentation --out "$stores/msrc" --layers 1 --heads 4 \
     --hidden 1024 --json "$out/probe-cosegmentation.json"
 rm -rf "$stores/msrc"
-bounded 120 probe-semantic-seg sweep --probe semantic-seg --out "$stores/imagenet-s" --layers 1 --heads 4 \
+bounded 120 probe-semantic-seg "${sweep[@]}" --probe semantic-seg --out "$stores/imagenet-s" --layers 1 --heads 4 \
     --hidden 1024 --json "$out/probe-semantic-seg.json"
 rm -rf "$stores/imagenet-s"
-bounded 150 probe-refexp-seg sweep --probe refexp-seg --out "$stores/refcoco" --layers 1 --heads 4 \
+bounded 150 probe-refexp-seg "${sweep[@]}" --probe refexp-seg --out "$stores/refcoco" --layers 1 --heads 4 \
     --hidden 256 --json "$out/probe-refexp-seg.json"
 rm -rf "$stores/refcoco"
 fi
