@@ -173,6 +173,9 @@ def probe(
     save_predictions: str = typer.Option("best", help="write predicted masks / points under OUT/predictions at: "
                                                       "best (the best target of each kind) | all | none | "
                                                       "LAYER:HEAD:KIND[,...] (post_proj for the baseline)"),
+    plots: Optional[bool] = typer.Option(None, "--plots/--no-plots", show_default=False,
+                                         help="draw the figures (the default); --no-plots writes the tables only "
+                                              "(a later cached run draws them)"),
 ) -> None:
     """Sweep a probe over every (layer, head, kind) + post-proj; write table, plots and predictions."""
     from kvpipe.probes import PROBES
@@ -231,7 +234,7 @@ def probe(
         started_ray = connect(ray_address)
     try:
         _probe_runs(runs, task, out, store, no_cache, allow_incomplete, device, selection, executor, options,
-                    save, failed)
+                    save, plots, failed)
     finally:
         if started_ray:
             import ray
@@ -243,7 +246,7 @@ def probe(
 
 
 def _probe_runs(runs, task, out, store, no_cache, allow_incomplete, device, selection, executor, options,
-                save, failed) -> None:
+                save, plots, failed) -> None:
     """Each task's sweep with its progress bar; under --task all a failed task is reported and skipped."""
     from kvpipe.cli.progress import probe_progress
     from kvpipe.cli.render import print_probe_run
@@ -255,7 +258,7 @@ def _probe_runs(runs, task, out, store, no_cache, allow_incomplete, device, sele
             with probe_progress(console, name) as advance:
                 run = run_probe(store, name, task_params, target, use_cache=not no_cache, progress=advance,
                                 allow_incomplete=allow_incomplete, device=device, selection=selection,
-                                executor=executor, options=options, save_predictions=save)
+                                executor=executor, options=options, save_predictions=save, plots=plots)
         except KvpipeError as err:
             if task != "all":
                 raise
@@ -390,7 +393,7 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="where the store and re
             batch_size=4, part_size=8,
             strict=False, seed=0, executor="local", ray_address=None, workers=None, repair=False, option=[])
     probe(task="all", store=store, out=None, param=[], no_cache=False, device="auto", layers=None, heads=None,
-          kinds=None, executor="local", workers=None, ray_address=None, save_predictions="best")
+          kinds=None, executor="local", workers=None, ray_address=None, save_predictions="best", plots=None)
     report(store=store, out=out / "report.md")
 
 

@@ -116,6 +116,7 @@ class Probe:
     ranked: ClassVar[bool] = True  # higher primary_metric = better representation (False: a statistic)
     defaults: ClassVar[dict[str, Any]] = {}
     version: ClassVar[int] = 1  # bump when scores change, to invalidate cached results
+    draw_plots: bool = True  # summarize() draws its own figures (run_probe's ``plots``)
     prediction_format: ClassVar[str] = ""  # what ``predictions`` returns (probes/predictions.py FORMATS); "" none
     # parameter values that read an any-resolution model's crops (every token, or the crops grid),
     # which a store extracted with --views base does not hold: {"tokens": ("all",)}

@@ -123,11 +123,13 @@ class InputAgnostic(Probe):
         meta = self.store.meta
         matrix = layer_head_matrix(pa.Table.from_pylist(rows), VARIANCE, "keys", meta.layers, meta.heads)
         title = f"{meta.model.name} on {meta.dataset.name} ({len(self.rows)} images)"
-        plots = [Path(plot_variance_histogram(values, threshold, out_dir / "input-agnostic-histogram.png", title)),
-                 Path(plot_variance_heatmap(matrix, threshold, out_dir / "input-agnostic-heatmap.png", title))]
         flags = {(r["layer"], r["head"]): bool(r["value"]) for r in extra if r["metric"] == FLAG}
-        pca_plot, pca_layer = self.plot_pca(flags, out_dir / "input-agnostic-keys-pca.png")
-        plots.append(pca_plot)
+        pca_layer = self.pca_layer(flags)
+        plots = []
+        if self.draw_plots:
+            plots = [Path(plot_variance_histogram(values, threshold, out_dir / "input-agnostic-histogram.png", title)),
+                     Path(plot_variance_heatmap(matrix, threshold, out_dir / "input-agnostic-heatmap.png", title)),
+                     self.plot_pca(flags, out_dir / "input-agnostic-keys-pca.png")[0]]
         extra.append({"layer": -1, "head": -1, "kind": "keys", "metric": PCA_LAYER, "value": float(pca_layer)})
         return extra, plots
 
@@ -144,14 +146,17 @@ class InputAgnostic(Probe):
         other = next((r for r in self.rows[1:] if r.group != first.group), self.rows[1])
         return [first, other]
 
+    def pca_layer(self, flags: dict[tuple[int, int], bool]) -> int:
+        """Figure 4's layer: ``--param pca_layer``, else the one ``pick_pca_layer`` chooses."""
+        layer = self.params["pca_layer"]
+        return int(pick_pca_layer(flags, self.store.meta.layers, self.store.meta.heads) if layer is None else layer)
+
     def plot_pca(self, flags: dict[tuple[int, int], bool], path: Path) -> tuple[Path, int]:
         """Figure 4 for ``pca_layer``: keys of two images, all heads jointly and per head."""
         from kvpipe.probes.plots import plot_key_pca
 
         meta = self.store.meta
-        layer = self.params["pca_layer"]
-        if layer is None:
-            layer = pick_pca_layer(flags, meta.layers, meta.heads)
+        layer = self.pca_layer(flags)
         images = self.pca_rows
         keys, image_of, head_of, per_head = [], [], [], {}
         for h in meta.heads:

@@ -31,6 +31,7 @@ COLUMNS = ["model", "dataset", "task", "layer", "head", "kind", "metric", "value
 SCHEMA = pa.schema([("model", pa.string()), ("dataset", pa.string()), ("task", pa.string()),
                     ("layer", pa.int64()), ("head", pa.int64()), ("kind", pa.string()),
                     ("metric", pa.string()), ("value", pa.float64())])
+DRAW_PLOTS = True  # run_probe's default for ``plots`` (the test suite turns it off where figures are not checked)
 SCORED_ROWS = "kvpipe.scored_rows"  # parquet metadata of the cache file: rows before summarize()'s
 DEVICE = "kvpipe.device"  # parquet metadata of the cache file: where the scores were computed
 SELECTION = "_selection"  # the cache key's entry for a sweep of a subset
@@ -83,7 +84,7 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
               progress: Callable[[int, int], None] | None = None, device: str = "auto",
               selection: Selection | None = None, prefetch: bool = True, allow_incomplete: bool = False,
               executor: str = "local", options: ExecutorOptions | None = None,
-              save_predictions: str | SaveRequest = "best") -> ProbeRun:
+              save_predictions: str | SaveRequest = "best", plots: bool | None = None) -> ProbeRun:
     """Run ``task`` on the store; ``progress(done, total)`` after each target.
 
     ``device``: where the probe computes (``auto``, ``cpu``, ``cuda[:N]``, or ``numpy``, the
@@ -98,8 +99,11 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     recomputes only the targets it had not finished. ``save_predictions``: ``best`` (the best
     target of each kind), ``all``, ``none`` or ``L:H:K,...`` (``probes/predictions.py``); written
     under ``OUT/predictions/`` by probes that predict masks or points, recorded in run.json.
+    ``plots``: draw the figures (default ``DRAW_PLOTS``); without them a sweep writes its tables
+    only, and a later cached run draws what the results folder lacks.
     """
     t0 = time.perf_counter()
+    draw = DRAW_PLOTS if plots is None else plots
     store = FeatureStore.open(store_path)
     cov = check_complete(store, allow_incomplete)
     probe_cls = PROBES.get(task)
@@ -125,21 +129,22 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     if use_cache and cached_file.exists():
         table = pq.read_table(cached_file)
         computed_on = (table.schema.metadata or {}).get(DEVICE.encode(), b"").decode() or None
-        plots = sorted(out.glob("*.png"))
-        if not plots:
-            plots = _plots(probe_cls, store, params, table, out, selection)
+        figures = sorted(out.glob("*.png"))
+        if not figures and draw:
+            figures = _plots(probe_cls, store, params, table, out, selection)
         table = table.replace_schema_metadata(None)
         _write_table(table, out, cov)
         saved = _save_predictions(probe_cls, lambda: probe_cls(store, params, device=resolved, selection=selection),
                                   request, table, _swept(probe_cls, store, selection), out, key)
         _write_run_record(out, task, probe_cls, params, key, cached=True,
                           extra={**record, "device": computed_on, "coverage": cov, "predictions": saved})
-        return ProbeRun(task, table, out, plots, True, time.perf_counter() - t0, predictions=saved["saved"],
+        return ProbeRun(task, table, out, figures, True, time.perf_counter() - t0, predictions=saved["saved"],
                         skipped=skipped)
     target_cache = TargetCache(target_cache_dir(cached_file))
     if not use_cache:
         target_cache.clear()
     probe = probe_cls(store, params, device=resolved, selection=selection)
+    probe.draw_plots = draw
     targets = probe.targets()
     if not targets:
         raise UsageError(f"task {task}: the selection {_describe(selection)} leaves nothing to score in {store.root}")
@@ -182,9 +187,9 @@ def run_probe(store_path: str | Path, task: str, params: dict[str, Any] | None =
     timings["predictions_s"] = time.perf_counter() - t_pred
     _write_run_record(out, task, probe_cls, params, key, cached=False,
                       extra={**record, "device": computed_on, "coverage": cov, "predictions": saved})
-    plots = extra_plots + _figure2(probe, store, table, out)
+    figures = extra_plots + (_figure2(probe, store, table, out) if draw else [])
     timings["summary_s"] = time.perf_counter() - t_sum - timings["predictions_s"]
-    return ProbeRun(task, table, out, plots, False, time.perf_counter() - t0, timings, saved["saved"], skipped)
+    return ProbeRun(task, table, out, figures, False, time.perf_counter() - t0, timings, saved["saved"], skipped)
 
 
 def _swept(probe_cls: type[Probe], store: FeatureStore, selection: Selection) -> list[Target]:

@@ -172,3 +172,13 @@ def ray_cluster(s3_server) -> str:
         yield ctx.address_info["gcs_address"]
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _figures_only_where_checked(request, monkeypatch):
+    """Sweeps in tests draw no figures (a third of the suite's time was matplotlib) unless the
+    test is marked ``plots``: those check the figures. The CLI's default stays --plots."""
+    if request.node.get_closest_marker("plots") is None:
+        from kvpipe.probes import runner
+
+        monkeypatch.setattr(runner, "DRAW_PLOTS", False)

@@ -71,6 +71,7 @@ def agnostic_store(path, n_images: int = 6):
     return store
 
 
+@pytest.mark.plots
 def test_input_agnostic_writes_the_pca_figure(tmp_path):
     store = agnostic_store(tmp_path / "s")
     run = run_probe(store, "input-agnostic")

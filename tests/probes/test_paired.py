@@ -135,6 +135,7 @@ def accuracy(run, kind, layer, head):
                 if (r["kind"], r["layer"], r["head"], r["metric"]) == (kind, layer, head, "accuracy"))
 
 
+@pytest.mark.plots
 def test_art_style_oracle_is_perfect_and_noise_is_chance(tmp_path):
     images, structure = art_questions()
     # two Visual_Similarity questions in the same store: art-style must leave them alone

@@ -72,6 +72,7 @@ def value(run, kind, layer, head, metric):
                 if (r["kind"], r["layer"], r["head"], r["metric"]) == (kind, layer, head, metric))
 
 
+@pytest.mark.plots
 def test_temporal_corr_oracle_and_random(tmp_path):
     # The stripes jump a whole token (80 px of the frame scaled to 480p) per frame; the default
     # 96 px window is one token here, so the window is widened to cover the grid.
@@ -101,6 +102,7 @@ def test_unknown_parameter_is_refused(tmp_path):
         run_probe(write_store(tmp_path / "o", "oracle"), "temporal-corr", {"shots": 5})
 
 
+@pytest.mark.plots
 def test_input_agnostic_separates_constant_heads(tmp_path):
     """Heads whose keys barely change across images are flagged; varying heads are not."""
     store = write_store(tmp_path / "r", "random", heads=4, layers=3)

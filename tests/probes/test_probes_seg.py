@@ -166,6 +166,7 @@ def scores(store, task, target, params=None):
     return PROBES.get(task)(FeatureStore.open(store), params or {}).score(target)
 
 
+@pytest.mark.plots
 def test_fg_seg_oracle_and_random(tmp_path):
     images, structure = fewshot_images()
     oracle = run_probe(write_toy_store(tmp_path / "o", images, "oracle", structure), "fg-seg")

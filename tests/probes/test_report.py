@@ -36,6 +36,7 @@ def multi_task_store(path: Path, tasks: tuple[str, ...], with_pairs: bool = True
                                tasks=tasks, masks=masks)
 
 
+@pytest.mark.plots
 def test_probe_all_then_report(tmp_path):
     store = multi_task_store(tmp_path / "s", ("temporal-corr", "semantic-corr", "input-agnostic", "no-such-task"))
     proc = invoke("probe", "--task", "all", "--store", str(store))
@@ -88,6 +89,7 @@ def test_report_without_results_is_a_store_error(tmp_path):
         build_report(store)
 
 
+@pytest.mark.plots
 def test_cached_run_redraws_the_probes_own_plots(tmp_path):
     store = multi_task_store(tmp_path / "s", ("input-agnostic",))
     first = run_probe(store, "input-agnostic")
@@ -95,6 +97,19 @@ def test_cached_run_redraws_the_probes_own_plots(tmp_path):
     assert again.cached
     assert {p.name for p in again.plots} == {p.name for p in first.plots} >= {"input-agnostic-keys-pca.png"}
     assert again.table.equals(first.table)
+
+
+@pytest.mark.plots
+def test_no_plots_writes_tables_only_and_a_cached_run_draws_them(tmp_path):
+    """--no-plots: the same table and rows, no figure; the next (cached) run draws them all."""
+    store = multi_task_store(tmp_path / "s", ("input-agnostic",))
+    bare = run_probe(store, "input-agnostic", plots=False)
+    assert bare.plots == [] and not list(bare.out_dir.glob("*.png"))
+    assert (bare.out_dir / "results.parquet").exists()
+    drawn = run_probe(store, "input-agnostic")
+    assert drawn.cached and drawn.table.equals(bare.table)
+    assert {p.name for p in drawn.plots} >= {"input-agnostic-keys-pca.png", "input-agnostic-heatmap.png"}
+    assert all(p.exists() for p in drawn.plots)
 
 
 def test_results_dir_local_and_url():

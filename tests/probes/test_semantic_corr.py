@@ -72,6 +72,7 @@ def test_torch_search_batches_groups_like_one_batch(monkeypatch):
         nearest_in_groups(q, group, bases[:2] + [np.zeros((0, 8), np.float32)] + bases[3:], backend="torch")
 
 
+@pytest.mark.plots
 def test_hand_computed_pck(tmp_path):
     store = hand_store(tmp_path / "hand")
     run = run_probe(store, "semantic-corr")

@@ -38,6 +38,7 @@ def test_selection_parses_ranges_and_refuses_what_the_store_lacks(tmp_path):
         Selection.parse(meta, "a-b")
 
 
+@pytest.mark.plots
 def test_subset_sweep_scores_only_the_selection_and_caches_apart(tmp_path):
     store = store_4x3(tmp_path / "s")
     meta = FeatureStore.open(store).meta
