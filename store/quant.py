@@ -63,12 +63,27 @@ def fwht(x: np.ndarray) -> np.ndarray:
     return (y.reshape(*lead, d) * np.float32(1 / np.sqrt(n))).astype(np.float32, copy=False)
 
 
+@functools.lru_cache(maxsize=16)
+def hadamard_matrix(n: int) -> np.ndarray:
+    """The orthonormal n x n Walsh-Hadamard matrix (float32, symmetric, read-only): ``fwht`` as a
+    matrix, for decoding, where one BLAS product is about 8 x faster than the butterflies."""
+    h = fwht(np.eye(n, dtype=np.float32))
+    h.flags.writeable = False
+    return h
+
+
 def rotate(x: np.ndarray, seed: int = ROTATION_SEED) -> np.ndarray:
+    """Encoding's rotation: butterflies, the same float32 operations as the device's."""
     return fwht(np.asarray(x, np.float32) * rotation_signs(x.shape[-1], seed))
 
 
 def unrotate(y: np.ndarray, seed: int = ROTATION_SEED) -> np.ndarray:
-    return fwht(y) * rotation_signs(y.shape[-1], seed)
+    """Decoding's inverse rotation as a product with ``hadamard_matrix`` (equal to ``fwht`` up to
+    float32 rounding, ~1e-6 relative: decoding needs no bit-exact match with the device)."""
+    d = y.shape[-1]
+    n = hadamard_block(d)
+    flat = np.ascontiguousarray(y, dtype=np.float32).reshape(-1, n)
+    return (flat @ hadamard_matrix(n)).reshape(y.shape) * rotation_signs(d, seed)
 
 
 def quantize_int4(x: np.ndarray, rotation: str = "hadamard", seed: int = ROTATION_SEED) -> np.ndarray:
