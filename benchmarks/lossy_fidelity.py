@@ -4,7 +4,8 @@ Extracts the same model and images once lossless (float32 or bfloat16) and once 
 ``--store-dtype`` (``--encodings``, default int8 and int4), runs every probe the dataset supports
 on each, and reports per encoding and task: the largest and mean absolute change of the primary
 metric over all (layer, head, kind) targets, whether the best target is the same, and the stored
-bytes; per encoding the cosine of every decoded K/V token to its lossless vector. A second table
+bytes; for a probe with a random seed (cosegmentation's k-means) also the same figures between
+two seeds on the lossless store (row ``seed+1``), the estimator's own spread; per encoding the cosine of every decoded K/V token to its lossless vector. A second table
 compares candidate encodings on the lossless features themselves (host quantisers, nothing
 stored): int8, int4 with and without the Hadamard rotation, and fp8 e4m3 with a per-token scale.
 
@@ -31,6 +32,9 @@ from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.probes import PROBES
 from kvpipe.probes.runner import run_probe
 from kvpipe.store import FeatureStore
+
+
+SEED_ROW = "seed+1"  # the row of a randomised probe's lossless rerun with the next seed
 
 
 def stored_bytes(root: Path) -> int:
@@ -133,12 +137,16 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'best ref':>8s} {'best':>8s} same-best")
     for task in tasks:
         metric = PROBES.get(task).primary_metric
+        runs = [(k, v, {}) for k, v in stores.items()]
+        seed = PROBES.get(task).defaults.get("seed")
+        if seed is not None:  # a randomised estimator: its own spread, lossless store, another seed
+            runs.append((SEED_ROW, stores["reference"], {"seed": int(seed) + 1}))
         vals = {}
-        for k, v in stores.items():
-            table = run_probe(v, task, use_cache=False, save_predictions="none").table.to_pylist()
+        for k, v, params in runs:
+            table = run_probe(v, task, params, use_cache=False, save_predictions="none").table.to_pylist()
             vals[k] = {(r["kind"], r["layer"], r["head"]): r["value"] for r in table if r["metric"] == metric}
         report["tasks"][task] = {}
-        for enc in encodings:
+        for enc in [e for e in (*encodings, SEED_ROW) if e in vals]:
             a, b = vals["reference"], vals[enc]
             keys = sorted(k for k in a if k in b and np.isfinite(a[k]) and np.isfinite(b[k]))
             d = np.array([abs(a[k] - b[k]) for k in keys])

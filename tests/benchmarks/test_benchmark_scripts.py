@@ -111,8 +111,11 @@ def test_linear_probes_fits_episodes_in_batches():
 
 def test_lossy_fidelity_compares_int8_and_int4_with_the_lossless_store(tmp_path):
     res = script("lossy_fidelity").main(["--out", str(tmp_path / "lossy"), "--images", "8", "--tasks",
-                                         "input-agnostic"])
-    assert res["images"] == 8 and set(res["tasks"]) == {"input-agnostic"}
+                                         "input-agnostic,cosegmentation"])
+    assert res["images"] == 8 and set(res["tasks"]) == {"input-agnostic", "cosegmentation"}
+    # k-means is seeded: its spread between two seeds on the lossless store is reported beside the encodings
+    assert set(res["tasks"]["cosegmentation"]) == {"int8", "int4", "seed+1"}
+    assert "seed+1" not in res["tasks"]["input-agnostic"]
     for enc in ("int8", "int4"):
         row = res["tasks"]["input-agnostic"][enc]
         assert row["targets"] > 0 and row["max_abs_diff"] >= row["mean_abs_diff"] >= 0
