@@ -64,7 +64,7 @@ def test_ray_rows_equal_the_local_rows(ray_session, tmp_path, task):
     assert len(pids) == 2 and os.getpid() not in pids  # two CPU actors, not this process
     assert same_rows(local, remote)
     assert {j["pid"] for j in journal(store, task)} <= set(pids)  # the actors computed every target
-    assert (tmp_path / "ray" / "results.parquet").exists() and remote.plots
+    assert (tmp_path / "ray" / "results.parquet").exists()
 
 
 def test_an_actor_killed_mid_sweep_is_restarted_and_nothing_finished_is_recomputed(ray_session, tmp_path):
