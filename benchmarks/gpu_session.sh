@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # H100 runs of about 7 minutes each: the store encodings/views (extraction), temporal-corr and
-# fg-seg (probes), the other four Table 1 probes (probes-rest), at reduced sizes; every command
+# fg-seg (probes), the other four Table 1 probes (probes-rest), the lossy encodings' fidelity on
+# Qwen2.5-VL-7B's shape (fidelity), at reduced sizes; every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest]   (kvpipe importable, a CUDA device)
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity]   (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -46,5 +47,11 @@ rm -rf "$stores/imagenet-s"
 bounded 150 probe-refexp-seg "${sweep[@]}" --probe refexp-seg --out "$stores/refcoco" --layers 1 --heads 4 \
     --hidden 256 --json "$out/probe-refexp-seg.json"
 rm -rf "$stores/refcoco"
+fi
+if [[ $what == all || $what == fidelity ]]; then
+# the encodings on a full-size architecture's activations (random weights: not real features)
+bounded 200 fidelity-qwen25vl python3 -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random \
+    --device cuda --dtype bfloat16 --reference-dtype bfloat16 --images 16 --tasks input-agnostic \
+    --out "$stores/lossy-7b" --json "$out/fidelity-qwen25vl.json"
 fi
 rm -rf "$stores"
