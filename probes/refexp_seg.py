@@ -26,7 +26,8 @@ import numpy as np
 
 from kvpipe.errors import StoreError
 from kvpipe.probes.base import PROBES, Target
-from kvpipe.probes.grounding import TextGroundedProbe, check_threshold
+from kvpipe.probes.device import uses_torch
+from kvpipe.probes.grounding import Grounded, TextGroundedProbe, check_threshold
 from kvpipe.probes.predictions import MaskImages, MaskItem
 from kvpipe.probes.tokens import IGNORE
 
@@ -60,13 +61,7 @@ class ReferringExpressionSegmentation(TextGroundedProbe):
 
     def compute(self, target: Target, data: Any) -> dict[str, float]:
         per_sentence, per_ref, inter_total, union_total = [], [], 0.0, 0.0
-        for (r, mask, refs), (queries, owner, pred) in self._predicted(target, data):
-            pred = pred.reshape(len(queries), -1)  # (Q, pixels)
-            flat = mask.ravel()
-            valid = flat != IGNORE
-            objects = {label: (flat == label) & valid for label, _ in refs}
-            inter = np.array([np.count_nonzero(p & objects[o]) for p, o in zip(pred, owner)], np.float64)
-            union = np.array([np.count_nonzero((p & valid) | objects[o]) for p, o in zip(pred, owner)], np.float64)
+        for refs, inter, union in self._areas(target, data):
             iou = np.divide(inter, union, out=np.ones_like(inter), where=union > 0)
             bounds = np.cumsum([len(qs) for _, qs in refs])[:-1]
             per_sentence.extend(iou.tolist())
@@ -76,6 +71,23 @@ class ReferringExpressionSegmentation(TextGroundedProbe):
         return {"mIoU": float(np.mean(per_sentence)) if per_sentence else float("nan"),
                 "cIoU": float(inter_total / union_total) if union_total > 0 else float("nan"),
                 "mIoU_per_object": float(np.mean(per_ref)) if per_ref else float("nan")}
+
+    def _areas(self, target: Target, data: Any) -> Iterator[tuple[list, np.ndarray, np.ndarray]]:
+        """(refs, intersection per sentence, union per sentence) of each image that has sentences:
+        counted on the device on a torch device, else from the reference's masks."""
+        if uses_torch(self.device):
+            with_refs = [item for item in self.items if item[2]]
+            for (_, _, refs), (counts, _) in zip(with_refs, self.device_results(target, data, "objects")):
+                yield refs, counts[:, 0].astype(np.float64), counts[:, 1].astype(np.float64)
+            return
+        for (r, mask, refs), (queries, owner, pred) in self._predicted(target, data):
+            pred = pred.reshape(len(queries), -1)  # (Q, pixels)
+            flat = mask.ravel()
+            valid = flat != IGNORE
+            objects = {label: (flat == label) & valid for label, _ in refs}
+            inter = np.array([np.count_nonzero(p & objects[o]) for p, o in zip(pred, owner)], np.float64)
+            union = np.array([np.count_nonzero((p & valid) | objects[o]) for p, o in zip(pred, owner)], np.float64)
+            yield refs, inter, union
 
     def predictions(self, target: Target) -> MaskImages:
         """Each sentence's predicted mask (1 on the referred region), named image/sentence-N."""
@@ -90,6 +102,12 @@ class ReferringExpressionSegmentation(TextGroundedProbe):
     def _predicted(self, target: Target, data: Any) -> Iterator[tuple[tuple, tuple[list[int], np.ndarray, np.ndarray]]]:
         """(item, (query indices, owning mask label per query, (Q, H, W) predicted masks)) per
         image that has sentences."""
+        if uses_torch(self.device):
+            with_refs = [item for item in self.items if item[2]]
+            for item, g, (_, masks) in zip(with_refs, self.grounded(),
+                                           self.device_results(target, data, "objects", keep_maps=True)):
+                yield item, (list(g.queries), np.asarray(g.labels), masks)
+            return
         scores = self.image_scores(target, data)
         for item in self.items:
             r, mask, refs = item
@@ -99,3 +117,8 @@ class ReferringExpressionSegmentation(TextGroundedProbe):
             owner = np.repeat([label for label, _ in refs], [len(qs) for _, qs in refs])
             up = scores(r, queries, mask.shape)
             yield item, (queries, owner, np.moveaxis(up, -1, 0) > self.threshold)
+
+    def grounded(self) -> list[Grounded]:
+        """The images with sentences: each sentence a query, labelled with its object's mask label."""
+        return [Grounded(r, tuple(q for _, qs in refs for q in qs), mask,
+                         tuple(label for label, qs in refs for _ in qs)) for r, mask, refs in self.items if refs]

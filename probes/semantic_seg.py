@@ -32,7 +32,8 @@ import numpy as np
 
 from kvpipe.errors import StoreError
 from kvpipe.probes.base import PROBES, Target
-from kvpipe.probes.grounding import TextGroundedProbe, check_threshold
+from kvpipe.probes.device import uses_torch
+from kvpipe.probes.grounding import Grounded, TextGroundedProbe, check_threshold
 from kvpipe.probes.metrics.segmentation import ClassIoU, confusion
 from kvpipe.probes.predictions import MaskImages, MaskItem
 from kvpipe.probes.tokens import IGNORE, class_map, classes_present
@@ -76,9 +77,13 @@ class SemanticSegmentation(TextGroundedProbe):
 
     def compute(self, target: Target, data: Any) -> dict[str, float]:
         acc = ClassIoU()
-        for (r, gt, present), pred in zip(self.items, self._predicted(target, data)):
-            keep = gt != IGNORE
-            acc.add_confusion(confusion(gt[keep].astype(np.int64), pred[keep], len(present) + 1), [0, *present])
+        if uses_torch(self.device):  # the confusion of each image, counted on the device
+            for (r, gt, present), (conf, _) in zip(self.items, self.device_results(target, data, "classes")):
+                acc.add_confusion(conf, [0, *present])
+        else:
+            for (r, gt, present), pred in zip(self.items, self._predicted(target, data)):
+                keep = gt != IGNORE
+                acc.add_confusion(confusion(gt[keep].astype(np.int64), pred[keep], len(present) + 1), [0, *present])
         fg = acc.miou(exclude=(0,))
         return {"mIoU": acc.miou() if self.has_background else fg, "mIoU_fg": fg}
 
@@ -91,8 +96,15 @@ class SemanticSegmentation(TextGroundedProbe):
             items.append(MaskItem(r.image_id, r.image_id, lut[local], {"classes": present}))
         return MaskImages(items)
 
+    def grounded(self) -> list[Grounded]:
+        return [Grounded(r, tuple(self.class_queries[c] for c in present), gt) for r, gt, present in self.items]
+
     def _predicted(self, target: Target, data: Any) -> Iterator[np.ndarray]:
         """Per item, the predicted map of local classes (0 background, 1 + index in ``present``)."""
+        if uses_torch(self.device):
+            for _, local in self.device_results(target, data, "classes", keep_maps=True):
+                yield local
+            return
         scores = self.image_scores(target, data)
         for r, gt, present in self.items:
             up = scores(r, [self.class_queries[c] for c in present], gt.shape)

@@ -20,6 +20,7 @@ from scipy import ndimage
 from kvpipe.errors import UsageError
 from kvpipe.probes import run_probe
 from kvpipe.probes.device import DeviceMemoryError, resolve_device
+from kvpipe.store import FeatureStore
 
 from fixtures.probe_stores import grid_segments, refexp_images, semantic_images, write_feature_store, write_toy_store
 
@@ -97,6 +98,98 @@ def test_text_grounded_probes_device_path_equals_the_reference(tmp_path):
             ref = run_probe(store, task, out_dir=tmp_path / f"{task}-{features}-ref", use_cache=False, device="numpy")
             dev = run_probe(store, task, out_dir=tmp_path / f"{task}-{features}-dev", use_cache=False, device="cpu")
             assert_same_scores(ref, dev, tol=1e-9)
+
+
+def mixed_size_text_store(path, task, seed=0):
+    """Images of three grids (one with a newline token per row) and many mask sizes, random
+    features: semantic-seg images show 1-3 classes (classes 1 and 4 share a query, so their
+    maps tie and the first must win), refexp-seg images 1-3 objects with 1-3 sentences each."""
+    rng = np.random.default_rng(seed)
+    dim, images, masks, queries = 12, [], [], []
+    if task == "semantic-seg":
+        queries = ["cat", "dog", "car"]
+        structure = {"classes": ["background", "cat", "dog", "car", "kitten"],
+                     "class_queries": {"1": 0, "2": 1, "3": 2, "4": 0}}
+    else:
+        structure = {"classes": ["background", "thing"]}
+    for i in range(14):
+        gh, gw = [(5, 6), (4, 4), (6, 7)][i % 3]
+        segments = grid_segments(gh, gw)
+        if i % 3 == 2:  # a newline token after every row, dropped by the grid read
+            segments = [{"name": "base", "offset": 0, "rows": gh, "cols": gw, "newline": True}]
+        n_tok = gh * (gw + int(segments[0]["newline"]))
+        h, w = int(rng.integers(17, 60)), int(rng.integers(17, 60))
+        k = 1 + i % 3
+        yy, xx = np.mgrid[:h, :w]
+        m = np.zeros((h, w), np.uint8)
+        for label in range(1, k + 1):
+            cy, cx, r = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w, rng.uniform(0.15, 0.4) * min(h, w)
+            m[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = label
+        m[rng.random((h, w)) < 0.03] = 255
+        if task == "semantic-seg":
+            classes = [[1], [2, 3], [1, 4, 2]][i % 3]
+            meta = {"labels": {str(j + 1): c for j, c in enumerate(classes[:k])}}
+        else:
+            refs = []
+            for label in range(1, k + 1):
+                refs.append({"label": label, "queries": list(range(len(queries), len(queries) + 1 + (i + label) % 3))})
+                queries += [f"image {i} object {label} sentence {s}" for s in range(len(refs[-1]["queries"]))]
+            meta = {"labels": {str(j): j for j in range(1, k + 1)}, "refs": refs}
+        images.append({"id": f"im{i}", "h": h, "w": w, "segments": segments, "meta": meta,
+                       "feat": rng.standard_normal((n_tok, dim)).astype(np.float32)})
+        masks.append(m)
+    text = (queries, rng.standard_normal((len(queries), dim)).astype(np.float32))
+    return write_feature_store(path, images, structure, layers=1, heads=2, tasks=(task,), masks=masks, text=text)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("task", ["semantic-seg", "refexp-seg"])
+def test_text_grounded_batches_of_mixed_sizes_equal_the_reference(tmp_path, monkeypatch, task, device):
+    """Images of different grids, mask sizes and query counts in one batch (padded), several
+    batches per target: every image's predicted masks and every score equal the reference's."""
+    import kvpipe.probes.grounding as grounding
+    from kvpipe.probes.base import PROBES
+
+    store = mixed_size_text_store(tmp_path / "s", task)
+    ref = PROBES.get(task)(FeatureStore.open(store), {}, device="numpy")
+    dev = PROBES.get(task)(FeatureStore.open(store), {}, device=device)
+    items = dev.grounded()
+    budget = 3 * grounding.item_bytes((6, 7), 3, (60, 60), 12)
+    batches = grounding.plan_batches(items, 12, budget)
+    assert 2 < len(batches) < len(items)
+    assert any(len({items[i].truth.shape for i in b}) > 1 for b in batches)  # padded masks
+    assert any(len({len(items[i].queries) for i in b}) > 1 for b in batches)  # padded queries
+    monkeypatch.setattr(grounding, "batch_budget", lambda device: budget)
+    for target in ref.targets():
+        assert dev.compute(target, dev.read(target)) == ref.compute(target, ref.read(target)), target
+        got, want = dev.predictions(target).items, ref.predictions(target).items
+        assert [(g.name, g.info) for g in got] == [(w.name, w.info) for w in want]
+        for g, w in zip(got, want):
+            assert g.labels.dtype == w.labels.dtype and g.labels.shape == w.labels.shape
+            np.testing.assert_array_equal(g.labels, w.labels, err_msg=f"{target} {g.name}")
+
+
+def test_text_grounded_out_of_memory_retries_in_smaller_batches(tmp_path, monkeypatch):
+    import kvpipe.probes.grounding as grounding
+
+    store = mixed_size_text_store(tmp_path / "s", "refexp-seg")
+    reference = run_probe(store, "refexp-seg", out_dir=tmp_path / "ref", use_cache=False, device="numpy")
+    real, budgets = grounding.grounded_torch, []
+
+    def tight(*args):  # only a quarter of the first budget fits
+        budgets.append(args[6])
+        if args[6] > 2**27:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args)
+
+    monkeypatch.setattr(grounding, "batch_budget", lambda device: 2**29)
+    monkeypatch.setattr(grounding, "grounded_torch", tight)
+    again = run_probe(store, "refexp-seg", out_dir=tmp_path / "again", use_cache=False, device="cpu")
+    assert_same_scores(reference, again, tol=0)
+    assert budgets[0] == 2**29 and min(budgets) == 2**27
 
 
 def test_key_variance_device_path_equals_the_reference(tmp_path):
