@@ -24,7 +24,7 @@ import numpy as np
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import Probe, Target
 from kvpipe.probes.device import batch_budget, with_smaller_batches
-from kvpipe.probes.tokens import IGNORE, _bilinear, base_grid_hw, upsample_bilinear
+from kvpipe.probes.tokens import IGNORE, bilinear_weights, base_grid_hw, upsample_bilinear
 
 
 def require_text(store, task: str, example: str) -> list[str]:
@@ -242,8 +242,8 @@ def grounded_torch(feats: Any, text: np.ndarray, items: list[Grounded], rule: st
             q[j, : len(it.queries)] = it.queries
             qv[j, : len(it.queries)] = True
             H, W = it.truth.shape
-            wy[j, :H, :h] = _bilinear(h, H)
-            wx[j, :W, :w] = _bilinear(w, W)
+            wy[j, :H, :h] = bilinear_weights(h, H)
+            wx[j, :W, :w] = bilinear_weights(w, W)
             truth[j, :H, :W] = it.truth
             if it.labels:
                 lab[j, : len(it.labels)] = [x if 0 <= x < IGNORE else -1 for x in it.labels]

@@ -107,7 +107,8 @@ def border_tokens(grid_hw: tuple[int, int]) -> np.ndarray:
 
 # ------------------------------------------------------------------------ tokens -> pixels
 @lru_cache(maxsize=256)
-def _bilinear(n_in: int, n_out: int) -> np.ndarray:
+def bilinear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) row weights of align_corners=False bilinear resizing; cached per size pair."""
     return bilinear_matrix(n_in, n_out, n_in / n_out)
 
 
@@ -119,8 +120,8 @@ def upsample_bilinear(maps: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     if squeeze:
         maps = maps[..., None]
     h, w, c = maps.shape
-    wy = _bilinear(h, int(out_hw[0]))  # (H, h)
-    wx = _bilinear(w, int(out_hw[1]))  # (W, w)
+    wy = bilinear_weights(h, int(out_hw[0]))  # (H, h)
+    wx = bilinear_weights(w, int(out_hw[1]))  # (W, w)
     big_h = wy.shape[0]
     rows = (wy @ maps.reshape(h, w * c)).reshape(big_h, w, c)  # (H, w, C)
     cols = wx @ rows.transpose(1, 0, 2).reshape(w, big_h * c)  # (W, H * C): one BLAS call
