@@ -26,10 +26,11 @@ import numpy as np
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
-from kvpipe.probes.logistic import fit_logistic
+from kvpipe.probes.device import batch_budget, uses_torch
+from kvpipe.probes.logistic import fit_logistic, fit_logistic_torch
 from kvpipe.probes.metrics.segmentation import FewShotIoU, binary_areas
 from kvpipe.probes.predictions import MaskImages, MaskItem
-from kvpipe.probes.tokens import IGNORE, base_grid_hw, label_ids, token_fractions, upsample_bilinear
+from kvpipe.probes.tokens import IGNORE, _bilinear, base_grid_hw, label_ids, token_fractions, upsample_bilinear
 
 BATCH_BYTES = 256 * 2**20  # padded support features per batch of episodes (float32)
 
@@ -113,18 +114,14 @@ class ForegroundSegmentation(Probe):
     def _run(self, target: Target, acc: FewShotIoU, keep: dict[int, np.ndarray] | None = None) -> None:
         """Fit and score every episode into ``acc``; ``keep`` gets each episode's predicted mask."""
         feats = self.store.read(target.kind, target.layer, target.head, images=self.rows)
+        if uses_torch(self.device):
+            self._run_torch(feats, acc, keep)
+            return
         tokens = {r.image_id: feats.grid(i).reshape(-1, feats.data.shape[1]) for i, r in enumerate(feats.rows)}
         dim = feats.data.shape[1]
-        # batches of episodes with similar support sizes (less padding), each under BATCH_BYTES
         sizes = np.array([sum(len(tokens[s]) for s in ep.support) for ep in self.episodes])
-        batch: list[Episode] = []
-        for j in np.argsort(sizes, kind="stable"):  # ascending: the newest episode is the largest
-            if batch and (len(batch) + 1) * int(sizes[j]) * (dim + 1) * 4 > BATCH_BYTES:
-                self._batch(batch, tokens, dim, acc, keep)
-                batch = []
-            batch.append(self.episodes[j])
-        if batch:
-            self._batch(batch, tokens, dim, acc, keep)
+        for batch in batch_plan(sizes, dim):
+            self._batch([self.episodes[j] for j in batch], tokens, dim, acc, keep)
 
     def _batch(self, episodes: list[Episode], tokens: dict[str, np.ndarray], dim: int, acc: FewShotIoU,
                keep: dict[int, np.ndarray] | None = None) -> None:
@@ -148,6 +145,180 @@ class ForegroundSegmentation(Probe):
             acc.add(ep.class_id, inter, union)
             if keep is not None:
                 keep[id(ep)] = pred
+
+
+    # ------------------------------------------------------------------ the torch path
+    def _run_torch(self, feats, acc: FewShotIoU, keep: dict[int, np.ndarray] | None = None) -> None:
+        """``_batch`` for every batch on ``self.device``, batched: the target's features go to the
+        device once; each batch's padded supports and queries are gathered there with index tensors
+        prepared once per sweep (with the support labels and the queries' ground truth), its
+        queries' probabilities are upsampled and counted against the ground truth there, and the
+        counts of every episode come back to the host together, once per target. Same batches,
+        same solver and same float64 query scores as the reference, so the same scores."""
+        import torch
+
+        plan = self._device_plan(feats)
+        T, dim = feats.data.shape
+        buf = self._feature_buffer(T, dim)
+        buf[:T].copy_(torch.from_numpy(np.ascontiguousarray(feats.data, np.float32)))  # row T stays 0: padding
+        threshold = float(self.params["threshold"])
+        counts, order = [], []
+        for b in plan["batches"][dim]:
+            coef, bias, _ = fit_logistic_torch(buf[b["support"]], b["y"], b["w"], C=float(self.params["C"]),
+                                               max_iter=int(self.params["max_iter"]))
+            for ch in b["chunks"]:
+                q = buf[ch["query"]].to(torch.float64)  # (B, h * w, D): padded grid cells read the zero row
+                logits = torch.bmm(q, coef[ch["at"]].to(torch.float64)[..., None])[..., 0] \
+                    + bias[ch["at"]].to(torch.float64)[:, None]
+                prob = 1.0 / (1.0 + torch.exp(-logits.clamp(-60, 60)))
+                # rows then columns, as upsample_bilinear; padded cells and pixels weigh 0
+                up = torch.matmul(torch.matmul(ch["wy"], prob.view(len(ch["episodes"]), *ch["grid"])),
+                                  ch["wx"].transpose(1, 2))
+                pred = up > threshold
+                code = plan["truth"][ch["pair"], : up.shape[1], : up.shape[2]]  # 0 void / pad, 1 bg, 2 fg
+                counts.append(torch.stack([(pred & (code == 2)).sum((1, 2)), (pred & (code > 0)).sum((1, 2))], 1))
+                order.extend(ch["episodes"])
+                if keep is not None:
+                    host = pred.cpu().numpy()
+                    for k, j in enumerate(ch["episodes"]):
+                        h, w = self.query_truth[self._pair(j)][0].shape
+                        keep[id(self.episodes[j])] = host[k, :h, :w]
+        got = torch.cat(counts).cpu().numpy().astype(np.float64)  # the one copy back: (episodes, 2)
+        pairs = plan["pair_of"][order]
+        add_counts(acc, np.array([self.episodes[j].class_id for j in order]), got[:, 0], got[:, 1],
+                   plan["n_fg"][pairs], plan["n_valid"][pairs])
+
+    def _pair(self, j: int) -> tuple[str, int]:
+        return self.episodes[j].query, self.episodes[j].class_id
+
+    def _feature_buffer(self, tokens: int, dim: int):
+        """(tokens + 1, dim) float32 on the device, reused by every target of that shape; the last
+        row is zeros (the padding that the index tensors point at)."""
+        import torch
+
+        bufs = self.__dict__.setdefault("_buffers", {})
+        if (tokens, dim) not in bufs:
+            bufs.clear()
+            bufs[(tokens, dim)] = torch.zeros(tokens + 1, dim, dtype=torch.float32, device=self.device)
+        return bufs[(tokens, dim)]
+
+    def _device_plan(self, feats) -> dict:
+        """What does not depend on the target, on the device, built at a sweep's first target
+        (and per feature width): token positions, batches, labels, ground truth."""
+        import torch
+
+        plan = self.__dict__.get("_plan")
+        if plan is None or not np.array_equal(plan["offsets"], feats.offsets):
+            dev = self.device
+            pos = {}
+            for i, r in enumerate(feats.rows):  # positions of each image's base-grid tokens in feats.data
+                seg = next(s for s in r.segment_list() if s["name"] == "base")
+                width = seg["cols"] + int(seg["newline"])
+                start = int(feats.offsets[i]) + seg["offset"]
+                pos[r.image_id] = start + np.arange(seg["rows"])[:, None] * width + np.arange(seg["cols"])[None, :]
+            pairs = sorted({self._pair(j) for j in range(len(self.episodes))})
+            pair_id = {p: k for k, p in enumerate(pairs)}
+            hw = np.array([self.query_truth[p][0].shape for p in pairs]).reshape(-1, 2)
+            truth = np.zeros((len(pairs), *hw.max(0)), np.uint8)
+            n_fg, n_valid = np.zeros(len(pairs)), np.zeros(len(pairs))
+            for k, p in enumerate(pairs):
+                fg, valid = self.query_truth[p]
+                truth[k, : fg.shape[0], : fg.shape[1]] = valid * (1 + (fg & valid))
+                n_fg[k], n_valid[k] = np.count_nonzero(fg & valid), np.count_nonzero(valid)
+            plan = {"offsets": feats.offsets.copy(), "tokens": int(feats.offsets[-1]), "pos": pos,
+                    "pair_of": np.array([pair_id[self._pair(j)] for j in range(len(self.episodes))]),
+                    "n_fg": n_fg, "n_valid": n_valid, "truth": torch.from_numpy(truth).to(dev), "batches": {}}
+            self._plan = plan
+        dim = feats.data.shape[1]
+        if dim not in plan["batches"]:
+            plan["batches"][dim] = [self._device_batch(plan, batch, dim) for batch in
+                                    batch_plan(np.array([sum(plan["pos"][s].size for s in ep.support)
+                                                         for ep in self.episodes]), dim)]
+        return plan
+
+    def _device_batch(self, plan: dict, batch: list[int], dim: int) -> dict:
+        """One batch's index tensors and labels (as ``_batch`` pads them), and its queries in
+        chunks of similar mask sizes under the device's batch budget."""
+        import torch
+
+        dev, pad = self.device, plan["tokens"]
+        n_max = max(sum(plan["pos"][s].size for s in self.episodes[j].support) for j in batch)
+        support = np.full((len(batch), n_max), pad, np.int64)
+        y = np.zeros((len(batch), n_max), np.float32)
+        w = np.zeros((len(batch), n_max), np.float32)
+        for e, j in enumerate(batch):
+            ep = self.episodes[j]
+            idx = np.concatenate([plan["pos"][s].ravel() for s in ep.support])
+            support[e, : len(idx)] = idx
+            y[e, : len(idx)] = np.concatenate([self.support_labels[(s, ep.class_id)][0] for s in ep.support])
+            w[e, : len(idx)] = np.concatenate([self.support_labels[(s, ep.class_id)][1] for s in ep.support])
+        shape = {e: (*self.query_truth[self._pair(j)][0].shape, *self.grids[self.episodes[j].query])
+                 for e, j in enumerate(batch)}
+        at = sorted(range(len(batch)), key=lambda e: shape[e])
+        budget = batch_budget(dev) // 2
+        chunks, group = [], []
+        for e in at + [None]:
+            if group and (e is None or (len(group) + 1) * chunk_bytes([shape[g] for g in group + [e]], dim) > budget):
+                chunks.append(self._chunk(plan, [batch[g] for g in group], group, dim))
+                group = []
+            if e is not None:
+                group.append(e)
+        return {"support": torch.from_numpy(support).to(dev), "y": torch.from_numpy(y).to(dev),
+                "w": torch.from_numpy(w).to(dev), "chunks": chunks}
+
+    def _chunk(self, plan: dict, episodes: list[int], at: list[int], dim: int) -> dict:
+        import torch
+
+        dev, pad = self.device, plan["tokens"]
+        shapes = np.array([(*self.query_truth[self._pair(j)][0].shape, *self.grids[self.episodes[j].query])
+                           for j in episodes])
+        big_h, big_w, h, w = (int(v) for v in shapes.max(0))
+        query = np.full((len(episodes), h, w), pad, np.int64)
+        wy = np.zeros((len(episodes), big_h, h))
+        wx = np.zeros((len(episodes), big_w, w))
+        for e, (j, (mh, mw, gh, gw)) in enumerate(zip(episodes, shapes)):
+            query[e, :gh, :gw] = plan["pos"][self.episodes[j].query]
+            wy[e, :mh, :gh] = _bilinear(int(gh), int(mh))
+            wx[e, :mw, :gw] = _bilinear(int(gw), int(mw))
+        return {"episodes": episodes, "at": torch.tensor(at, device=dev), "grid": (h, w),
+                "query": torch.from_numpy(query.reshape(len(episodes), -1)).to(dev),
+                "wy": torch.from_numpy(wy).to(dev), "wx": torch.from_numpy(wx).to(dev),
+                "pair": torch.from_numpy(plan["pair_of"][episodes]).to(dev)}
+
+
+def batch_plan(sizes: np.ndarray, dim: int) -> list[list[int]]:
+    """Episode indices in batches of similar support sizes (less padding), each under
+    BATCH_BYTES of padded float32 support features; ascending: the newest episode is the largest."""
+    out: list[list[int]] = []
+    batch: list[int] = []
+    for j in np.argsort(sizes, kind="stable"):
+        if batch and (len(batch) + 1) * int(sizes[j]) * (dim + 1) * 4 > BATCH_BYTES:
+            out.append(batch)
+            batch = []
+        batch.append(int(j))
+    if batch:
+        out.append(batch)
+    return out
+
+
+def chunk_bytes(shapes: list[tuple[int, int, int, int]], dim: int) -> int:
+    """Device bytes per query of a chunk padded to its largest (mask h, mask w, grid h, grid w):
+    float64 upsampled scores and the masks compared with them, float64 query features."""
+    big_h, big_w, h, w = np.array(shapes).max(0)
+    return int(big_h) * int(big_w) * (8 + 4) + int(h) * int(w) * (dim + 2) * 8
+
+
+def add_counts(acc: FewShotIoU, classes: np.ndarray, inter_fg: np.ndarray, predicted: np.ndarray,
+               n_fg: np.ndarray, n_valid: np.ndarray) -> None:
+    """Episodes' [bg, fg] intersections and unions into ``acc``, as ``binary_areas`` makes them
+    from the foreground pixels both predicted and true (``inter_fg``), predicted (``predicted``),
+    true (``n_fg``) and valid (``n_valid``), all over the valid pixels; per class at once (sums
+    of whole numbers: exact in any order)."""
+    union_fg = predicted + n_fg - inter_fg
+    inter = np.stack([n_valid - union_fg, inter_fg], 1)
+    union = np.stack([n_valid - inter_fg, union_fg], 1)
+    for c in np.unique(classes):
+        acc.add(int(c), inter[classes == c].sum(0), union[classes == c].sum(0))
 
 
 def class_pixels(annotation, class_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -57,6 +57,18 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, C: float = 1.
     X = torch.as_tensor(np.asarray(x, np.float32), device=dev)
     Y = torch.as_tensor(np.asarray(y, np.float32), device=dev)
     S = torch.as_tensor(np.asarray(weight, np.float32), device=dev)
+    w, b, it = fit_logistic_torch(X, Y, S, C=C, max_iter=max_iter, tol=tol)
+    return LinearModels(w.cpu().numpy(), b.cpu().numpy(), it)
+
+
+def fit_logistic_torch(X, Y, S, C: float = 1.0, max_iter: int = 50, tol: float = 1e-6):
+    """``fit_logistic`` on float32 torch tensors already on their device (X (E, N, D), Y and S
+    (E, N)): the coefficients (E, D) and biases (E,) as float32 tensors on that device, and the
+    number of Newton steps. Nothing is copied to or from the host; each step synchronises once
+    for its stopping test and once per backtracking test."""
+    import torch
+
+    dev = X.device
     E, N, D = X.shape
     # per-problem centring and scaling over weighted samples
     total = S.sum(1).clamp_min(1e-12)[:, None]  # (E, 1)
@@ -104,4 +116,4 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, weight: np.ndarray, C: float = 1.
         theta, f = new_theta, new_f
     w = theta[:, :D].to(torch.float32) / scale
     b = theta[:, D].to(torch.float32) - (w * mean).sum(1)
-    return LinearModels(w.cpu().numpy(), b.cpu().numpy(), it)
+    return w, b, it

@@ -243,3 +243,67 @@ def test_out_of_memory_retries_in_smaller_batches_then_one_line(tmp_path, monkey
         run_probe(store, "temporal-corr", out_dir=tmp_path / "oom", use_cache=False, device="cpu")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "oom" / "results.parquet").exists()
+
+
+def fewshot_store(path, n_images=14, seed=0):
+    """Images of different token grids (some with a crops row before the base grid, some with
+    newline tokens) and mask sizes, labels 1 and 2 with void (255) pixels, features = the token's
+    class one-hot plus strong noise; episodes of a query and 5 supports of its class."""
+    rng = np.random.default_rng(seed)
+    images, masks, by_class = [], [], {1: [], 2: []}
+    for i in range(n_images):
+        gh, gw = int(rng.integers(4, 8)), int(rng.integers(4, 8))
+        mh, mw = int(rng.integers(30, 70)), int(rng.integers(30, 70))
+        field = ndimage.gaussian_filter(rng.standard_normal((3, mh, mw)), (0, 6, 6))
+        m = field.argmax(0).astype(np.uint8)
+        m[rng.random((mh, mw)) < 0.02] = 255
+        newline, lead = i % 3 == 0, 3 if i % 4 == 1 else 0
+        width = gw + int(newline)
+        tok = m[((np.arange(gh) + 0.5) * mh // gh).astype(int)][:, ((np.arange(gw) + 0.5) * mw // gw).astype(int)]
+        cls = np.where(tok == 255, 0, tok)
+        feat = np.zeros((lead + (1 if lead else 0) + gh * width, 12), np.float32)
+        grid = np.eye(12, dtype=np.float32)[cls] + 1.2 * rng.standard_normal((gh, gw, 12)).astype(np.float32)
+        base = feat[lead + (1 if lead else 0):].reshape(gh, width, 12)
+        base[:, :gw] = grid
+        if newline:
+            base[:, gw:] = 7.0  # newline tokens: never read
+        segs = [{"name": "base", "offset": lead + 1 if lead else 0, "rows": gh, "cols": gw, "newline": newline}]
+        if lead:
+            segs.insert(0, {"name": "crops", "offset": 0, "rows": 1, "cols": lead, "newline": True})
+        images.append({"id": f"im{i:02d}", "h": mh, "w": mw, "segments": segs, "feat": feat})
+        masks.append(m)
+        for c in (1, 2):
+            if (m == c).any():
+                by_class[c].append(f"im{i:02d}")
+    episodes = []
+    for c, ids in by_class.items():
+        for j, q in enumerate(ids):
+            others = [ids[(j + k) % len(ids)] for k in range(1, 6)]
+            episodes.append({"query": q, "support": others, "class": c})
+    return write_feature_store(path, images, {"episodes": episodes}, layers=1, heads=2, tasks=("fg-seg",),
+                               masks=masks)
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_fg_seg_device_path_equals_the_reference(tmp_path, monkeypatch, small):
+    """Several batches of episodes, several chunks of queries per batch (padded to their largest
+    grid and mask), grids with newline tokens and crops before them: the same scores and masks."""
+    import kvpipe.probes.fg_seg as fg
+    from kvpipe.probes.base import PROBES, Target
+    from kvpipe.store.reader import FeatureStore
+
+    store = fewshot_store(tmp_path / "s")
+    if small:
+        monkeypatch.setattr(fg, "BATCH_BYTES", 6 * 40 * 13 * 4)  # about 6 episodes per batch
+        monkeypatch.setattr(fg, "batch_budget", lambda device: 2 * 3 * 40000)  # a few queries per chunk
+    ref = run_probe(store, "fg-seg", out_dir=tmp_path / "ref", use_cache=False, device="numpy")
+    dev = run_probe(store, "fg-seg", out_dir=tmp_path / "dev", use_cache=False, device="cpu")
+    assert_same_scores(ref, dev, tol=1e-12)
+    miou = rows_by_key(ref)[("values", 0, 0, "mIoU")]
+    assert 0.1 < miou < 0.95  # neither nothing nor perfect: the comparison means something
+    opened = FeatureStore.open(store)
+    a = PROBES.get("fg-seg")(opened, {}, device="numpy").predictions(Target("values", 0, 0))
+    b = PROBES.get("fg-seg")(opened, {}, device="cpu").predictions(Target("values", 0, 0))
+    assert [i.name for i in a.items] == [i.name for i in b.items]
+    for x, y in zip(a.items, b.items):
+        assert np.array_equal(x.labels, y.labels), x.name
