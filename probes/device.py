@@ -79,6 +79,20 @@ def batch_budget(device: str) -> int:
     return 2 * 2**30 if device.startswith("cuda") else 64 * 2**20
 
 
+def reference_budget(device: str) -> int:
+    """Bytes of data a probe may keep on the device for a whole sweep (prepared once and reused by
+    every target, e.g. temporal-corr's ground-truth masks and contour dilations): a quarter of
+    the GPU's memory, or of the machine's on the CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory // 4
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2**30
+
+
 def to_device(array: Any, device: str, dtype: Any = None) -> Any:
     """A numpy array as a torch tensor on ``device`` (pinned-free: these are small)."""
     import torch

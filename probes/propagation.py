@@ -108,7 +108,8 @@ def propagate_frame(target: np.ndarray, sources: Sequence[np.ndarray], source_se
 def propagate_videos_torch(videos: Sequence[Sequence[np.ndarray]], first_labels: Sequence[np.ndarray], *,
                            device: str, n_last_frames: int = 7,
                            size_mask_neighborhood: int | tuple[int, int] | None = 12, topk: int = 5,
-                           temperature: float = DINO_TEMPERATURE, budget: int = 2**30) -> list[Any]:
+                           temperature: float = DINO_TEMPERATURE, budget: int = 2**30,
+                           defer_ties: bool | None = None) -> list[Any]:
     """``propagate_video`` of several videos at once, in torch on ``device``: soft labels per
     video as a tensor (T-1, h, w, C) on the device (C = that video's classes).
 
@@ -118,7 +119,10 @@ def propagate_videos_torch(videos: Sequence[Sequence[np.ndarray]], first_labels:
     tokens), in float64 like the reference, in batches of about ``budget`` bytes. Top-k with
     ties, as ``propagate_frame``: ``torch.topk`` gives the k largest; a batch where some row
     has another entry equal to the k-th (or fewer than k inside the window) takes every entry
-    >= the k-th instead, exactly the reference's rule.
+    >= the k-th instead, exactly the reference's rule. ``defer_ties`` (default: on a GPU) tests
+    for such ties without waiting for the device and redoes the call with the test per block
+    only if one occurred; a block with fewer than k entries inside the window is known from the
+    window alone.
     """
     import torch
 
@@ -145,25 +149,37 @@ def propagate_videos_torch(videos: Sequence[Sequence[np.ndarray]], first_labels:
         segs[j, 0, :, : first_labels[v].shape[-1]] = torch.from_numpy(
             np.asarray(first_labels[v], dtype=np.float64).reshape(n, -1)).to(dev)
     window, reach = None, h  # reach: how many grid rows away a memory token can be in the window
+    window_counts = None  # the window on the host, to count the entries inside it without the device
     if isinstance(size_mask_neighborhood, (tuple, list)):
-        window = torch.from_numpy(neighborhood_mask(h, w, tuple(size_mask_neighborhood))).to(dev)
+        window_counts = neighborhood_mask(h, w, tuple(size_mask_neighborhood))
         reach = int(size_mask_neighborhood[0])
     elif size_mask_neighborhood is not None and size_mask_neighborhood > 0:
-        window = torch.from_numpy(neighborhood_mask(h, w, size_mask_neighborhood)).to(dev)
+        window_counts = neighborhood_mask(h, w, size_mask_neighborhood)
         reach = int(size_mask_neighborhood)
+    if window_counts is not None:
+        window = torch.from_numpy(window_counts).to(dev)
     reach = max(0, min(reach, h))
+    # on a GPU the tie test of each block (``_label_update``) would wait for the device: there it
+    # is deferred, its flags kept on the device, and the propagation redone with the test per
+    # block only where some row had a tie (one wait per call instead of two per block and frame)
+    deferred = dev.type != "cpu" if defer_ties is None else defer_ties
+    ties = torch.zeros((), dtype=torch.bool, device=dev) if deferred else None
     for t in range(1, t_max):
         running = sum(1 for length in lengths if length > t)
-        memory = [0] + (list(range(max(1, t - n_last_frames), t)) if n_last_frames > 0 else [])
-        k = min(topk, len(memory) * n)
-        mem_feats, mem_segs = feats[:running, memory], segs[:running, memory]  # (V, M, N, D), (V, M, N, C)
+        lo_t = max(1, t - n_last_frames) if n_last_frames > 0 else t
+        n_mem = 1 + (t - lo_t)
+        k = min(topk, n_mem * n)
+        # (V, M, N, D), (V, M, N, C): frame 0 and the recent frames, by slices (no index tensor)
+        mem_feats = torch.cat([feats[:running, :1], feats[:running, lo_t:t]], dim=1)
+        mem_segs = torch.cat([segs[:running, :1], segs[:running, lo_t:t]], dim=1)
         # target tokens in blocks of whole grid rows; a block compares with the memory rows its
         # window reaches only (a band of rows of every memory frame): the rest is outside anyway
-        cost = lambda rows: 8 * 3 * rows * w * len(memory) * min(h, rows + 2 * reach) * w  # noqa: E731
+        cost = lambda rows: 8 * 3 * rows * w * n_mem * min(h, rows + 2 * reach) * w  # noqa: E731
         block_rows = max(1, min(h, reach if window is not None else h))
         while block_rows > 1 and cost(block_rows) > budget:
             block_rows //= 2
         videos_per_batch = max(1, budget // cost(block_rows))
+        inside_min: dict[int, int] = {}  # per block: the fewest window entries of a row, one memory frame
         for a in range(0, running, videos_per_batch):
             b = min(a + videos_per_batch, running)
             for r0 in range(0, h, block_rows):
@@ -171,13 +187,26 @@ def propagate_videos_torch(videos: Sequence[Sequence[np.ndarray]], first_labels:
                 lo, hi = max(0, r0 - reach), min(h, r1 + reach)
                 band = slice(lo * w, hi * w)
                 n_band = (hi - lo) * w
-                src = mem_feats[a:b, :, band].reshape(b - a, len(memory) * n_band, dim)
+                src = mem_feats[a:b, :, band].reshape(b - a, n_mem * n_band, dim)
                 cos = torch.bmm(feats[a:b, t, r0 * w: r1 * w], src.transpose(1, 2))  # (V, B, M * band)
+                inside = n_mem * n_band  # the fewest entries inside the window of a row of the block
                 if window is not None:
                     outside = ~window[r0 * w: r1 * w, band]  # the same window in every memory frame
-                    cos.view(b - a, -1, len(memory), n_band).masked_fill_(outside[None, :, None, :], float("-inf"))
-                src_segs = mem_segs[a:b, :, band].reshape(b - a, len(memory) * n_band, n_classes)
-                segs[a:b, t, r0 * w: r1 * w] = _label_update(cos, src_segs, min(k, len(memory) * n_band), temperature)
+                    cos.view(b - a, -1, n_mem, n_band).masked_fill_(outside[None, :, None, :], float("-inf"))
+                    if r0 not in inside_min:
+                        inside_min[r0] = int(window_counts[r0 * w: r1 * w, lo * w: hi * w].sum(1).min())
+                    inside = n_mem * inside_min[r0]
+                src_segs = mem_segs[a:b, :, band].reshape(b - a, n_mem * n_band, n_classes)
+                kb = min(k, n_mem * n_band)
+                if deferred:
+                    segs[a:b, t, r0 * w: r1 * w] = _label_update_deferred(cos, src_segs, kb, temperature,
+                                                                          inside >= kb, ties)
+                else:
+                    segs[a:b, t, r0 * w: r1 * w] = _label_update(cos, src_segs, kb, temperature)
+    if deferred and bool(ties):  # the one wait: a tie somewhere, so the test per block, as on the CPU
+        return propagate_videos_torch(videos, first_labels, device=device, n_last_frames=n_last_frames,
+                                      size_mask_neighborhood=size_mask_neighborhood, topk=topk,
+                                      temperature=temperature, budget=budget, defer_ties=False)
     out: list[Any] = [None] * len(videos)
     for j, v in enumerate(order):
         c = first_labels[v].shape[-1]
@@ -185,18 +214,39 @@ def propagate_videos_torch(videos: Sequence[Sequence[np.ndarray]], first_labels:
     return out
 
 
-def _label_update(cos: Any, src_segs: Any, k: int, temperature: float) -> Any:
+def _label_update_deferred(cos: Any, src_segs: Any, k: int, temperature: float, enough: bool, ties: Any) -> Any:
+    """``_label_update`` without waiting for the device: the k largest alone when every row has
+    at least k entries inside the window (``enough``, known from the window), their ties with the
+    (k + 1)-th or-ed into ``ties`` (the caller redoes the propagation where one occurred); the
+    dense rule of ``_label_update`` otherwise."""
+    import torch
+
+    n_mem = cos.shape[-1]
+    if not enough:
+        return _label_update(cos, src_segs, k, temperature, dense=True)
+    vals, idx = cos.topk(min(k + 1, n_mem), dim=-1)
+    if n_mem > k:
+        ties |= (vals[..., k] >= vals[..., k - 1]).any()
+    vals, idx = vals[..., :k], idx[..., :k]
+    weights = torch.exp((vals - vals[..., :1]) / temperature)
+    labels = torch.gather(src_segs[:, None].expand(-1, cos.shape[1], -1, -1), 2,
+                          idx[..., None].expand(-1, -1, -1, src_segs.shape[-1]))
+    return (weights[..., None] * labels).sum(2) / weights.sum(-1, keepdim=True)
+
+
+def _label_update(cos: Any, src_segs: Any, k: int, temperature: float, dense: bool = False) -> Any:
     """Labels (V, B, C) from affinities ``cos`` (V, B, M*N, -inf outside the window) and the
     memory's labels (V, M*N, C): top-k with ties, ``exp((cos - max) / T)``, normalised.
 
     The k + 1 largest tell whether any row has an entry equal to its k-th (a tie the reference
-    keeps) or fewer than k inside the window; only then is the whole row looked at."""
+    keeps) or fewer than k inside the window; only then (or with ``dense``) is the whole row
+    looked at."""
     import torch
 
     n_mem = cos.shape[-1]
     vals, idx = cos.topk(min(k + 1, n_mem), dim=-1)
     kth = vals[..., k - 1: k]
-    simple = bool(torch.isfinite(kth).all())
+    simple = not dense and bool(torch.isfinite(kth).all())
     if simple and n_mem > k:
         simple = bool((vals[..., k] < vals[..., k - 1]).all())
     if simple:  # the k entries alone
@@ -215,20 +265,31 @@ def upsample_to_masks_torch(soft: Any, out_hw: tuple[int, int], budget: int = 2*
     """``upsample_to_mask`` of frames (T, h, w, C) on their device, in float32: bilinear
     (``F.interpolate``, ``align_corners=False``, straight to ``out_hw``), ``norm_mask``, argmax;
     (T, H, W) uint8 labels on the host. Frames in batches of about ``budget`` bytes."""
-    import torch
-
     n_frames, _, _, c = soft.shape
     out = np.empty((n_frames, int(out_hw[0]), int(out_hw[1])), dtype=np.uint8)
-    per = max(1, budget // (4 * 3 * c * int(out_hw[0]) * int(out_hw[1])))
+    per = upsample_batch(c, out_hw, budget)
     for a in range(0, n_frames, per):
-        x = soft[a:a + per].permute(0, 3, 1, 2).to(torch.float32)
-        big = torch.nn.functional.interpolate(x, size=tuple(int(v) for v in out_hw), mode="bilinear",
-                                              align_corners=False)
-        mn, mx = torch.aminmax(big.flatten(2), dim=-1)
-        sel = mx > 0  # norm_mask, in place: classes with max > 0 to [0, 1] (0/0 -> NaN, as DINO)
-        big.sub_(torch.where(sel, mn, 0)[..., None, None]).div_(torch.where(sel, mx - mn, 1)[..., None, None])
-        out[a:a + per] = big.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        out[a:a + per] = upsample_labels_torch(soft[a:a + per], out_hw).cpu().numpy()
     return out
+
+
+def upsample_batch(n_classes: int, out_hw: tuple[int, int], budget: int) -> int:
+    """How many frames ``upsample_labels_torch`` takes at once within about ``budget`` bytes."""
+    return max(1, budget // (4 * 3 * n_classes * int(out_hw[0]) * int(out_hw[1])))
+
+
+def upsample_labels_torch(soft: Any, out_hw: tuple[int, int]) -> Any:
+    """Frames (T, h, w, C) -> (T, H, W) uint8 labels on their device (no host sync): bilinear in
+    float32, ``norm_mask``, argmax (``upsample_to_masks_torch`` without the copy)."""
+    import torch
+
+    x = soft.permute(0, 3, 1, 2).to(torch.float32)
+    big = torch.nn.functional.interpolate(x, size=tuple(int(v) for v in out_hw), mode="bilinear",
+                                          align_corners=False)
+    mn, mx = torch.aminmax(big.flatten(2), dim=-1)
+    sel = mx > 0  # norm_mask, in place: classes with max > 0 to [0, 1] (0/0 -> NaN, as DINO)
+    big.sub_(torch.where(sel, mn, 0)[..., None, None]).div_(torch.where(sel, mx - mn, 1)[..., None, None])
+    return big.argmax(dim=1).to(torch.uint8)
 
 
 def _top_k_with_ties(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -22,6 +22,15 @@ Tokens: ``tokens=base`` (default) is the base view, the whole frame at the encod
 resolution (the only grid of fixed-resolution and native-resolution models); ``tokens=crops``
 uses the any-resolution models' stitched crop grid (newline tokens dropped) where the store
 holds one (the manifest row's segments), a finer grid of the same frame.
+
+Where J and F are computed. On the torch devices (``--device cpu|cuda``) the soft labels never
+leave the device: the scored frames are upsampled, argmaxed and counted there in batches
+(``metrics/davis_torch.py``: intersections and unions, contour pixels, matches within the
+evaluation's disk), against the ground truth's object masks, contours and contour dilations
+prepared once per sweep (at the first target) and kept on the device within
+``device.reference_budget``; a target's counts come to the host once, at the end, and give the
+same J and F as the host code (``metrics/davis.py``), which the numpy reference still runs on
+label maps copied to the host.
 """
 
 from __future__ import annotations
@@ -30,17 +39,20 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
-from kvpipe.probes.device import batch_budget, uses_torch, with_smaller_batches
+from kvpipe.probes.device import batch_budget, reference_budget, uses_torch, with_smaller_batches
 from kvpipe.probes.metrics.davis import VOID_LABEL, VideoReference, summarize
+from kvpipe.probes.metrics.davis_torch import DeviceVideoReference
+from kvpipe.probes.metrics.davis_torch import per_object as davis_per_object
+from kvpipe.probes.metrics.davis_torch import supported as metric_on_device
 from kvpipe.probes.predictions import DavisFolders, frame_name
-from kvpipe.probes.propagation import (labels_to_grid, propagate_video, propagate_videos_torch, upsample_to_mask,
-                                       upsample_to_masks_torch)
+from kvpipe.probes.propagation import (labels_to_grid, propagate_video, propagate_videos_torch, upsample_batch,
+                                       upsample_labels_torch, upsample_to_mask, upsample_to_masks_torch)
 
 DINO_PATCH_PX, DINO_NEIGHBORHOOD, DINO_SHORT_SIDE = 8, 12, 480  # eval_video_segmentation.py defaults
 TOKEN_GRIDS = ("base", "crops")
@@ -55,6 +67,17 @@ def token_radius(radius_px: float, image_hw: tuple[int, int], grid_hw: tuple[int
     cell_h = image_hw[0] / grid_hw[0] * scale
     cell_w = image_hw[1] / grid_hw[1] * scale
     return math.floor(radius_px / cell_h + 1e-9), math.floor(radius_px / cell_w + 1e-9)
+
+
+def same_size_runs(shapes: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """(start, stop) of the runs of consecutive equal shapes."""
+    start = 0
+    while start < len(shapes):
+        stop = start + 1
+        while stop < len(shapes) and shapes[stop] == shapes[start]:
+            stop += 1
+        yield start, stop
+        start = stop
 
 
 def segment_hw(row: Any, name: str) -> tuple[int, int] | None:
@@ -85,6 +108,7 @@ class TemporalCorrespondence(Probe):
         self.radius: dict[str, tuple[int, int] | int] = {}
         self.objects: dict[str, list[int]] = {}
         self.references: dict[str, VideoReference] = {}  # ground-truth contours, once per frame and object
+        self._device_refs: dict[str, Any] | None = None  # the same on the device, at the first target
         for name, rows in self.store.groups().items():
             if len(rows) < 2 or not name:
                 continue
@@ -120,12 +144,17 @@ class TemporalCorrespondence(Probe):
                                images=[r for rows, _ in self.videos.values() for r in rows])
 
     def compute(self, target: Target, feats: Any) -> dict[str, float]:
-        preds = self._predicted(target, feats)
-        # the videos' J and F in threads (numpy and the k-d tree release the GIL on whole frames)
-        names = list(preds)
-        with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 16))) as pool:
-            results = list(pool.map(lambda n: self.references[n].evaluate(preds[n]), names))
-        per_object = {f"{name}/{obj}": res for name, res_v in zip(names, results) for obj, res in res_v.items()}
+        if uses_torch(self.device) and all(map(metric_on_device, self.references.values())):
+            grids = self._grids(feats)
+            results = with_smaller_batches(lambda budget: self._scores_torch(grids, budget), batch_budget(self.device),
+                                           self.device, f"temporal-corr of {target.kind} L{target.layer} H{target.head}")
+        else:
+            preds = self._predicted(target, feats)
+            # the videos' J and F in threads (numpy and the k-d tree release the GIL on whole frames)
+            names = list(preds)
+            with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 16))) as pool:
+                results = dict(zip(names, pool.map(lambda n: self.references[n].evaluate(preds[n]), names)))
+        per_object = {f"{name}/{obj}": res for name, res_v in results.items() for obj, res in res_v.items()}
         return summarize(per_object)
 
     def predictions(self, target: Target) -> DavisFolders:
@@ -138,11 +167,14 @@ class TemporalCorrespondence(Probe):
             videos[name] = [(frame_name(r), p.astype(np.uint8)) for r, p in zip(rows, [first, *frames[1:]])]
         return DavisFolders(videos)
 
+    def _grids(self, feats: Any) -> dict[str, list[np.ndarray]]:
+        index = {r.index: i for i, r in enumerate(feats.rows)}
+        return {name: [feats.grid(index[r.index], self.params["tokens"]) for r in rows]
+                for name, (rows, _) in self.videos.items() if name in self.objects}
+
     def _predicted(self, target: Target, feats: Any) -> dict[str, list[np.ndarray]]:
         """Per video with objects, the label map of every frame (frame 0: the given mask)."""
-        index = {r.index: i for i, r in enumerate(feats.rows)}
-        grids = {name: [feats.grid(index[r.index], self.params["tokens"]) for r in rows]
-                 for name, (rows, _) in self.videos.items() if name in self.objects}
+        grids = self._grids(feats)
         if uses_torch(self.device):
             preds = with_smaller_batches(lambda budget: self._predict_torch(grids, budget),
                                          batch_budget(self.device), self.device,
@@ -165,13 +197,13 @@ class TemporalCorrespondence(Probe):
                                topk=self.params["topk"], temperature=self.params["temperature"])
         return [self.videos[name][1][0]] + [upsample_to_mask(s, hw) for s, hw in zip(soft, self._mask_shapes(name))]
 
-    def _predict_torch(self, grids: dict[str, list[np.ndarray]], budget: int) -> dict[str, list[np.ndarray]]:
-        """Videos on one grid with one window propagate together (``propagate_videos_torch``);
-        each video's soft labels are upsampled on the device, frames of one size at a time."""
+    def _propagated_torch(self, grids: dict[str, list[np.ndarray]], budget: int) -> Iterator[tuple[str, Any]]:
+        """(video, soft labels (T-1, h, w, C) on the device) of every video. Videos on one grid
+        with one window propagate together (``propagate_videos_torch``), their features within
+        4 x budget."""
         batches: dict[tuple, list[str]] = {}
         for name, g in grids.items():
             batches.setdefault((g[0].shape[:2], self.radius[name]), []).append(name)
-        out: dict[str, list[np.ndarray]] = {}
         runs = []  # videos propagated together: one grid and window, their features within 4 x budget
         for (grid_hw, radius), names in batches.items():
             chunk, size = [], 0
@@ -189,18 +221,72 @@ class TemporalCorrespondence(Probe):
                                           device=self.device, n_last_frames=self.params["n_last_frames"],
                                           size_mask_neighborhood=radius, topk=self.params["topk"],
                                           temperature=self.params["temperature"], budget=budget)
-            for name, s in zip(names, soft):
-                shapes = self._mask_shapes(name)
-                preds = [self.videos[name][1][0]]
-                start = 0
-                while start < len(shapes):  # runs of frames whose masks have one size
-                    stop = start + 1
-                    while stop < len(shapes) and shapes[stop] == shapes[start]:
-                        stop += 1
-                    preds.extend(upsample_to_masks_torch(s[start:stop], shapes[start], budget))
-                    start = stop
-                out[name] = preds
+            yield from zip(names, soft)
+
+    def _predict_torch(self, grids: dict[str, list[np.ndarray]], budget: int) -> dict[str, list[np.ndarray]]:
+        """Every video's label maps on the host: soft labels upsampled on the device, frames of
+        one size at a time."""
+        out: dict[str, list[np.ndarray]] = {}
+        for name, s in self._propagated_torch(grids, budget):
+            shapes = self._mask_shapes(name)
+            preds = [self.videos[name][1][0]]
+            for start, stop in same_size_runs(shapes):
+                preds.extend(upsample_to_masks_torch(s[start:stop], shapes[start], budget))
+            out[name] = preds
         return out
+
+    def _scores_torch(self, grids: dict[str, list[np.ndarray]], budget: int) -> dict[str, dict[int, dict[str, float]]]:
+        """Every video's per-object J and F with the metric on the device (``davis_torch``):
+        the scored frames' soft labels upsampled and argmaxed, their J and F counts, in batches
+        of frames of one size; one copy to the host per target, at the end."""
+        import torch
+
+        refs = self._device_references()
+
+        def video_counts(item: tuple[str, Any]) -> list[Any]:
+            name, s = item
+            ref, out = refs[name], []
+            for start, stop in same_size_runs(ref.shapes):
+                hw = ref.shapes[start]
+                per = max(1, min(upsample_batch(s.shape[-1], hw, budget), budget // ref.bytes_per_frame(hw)))
+                for a in range(start, stop, per):
+                    b = min(stop, a + per)
+                    first, last = ref.frames[a] - 1, ref.frames[b - 1] - 1  # soft labels start at frame 1
+                    out.append(ref.counts(upsample_labels_torch(s[first: last + 1], hw), a))
+            return out
+
+        # on a GPU one video after another (one stream); on the CPU the videos in threads, as the
+        # host metric's (torch releases the GIL in its operations)
+        workers = 1 if not self.device.startswith("cpu") else max(1, min(len(grids), os.cpu_count() or 1, 16))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            items = list(self._propagated_torch(grids, budget))
+            counts = dict(zip([n for n, _ in items], pool.map(video_counts, items)))
+        names = [n for n in counts if counts[n]]
+        host = torch.cat([torch.cat(counts[n]) for n in names]).cpu().numpy() if names else None  # one sync
+        out, at = {}, 0
+        for name in counts:
+            n_frames = len(refs[name].frames)
+            block = host[at: at + n_frames] if n_frames else np.zeros((0, len(refs[name].objects), 6), np.int64)
+            at += n_frames
+            out[name] = davis_per_object(block, refs[name].objects)
+        return out
+
+    def _device_references(self) -> dict[str, Any]:
+        """The ground truth of every video on the device, prepared once (the first target) and
+        reused by every target; the object masks and contour dilations kept while they fit in
+        ``reference_budget``, rebuilt per batch beyond it."""
+        if self._device_refs is None:
+            left = reference_budget(self.device)
+            keep = {}
+            for name, ref in self.references.items():
+                size = DeviceVideoReference.nbytes_kept(ref)
+                keep[name] = size <= left
+                left -= size if size <= left else 0
+            workers = 1 if not self.device.startswith("cpu") else max(1, min(len(keep), os.cpu_count() or 1, 16))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                made = pool.map(lambda n: DeviceVideoReference(self.references[n], self.device, keep=keep[n]), keep)
+                self._device_refs = dict(zip(keep, made))
+        return self._device_refs
 
     def summarize(self, rows: list[dict[str, Any]], out_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
         """The window actually used, in tokens (rows and columns; smallest and largest over videos;

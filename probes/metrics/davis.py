@@ -9,7 +9,8 @@ exact copy of ``disk`` (same pixels: the disk is symmetric, and both treat outsi
 ``boundary_f_dilation``, the literal port. What the probes run computes the same numbers faster:
 the ground truth's contour once per frame and object (``BoundaryRef``, ``VideoReference``), and
 "inside the other contour's disk dilation" answered by a nearest-neighbour query with integer
-squared distances (``Contour``), which is the same test for the disk's integer radius.
+squared distances (``Contour``), which is the same test for the disk's integer radius. The same
+counts on a torch device, for every frame and object of a batch at once: ``davis_torch.py``.
 """
 
 from __future__ import annotations

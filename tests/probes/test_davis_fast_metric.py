@@ -86,3 +86,60 @@ def test_video_evaluation_equals_the_literal_port_on_a_davis_sized_video():
     prepared = VideoReference(gts, objects)
     assert prepared.evaluate(preds) == ref
     assert prepared.evaluate(gts) == evaluate_video_dilation(gts, gts, objects)  # reused: same again
+
+
+# ------------------------------------------------------------------ the device path (davis_torch)
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 5, 8, 12])
+def test_device_dilation_is_the_disk_dilation(radius):
+    from kvpipe.probes.metrics.davis_torch import dilate
+
+    rng = np.random.default_rng(radius)
+    maps = rng.random((4, 61, 97)) < np.array([0.0005, 0.01, 0.2, 0.0])[:, None, None]
+    maps[:3, 0, 5] = maps[:3, -1, -1] = True  # touches the borders
+    got = dilate(torch.from_numpy(maps), radius).numpy()
+    for m, g in zip(maps, got):
+        assert np.array_equal(g, ndimage.binary_dilation(m, structure=disk(float(radius))))
+
+
+def test_device_contour_is_seg2bmap():
+    from kvpipe.probes.metrics.davis import seg2bmap
+    from kvpipe.probes.metrics import davis_torch
+
+    rng = np.random.default_rng(3)
+    segs = np.stack([blobs((37, 53), rng) == 1, rng.random((37, 53)) < 0.5, np.ones((37, 53), bool)])
+    got = davis_torch.seg2bmap(torch.from_numpy(segs)).numpy()
+    for s, g in zip(segs, got):
+        assert np.array_equal(g, seg2bmap(s))
+
+
+def device_scores(gts, preds, objects, keep=True, batch=2):
+    """``VideoReference.evaluate`` through ``DeviceVideoReference`` on the CPU, in batches."""
+    from kvpipe.probes.metrics.davis_torch import DeviceVideoReference, per_object
+
+    ref = DeviceVideoReference(VideoReference(gts, objects), "cpu", keep=keep)
+    labels = torch.from_numpy(np.stack([preds[i] for i in ref.frames]))
+    counts = [ref.counts(labels[a:a + batch], a) for a in range(0, len(ref.frames), batch)]
+    return per_object(torch.cat(counts).numpy(), objects)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_device_video_evaluation_equals_the_literal_port(keep):
+    """J and F of the device path equal the literal port's on the DAVIS-sized video above, on
+    a small one with objects touching the borders, and with a missing object, in batches."""
+    rng = np.random.default_rng(2)
+    gts = [blobs((480, 854), rng, n=3, smooth=12) for _ in range(6)]
+    preds = [np.roll(g, (3 * t, -5 * t), axis=(0, 1)) for t, g in enumerate(gts)]
+    preds[2] = blobs((480, 854), rng, n=3, smooth=6)
+    preds[3] = np.where(preds[3] == 2, 0, preds[3])
+    objects = [1, 2, 3]
+    assert device_scores(gts, preds, objects, keep) == evaluate_video_dilation(gts, preds, objects)
+    assert device_scores(gts, gts, objects, keep, batch=4) == evaluate_video_dilation(gts, gts, objects)
+    small = [blobs((64, 91), rng, n=4, smooth=3) for _ in range(7)]
+    guess = [blobs((64, 91), rng, n=4, smooth=2) for _ in range(7)]
+    guess[4][:] = 0  # every object missing
+    guess[5][:] = 2  # one object everywhere (a contour only along the last row and column: none)
+    for objects in ([1, 2, 3, 4], [2]):
+        assert device_scores(small, guess, objects, keep, batch=3) == evaluate_video_dilation(small, guess, objects)

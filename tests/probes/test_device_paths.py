@@ -66,6 +66,52 @@ def test_temporal_corr_device_path_equals_the_reference(tmp_path, params):
     assert json.loads((tmp_path / "ref" / "run.json").read_text())["device"] == "numpy"
 
 
+def test_temporal_corr_device_metric_equals_the_host_metric(tmp_path, monkeypatch):
+    """J and F counted on the device (``davis_torch``; here in torch on the CPU, the code a GPU
+    runs) equal the host's (k-d tree) on the same propagated labels: exactly, batches of one
+    frame and the ground truth's maps rebuilt per batch included."""
+    import kvpipe.probes.temporal_corr as tc
+
+    store = video_store(tmp_path / "s")
+    device = run_probe(store, "temporal-corr", out_dir=tmp_path / "dev", use_cache=False, device="cpu")
+    monkeypatch.setattr(tc, "metric_on_device", lambda ref: False)  # the labels to the host, J and F there
+    host = run_probe(store, "temporal-corr", out_dir=tmp_path / "host", use_cache=False, device="cpu")
+    assert_same_scores(device, host, tol=0)
+    monkeypatch.undo()
+    monkeypatch.setattr(tc, "reference_budget", lambda device: 0)  # nothing kept: rebuilt per batch
+    monkeypatch.setattr(tc, "batch_budget", lambda device: 1)  # one frame per batch
+    tight = run_probe(store, "temporal-corr", out_dir=tmp_path / "tight", use_cache=False, device="cpu")
+    assert_same_scores(device, tight, tol=0)
+
+
+@pytest.mark.parametrize("window", [2, 0, (1, 2)])
+def test_propagation_deferred_tie_test_equals_the_per_block_test(window, monkeypatch):
+    """``defer_ties`` (a GPU's default: no wait for the device per block) gives the labels of the
+    per-block test; with exact ties among the affinities (features of a few integer values) it
+    redoes the propagation with the per-block test."""
+    import kvpipe.probes.propagation as prop
+
+    rng = np.random.default_rng(1)
+    h, w = 9, 12
+    noisy = [[rng.standard_normal((h, w, 8)).astype(np.float32) for _ in range(n)] for n in (6, 9, 3)]
+    tied = [[np.round(rng.standard_normal((h, w, 4))).astype(np.float32) for _ in range(n)] for n in (5, 7)]
+    for videos, redone in ((noisy, False), (tied, True)):
+        first = [prop.labels_to_grid(rng.integers(0, 4, (h, w)), (h, w), 4) for _ in videos]
+        calls = []
+        real = prop.propagate_videos_torch
+
+        def counted(*args, **kw):
+            calls.append(kw.get("defer_ties"))
+            return real(*args, **kw)
+
+        monkeypatch.setattr(prop, "propagate_videos_torch", counted)
+        exact = counted(videos, first, device="cpu", size_mask_neighborhood=window, defer_ties=False)
+        deferred = counted(videos, first, device="cpu", size_mask_neighborhood=window, defer_ties=True)
+        monkeypatch.undo()
+        assert all(torch.equal(a, b) for a, b in zip(exact, deferred))
+        assert calls == ([False, True, False] if redone else [False, True])
+
+
 def pair_store(path, n_images=12, n_pairs=30, grid=(6, 7), seed=0):
     rng = np.random.default_rng(seed)
     images = [{"id": f"im{i}", "h": int(rng.integers(40, 90)), "w": int(rng.integers(40, 90)),
