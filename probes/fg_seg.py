@@ -30,7 +30,7 @@ from kvpipe.probes.device import batch_budget, uses_torch
 from kvpipe.probes.logistic import fit_logistic, fit_logistic_torch
 from kvpipe.probes.metrics.segmentation import FewShotIoU, binary_areas
 from kvpipe.probes.predictions import MaskImages, MaskItem
-from kvpipe.probes.tokens import IGNORE, _bilinear, base_grid_hw, label_ids, token_fractions, upsample_bilinear
+from kvpipe.probes.tokens import IGNORE, bilinear_weights, base_grid_hw, label_ids, token_fractions, upsample_bilinear
 
 BATCH_BYTES = 256 * 2**20  # padded support features per batch of episodes (float32)
 
@@ -278,8 +278,8 @@ class ForegroundSegmentation(Probe):
         wx = np.zeros((len(episodes), big_w, w))
         for e, (j, (mh, mw, gh, gw)) in enumerate(zip(episodes, shapes)):
             query[e, :gh, :gw] = plan["pos"][self.episodes[j].query]
-            wy[e, :mh, :gh] = _bilinear(int(gh), int(mh))
-            wx[e, :mw, :gw] = _bilinear(int(gw), int(mw))
+            wy[e, :mh, :gh] = bilinear_weights(int(gh), int(mh))
+            wx[e, :mw, :gw] = bilinear_weights(int(gw), int(mw))
         return {"episodes": episodes, "at": torch.tensor(at, device=dev), "grid": (h, w),
                 "query": torch.from_numpy(query.reshape(len(episodes), -1)).to(dev),
                 "wy": torch.from_numpy(wy).to(dev), "wx": torch.from_numpy(wx).to(dev),

@@ -75,7 +75,7 @@ def boundary_f_dilation(gt: np.ndarray, pred: np.ndarray, void: np.ndarray | Non
     fg_dil = ndimage.binary_dilation(fg_boundary, structure=selem)
     gt_dil = ndimage.binary_dilation(gt_boundary, structure=selem)
     n_fg, n_gt = int(fg_boundary.sum()), int(gt_boundary.sum())
-    return _f_from_counts(n_fg, n_gt, int(np.sum(fg_boundary & gt_dil)), int(np.sum(gt_boundary & fg_dil)))
+    return f_from_counts(n_fg, n_gt, int(np.sum(fg_boundary & gt_dil)), int(np.sum(gt_boundary & fg_dil)))
 
 
 def bound_radius(bound_th: float, shape: tuple[int, ...]) -> float:
@@ -83,7 +83,7 @@ def bound_radius(bound_th: float, shape: tuple[int, ...]) -> float:
     return bound_th if bound_th >= 1 else float(np.ceil(bound_th * np.linalg.norm(shape)))
 
 
-def _f_from_counts(n_fg: int, n_gt: int, fg_matched: int, gt_matched: int) -> float:
+def f_from_counts(n_fg: int, n_gt: int, fg_matched: int, gt_matched: int) -> float:
     """``f_measure``'s precision / recall cases and the F-measure, from boundary pixel counts."""
     if n_fg == 0 and n_gt > 0:
         precision, recall = 1.0, 0.0
@@ -155,10 +155,10 @@ class BoundaryRef:
         fg = Contour(seg2bmap(pred))
         n_fg, n_gt = fg.n, self.contour.n
         if n_fg == 0 or n_gt == 0:
-            return _f_from_counts(n_fg, n_gt, 0, 0)
+            return f_from_counts(n_fg, n_gt, 0, 0)
         fg_matched = self.contour.count_within(fg.ys, fg.xs, self.radius)  # precision: fg_boundary & gt_dil
         gt_matched = fg.count_within(self.contour.ys, self.contour.xs, self.radius)  # recall: gt_boundary & fg_dil
-        return _f_from_counts(n_fg, n_gt, fg_matched, gt_matched)
+        return f_from_counts(n_fg, n_gt, fg_matched, gt_matched)
 
 
 def seg2bmap(seg: np.ndarray) -> np.ndarray:
@@ -252,7 +252,7 @@ def _per_object(gt_masks: Sequence[np.ndarray], pred_masks: Sequence[np.ndarray]
             pred = np.asarray(pred_masks[i]) == obj
             js.append(jaccard(gt, pred))
             fs.append(f_measure(i, obj, gt, pred))
-        out[obj] = {"J_mean": _nanmean(js), "F_mean": _nanmean(fs)}
+        out[obj] = {"J_mean": nanmean(js), "F_mean": nanmean(fs)}
     return out
 
 
@@ -262,12 +262,13 @@ def summarize(per_object: dict[object, dict[str, float]]) -> dict[str, float]:
     ``evaluation_method.py``: ``final_mean = (np.mean(J["M"]) + np.mean(F["M"])) / 2``. Objects
     with no scored frame (NaN, a one-frame video) are left out of the means.
     """
-    j = _nanmean([r["J_mean"] for r in per_object.values()])
-    f = _nanmean([r["F_mean"] for r in per_object.values()])
+    j = nanmean([r["J_mean"] for r in per_object.values()])
+    f = nanmean([r["F_mean"] for r in per_object.values()])
     return {"J_mean": j, "F_mean": f, "JF_mean": (j + f) / 2}
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def nanmean(values: Sequence[float]) -> float:
+    """Mean over the defined values; NaN without a warning when none is defined."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0 or np.all(np.isnan(arr)):
         return float("nan")

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from kvpipe.probes.metrics.davis import VideoReference, _f_from_counts, _nanmean, bound_radius
+from kvpipe.probes.metrics.davis import VideoReference, f_from_counts, nanmean, bound_radius
 
 COUNTS = ("inter", "union", "n_fg", "n_gt", "fg_matched", "gt_matched")  # the last axis of ``counts``
 
@@ -223,6 +223,6 @@ def per_object(counts: np.ndarray, objects: Sequence[int]) -> dict[int, dict[str
         js, fs = [], []
         for inter, union, n_fg, n_gt, fg_m, gt_m in counts[:, k].tolist():
             js.append(1.0 if union == 0 else float(inter / union))
-            fs.append(_f_from_counts(n_fg, n_gt, fg_m, gt_m))
-        out[int(obj)] = {"J_mean": _nanmean(js), "F_mean": _nanmean(fs)}
+            fs.append(f_from_counts(n_fg, n_gt, fg_m, gt_m))
+        out[int(obj)] = {"J_mean": nanmean(js), "F_mean": nanmean(fs)}
     return out
