@@ -262,12 +262,14 @@ class TemporalCorrespondence(Probe):
             items = list(self._propagated_torch(grids, budget))
             counts = dict(zip([n for n, _ in items], pool.map(video_counts, items)))
         names = [n for n in counts if counts[n]]
-        host = torch.cat([torch.cat(counts[n]) for n in names]).cpu().numpy() if names else None  # one sync
+        # videos differ in their number of objects: flattened for the one copy, reshaped per video
+        host = torch.cat([torch.cat(counts[n]).reshape(-1) for n in names]).cpu().numpy() if names else None
         out, at = {}, 0
         for name in counts:
-            n_frames = len(refs[name].frames)
-            block = host[at: at + n_frames] if n_frames else np.zeros((0, len(refs[name].objects), 6), np.int64)
-            at += n_frames
+            shape = (len(refs[name].frames), len(refs[name].objects), 6)
+            size = int(np.prod(shape))
+            block = host[at: at + size].reshape(shape) if size else np.zeros(shape, np.int64)
+            at += size
             out[name] = davis_per_object(block, refs[name].objects)
         return out
 

@@ -38,13 +38,14 @@ def assert_same_scores(a, b, tol=1e-6):
         assert value == pytest.approx(rb[key], abs=tol, nan_ok=True), key
 
 
-def video_store(path, grid=(9, 12), mask_hw=(72, 96), lengths=(6, 9, 3), seed=0):
-    """Videos of random blob objects (labels 1..3, some void) whose head-0 features are the
-    token's label one-hot plus strong noise (propagation neither perfect nor chance)."""
+def video_store(path, grid=(9, 12), mask_hw=(72, 96), lengths=(6, 9, 3), n_labels=(4, 3, 4), seed=0):
+    """Videos of random blob objects (labels 1..3 or 1..2: videos differ in their number of
+    objects, as DAVIS's do; some void) whose head-0 features are the token's label one-hot plus
+    strong noise (propagation neither perfect nor chance)."""
     rng = np.random.default_rng(seed)
     images, masks = [], []
-    for v, n_frames in enumerate(lengths):
-        field = ndimage.gaussian_filter(rng.standard_normal((4, *mask_hw)), (0, 8, 8))
+    for v, (n_frames, labels) in enumerate(zip(lengths, n_labels)):
+        field = ndimage.gaussian_filter(rng.standard_normal((labels, *mask_hw)), (0, 8, 8))
         for t in range(n_frames):
             m = np.roll(field, (2 * t, 3 * t), axis=(1, 2)).argmax(0).astype(np.uint8)
             m[rng.random(mask_hw) < 0.001] = 255
