@@ -21,7 +21,8 @@ Use ``--images``/``--videos``/``--pairs``/``--layers``/``--heads`` to scale down
   the time the sweep waited for them, compute, and the rest (summary rows, tables, plots);
 * temporal-corr with ``--baseline``: the same sweep through the code this release replaced
   (numpy float64 propagation and upsampling, the boundary measure's two disk dilations per
-  frame and object, reads inline), and the speed-up.
+  frame and object, reads inline), and the speed-up; cosegmentation with ``--baseline``: its
+  image sets one after another, as before they ran one per core.
 
 ``--cold`` evicts the store's files from the page cache before each timed pass
 (``posix_fadvise(DONTNEED)``, no root needed); without it reads come from a warm cache when
@@ -308,13 +309,16 @@ def time_sweep(root: Path, probe: str, params: dict | None = None, device: str =
                baseline: bool = False, executor: str = "local", options: ExecutorOptions | None = None):
     """Seconds of one full sweep: total, inside ``FeatureStore.read``, waiting for reads, computing,
     in the nearest-neighbour search (semantic-corr), the rest; the number of targets and the run.
-    ``baseline``: temporal-corr through the replaced code. With ``executor="ray"`` reads and compute
+    ``baseline``: temporal-corr through the replaced code; cosegmentation with its image sets one
+    after another (the replaced code) instead of one per core. With ``executor="ray"`` reads and compute
     are the actors' seconds summed (they overlap across actors); the search is not split out."""
+    import kvpipe.probes.cosegmentation as cs
     import kvpipe.probes.semantic_corr as sc
     import kvpipe.probes.temporal_corr as tc
 
     spent = {"read": 0.0, "search": 0.0}
-    originals = (FeatureStore.read, sc.nearest_in_groups, sc.nearest_in_groups_torch, tc.VideoReference)
+    originals = (FeatureStore.read, sc.nearest_in_groups, sc.nearest_in_groups_torch, tc.VideoReference,
+                 cs.host_workers)
 
     def timer(fn, key):
         def timed(*a, **kw):
@@ -329,6 +333,7 @@ def time_sweep(root: Path, probe: str, params: dict | None = None, device: str =
     sc.nearest_in_groups_torch = timer(originals[2], "search")  # returns on the host: synchronised
     if baseline:
         tc.VideoReference = _DilationReference
+        cs.host_workers = lambda n: 1
     try:
         t0 = time.perf_counter()
         run = run_probe(root, probe, params=params or {}, use_cache=False, device="numpy" if baseline else device,
@@ -336,7 +341,8 @@ def time_sweep(root: Path, probe: str, params: dict | None = None, device: str =
                         save_predictions="none")  # the sweep alone
         total = time.perf_counter() - t0
     finally:
-        FeatureStore.read, sc.nearest_in_groups, sc.nearest_in_groups_torch, tc.VideoReference = originals
+        FeatureStore.read, sc.nearest_in_groups, sc.nearest_in_groups_torch, tc.VideoReference, cs.host_workers = \
+            originals
     n_targets = len({(r["kind"], r["layer"], r["head"]) for r in run.table.to_pylist() if r["layer"] >= 0
                      or r["kind"] == "post_proj"})
     t = run.timings
@@ -468,7 +474,8 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
                         help="skip timing the raw read of every (layer, head, kind)")
     parser.add_argument("--baseline", action="store_true",
                         help="temporal-corr: also time the replaced code (numpy float64 propagation and "
-                             "upsampling, two disk dilations per frame and object, inline reads)")
+                             "upsampling, two disk dilations per frame and object, inline reads); "
+                             "cosegmentation: the image sets one after another")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--search", default="auto",
                         help="semantic-corr: nearest-neighbour backends to time, comma list of "
@@ -530,7 +537,7 @@ def bench_probe(probe: str, args: argparse.Namespace, device: str, executors: li
         variants = [(b, {"search": b}, False, "local") for b in comma_list(args.search)]
     else:
         variants = [("device", {}, False, "local")] + ([("baseline", {}, True, "local")]
-                                                       if args.baseline and probe == "temporal-corr" else [])
+                                                       if args.baseline and probe in ("temporal-corr", "cosegmentation") else [])
     if "local" not in executors:
         variants = []
     if "ray" in executors:

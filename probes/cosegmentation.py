@@ -41,6 +41,7 @@ class (every label 1..254 when the set has no class); 255 is ignored.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -48,6 +49,7 @@ import numpy as np
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
+from kvpipe.probes.device import host_workers
 from kvpipe.probes.metrics.segmentation import jaccard, precision
 from kvpipe.probes.predictions import MaskImages, MaskItem
 from kvpipe.probes.tokens import IGNORE, border_tokens, label_ids, upsample_bilinear
@@ -185,7 +187,8 @@ class CoSegmentation(Probe):
         feats = self.store.read(target.kind, target.layer, target.head, images=self.rows)
         index = {r.image_id: i for i, r in enumerate(feats.rows)}
         p = self.params
-        for rows in self.sets.values():
+
+        def segment(rows: list[Any]) -> list[tuple[Any, np.ndarray]]:
             grids = [feats.grid(index[r.image_id]) for r in rows]
             descs = [g.reshape(-1, g.shape[-1]) for g in grids]
             labels, k = elbow_kmeans(descs, elbow=float(p["elbow"]), max_clusters=p["max_clusters"],
@@ -193,6 +196,12 @@ class CoSegmentation(Probe):
                                      seed=int(p["seed"]))
             borders = [border_tokens(g.shape[:2]) for g in grids]
             fg_ids = foreground_clusters(labels, borders, k, float(p["votes_percentage"]))
-            for r, g, lab in zip(rows, grids, labels):
-                tokens_fg = np.isin(lab, fg_ids).reshape(g.shape[:2]).astype(np.float64)
-                yield r, upsample_bilinear(tokens_fg, self.gt[r.image_id][0].shape) > 0.5
+            return [(r, upsample_bilinear(np.isin(lab, fg_ids).reshape(g.shape[:2]).astype(np.float64),
+                                          self.gt[r.image_id][0].shape) > 0.5)
+                    for r, g, lab in zip(rows, grids, labels)]
+
+        # the sets are independent and faiss and numpy release the GIL: one set per core, each
+        # k-means on one thread as before, so every set's clusters are those of a serial run
+        with ThreadPoolExecutor(max_workers=host_workers(len(self.sets))) as pool:
+            for masks in pool.map(segment, self.sets.values()):
+                yield from masks

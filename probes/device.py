@@ -52,6 +52,12 @@ def compute_threads(device: str) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def host_workers(n_tasks: int) -> int:
+    """Threads for ``n_tasks`` independent pieces of host work (videos, image sets) whose inner
+    loops release the GIL (numpy, torch, faiss): one per core, at most 16."""
+    return max(1, min(int(n_tasks), os.cpu_count() or 1, 16))
+
+
 class DeviceMemoryError(KvpipeError):
     """A target that does not fit on the device even in the smallest batches."""
 

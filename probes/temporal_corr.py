@@ -36,7 +36,6 @@ label maps copied to the host.
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
@@ -45,7 +44,7 @@ import numpy as np
 
 from kvpipe.errors import StoreError, UsageError
 from kvpipe.probes.base import PROBES, Probe, Target
-from kvpipe.probes.device import batch_budget, reference_budget, uses_torch, with_smaller_batches
+from kvpipe.probes.device import batch_budget, host_workers, reference_budget, uses_torch, with_smaller_batches
 from kvpipe.probes.metrics.davis import VOID_LABEL, VideoReference, summarize
 from kvpipe.probes.metrics.davis_torch import DeviceVideoReference
 from kvpipe.probes.metrics.davis_torch import per_object as davis_per_object
@@ -152,7 +151,7 @@ class TemporalCorrespondence(Probe):
             preds = self._predicted(target, feats)
             # the videos' J and F in threads (numpy and the k-d tree release the GIL on whole frames)
             names = list(preds)
-            with ThreadPoolExecutor(max_workers=max(1, min(len(names), os.cpu_count() or 1, 16))) as pool:
+            with ThreadPoolExecutor(max_workers=host_workers(len(names))) as pool:
                 results = dict(zip(names, pool.map(lambda n: self.references[n].evaluate(preds[n]), names)))
         per_object = {f"{name}/{obj}": res for name, res_v in results.items() for obj, res in res_v.items()}
         return summarize(per_object)
@@ -257,7 +256,7 @@ class TemporalCorrespondence(Probe):
 
         # on a GPU one video after another (one stream); on the CPU the videos in threads, as the
         # host metric's (torch releases the GIL in its operations)
-        workers = 1 if not self.device.startswith("cpu") else max(1, min(len(grids), os.cpu_count() or 1, 16))
+        workers = 1 if not self.device.startswith("cpu") else host_workers(len(grids))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             items = list(self._propagated_torch(grids, budget))
             counts = dict(zip([n for n, _ in items], pool.map(video_counts, items)))
@@ -284,7 +283,7 @@ class TemporalCorrespondence(Probe):
                 size = DeviceVideoReference.nbytes_kept(ref)
                 keep[name] = size <= left
                 left -= size if size <= left else 0
-            workers = 1 if not self.device.startswith("cpu") else max(1, min(len(keep), os.cpu_count() or 1, 16))
+            workers = 1 if not self.device.startswith("cpu") else host_workers(len(keep))
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 made = pool.map(lambda n: DeviceVideoReference(self.references[n], self.device, keep=keep[n]), keep)
                 self._device_refs = dict(zip(keep, made))

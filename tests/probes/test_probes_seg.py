@@ -303,3 +303,22 @@ def test_bad_parameters_are_usage_errors(tmp_path):
     store = write_toy_store(tmp_path / "c", images, "oracle", structure)
     with pytest.raises(UsageError, match="elbow=2"):
         run_probe(store, "cosegmentation", {"elbow": 2})
+
+
+def test_cosegmentation_sets_in_threads_equal_one_set_at_a_time(tmp_path, monkeypatch):
+    """The sets are clustered on several threads (each k-means on one faiss thread); every
+    predicted mask equals the one-set-at-a-time run's, on random features where k-means is
+    sensitive to any change in its inputs or thread count."""
+    import kvpipe.probes.cosegmentation as cs
+
+    images, structure = coseg_images()
+    rand = write_toy_store(tmp_path / "r", images, "random", structure)
+    probe = PROBES.get("cosegmentation")(FeatureStore.open(rand), {})
+    assert len(probe.sets) >= 2
+    runs = {}
+    for workers in (1, 4):
+        monkeypatch.setattr(cs, "host_workers", lambda n, w=workers: w)
+        runs[workers] = [(r.image_id, m) for r, m in probe._predicted(Target("values", 0, 0))]
+    assert [i for i, _ in runs[1]] == [i for i, _ in runs[4]]
+    for (_, a), (_, b) in zip(runs[1], runs[4]):
+        np.testing.assert_array_equal(a, b)
