@@ -72,15 +72,21 @@ def test_boundary_f_equals_the_literal_port(shape):
         assert boundary_f(g, p) == boundary_f_dilation(g, p)
 
 
-def test_video_evaluation_equals_the_literal_port_on_a_davis_sized_video():
-    """A 480p video (DAVIS layout: 854 x 480 frames, objects 1..3, void 255); predictions that
-    are a shifted/perturbed copy of the truth, random noise, and one missing object."""
-    rng = np.random.default_rng(2)
+def davis_sized_video(rng):
+    """Six 480p frames (854 x 480, objects 1..3) and predictions: shifted copies of the truth, one
+    random frame, one frame missing object 2."""
     gts = [blobs((480, 854), rng, n=3, smooth=12) for _ in range(6)]
     preds = [np.roll(g, (3 * t, -5 * t), axis=(0, 1)) for t, g in enumerate(gts)]
     preds[2] = blobs((480, 854), rng, n=3, smooth=6)
     preds[3] = np.where(preds[3] == 2, 0, preds[3])
-    objects = [1, 2, 3]
+    return gts, preds, [1, 2, 3]
+
+
+def test_video_evaluation_equals_the_literal_port_on_a_davis_sized_video():
+    """A 480p video (DAVIS layout: 854 x 480 frames, objects 1..3, void 255); predictions that
+    are a shifted/perturbed copy of the truth, random noise, and one missing object."""
+    rng = np.random.default_rng(2)
+    gts, preds, objects = davis_sized_video(rng)
     ref = evaluate_video_dilation(gts, preds, objects)
     assert evaluate_video(gts, preds, objects) == ref
     prepared = VideoReference(gts, objects)
@@ -130,11 +136,7 @@ def test_device_video_evaluation_equals_the_literal_port(keep):
     """J and F of the device path equal the literal port's on the DAVIS-sized video above, on
     a small one with objects touching the borders, and with a missing object, in batches."""
     rng = np.random.default_rng(2)
-    gts = [blobs((480, 854), rng, n=3, smooth=12) for _ in range(6)]
-    preds = [np.roll(g, (3 * t, -5 * t), axis=(0, 1)) for t, g in enumerate(gts)]
-    preds[2] = blobs((480, 854), rng, n=3, smooth=6)
-    preds[3] = np.where(preds[3] == 2, 0, preds[3])
-    objects = [1, 2, 3]
+    gts, preds, objects = davis_sized_video(rng)
     assert device_scores(gts, preds, objects, keep) == evaluate_video_dilation(gts, preds, objects)
     assert device_scores(gts, gts, objects, keep, batch=4) == evaluate_video_dilation(gts, gts, objects)
     small = [blobs((64, 91), rng, n=4, smooth=3) for _ in range(7)]
