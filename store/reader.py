@@ -280,10 +280,9 @@ class FeatureStore:
 
         def fill(part: int) -> None:
             raw = self._raw(part, kind, li, hi)
-            for i in by_part[part]:
-                r = rows[i]
-                decode_into(raw[r.token_offset: r.token_offset + r.n_tokens], self.meta.store_dtype,
-                            data[offsets[i]: offsets[i + 1]], self.meta.compressor)
+            for (src, dst, n) in contiguous_runs([(rows[i].token_offset, int(offsets[i]), rows[i].n_tokens)
+                                                  for i in by_part[part]]):
+                decode_into(raw[src: src + n], self.meta.store_dtype, data[dst: dst + n], self.meta.compressor)
 
         if len(by_part) > 1:
             with ThreadPoolExecutor(min(READ_THREADS, len(by_part))) as pool:
@@ -445,6 +444,18 @@ def check_crc(payload: bytes, expected: str, what: str, root: Any) -> None:
     if got != expected:
         raise StoreError(f"{what} fails its CRC32C check (recorded {expected}, read {got}); "
                          f"run kvpipe verify {root}, then kvpipe extract --repair")
+
+
+def contiguous_runs(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """(source offset, destination offset, tokens) spans merged where both sides continue each
+    other: a whole part read for every image decodes in one call, not one per image."""
+    runs: list[list[int]] = []
+    for src, dst, n in spans:
+        if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
+            runs[-1][2] += n
+        else:
+            runs.append([src, dst, n])
+    return [(a, b, c) for a, b, c in runs]
 
 
 def decode_chunk(payload: bytes, dtype: np.dtype, n_tokens: int, dim: int, what: str, root: Any) -> np.ndarray:

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-SCRIPTS = ("capture_stages", "cli_latency", "codecs", "disk_rewrite", "encoder_interference", "extract_timeline", "host_buffers",
+SCRIPTS = ("capture_stages", "cli_latency", "codecs", "disk_rewrite", "encoded_reads", "encoder_interference",
+           "extract_timeline", "host_buffers",
            "linear_probes", "lossy_fidelity", "multi_gpu", "prefill_kernels", "read_checks", "sweep")
 # a tiny MLM on the CPU: 4 images of 56 x 56 (4 image tokens each), batches of 2
 TINY = ["--device", "cpu", "--model", "tiny-qwen25vl", "--dtype", "float32", "--image-size", "56",
@@ -176,3 +177,16 @@ def test_read_checks_times_checked_and_unchecked_reads(tmp_path):
                                       "--repeats", "1", "--json", str(out)])
     assert set(res["median_s"]) == {"checked", "unchecked"} and res["decoded_bytes"] > 0
     assert res["one_thread_s"]["crc32c"] > 0 and json.loads(out.read_text())["args"]["parts"] == 2
+
+
+def test_encoded_reads_times_each_encoding_against_the_raw_lossless_read(tmp_path):
+    out = tmp_path / "er.json"
+    res = script("encoded_reads").main(["--out", str(tmp_path / "stores"), "--images", "6", "--grid", "4",
+                                        "--heads", "1", "--head-dim", "16", "--part-size", "3",
+                                        "--encodings", "int4,int8", "--repeats", "1", "--no-cold", "--json", str(out)])
+    assert set(res["reads"]) == {"warm"}
+    warm = res["reads"]["warm"]
+    assert set(warm) == {"raw bfloat16", "bfloat16", "int8", "int4"}
+    assert warm["raw bfloat16"]["ratio_to_raw_lossless"] == 1.0 and warm["int4"]["images_per_s"] > 0
+    assert warm["int4"]["stored_bytes"] < warm["int8"]["stored_bytes"] < warm["bfloat16"]["stored_bytes"]
+    assert json.loads(out.read_text())["args"]["encodings"] == "int4,int8"

@@ -9,13 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.linalg import hadamard
 
 from kvpipe.errors import StoreError
 from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.pipeline.models.capture import quantize_int4 as quantize_on_device
 from kvpipe.store import FeatureStore
 from kvpipe.store.encoding import decode, encode, stored_dim
-from kvpipe.store.quant import dequantize_int4, fwht, quantize_int4, rotate, unrotate
+from kvpipe.store.quant import DECODE_BLOCK, dequantize_int4, fwht, quantize_int4, rotate, rotation_signs, unrotate
 from kvpipe.store.verify import verify_store
 
 
@@ -43,6 +44,33 @@ def test_rotation_is_orthonormal_and_undone():
     np.testing.assert_allclose(np.linalg.norm(rotate(z), axis=1), np.linalg.norm(z, axis=1), rtol=1e-5)
     np.testing.assert_allclose(unrotate(rotate(z)), z, atol=1e-5)
     assert not np.allclose(rotate(z, seed=1), rotate(z, seed=0))
+
+
+@pytest.mark.parametrize("dim, lead", [(128, (3, 37)), (3584, (3, 37)), (96, (3, 37)), (15, (3, 37)), (1, (3, 37)),
+                                       (128, (2 * DECODE_BLOCK + 5,))])
+def test_decoding_equals_the_affine_step_then_the_inverse_rotation(dim, lead):
+    """The decoder folds the affine step into the signed Hadamard product; it equals the
+    definition (codes * scale + min, then the inverse rotation, in float64) to float32
+    rounding, far below a code step, with one block (head_dim 128), several
+    (3584 = 7 x 512; 96 = 3 x 32), odd widths (block of 1), and vectors with a large offset
+    (the zero point's term); a long input in blocks of ``DECODE_BLOCK`` tokens."""
+    rng = np.random.default_rng(dim)
+    x = (rng.standard_normal((*lead, dim)) * 4 + rng.normal(0, 50, (*lead, 1))).astype(np.float32)
+    q = quantize_int4(x)
+    packed, tail = q[..., :-8], np.ascontiguousarray(q[..., -8:]).view(np.float32)
+    codes = np.stack([packed & 0x0F, packed >> 4], -1).reshape(*lead, -1)[..., :dim].astype(np.float32)
+    n = dim & -dim
+    h = hadamard(n) / np.sqrt(n)  # float64, Sylvester order (as fwht)
+    y64 = codes.astype(np.float64) * tail[..., :1] + tail[..., 1:]
+    exact = (y64.reshape(-1, n) @ h).reshape(y64.shape) * rotation_signs(dim)
+    got = dequantize_int4(q, dim)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    # float32 rounding of the folded form: under a thousandth of the token's code step
+    assert np.all(np.abs(got - exact).max(-1) <= 1e-3 * tail[..., 0])
+    assert np.abs(got - exact).max() > 0 or dim < 16  # (the bound is not vacuous: rounding is seen)
+    out = np.empty_like(got)
+    assert dequantize_int4(q, dim, out) is out
+    np.testing.assert_array_equal(out, got)
 
 
 @pytest.mark.parametrize("rotation", ["hadamard", "none"])

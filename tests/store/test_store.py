@@ -14,6 +14,7 @@ from kvpipe.store import FeatureStore, FeatureSetMeta
 from kvpipe.store import layout
 from kvpipe.store.encoding import bf16_bits_to_float32, float32_to_bf16_bits
 from kvpipe.store.manifest import FAILED, ImageRow
+from kvpipe.store.reader import contiguous_runs
 from kvpipe.store.verify import verify_store
 from kvpipe.store.writer import StoreWriter
 
@@ -73,6 +74,21 @@ def test_round_trip_one_head_across_parts(tmp_path):
     ann = s.annotation(s.images()[0])
     np.testing.assert_array_equal(ann.mask, np.arange(12).reshape(3, 4))
     assert ann.meta == {"k": 0}
+
+
+def test_reads_of_any_image_order_decode_the_right_tokens(tmp_path):
+    """Rows that continue each other in the part and in the result decode in one call
+    (``contiguous_runs``); reversed or gapped selections still get each image's own tokens."""
+    _, a0, a1 = write_two_parts(tmp_path / "s")
+    s = FeatureStore.open(tmp_path / "s")
+    imgs = s.images()
+    f = s.read("keys", layer=0, head=1, images=[imgs[1], imgs[0], imgs[2]])
+    np.testing.assert_array_equal(f.image(0), a0["keys"][0, 1, 6:12])
+    np.testing.assert_array_equal(f.image(1), a0["keys"][0, 1, 0:6])
+    np.testing.assert_array_equal(f.image(2), a1["keys"][0, 1])
+    assert contiguous_runs([(0, 0, 6), (6, 6, 6), (12, 20, 3), (15, 23, 1)]) == [(0, 0, 12), (12, 20, 4)]
+    assert contiguous_runs([(6, 0, 6), (0, 6, 6)]) == [(6, 0, 6), (0, 6, 6)]
+    assert contiguous_runs([]) == []
 
 
 def test_one_head_is_one_chunk(tmp_path):

@@ -1,0 +1,118 @@
+"""Reads of one (layer, head, kind) per store encoding, against the raw read of the lossless files.
+
+A probe reads one (layer, head, kind) across the whole store for every target. This script
+builds one store per encoding (``--encodings``: bfloat16, int8, int4) with the same random
+features (``benchmarks.sweep.build_store``: 7B width, 27 x 27 tokens, head_dim 128), then times,
+alternating, ``FeatureStore.read`` of one target on each store and the plain file read of the
+lossless (bfloat16) store's chunk files of that target: cold (page cache emptied before each
+read, where permitted: root on Linux) and warm. Figures are images per second, and the ratio
+of each encoding's read to the raw read of the lossless files: what "decoding a smaller
+encoding keeps up with the disk" means.
+
+    python -m kvpipe.benchmarks.encoded_reads --out /tmp/kvpipe-reads --images 192 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from kvpipe.benchmarks import common
+from kvpipe.benchmarks.common import args_dict, comma_list, drop_page_cache, finish, parse_args
+from kvpipe.store import FeatureStore
+
+
+def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
+    parser = common.get_args_parser(description, parents, add_help, groups=("parts", "out"))
+    parser.set_defaults(out=Path("/tmp/kvpipe-encoded-reads"))
+    parser.add_argument("--encodings", default="bfloat16,int8,int4",
+                        help="comma list of store encodings; bfloat16 (the lossless reference) always included")
+    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--grid", type=int, default=27, help="base grid side (27 x 27 = 729 tokens)")
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-cold", dest="cold", action="store_false",
+                        help="warm reads only (leave the machine's page cache alone)")
+    return parser
+
+
+def build(out: Path, encoding: str, args: argparse.Namespace) -> Path:
+    """One store of ``encoding``, built by the probe-sweep benchmark's writer (same seed: same features)."""
+    from kvpipe.benchmarks import sweep
+
+    store_args = parse_args(sweep.get_args_parser(), [
+        "--probe", "semantic-corr", "--images", str(args.images), "--grid", str(args.grid),
+        "--layers", str(args.layers), "--heads", str(args.heads), "--head-dim", str(args.head_dim),
+        "--hidden", "64", "--part-size", str(args.part_size), "--store-dtype", encoding])
+    return sweep.build_store(out / encoding, store_args, "semantic-corr")
+
+
+def chunk_files(root: Path, kind: str, layer: int, head: int) -> list[Path]:
+    """The chunk files that hold one (layer, head, kind): one per part."""
+    return sorted((root / "parts").glob(f"*/{kind}/c/{layer}/{head}/*/*"))
+
+
+def time_store_read(root: Path, kind: str, layer: int, head: int, cold: bool) -> float:
+    store = FeatureStore.open(root)
+    if cold:
+        drop_page_cache()
+    t0 = time.perf_counter()
+    store.read(kind, layer, head)
+    return time.perf_counter() - t0
+
+
+def time_raw_read(files: list[Path], cold: bool) -> float:
+    if cold:
+        drop_page_cache()
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb") as fh:
+            fh.read()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(get_args_parser(), argv)
+    encodings = ["bfloat16"] + [e for e in comma_list(args.encodings) if e != "bfloat16"]
+    roots = {e: build(args.out, e, args) for e in encodings}
+    kind, layer, head = "values", args.layers // 2, 0
+    raw_files = chunk_files(roots["bfloat16"], kind, layer, head)
+    modes = ["cold", "warm"] if args.cold and drop_page_cache() else ["warm"]
+    times: dict[str, dict[str, list[float]]] = {m: {e: [] for e in ["raw bfloat16"] + encodings} for m in modes}
+    for mode in modes:
+        cold = mode == "cold"
+        if not cold:  # warm: every file read once first
+            for e in encodings:
+                time_store_read(roots[e], kind, layer, head, False)
+        for r in range(args.repeats):
+            order = ["raw bfloat16"] + encodings
+            for name in (order if r % 2 == 0 else order[::-1]):
+                t = (time_raw_read(raw_files, cold) if name == "raw bfloat16"
+                     else time_store_read(roots[name], kind, layer, head, cold))
+                times[mode][name].append(t)
+    sizes = {e: sum(f.stat().st_size for f in chunk_files(roots[e], kind, layer, head)) for e in encodings}
+    table = {}
+    print(f"\none (layer, head, kind) of {args.images} images x {args.grid ** 2} tokens x {args.head_dim}, "
+          f"median of {args.repeats}\n")
+    print("| read | mode | stored bytes | images/s | vs raw read of the lossless files |")
+    print("|---|---|---|---|---|")
+    for mode in modes:
+        raw_s = statistics.median(times[mode]["raw bfloat16"])
+        for name, ts in times[mode].items():
+            s = statistics.median(ts)
+            nbytes = sizes["bfloat16"] if name == "raw bfloat16" else sizes[name]
+            row = {"seconds": s, "images_per_s": args.images / s, "ratio_to_raw_lossless": raw_s / s,
+                   "stored_bytes": nbytes, "runs": ts}
+            table.setdefault(mode, {})[name] = row
+            label = name if name == "raw bfloat16" else f"FeatureStore.read {name}"
+            print(f"| {label} | {mode} | {nbytes / 1e6:.1f} MB | {row['images_per_s']:.0f} | "
+                  f"{row['ratio_to_raw_lossless']:.2f} x |")
+    return finish(args, {"args": args_dict(args), "kind": kind, "layer": layer, "head": head, "reads": table})
+
+
+if __name__ == "__main__":
+    main()
