@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # H100 runs of about 7 minutes each: the store encodings/views (extraction), temporal-corr and
 # fg-seg (probes), the other four Table 1 probes (probes-rest), the lossy encodings' fidelity on
-# Qwen2.5-VL-7B's shape (fidelity), at reduced sizes; every command
+# Qwen2.5-VL-7B's shape (fidelity), at reduced sizes; temporal-corr at DAVIS-2017 val's full size,
+# fg-seg and cosegmentation with each target's compute seconds and a profile of one (profile);
+# every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity]   (kvpipe importable, a CUDA device)
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile]
+#        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -53,5 +56,18 @@ if [[ $what == all || $what == fidelity ]]; then
 bounded 200 fidelity-qwen25vl python3 -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random \
     --device cuda --dtype bfloat16 --reference-dtype bfloat16 --images 16 --tasks input-agnostic \
     --out "$stores/lossy-7b" --json "$out/fidelity-qwen25vl.json"
+fi
+if [[ $what == all || $what == profile ]]; then
+# 1,999 frames of 854 x 480 in 30 videos (2 heads, post-proj 128: 5 targets, about 1.5 GiB), then
+# the two probes above 3 minutes per 225 targets; each prints the first target's compute, the
+# median of the rest, and the busiest device operations of the second target
+bounded 220 profile-temporal-corr "${sweep[@]}" --probe temporal-corr --out "$stores/davis-full" --layers 1 \
+    --heads 2 --hidden 128 --no-raw-read --profile --json "$out/profile-temporal-corr.json"
+rm -rf "$stores/davis-full"
+bounded 90 profile-fg-seg "${sweep[@]}" --probe fg-seg --out "$stores/pascal" --layers 1 --heads 2 --hidden 128 \
+    --no-raw-read --profile --json "$out/profile-fg-seg.json"
+rm -rf "$stores/pascal"
+bounded 90 profile-cosegmentation "${sweep[@]}" --probe cosegmentation --out "$stores/msrc" --layers 1 --heads 2 \
+    --hidden 128 --no-raw-read --profile --json "$out/profile-cosegmentation.json"
 fi
 rm -rf "$stores"

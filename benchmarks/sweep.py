@@ -306,19 +306,35 @@ class _DilationReference:
 
 
 def time_sweep(root: Path, probe: str, params: dict | None = None, device: str = "auto",
-               baseline: bool = False, executor: str = "local", options: ExecutorOptions | None = None):
+               baseline: bool = False, executor: str = "local", options: ExecutorOptions | None = None,
+               profile: bool = False):
     """Seconds of one full sweep: total, inside ``FeatureStore.read``, waiting for reads, computing,
     in the nearest-neighbour search (semantic-corr), the rest; the number of targets and the run.
     ``baseline``: temporal-corr through the replaced code; cosegmentation with its image sets one
     after another (the replaced code) instead of one per core. With ``executor="ray"`` reads and compute
-    are the actors' seconds summed (they overlap across actors); the search is not split out."""
+    are the actors' seconds summed (they overlap across actors); the search is not split out.
+    Locally each target's compute seconds are kept (the first carries the sweep's one-time
+    preparation); ``profile``: the second target's compute under torch.profiler, its busiest
+    operations as a table (where a GPU's time goes)."""
     import kvpipe.probes.cosegmentation as cs
+    import kvpipe.probes.executor as ex
     import kvpipe.probes.semantic_corr as sc
     import kvpipe.probes.temporal_corr as tc
 
     spent = {"read": 0.0, "search": 0.0}
     originals = (FeatureStore.read, sc.nearest_in_groups, sc.nearest_in_groups_torch, tc.VideoReference,
-                 cs.host_workers)
+                 cs.host_workers, ex.compute_target)
+    per_target: list[float] = []
+    profiled: dict[str, str] = {}
+
+    def compute_target(probe_obj, target, data, cache):
+        if profile and len(per_target) == 1:
+            scores, seconds, profiled["table"] = profiled_compute(originals[5], probe_obj, target, data, cache)
+        else:
+            scores, seconds = originals[5](probe_obj, target, data, cache)
+        per_target.append(seconds)
+        return scores, seconds
+
 
     def timer(fn, key):
         def timed(*a, **kw):
@@ -331,6 +347,7 @@ def time_sweep(root: Path, probe: str, params: dict | None = None, device: str =
 
     FeatureStore.read, sc.nearest_in_groups = timer(originals[0], "read"), timer(originals[1], "search")
     sc.nearest_in_groups_torch = timer(originals[2], "search")  # returns on the host: synchronised
+    ex.compute_target = compute_target
     if baseline:
         tc.VideoReference = _DilationReference
         cs.host_workers = lambda n: 1
@@ -341,19 +358,35 @@ def time_sweep(root: Path, probe: str, params: dict | None = None, device: str =
                         save_predictions="none")  # the sweep alone
         total = time.perf_counter() - t0
     finally:
-        FeatureStore.read, sc.nearest_in_groups, sc.nearest_in_groups_torch, tc.VideoReference, cs.host_workers = \
-            originals
+        (FeatureStore.read, sc.nearest_in_groups, sc.nearest_in_groups_torch, tc.VideoReference, cs.host_workers,
+         ex.compute_target) = originals
     n_targets = len({(r["kind"], r["layer"], r["head"]) for r in run.table.to_pylist() if r["layer"] >= 0
                      or r["kind"] == "post_proj"})
     t = run.timings
     out = {"total_s": total, "read_s": t.get("read_s") or spent["read"], "read_wait_s": t.get("read_wait_s", 0.0),
-           "compute_s": t.get("compute_s", 0.0), "search_s": spent["search"]}
+           "compute_s": t.get("compute_s", 0.0), "search_s": spent["search"], "per_target_compute_s": per_target}
+    if profiled:
+        out["profile"] = profiled["table"]
     if executor == "local" and not t.get("read_s"):  # a probe that reads inside its compute
         out["compute_s"] -= spent["read"]
         out["read_wait_s"] = spent["read"]
     out["rest_s"] = max(0.0, total - out["read_wait_s"] - out["compute_s"]) if executor == "local" else \
         t.get("summary_s", 0.0)
     return out, n_targets, run
+
+
+def profiled_compute(compute, probe_obj, target, data, cache):
+    """``compute(...)`` under torch.profiler (CPU, and CUDA where the probe runs there): its
+    scores, seconds and the 15 busiest operations by their own time on the device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = str(getattr(probe_obj, "device", "")).startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        scores, seconds = compute(probe_obj, target, data, cache)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total",
+                                      row_limit=15)
+    return scores, seconds, table
 
 
 def inner_product_flops(store: FeatureStore, probe: str, params: dict) -> tuple[float, str]:
@@ -489,6 +522,9 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
     parser.add_argument("--kill-one-after", type=float, default=None, metavar="SECONDS",
                         help="ray: SIGKILL one actor this long after the actors start; the sweep must finish "
                              "with the same rows and recompute no finished target")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the second target's compute of the first sweep (torch.profiler): the "
+                             "busiest operations, on the GPU where the probe runs there")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="assumed device peak for the arithmetic floor (default: 60 on a GPU -- an H100's "
                              "FP64 tensor / FP32 peak is 67 -- and 0.1 on the CPU)")
@@ -573,12 +609,19 @@ def bench_probe(probe: str, args: argparse.Namespace, device: str, executors: li
             killed: list[int] = []
             options = ExecutorOptions(workers=args.workers, address=args.ray_address,
                                       on_start=killer(args.kill_one_after, killed)) if executor == "ray" else None
-            res, n_targets, run = time_sweep(root, probe, params, device, baseline, executor, options)
+            res, n_targets, run = time_sweep(root, probe, params, device, baseline, executor, options,
+                                             profile=args.profile and i == 0 and name == variants[0][0])
             runs[name] = run
             sweeps[name].append(res)
             print(f"  run {i + 1}, {name}: sweep {res['total_s']:.1f} s (reads {res['read_s']:.1f} s, waited for "
                   f"reads {res['read_wait_s']:.1f} s, compute {res['compute_s']:.1f} s, search {res['search_s']:.1f} s)",
                   flush=True)
+            if res["per_target_compute_s"]:
+                each = res["per_target_compute_s"]
+                later = f", then median {statistics.median(each[1:]):.3f} s" if len(each) > 1 else ""
+                print(f"    compute per target: first {each[0]:.3f} s{later}", flush=True)
+            if res.get("profile"):
+                print(f"    profile of the second target's compute:\n{res['profile']}", flush=True)
             if executor == "ray":
                 computations, twice = recomputed(root, probe)
                 checks.append({"killed_pids": killed, "computations": computations, "recomputed": twice})

@@ -160,6 +160,17 @@ def test_sweep_builds_a_store_and_times_a_probe_sweep(tmp_path):
     assert json.loads(out.read_text())["targets"] == 5
 
 
+def test_sweep_times_each_target_and_profiles_the_second(tmp_path):
+    res = script("sweep").main(["--probe", "temporal-corr", "--out", str(tmp_path / "store"), "--videos", "2",
+                                "--images", "6", "--grid", "4", "--layers", "1", "--heads", "1", "--head-dim", "8",
+                                "--hidden", "16", "--mask-size", "64x40", "--part-size", "3", "--repeat", "1",
+                                "--no-raw-read", "--device", "cpu", "--profile"])
+    sweep = res["sweeps"]["device"][0]
+    assert len(sweep["per_target_compute_s"]) == res["targets"] == 3
+    assert sum(sweep["per_target_compute_s"]) == pytest.approx(sweep["compute_s"], rel=0.05)
+    assert "aten::bmm" in sweep["profile"]  # the propagation's affinities, on the profiled target
+
+
 def test_cli_latency_times_each_command_per_executable(synthetic_store, tmp_path):
     out = tmp_path / "cli.json"
     res = script("cli_latency").main(["--store", str(synthetic_store), "--repeat", "1", "--only",
