@@ -110,10 +110,22 @@ def test_linear_probes_fits_episodes_in_batches():
     assert res["per_batch"] >= 1
 
 
-def test_lossy_fidelity_compares_int8_and_int4_with_the_lossless_store(tmp_path):
-    res = script("lossy_fidelity").main(["--out", str(tmp_path / "lossy"), "--images", "8", "--tasks",
-                                         "input-agnostic,cosegmentation"])
+def test_lossy_fidelity_compares_int8_and_int4_with_the_lossless_store(tmp_path, monkeypatch):
+    from kvpipe.errors import UsageError
+
+    lf = script("lossy_fidelity")
+    real_run = lf.run_probe
+
+    def run_probe(store, task, *a, **kw):  # a task the store cannot serve (as fg-seg with too few supports)
+        if task == "fg-seg":
+            raise UsageError("--param shots=5 is more than the 3 support images per episode")
+        return real_run(store, task, *a, **kw)
+
+    monkeypatch.setattr(lf, "run_probe", run_probe)
+    res = lf.main(["--out", str(tmp_path / "lossy"), "--images", "8", "--tasks", "input-agnostic,cosegmentation,fg-seg"])
     assert res["images"] == 8 and set(res["tasks"]) == {"input-agnostic", "cosegmentation"}
+    # the task that cannot run is reported as skipped, the others still count
+    assert set(res["skipped"]) == {"fg-seg"} and "shots" in res["skipped"]["fg-seg"]
     # k-means is seeded: its spread between two seeds on the lossless store is reported beside the encodings
     assert set(res["tasks"]["cosegmentation"]) == {"int8", "int4", "seed+1"}
     assert "seed+1" not in res["tasks"]["input-agnostic"]
