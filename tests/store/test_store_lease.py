@@ -123,11 +123,13 @@ def test_two_processes_one_s3_store_second_refused(s3_server, tmp_path):
 def test_cli_extract_refused_while_another_run_holds_the_store(tmp_path):
     out = str(tmp_path / "s")
     procs, gate = start_writers(1, out, tmp_path)
-    assert first_line(procs[0]) == "HOLDING"
-    proc = invoke("extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--limit", "2",
-                   "--part-size", "2", "--batch-size", "2", "--out", out, check=False)
-    gate.touch()
-    procs[0].communicate(timeout=120)
+    try:
+        assert first_line(procs[0]) == "HOLDING"
+        proc = invoke("extract", "--model", "tiny-qwen25vl", "--dataset", "synthetic", "--limit", "2",
+                      "--part-size", "2", "--batch-size", "2", "--out", out, check=False)
+    finally:  # the writer waits for the gate: never leave it behind
+        gate.touch()
+        procs[0].communicate(timeout=120)
     lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.startswith("error:")]  # not the progress bar
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert len(lines) == 1, proc.stdout + proc.stderr
