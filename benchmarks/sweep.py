@@ -324,17 +324,17 @@ def time_sweep(root: Path, probe: str, params: dict | None = None, device: str =
     spent = {"read": 0.0, "search": 0.0}
     originals = (FeatureStore.read, sc.nearest_in_groups, sc.nearest_in_groups_torch, tc.VideoReference,
                  cs.host_workers, ex.compute_target)
+    real_compute = ex.compute_target
     per_target: list[float] = []
     profiled: dict[str, str] = {}
 
     def compute_target(probe_obj, target, data, cache):
         if profile and len(per_target) == 1:
-            scores, seconds, profiled["table"] = profiled_compute(originals[5], probe_obj, target, data, cache)
+            scores, seconds, profiled["table"] = profiled_compute(real_compute, probe_obj, target, data, cache)
         else:
-            scores, seconds = originals[5](probe_obj, target, data, cache)
+            scores, seconds = real_compute(probe_obj, target, data, cache)
         per_target.append(seconds)
         return scores, seconds
-
 
     def timer(fn, key):
         def timed(*a, **kw):

@@ -129,7 +129,7 @@ class InputAgnostic(Probe):
         if self.draw_plots:
             plots = [Path(plot_variance_histogram(values, threshold, out_dir / "input-agnostic-histogram.png", title)),
                      Path(plot_variance_heatmap(matrix, threshold, out_dir / "input-agnostic-heatmap.png", title)),
-                     self.plot_pca(flags, out_dir / "input-agnostic-keys-pca.png")[0]]
+                     self.plot_pca(flags, out_dir / "input-agnostic-keys-pca.png")]
         extra.append({"layer": -1, "head": -1, "kind": "keys", "metric": PCA_LAYER, "value": float(pca_layer)})
         return extra, plots
 
@@ -151,7 +151,7 @@ class InputAgnostic(Probe):
         layer = self.params["pca_layer"]
         return int(pick_pca_layer(flags, self.store.meta.layers, self.store.meta.heads) if layer is None else layer)
 
-    def plot_pca(self, flags: dict[tuple[int, int], bool], path: Path) -> tuple[Path, int]:
+    def plot_pca(self, flags: dict[tuple[int, int], bool], path: Path) -> Path:
         """Figure 4 for ``pca_layer``: keys of two images, all heads jointly and per head."""
         from kvpipe.probes.plots import plot_key_pca
 
@@ -172,7 +172,7 @@ class InputAgnostic(Probe):
                  f"{images[0].image_id} vs {images[1].image_id}")
         path = plot_key_pca((coords, ratio, np.concatenate(image_of), np.concatenate(head_of)), per_head,
                             agnostic, [r.image_id for r in images], path, title)
-        return Path(path), int(layer)
+        return Path(path)
 
 
 def check_shared_layout(rows: list[ImageRow]) -> None:

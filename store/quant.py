@@ -113,8 +113,7 @@ def dequantize_int4(raw: np.ndarray, dim: int, out: np.ndarray | None = None, ro
     and the signs as three passes). Long inputs are decoded in blocks of ``DECODE_BLOCK``
     tokens so that the float32 temporaries stay in the CPU's cache."""
     raw = np.asarray(raw, np.uint8)
-    tokens = int(np.prod(raw.shape[:-1]))
-    if tokens > DECODE_BLOCK and raw.ndim == 2:
+    if raw.ndim == 2 and raw.shape[0] > DECODE_BLOCK:
         out = np.empty((raw.shape[0], dim), np.float32) if out is None else out
         for a in range(0, raw.shape[0], DECODE_BLOCK):
             dequantize_int4(raw[a: a + DECODE_BLOCK], dim, out[a: a + DECODE_BLOCK], rotation, seed)
@@ -132,7 +131,7 @@ def dequantize_int4(raw: np.ndarray, dim: int, out: np.ndarray | None = None, ro
         y = codes * scale + lo
     else:
         n = hadamard_block(dim)
-        y = np.matmul(codes.reshape(-1, n), signed_hadamard(n, dim, seed) if n == dim else hadamard_matrix(n))
+        y = np.matmul(codes.reshape(-1, n), signed_hadamard(n, seed) if n == dim else hadamard_matrix(n))
         y = y.reshape(lead + (dim,))
         y *= scale
         if n != dim:
@@ -145,9 +144,9 @@ def dequantize_int4(raw: np.ndarray, dim: int, out: np.ndarray | None = None, ro
 
 
 @functools.lru_cache(maxsize=16)
-def signed_hadamard(n: int, dim: int, seed: int = ROTATION_SEED) -> np.ndarray:
-    """``hadamard_matrix(n)`` with the rotation's signs folded into its columns (for D = n:
-    ``unrotate(y) == y @ signed_hadamard``), read-only."""
-    h = np.ascontiguousarray(hadamard_matrix(n) * rotation_signs(dim, seed)[None, :])
+def signed_hadamard(n: int, seed: int = ROTATION_SEED) -> np.ndarray:
+    """``hadamard_matrix(n)`` with the rotation's signs of an n-wide vector folded into its
+    columns (``unrotate(y) == y @ signed_hadamard(n)`` for y of width n), read-only."""
+    h = np.ascontiguousarray(hadamard_matrix(n) * rotation_signs(n, seed)[None, :])
     h.flags.writeable = False
     return h
