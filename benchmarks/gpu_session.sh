@@ -3,12 +3,13 @@
 # fg-seg (probes), the other four Table 1 probes (probes-rest), the lossy encodings' fidelity on
 # Qwen2.5-VL-7B's shape (fidelity), at reduced sizes; temporal-corr at DAVIS-2017 val's full size,
 # fg-seg and cosegmentation with each target's compute seconds and a profile of one (profile);
+# int4 and int8 reads of one target against the raw read of the lossless files (reads);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -69,5 +70,11 @@ bounded 90 profile-fg-seg "${sweep[@]}" --probe fg-seg --out "$stores/pascal" --
 rm -rf "$stores/pascal"
 bounded 90 profile-cosegmentation "${sweep[@]}" --probe cosegmentation --out "$stores/msrc" --layers 1 --heads 2 \
     --hidden 128 --no-raw-read --profile --json "$out/profile-cosegmentation.json"
+fi
+if [[ $what == all || $what == reads ]]; then
+# one (layer, head, kind) read per encoding against the raw read of the lossless files, on this host's cores
+bounded 90 reads python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/reads" --images 192 --repeats 5 \
+    --json "$out/reads.json"
+rm -rf "$stores/reads"
 fi
 rm -rf "$stores"
