@@ -4,7 +4,8 @@ Runs, in one process on the same batches of one model (random full-size weights)
 stages of kvpipe's capture path cumulatively and prints images/s for each:
 
   prefill                          the base model's forward with use_cache (kvpipe's kernels)
-  prefill+gather bfloat16 / int8   + the gather of every layer's K/V on the device
+  prefill+gather bfloat16 / int8 / int4
+                                   + the gather of every layer's K/V on the device
   prefill+gather+copy (pool cold)  + the host copies (transfer.HostCopier), host buffers new
   prefill+gather+copy (pool warm)  the same with the buffers reused
   prefill+gather+copy+write        + each part's chunks encoded and written (store.chunks),
@@ -95,7 +96,7 @@ class MainThreadSampler:
 def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
     parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "data", "out"))
     parser.add_argument("--store-dtype", default="bfloat16",
-                        help="encoding of the gathers, copies and writes: bfloat16 | int8 (default: %(default)s)")
+                        help="encoding of the copies and writes: bfloat16 | int8 | int4 (default: %(default)s)")
     parser.add_argument("--codec", default="zstd", help="store codec (store.encoding.CODECS; default: %(default)s)")
     parser.add_argument("--pageable", action="store_true", help="pageable host buffers instead of page-locked ones")
     parser.add_argument("--no-sync", dest="sync", action="store_false", help="no syncfs after each part's writes")
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
         run("prefill", prefill)
         run("prefill+gather bfloat16", gather("bfloat16"))
         run("prefill+gather int8", gather("int8"))
+        run("prefill+gather int4", gather("int4"))
         run("prefill+gather+copy (pool cold)", copies)
         run("prefill+gather+copy (pool warm)", copies)
         for threads in comma_list(args.threads or str(chunks.THREADS), int):

@@ -3,13 +3,14 @@
 # fg-seg (probes), the other four Table 1 probes (probes-rest), the lossy encodings' fidelity on
 # Qwen2.5-VL-7B's shape (fidelity), at reduced sizes; temporal-corr at DAVIS-2017 val's full size,
 # fg-seg and cosegmentation with each target's compute seconds and a profile of one (profile);
-# int4 and int8 reads of one target against the raw read of the lossless files (reads);
+# int4 and int8 reads of one target against the raw read of the lossless files (reads); the capture
+# stages of int8 and int4 extraction (stages);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads|stages]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads|stages]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -70,6 +71,13 @@ bounded 90 profile-fg-seg "${sweep[@]}" --probe fg-seg --out "$stores/pascal" --
 rm -rf "$stores/pascal"
 bounded 90 profile-cosegmentation "${sweep[@]}" --probe cosegmentation --out "$stores/msrc" --layers 1 --heads 2 \
     --hidden 128 --no-raw-read --profile --json "$out/profile-cosegmentation.json"
+fi
+if [[ $what == all || $what == stages ]]; then
+# where int4 extraction's time goes against int8's: the capture stages of each, same model and images
+for dtype in int8 int4; do
+bounded 150 stages-$dtype python3 -m kvpipe.benchmarks.capture_stages --model qwen25vl --image-size 448 --images 64 \
+    --batch-size 16 --store-dtype $dtype --json "$out/stages-$dtype.json"
+done
 fi
 if [[ $what == all || $what == reads ]]; then
 # one (layer, head, kind) read per encoding against the raw read of the lossless files, on this host's cores

@@ -37,9 +37,9 @@ def test_capture_stages_times_every_stage(tmp_path):
 
     threads, switch = chunks.THREADS, sys.getswitchinterval()
     res = script("capture_stages").main(TINY + ["--threads", "1", "--switch", "0.001", "--dir", str(tmp_path),
-                                                "--store-dtype", "int8", "--codec", "lz4bit", "--sample"])
+                                                "--store-dtype", "int4", "--codec", "lz4bit", "--sample"])
     rates = res["images_per_s"]
-    assert list(rates)[:5] == ["prefill", "prefill+gather bfloat16", "prefill+gather int8",
+    assert list(rates)[:6] == ["prefill", "prefill+gather bfloat16", "prefill+gather int8", "prefill+gather int4",
                                "prefill+gather+copy (pool cold)", "prefill+gather+copy (pool warm)"]
     assert "prefill+gather+copy+write (1 encoders, GIL switch 1 ms)" in rates
     assert all(v > 0 for v in rates.values())
