@@ -36,6 +36,7 @@ the store fits in memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -509,6 +510,8 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
                         help="temporal-corr: also time the replaced code (numpy float64 propagation and "
                              "upsampling, two disk dilations per frame and object, inline reads); "
                              "cosegmentation: the image sets one after another")
+    parser.add_argument("--host-decode", action="store_true",
+                        help="also time the sweep with features decoded on the host, not on the probe's GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--search", default="auto",
                         help="semantic-corr: nearest-neighbour backends to time, comma list of "
@@ -567,6 +570,22 @@ def main(argv: list[str] | None = None) -> dict:
     return finish(args, out)
 
 
+@contextlib.contextmanager
+def decoded_on_host(on: bool):
+    """Probes read features decoded on the host, as before ``Probe.decode_on`` (when ``on``)."""
+    if not on:
+        yield
+        return
+    from kvpipe.probes.base import Probe
+
+    before = Probe.decode_on
+    Probe.decode_on = lambda self: None
+    try:
+        yield
+    finally:
+        Probe.decode_on = before
+
+
 def bench_probe(probe: str, args: argparse.Namespace, device: str, executors: list[str]) -> dict:
     """Build (or reuse) the probe's store, time its sweeps, return the figures."""
     if probe == "semantic-corr":
@@ -574,6 +593,8 @@ def bench_probe(probe: str, args: argparse.Namespace, device: str, executors: li
     else:
         variants = [("device", {}, False, "local")] + ([("baseline", {}, True, "local")]
                                                        if args.baseline and probe in ("temporal-corr", "cosegmentation") else [])
+    if args.host_decode:  # the same sweep with every target decoded on the host (before device decoding)
+        variants.append(("host-decode", dict(variants[0][1]), False, "local"))
     if "local" not in executors:
         variants = []
     if "ray" in executors:
@@ -609,8 +630,9 @@ def bench_probe(probe: str, args: argparse.Namespace, device: str, executors: li
             killed: list[int] = []
             options = ExecutorOptions(workers=args.workers, address=args.ray_address,
                                       on_start=killer(args.kill_one_after, killed)) if executor == "ray" else None
-            res, n_targets, run = time_sweep(root, probe, params, device, baseline, executor, options,
-                                             profile=args.profile and i == 0 and name == variants[0][0])
+            with decoded_on_host(name == "host-decode"):
+                res, n_targets, run = time_sweep(root, probe, params, device, baseline, executor, options,
+                                                 profile=args.profile and i == 0 and name == variants[0][0])
             runs[name] = run
             sweeps[name].append(res)
             print(f"  run {i + 1}, {name}: sweep {res['total_s']:.1f} s (reads {res['read_s']:.1f} s, waited for "
@@ -653,7 +675,7 @@ def bench_probe(probe: str, args: argparse.Namespace, device: str, executors: li
               f"{on_disk / 2**20 / med(reads):.0f} MiB/s from disk |")
     medians = {name: {k: med([r[k] for r in runs]) for k in runs[0]} for name, runs in sweeps.items() if runs}
     for name, m in medians.items():
-        label = f"{probe} sweep, {'search=' + name if probe == 'semantic-corr' and name != 'ray' else name}"
+        label = f"{probe} sweep, {'search=' + name if probe == 'semantic-corr' and name not in ('ray', 'host-decode') else name}"
         print(f"| {label}: {n_targets} targets, tables + plots | {m['total_s']:.1f} | {per(m['total_s'])} | "
               f"floor {max(floors['arithmetic_s'], floors.get('bandwidth_s', 0.0)):.2f} s |")
         print(f"| of which reads (FeatureStore.read{'; actors summed' if name == 'ray' else ''}) | {m['read_s']:.1f} | "

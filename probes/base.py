@@ -177,6 +177,12 @@ class Probe:
             raise NotImplementedError
         return self.compute(target, self.read(target))
 
+    def decode_on(self) -> str | None:
+        """Where a probe whose device path takes a target's features as one tensor has them
+        decoded: on its GPU (``FeatureStore.read(device=...)``; the stored bytes cross the bus,
+        int4's in 0.14 of float32's, and its rotation is undone there), else on the host (None)."""
+        return self.device if self.device.startswith("cuda") else None
+
     def read(self, target: Target) -> Any:
         """What ``compute`` needs from the store for ``target`` (default: nothing; ``score`` reads)."""
         return None

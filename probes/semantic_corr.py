@@ -212,7 +212,8 @@ class SemanticCorrespondence(Probe):
         import torch
 
         def run(budget: int) -> np.ndarray:
-            x = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).to(self.device)
+            x = data if torch.is_tensor(data) else torch.from_numpy(np.ascontiguousarray(data, np.float32))
+            x = x.to(self.device)
             idx = {k: torch.from_numpy(v).to(self.device) for k, v in
                    (("q", self.query_tokens), ("c", self.candidate_tokens))}
             normalise = torch.nn.functional.normalize
@@ -223,7 +224,8 @@ class SemanticCorrespondence(Probe):
         return with_smaller_batches(run, batch_budget(self.device) // 4, self.device, "semantic-corr's search")
 
     def read(self, target: Target) -> np.ndarray:
-        feats = self.store.read(target.kind, target.layer, target.head, images=self.images)
+        feats = self.store.read(target.kind, target.layer, target.head, images=self.images,
+                                device=self.decode_on() if self._search_on_device() else None)
         if len(feats) != len(self.images):
             raise StoreError(f"store {self.store.root} returned {len(feats)} of {len(self.images)} images; "
                              f"run kvpipe verify")

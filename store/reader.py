@@ -67,7 +67,7 @@ _BLOSC = Blosc()  # decoding reads the codec parameters from each chunk's own he
 class Features:
     """Token features of several images, concatenated along the token axis."""
 
-    data: np.ndarray  # [total_tokens, dim] float32
+    data: np.ndarray  # [total_tokens, dim] float32 (a float32 torch tensor when read to a device)
     offsets: np.ndarray  # [n_images + 1]; image i is data[offsets[i]:offsets[i+1]]
     rows: list[ImageRow]
 
@@ -252,11 +252,13 @@ class FeatureStore:
         return decode(self._raw(part, kind, li, hi), self.meta.store_dtype, self.meta.compressor)
 
     def read(self, kind: str, layer: int | None = None, head: int | None = None,
-             images: Sequence[ImageRow] | None = None) -> Features:
+             images: Sequence[ImageRow] | None = None, device: str | None = None) -> Features:
         """One (layer, head, kind) for the given images (default: every ok image).
 
         Parts are read in parallel threads (decompression releases the GIL) and decoded
         straight into one preallocated float32 array: reading a head costs about its bytes.
+        With a torch ``device`` the parts are gathered as stored, sent there and decoded
+        there (``store.device_decode``); ``data`` is then a float32 tensor on that device.
         """
         if kind not in ALL_KINDS:
             raise StoreError(f"kind must be one of {', '.join(ALL_KINDS)}, not {kind!r}")
@@ -273,7 +275,12 @@ class FeatureStore:
         lengths = np.array([0] + [r.n_tokens for r in rows])
         offsets = np.cumsum(lengths)
         dim = self.meta.hidden_size if kind == Kind.POST_PROJ else self.meta.head_dim
-        data = np.empty((int(offsets[-1]), dim), np.float32)
+        as_stored = device is not None
+        if as_stored:  # the disk dtype and width, decoded on the device below
+            data = np.empty((int(offsets[-1]), stored_dim(dim, self.meta.store_dtype)),
+                            np.dtype(DISK_DTYPE[self.meta.store_dtype]))
+        else:
+            data = np.empty((int(offsets[-1]), dim), np.float32)
         by_part: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             by_part.setdefault(r.part, []).append(i)
@@ -282,7 +289,10 @@ class FeatureStore:
             raw = self._raw(part, kind, li, hi)
             for (src, dst, n) in contiguous_runs([(rows[i].token_offset, int(offsets[i]), rows[i].n_tokens)
                                                   for i in by_part[part]]):
-                decode_into(raw[src: src + n], self.meta.store_dtype, data[dst: dst + n], self.meta.compressor)
+                if as_stored:
+                    data[dst: dst + n] = raw[src: src + n]
+                else:
+                    decode_into(raw[src: src + n], self.meta.store_dtype, data[dst: dst + n], self.meta.compressor)
 
         if len(by_part) > 1:
             with ThreadPoolExecutor(min(READ_THREADS, len(by_part))) as pool:
@@ -290,6 +300,10 @@ class FeatureStore:
         else:
             for part in by_part:
                 fill(part)
+        if as_stored:
+            from kvpipe.store.device_decode import decoder, to_device
+
+            data = decoder(self.meta.store_dtype, self.meta.compressor)(to_device(data, device), dim)
         return Features(data, offsets, rows)
 
     def annotation(self, row: ImageRow) -> Annotation:

@@ -165,10 +165,12 @@ def test_sweep_builds_a_store_and_times_a_probe_sweep(tmp_path):
     out = tmp_path / "sweep.json"
     res = script("sweep").main(["--out", str(tmp_path / "store"), "--images", "6", "--grid", "4", "--layers", "2",
                                 "--heads", "1", "--head-dim", "8", "--hidden", "16", "--pairs", "5",
-                                "--part-size", "4", "--repeat", "1", "--search", "numpy", "--json", str(out)])
+                                "--part-size", "4", "--repeat", "1", "--search", "torch", "--device", "cpu",
+                                "--store-dtype", "int4", "--host-decode", "--json", str(out)])
     assert res["targets"] == 2 * 2 * 1 + 1  # keys and values of 2 layers x 1 head, and post-proj
+    assert res["sweeps"]["host-decode"][0]["total_s"] > 0  # the same sweep, decoded on the host
     assert res["disk_bytes"] > 0 and res["read_s"][0] > 0
-    assert res["sweeps"]["numpy"][0]["total_s"] >= res["sweeps"]["numpy"][0]["read_s"] > 0
+    assert res["sweeps"]["torch"][0]["total_s"] >= res["sweeps"]["torch"][0]["read_s"] > 0
     assert json.loads(out.read_text())["targets"] == 5
 
 

@@ -354,3 +354,27 @@ def test_fg_seg_device_path_equals_the_reference(tmp_path, monkeypatch, small):
     assert [i.name for i in a.items] == [i.name for i in b.items]
     for x, y in zip(a.items, b.items):
         assert np.array_equal(x.labels, y.labels), x.name
+
+
+@pytest.mark.parametrize("task, store_of, params", [("fg-seg", fewshot_store, {}),
+                                                     ("semantic-corr", pair_store, {"search": "torch"})])
+def test_features_decoded_on_the_device_give_the_same_scores(tmp_path, monkeypatch, task, store_of, params):
+    """The probes that take a target's features as one tensor read them decoded on their device
+    (on a GPU; here the CPU stands in): the same scores as the reference."""
+    from kvpipe.probes.base import Probe
+    from kvpipe.store.reader import FeatureStore
+
+    store = store_of(tmp_path / "s")
+    ref = run_probe(store, task, dict(params, search="numpy") if params else {}, tmp_path / "ref", use_cache=False,
+                    device="numpy")
+    devices, read = [], FeatureStore.read
+
+    def spy(self, *args, device=None, **kw):
+        devices.append(device)
+        return read(self, *args, device=device, **kw)
+
+    monkeypatch.setattr(FeatureStore, "read", spy)
+    monkeypatch.setattr(Probe, "decode_on", lambda self: "cpu")
+    dev = run_probe(store, task, params, tmp_path / "dev", use_cache=False, device="cpu")
+    assert devices and set(devices) == {"cpu"}  # every target was decoded by the device decoder
+    assert_same_scores(ref, dev, tol=1e-12)

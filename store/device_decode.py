@@ -1,0 +1,94 @@
+"""Decoding on a torch device: ``FeatureStore.read(..., device="cuda")``.
+
+Why: a GPU probe would otherwise decode on the host and send float32 to the device. Sent as
+stored, an int4 target crosses the bus in 0.14 of the float32 bytes and its inverse rotation
+(one 128 x 128 product per token) runs on the GPU instead of the host's cores. Every
+encoding decodes here with the host decoder's arithmetic (``store.encoding``, ``store.quant``):
+the same values to float32 rounding (tests/store/test_device_decode.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import numpy as np
+
+from kvpipe.store.encoding import SCALE_BYTES, encoding_for
+from kvpipe.store.quant import INT4_TAIL, ROTATION_SEED, hadamard_block, hadamard_matrix, rotation_signs
+
+
+def to_device(raw: np.ndarray, device: str):
+    """A host array in the disk dtype -> a torch tensor on ``device`` (page-locked first for a
+    GPU, so the copy runs at the bus's speed); uint16 bf16 patterns travel as int16."""
+    import torch
+
+    host = torch.from_numpy(raw.view(np.int16) if raw.dtype == np.uint16 else raw)
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _plain(raw, dim):
+    import torch
+
+    return raw.to(torch.float32)
+
+
+def _bf16(raw, dim):
+    import torch
+
+    return raw.view(torch.bfloat16).to(torch.float32)
+
+
+def _int8(raw, dim):
+    import torch
+
+    scale = raw[..., -SCALE_BYTES:].contiguous().view(torch.float32)
+    return raw[..., :-SCALE_BYTES].to(torch.float32) * scale
+
+
+@functools.lru_cache(maxsize=16)
+def _signed(n: int, dim: int, seed: int, device: str):
+    """The decoding matrix of ``quant.dequantize_int4`` on ``device``: the n x n Walsh-Hadamard
+    matrix, with the signs folded into its columns when one block spans the vector."""
+    import torch
+
+    h = hadamard_matrix(n) * (rotation_signs(n, seed)[None, :] if n == dim else np.float32(1))
+    return torch.from_numpy(np.ascontiguousarray(h, np.float32)).to(device)
+
+
+def _int4(rotation: str, seed: int) -> Callable:
+    def decode(raw, dim):
+        """``quant.dequantize_int4`` in torch: codes @ H S, times the scale, plus the minimum's
+        image (sqrt(n) times the sign at each block's start)."""
+        import torch
+
+        tail = raw[..., -INT4_TAIL:].contiguous().view(torch.float32)
+        scale, lo = tail[..., :1], tail[..., 1:]
+        packed = raw[..., :-INT4_TAIL]
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)[..., :dim]
+        codes = codes.to(torch.float32)
+        if rotation != "hadamard":
+            return codes * scale + lo
+        n = hadamard_block(dim)
+        dev = str(raw.device)
+        y = torch.matmul(codes.reshape(-1, n), _signed(n, dim, seed, dev)).reshape(codes.shape) * scale
+        signs = torch.from_numpy(rotation_signs(dim, seed).copy()).to(raw.device)
+        if n != dim:
+            y = y * signs
+        y[..., ::n] += lo * (np.float32(np.sqrt(n)) * signs[::n])
+        return y
+
+    return decode
+
+
+def decoder(store_dtype: str, params: Any = None) -> Callable:
+    """``decode(raw tensor, dim) -> float32 tensor`` for a store's encoding (its Encoding
+    metadata gives int4's rotation and seed)."""
+    encoding_for(store_dtype, params)  # a one-line StoreError for an encoding this kvpipe does not know
+    if store_dtype == "int4":
+        get = (params.get if hasattr(params, "get") else dict(params).get) if params is not None else {}.get
+        seed = get("rotation_seed")
+        return _int4(get("rotation") or "hadamard", ROTATION_SEED if seed is None else int(seed))
+    return {"bfloat16": _bf16, "int8": _int8}.get(store_dtype, _plain)

@@ -1,0 +1,60 @@
+"""Decoding on a torch device (``FeatureStore.read(..., device=...)``) equals the host decoder
+for every encoding, widths of one and of several Hadamard blocks, and any image order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvpipe.errors import StoreError
+from kvpipe.pipeline.extraction import ExtractConfig, extract
+from kvpipe.store import FeatureStore
+from kvpipe.store.device_decode import decoder, to_device
+from kvpipe.store.encoding import decode, encode
+
+
+@pytest.mark.parametrize("store_dtype, params", [
+    ("float32", None), ("float16", None), ("bfloat16", None), ("int8", None), ("int4", None),
+    ("int4", {"rotation": "none"}), ("int4", {"rotation": "hadamard", "rotation_seed": 7})])
+@pytest.mark.parametrize("dim", [128, 3584, 96, 15])
+def test_device_decoder_equals_the_host_decoder(store_dtype, params, dim):
+    from kvpipe.store.quant import quantize_int4
+
+    rng = np.random.default_rng(dim)
+    x = (rng.standard_normal((37, dim)) * 3 + rng.normal(0, 20, (37, 1))).astype(np.float32)
+    if store_dtype == "int4" and params is not None:
+        seed = params.get("rotation_seed", 0)
+        raw = quantize_int4(x, params["rotation"], seed)
+    else:
+        raw = encode(x, store_dtype)
+    host = decode(raw, store_dtype, params, dim)
+    got = decoder(store_dtype, params)(to_device(raw, "cpu"), dim)
+    assert got.dtype == torch.float32 and tuple(got.shape) == host.shape
+    if store_dtype == "int4":  # the same arithmetic, float32 products summed in another order:
+        step = np.ascontiguousarray(raw[:, -8:]).view(np.float32)[:, :1]  # within 2/1000 of a code step
+        assert np.all(np.abs(got.numpy() - host) <= 2e-3 * step)
+    if store_dtype in ("float32", "float16", "bfloat16", "int8") or params == {"rotation": "none"}:
+        np.testing.assert_array_equal(got.numpy(), host)  # no product: the same bits
+    if store_dtype == "int4" and params and params.get("rotation_seed") == 7:  # the seed is honoured
+        assert not np.allclose(decoder("int4")(to_device(raw, "cpu"), dim).numpy(), host, atol=1e-3)
+
+
+@pytest.mark.parametrize("store_dtype", ["bfloat16", "int4"])
+def test_read_to_a_device_equals_the_host_read(tmp_path, store_dtype):
+    extract(ExtractConfig(model="tiny-qwen25vl", dataset="synthetic", out=str(tmp_path / "s"), limit=5,
+                          batch_size=2, part_size=2, store_dtype=store_dtype))
+    store = FeatureStore.open(tmp_path / "s")
+    rows = store.images()[::-1][:4]  # across parts, out of order
+    for kind, layer, head in (("keys", 1, 1), ("values", 0, 0), ("post_proj", None, None)):
+        host = store.read(kind, layer, head, images=rows)
+        dev = store.read(kind, layer, head, images=rows, device="cpu")
+        assert isinstance(dev.data, torch.Tensor) and dev.data.dtype == torch.float32
+        np.testing.assert_array_equal(dev.offsets, host.offsets)
+        assert [r.image_id for r in dev.rows] == [r.image_id for r in host.rows]
+        np.testing.assert_allclose(dev.data.numpy(), host.data, rtol=1e-5, atol=1e-5 * np.abs(host.data).max())
+
+
+def test_an_unknown_encoding_is_refused_in_one_line():
+    with pytest.raises(StoreError, match="encoding 'int2'.*upgrade kvpipe"):
+        decoder("int2")
