@@ -64,7 +64,7 @@ if [[ $what == all || $what == profile ]]; then
 # the two probes above 3 minutes per 225 targets; each prints the first target's compute, the
 # median of the rest, and the busiest device operations of the second target
 bounded 220 profile-temporal-corr "${sweep[@]}" --probe temporal-corr --out "$stores/davis-full" --layers 1 \
-    --heads 2 --hidden 128 --no-raw-read --profile --json "$out/profile-temporal-corr.json"
+    --heads 2 --hidden 128 --no-raw-read --profile --host-decode --json "$out/profile-temporal-corr.json"
 rm -rf "$stores/davis-full"
 bounded 90 profile-fg-seg "${sweep[@]}" --probe fg-seg --out "$stores/pascal" --layers 1 --heads 2 --hidden 128 \
     --no-raw-read --profile --json "$out/profile-fg-seg.json"

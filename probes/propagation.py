@@ -105,13 +105,14 @@ def propagate_frame(target: np.ndarray, sources: Sequence[np.ndarray], source_se
 
 
 # ------------------------------------------------------------------------- the device path
-def propagate_videos_torch(videos: Sequence[Sequence[np.ndarray]], first_labels: Sequence[np.ndarray], *,
+def propagate_videos_torch(videos: Sequence[Sequence[Any]], first_labels: Sequence[np.ndarray], *,
                            device: str, n_last_frames: int = 7,
                            size_mask_neighborhood: int | tuple[int, int] | None = 12, topk: int = 5,
                            temperature: float = DINO_TEMPERATURE, budget: int = 2**30,
                            defer_ties: bool | None = None) -> list[Any]:
     """``propagate_video`` of several videos at once, in torch on ``device``: soft labels per
-    video as a tensor (T-1, h, w, C) on the device (C = that video's classes).
+    video as a tensor (T-1, h, w, C) on the device (C = that video's classes). A video's frames
+    are (h, w, D) numpy arrays, or tensors (a read decoded on the device: nothing crosses the bus).
 
     Every video must be on one (h, w) grid (one window). The videos step through their frames
     together: at frame t the memory of every video still running is frame 0 and the same
@@ -144,7 +145,10 @@ def propagate_videos_torch(videos: Sequence[Sequence[np.ndarray]], first_labels:
     feats = torch.zeros(len(order), t_max, n, dim, dtype=f64, device=dev)
     segs = torch.zeros(len(order), t_max, n, n_classes, dtype=f64, device=dev)
     for j, v in enumerate(order):
-        x = torch.from_numpy(np.stack([np.asarray(f).reshape(n, -1) for f in videos[v]])).to(dev, f64)
+        if torch.is_tensor(videos[v][0]):  # frames already on the device (a read decoded there)
+            x = torch.stack([f.reshape(n, -1) for f in videos[v]]).to(dev, f64)
+        else:
+            x = torch.from_numpy(np.stack([np.asarray(f).reshape(n, -1) for f in videos[v]])).to(dev, f64)
         feats[j, : lengths[j]] = torch.nn.functional.normalize(x, dim=-1, p=2, eps=1e-12)
         segs[j, 0, :, : first_labels[v].shape[-1]] = torch.from_numpy(
             np.asarray(first_labels[v], dtype=np.float64).reshape(n, -1)).to(dev)

@@ -140,7 +140,8 @@ class TemporalCorrespondence(Probe):
 
     def read(self, target: Target) -> Any:
         return self.store.read(target.kind, target.layer, target.head,
-                               images=[r for rows, _ in self.videos.values() for r in rows])
+                               images=[r for rows, _ in self.videos.values() for r in rows],
+                               device=self.decode_on() if uses_torch(self.device) else None)
 
     def compute(self, target: Target, feats: Any) -> dict[str, float]:
         if uses_torch(self.device) and all(map(metric_on_device, self.references.values())):
@@ -208,7 +209,7 @@ class TemporalCorrespondence(Probe):
             chunk, size = [], 0
             for name in names:
                 frames = grids[name]
-                nbytes = 8 * len(frames) * frames[0].size  # float64 on the device
+                nbytes = 8 * len(frames) * int(np.prod(frames[0].shape))  # float64 on the device
                 if chunk and size + nbytes > 4 * budget:
                     runs.append((grid_hw, radius, chunk))
                     chunk, size = [], 0

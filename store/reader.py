@@ -12,10 +12,11 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -60,6 +61,12 @@ class Annotation:
 
 
 READ_THREADS = min(16, os.cpu_count() or 1)
+# Encodings whose decoding costs more than reading their bytes (int4: a 128 x 128 product per
+# token), decoded in tasks of DECODE_TASK tokens on every read thread, each task's BLAS on one
+# thread: read threads times BLAS threads oversubscribe the cores (on 16 cores, int4 reads were
+# 3 x slower than on 2; docs/BENCHMARKS.md "Lossy encodings").
+COMPUTE_BOUND_DECODING = ("int4",)
+DECODE_TASK = 8192
 _BLOSC = Blosc()  # decoding reads the codec parameters from each chunk's own header
 
 
@@ -285,14 +292,24 @@ class FeatureStore:
         for i, r in enumerate(rows):
             by_part.setdefault(r.part, []).append(i)
 
+        heavy = not as_stored and self.meta.store_dtype in COMPUTE_BOUND_DECODING
+        blocks: list[tuple[np.ndarray, int, int]] = []  # heavy decoding: (raw tokens, destination, tokens)
+
         def fill(part: int) -> None:
             raw = self._raw(part, kind, li, hi)
             for (src, dst, n) in contiguous_runs([(rows[i].token_offset, int(offsets[i]), rows[i].n_tokens)
                                                   for i in by_part[part]]):
                 if as_stored:
                     data[dst: dst + n] = raw[src: src + n]
+                elif heavy:  # decoded below, in blocks over every thread
+                    blocks.extend((raw[src + a: src + min(n, a + DECODE_TASK)], dst + a, min(n - a, DECODE_TASK))
+                                  for a in range(0, n, DECODE_TASK))
                 else:
                     decode_into(raw[src: src + n], self.meta.store_dtype, data[dst: dst + n], self.meta.compressor)
+
+        def decode_block(block: tuple[np.ndarray, int, int]) -> None:
+            raw, dst, n = block
+            decode_into(raw, self.meta.store_dtype, data[dst: dst + n], self.meta.compressor)
 
         if len(by_part) > 1:
             with ThreadPoolExecutor(min(READ_THREADS, len(by_part))) as pool:
@@ -300,6 +317,9 @@ class FeatureStore:
         else:
             for part in by_part:
                 fill(part)
+        if blocks:
+            with single_threaded_blas(), ThreadPoolExecutor(min(READ_THREADS, len(blocks))) as pool:
+                list(pool.map(decode_block, blocks))
         if as_stored:
             from kvpipe.store.device_decode import decoder, to_device
 
@@ -458,6 +478,15 @@ def check_crc(payload: bytes, expected: str, what: str, root: Any) -> None:
     if got != expected:
         raise StoreError(f"{what} fails its CRC32C check (recorded {expected}, read {got}); "
                          f"run kvpipe verify {root}, then kvpipe extract --repair")
+
+
+@contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """numpy's BLAS on one thread while the read threads decode (threadpoolctl), as before after."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 def contiguous_runs(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

@@ -357,7 +357,8 @@ def test_fg_seg_device_path_equals_the_reference(tmp_path, monkeypatch, small):
 
 
 @pytest.mark.parametrize("task, store_of, params", [("fg-seg", fewshot_store, {}),
-                                                     ("semantic-corr", pair_store, {"search": "torch"})])
+                                                     ("semantic-corr", pair_store, {"search": "torch"}),
+                                                     ("temporal-corr", video_store, {})])
 def test_features_decoded_on_the_device_give_the_same_scores(tmp_path, monkeypatch, task, store_of, params):
     """The probes that take a target's features as one tensor read them decoded on their device
     (on a GPU; here the CPU stands in): the same scores as the reference."""
@@ -377,4 +378,4 @@ def test_features_decoded_on_the_device_give_the_same_scores(tmp_path, monkeypat
     monkeypatch.setattr(Probe, "decode_on", lambda self: "cpu")
     dev = run_probe(store, task, params, tmp_path / "dev", use_cache=False, device="cpu")
     assert devices and set(devices) == {"cpu"}  # every target was decoded by the device decoder
-    assert_same_scores(ref, dev, tol=1e-12)
+    assert_same_scores(ref, dev, tol=1e-12 if task != "temporal-corr" else 1e-6)
