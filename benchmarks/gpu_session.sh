@@ -4,13 +4,14 @@
 # Qwen2.5-VL-7B's shape (fidelity), at reduced sizes; temporal-corr at DAVIS-2017 val's full size,
 # fg-seg and cosegmentation with each target's compute seconds and a profile of one (profile);
 # int4 and int8 reads of one target against the raw read of the lossless files (reads); the capture
-# stages of int8 and int4 extraction (stages);
+# stages of int8 and int4 extraction (stages); semantic-corr, semantic-seg and refexp-seg per target
+# (per-target);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads|stages]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads|stages|per-target]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads|stages]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads|stages|per-target]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -71,6 +72,15 @@ bounded 90 profile-fg-seg "${sweep[@]}" --probe fg-seg --out "$stores/pascal" --
 rm -rf "$stores/pascal"
 bounded 90 profile-cosegmentation "${sweep[@]}" --probe cosegmentation --out "$stores/msrc" --layers 1 --heads 2 \
     --hidden 128 --no-raw-read --profile --json "$out/profile-cosegmentation.json"
+fi
+if [[ $what == all || $what == per-target ]]; then
+# the other three Table 1 probes at their datasets' full shape, 5 targets each (1 layer x 2 heads
+# + post-proj 128): each target's compute (first, then the median of the rest) for the 225-target sum
+for p in semantic-corr semantic-seg refexp-seg; do
+bounded 110 per-target-$p "${sweep[@]}" --probe $p --out "$stores/$p" --layers 1 --heads 2 --hidden 128 \
+    --no-raw-read --search torch --json "$out/per-target-$p.json"
+rm -rf "$stores/$p"
+done
 fi
 if [[ $what == all || $what == stages ]]; then
 # where int4 extraction's time goes against int8's: the capture stages of each, same model and images
