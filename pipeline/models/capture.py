@@ -10,6 +10,8 @@ A vision encoder (no cache, no text) returns its blocks' outputs itself (``gathe
 
 from __future__ import annotations
 
+import functools
+
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
@@ -77,7 +79,7 @@ def quantize_int8(x: torch.Tensor) -> torch.Tensor:
     copy), x / scale promotes to float32 inside one kernel, and rounding and clamping run in
     place, so a batch's K/V is streamed through GPU memory four times instead of eight."""
     d = x.shape[-1]
-    scale = x.abs().amax(dim=-1, keepdim=True).float() / 127.0
+    scale = x.abs().amax(dim=-1, keepdim=True).float() / device_constant((127.0,), str(x.device))[0]
     codes = torch.div(x, torch.where(scale > 0, scale, torch.ones_like(scale))).round_().clamp_(-127, 127)
     out = torch.empty(*x.shape[:-1], d + 4, dtype=torch.int8, device=x.device)
     out[..., :d] = codes
@@ -96,7 +98,19 @@ def _fwht(y: torch.Tensor) -> torch.Tensor:
         y = y.reshape(y.shape[0], d // n, n // (2 * h), 2, h)
         y = torch.stack([y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]], dim=-2)
         h *= 2
-    return y.reshape(*lead, d) * torch.tensor(np.float32(1 / np.sqrt(n)), device=y.device)
+    return y.reshape(*lead, d) * device_constant((float(np.float32(1 / np.sqrt(n))),), str(y.device))[0]
+
+
+@functools.lru_cache(maxsize=64)
+def device_constant(values: tuple[float, ...], device: str) -> torch.Tensor:
+    """float32 ``values`` as a tensor on ``device``, made once per process and device.
+
+    Why: ``torch.tensor(..., device="cuda")`` is a copy from pageable host memory, which waits
+    until the GPU has run everything queued before it: in the per-layer loop of
+    ``quantize_int4`` that stalled the host behind each batch's forward pass. A device tensor
+    rather than a Python number, because CUDA divides by a Python number as a multiplication
+    by its reciprocal, which can differ from the host's division in the last bit."""
+    return torch.tensor(np.array(values, np.float32), device=device)
 
 
 def quantize_int4(x: torch.Tensor, rotation: str = "hadamard", seed: int = ROTATION_SEED) -> torch.Tensor:
@@ -108,12 +122,14 @@ def quantize_int4(x: torch.Tensor, rotation: str = "hadamard", seed: int = ROTAT
     stack) would double its device memory; one layer at a time costs one layer's worth."""
     d = x.shape[-1]
     out = torch.empty(*x.shape[:-1], int4_stored_dim(d), dtype=torch.uint8, device=x.device)
-    signs = torch.tensor(rotation_signs(d, seed), device=x.device) if rotation == "hadamard" else None
+    dev = str(x.device)
+    signs = device_constant(tuple(rotation_signs(d, seed).tolist()), dev) if rotation == "hadamard" else None
+    levels = device_constant((float(INT4_LEVELS),), dev)[0]
     for i in range(x.shape[0] if x.dim() > 1 else 1):
         xi = (x[i] if x.dim() > 1 else x).float()
         y = _fwht(xi * signs) if signs is not None else xi
         lo = y.amin(dim=-1, keepdim=True)
-        scale = (y.amax(dim=-1, keepdim=True) - lo) / torch.tensor(np.float32(INT4_LEVELS), device=x.device)
+        scale = (y.amax(dim=-1, keepdim=True) - lo) / levels
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         codes = torch.div(y - lo, safe).round_().clamp_(0, INT4_LEVELS).to(torch.uint8)
         if d % 2:

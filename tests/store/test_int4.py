@@ -73,14 +73,16 @@ def test_decoding_equals_the_affine_step_then_the_inverse_rotation(dim, lead):
     np.testing.assert_array_equal(out, got)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
 @pytest.mark.parametrize("rotation", ["hadamard", "none"])
-def test_host_and_device_quantizers_give_the_same_bytes(rotation):
+def test_host_and_device_quantizers_give_the_same_bytes(rotation, device):
     rng = np.random.default_rng(0)
-    for shape in [(3, 5, 16), (2, 2, 7, 128), (5, 3584), (4, 15)]:
+    for shape in [(3, 5, 16), (2, 2, 7, 128), (5, 3584), (4, 15), (2, 4, 300, 128)]:
         x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 3, shape[:-1] + (1,))).astype(np.float32)
         host = quantize_int4(x, rotation)
         assert host.shape == shape[:-1] + (stored_dim(shape[-1], "int4"),)
-        np.testing.assert_array_equal(host, quantize_on_device(torch.from_numpy(x), rotation).numpy())
+        np.testing.assert_array_equal(host, quantize_on_device(torch.from_numpy(x).to(device), rotation).cpu().numpy())
     assert encode(host, "int4") is host  # codes from the device pass unchanged
 
 
@@ -150,3 +152,18 @@ def test_a_newer_encoding_asks_for_an_upgrade(tmp_path, fields, says):
         FeatureStore.open(store)
     msg = str(err.value)
     assert says in msg and "upgrade kvpipe" in msg and "\n" not in msg, msg
+
+
+def test_device_quantizer_makes_no_host_tensors_per_layer(monkeypatch):
+    """After the first call the quantisers build no tensor from host memory: on a GPU each such
+    copy waits for everything queued before it (the forward pass), stalling the host per layer."""
+    from kvpipe.pipeline.models.capture import quantize_int8 as int8_on_device
+
+    x = torch.randn(4, 2, 9, 128)
+    first4, first8 = quantize_on_device(x), int8_on_device(x)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor made from host memory")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    assert torch.equal(quantize_on_device(x), first4) and torch.equal(int8_on_device(x), first8)

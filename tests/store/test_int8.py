@@ -4,6 +4,7 @@ code step of each token's scale, and probe results close to the lossless store's
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from kvpipe.pipeline.models.capture import quantize_int8 as quantize_on_device
@@ -14,14 +15,19 @@ from kvpipe.store.verify import verify_store
 from kvpipe.store.encoding import decode, encode, quantize_int8
 
 
-def test_host_and_device_quantizers_give_the_same_bytes():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_host_and_device_quantizers_give_the_same_bytes(device):
+    """The same bytes, on a GPU too (where dividing by a Python number would multiply by its
+    reciprocal, which can differ in the last bit)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 5, 16)).astype(np.float32) * 10.0 ** rng.integers(-3, 3, (3, 5, 1))
     x[0, 0] = 0.0  # a zero token: scale 0, codes 0
     x[0, 1, :2] = [127.0, 0.5]  # scale 1: 0.5 is a tie, rounded to even (0)
+    x = np.concatenate([x, rng.standard_normal((64, 5, 16)).astype(np.float32)])  # more last-bit chances
     host = quantize_int8(x)
-    device = quantize_on_device(torch.from_numpy(x)).numpy()
-    assert host.dtype == np.int8 and host.shape == (3, 5, 20)
+    device = quantize_on_device(torch.from_numpy(x).to(device)).cpu().numpy()
+    assert host.dtype == np.int8 and host.shape == (67, 5, 20)
     np.testing.assert_array_equal(host, device)
     assert list(host[0, 1, :2]) == [127, 0]
     np.testing.assert_array_equal(host[0, 0], np.zeros(20, np.int8))
