@@ -5,13 +5,13 @@
 # fg-seg and cosegmentation with each target's compute seconds and a profile of one (profile);
 # int4 and int8 reads of one target against the raw read of the lossless files (reads); the capture
 # stages of int8 and int4 extraction (stages); semantic-corr, semantic-seg and refexp-seg per target
-# (per-target);
+# (per-target); temporal-corr's full-size run alone (temporal); int8 against int4 extraction (int4-write);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads|stages|per-target]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|temporal|reads|stages|per-target|int4-write]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|reads|stages|per-target]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|temporal|reads|stages|per-target|int4-write]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -60,13 +60,20 @@ bounded 200 fidelity-qwen25vl python3 -m kvpipe.benchmarks.lossy_fidelity --mode
     --device cuda --dtype bfloat16 --reference-dtype bfloat16 --images 16 --tasks input-agnostic \
     --out "$stores/lossy-7b" --json "$out/fidelity-qwen25vl.json"
 fi
-if [[ $what == all || $what == profile ]]; then
+if [[ $what == int4-write ]]; then
+# int8 against int4 extraction alone, same process and images (the encodings mode has them too)
+bounded 110 int4-write "${kv[@]}" --model qwen25vl --size 448 --images 96 --batch-size 32 --part-size 32 \
+    --runs kvpipe-int8,kvpipe-int4 --json "$out/int4-write.json"
+fi
+if [[ $what == all || $what == profile || $what == temporal ]]; then
 # 1,999 frames of 854 x 480 in 30 videos (2 heads, post-proj 128: 5 targets, about 1.5 GiB), then
 # the two probes above 3 minutes per 225 targets; each prints the first target's compute, the
 # median of the rest, and the busiest device operations of the second target
 bounded 220 profile-temporal-corr "${sweep[@]}" --probe temporal-corr --out "$stores/davis-full" --layers 1 \
     --heads 2 --hidden 128 --no-raw-read --profile --host-decode --json "$out/profile-temporal-corr.json"
 rm -rf "$stores/davis-full"
+fi
+if [[ $what == all || $what == profile ]]; then
 bounded 90 profile-fg-seg "${sweep[@]}" --probe fg-seg --out "$stores/pascal" --layers 1 --heads 2 --hidden 128 \
     --no-raw-read --profile --json "$out/profile-fg-seg.json"
 rm -rf "$stores/pascal"

@@ -18,7 +18,9 @@ from kvpipe.store.encoding import decode, encode
     ("float32", None), ("float16", None), ("bfloat16", None), ("int8", None), ("int4", None),
     ("int4", {"rotation": "none"}), ("int4", {"rotation": "hadamard", "rotation_seed": 7})])
 @pytest.mark.parametrize("dim", [128, 3584, 96, 15])
-def test_device_decoder_equals_the_host_decoder(store_dtype, params, dim):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_device_decoder_equals_the_host_decoder(store_dtype, params, dim, device):
     from kvpipe.store.quant import quantize_int4
 
     rng = np.random.default_rng(dim)
@@ -29,7 +31,7 @@ def test_device_decoder_equals_the_host_decoder(store_dtype, params, dim):
     else:
         raw = encode(x, store_dtype)
     host = decode(raw, store_dtype, params, dim)
-    got = decoder(store_dtype, params)(to_device(raw, "cpu"), dim)
+    got = decoder(store_dtype, params)(to_device(raw, device), dim).cpu()
     assert got.dtype == torch.float32 and tuple(got.shape) == host.shape
     if store_dtype == "int4":  # the same arithmetic, float32 products summed in another order:
         step = np.ascontiguousarray(raw[:, -8:]).view(np.float32)[:, :1]  # within 2/1000 of a code step
@@ -37,7 +39,7 @@ def test_device_decoder_equals_the_host_decoder(store_dtype, params, dim):
     if store_dtype in ("float32", "float16", "bfloat16", "int8") or params == {"rotation": "none"}:
         np.testing.assert_array_equal(got.numpy(), host)  # no product: the same bits
     if store_dtype == "int4" and params and params.get("rotation_seed") == 7:  # the seed is honoured
-        assert not np.allclose(decoder("int4")(to_device(raw, "cpu"), dim).numpy(), host, atol=1e-3)
+        assert not np.allclose(decoder("int4")(to_device(raw, device), dim).cpu().numpy(), host, atol=1e-3)
 
 
 @pytest.mark.parametrize("store_dtype", ["bfloat16", "int4"])
