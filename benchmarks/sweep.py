@@ -570,6 +570,19 @@ def main(argv: list[str] | None = None) -> dict:
     return finish(args, out)
 
 
+FULL_7B_TARGETS = 225  # 28 layers x 4 KV heads x (keys, values) + post-proj
+
+
+def projected_sweep(res: dict, n_targets: int, targets: int) -> float:
+    """Seconds of a sweep of ``targets`` targets from one of ``n_targets``: every target reads and
+    scores the whole dataset, so the first target's compute (with the sweep's one-time
+    preparation), then the median of the others' for each further target, the reads waited for
+    per target, and the rest (summary, tables, plots) as measured."""
+    each = res["per_target_compute_s"]
+    return (each[0] + (targets - 1) * statistics.median(each[1:])
+            + targets * res["read_wait_s"] / max(n_targets, 1) + res["rest_s"])
+
+
 @contextlib.contextmanager
 def decoded_on_host(on: bool):
     """Probes read features decoded on the host, as before ``Probe.decode_on`` (when ``on``)."""
@@ -642,6 +655,11 @@ def bench_probe(probe: str, args: argparse.Namespace, device: str, executors: li
                 each = res["per_target_compute_s"]
                 later = f", then median {statistics.median(each[1:]):.3f} s" if len(each) > 1 else ""
                 print(f"    compute per target: first {each[0]:.3f} s{later}", flush=True)
+                if len(each) > 1:
+                    res["projected_s"] = projected_sweep(res, n_targets, FULL_7B_TARGETS)
+                    print(f"    {FULL_7B_TARGETS} targets (a 7B model): {res['projected_s'] / 60:.1f} min = first "
+                          f"target + {FULL_7B_TARGETS - 1} x the median + reads waited for and the rest, scaled",
+                          flush=True)
             if res.get("profile"):
                 print(f"    profile of the second target's compute:\n{res['profile']}", flush=True)
             if executor == "ray":

@@ -9,6 +9,7 @@ import importlib
 import json
 import sys
 
+import numpy as np
 import pytest
 
 SCRIPTS = ("capture_stages", "cli_latency", "codecs", "disk_rewrite", "encoded_reads", "encoder_interference",
@@ -183,6 +184,9 @@ def test_sweep_times_each_target_and_profiles_the_second(tmp_path):
     assert len(sweep["per_target_compute_s"]) == res["targets"] == 3
     assert sum(sweep["per_target_compute_s"]) == pytest.approx(sweep["compute_s"], rel=0.05)
     assert "aten::bmm" in sweep["profile"]  # the propagation's affinities, on the profiled target
+    each = sweep["per_target_compute_s"]  # 225 targets: the first, 224 more like the median, reads, the rest
+    assert sweep["projected_s"] == pytest.approx(each[0] + 224 * np.median(each[1:])
+                                                 + 75 * sweep["read_wait_s"] + sweep["rest_s"])
 
 
 def test_cli_latency_times_each_command_per_executable(synthetic_store, tmp_path):
