@@ -7,6 +7,7 @@ reader lists committed parts from the manifest only, so it never sees a part bei
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -483,10 +484,16 @@ def check_crc(payload: bytes, expected: str, what: str, root: Any) -> None:
 @contextmanager
 def single_threaded_blas() -> Iterator[None]:
     """numpy's BLAS on one thread while the read threads decode (threadpoolctl), as before after."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=1, user_api="blas"):
         yield
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller() -> Any:
+    """The process's thread pools, found once (finding them costs 1.5 ms, limiting 0.02 ms)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def contiguous_runs(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
