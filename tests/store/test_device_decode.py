@@ -60,3 +60,20 @@ def test_read_to_a_device_equals_the_host_read(tmp_path, store_dtype):
 def test_an_unknown_encoding_is_refused_in_one_line():
     with pytest.raises(StoreError, match="encoding 'int2'.*upgrade kvpipe"):
         decoder("int2")
+
+
+def test_int4_reads_decoded_in_blocks_over_threads_equal_reads_per_part(tmp_path, monkeypatch):
+    """int4 decodes in tasks of DECODE_TASK tokens over every read thread: tasks that split a
+    part's images mid-image give the per-part decoding's values, in any image order."""
+    import kvpipe.store.reader as reader
+
+    extract(ExtractConfig(model="tiny-qwen25vl", dataset="synthetic", out=str(tmp_path / "s"), limit=5,
+                          batch_size=2, part_size=2, store_dtype="int4"))
+    store = FeatureStore.open(tmp_path / "s")
+    rows = store.images()[::-1]
+    monkeypatch.setattr(reader, "DECODE_TASK", 7)  # several tasks per image
+    blocks = store.read("keys", 1, 1, images=rows)
+    monkeypatch.setattr(reader, "COMPUTE_BOUND_DECODING", ())
+    per_part = store.read("keys", 1, 1, images=rows)
+    np.testing.assert_allclose(blocks.data, per_part.data, rtol=1e-6, atol=1e-6 * np.abs(per_part.data).max())
+    assert blocks.data.shape[0] > 3 * 7
