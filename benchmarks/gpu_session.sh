@@ -5,13 +5,14 @@
 # fg-seg and cosegmentation with each target's compute seconds and a profile of one (profile);
 # int4 and int8 reads of one target against the raw read of the lossless files (reads); the capture
 # stages of int8 and int4 extraction (stages); semantic-corr, semantic-seg and refexp-seg per target
-# (per-target); temporal-corr's full-size run alone (temporal); int8 against int4 extraction (int4-write);
+# (per-target); temporal-corr's full-size run alone (temporal),
+# the profile's other two (profile-rest); int8 against int4 extraction (int4-write);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|temporal|reads|stages|per-target|int4-write]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|temporal|reads|stages|per-target|int4-write]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -73,7 +74,7 @@ bounded 220 profile-temporal-corr "${sweep[@]}" --probe temporal-corr --out "$st
     --heads 2 --hidden 128 --no-raw-read --profile --host-decode --json "$out/profile-temporal-corr.json"
 rm -rf "$stores/davis-full"
 fi
-if [[ $what == all || $what == profile ]]; then
+if [[ $what == all || $what == profile || $what == profile-rest ]]; then
 bounded 90 profile-fg-seg "${sweep[@]}" --probe fg-seg --out "$stores/pascal" --layers 1 --heads 2 --hidden 128 \
     --no-raw-read --profile --json "$out/profile-fg-seg.json"
 rm -rf "$stores/pascal"
