@@ -10,6 +10,7 @@ of each encoding's read to the raw read of the lossless files: what "decoding a 
 encoding keeps up with the disk" means.
 
     python -m kvpipe.benchmarks.encoded_reads --out /tmp/kvpipe-reads --images 192 --repeats 5
+    python -m kvpipe.benchmarks.encoded_reads ... --device cuda   # also read to the GPU, decoded there
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-cold", dest="cold", action="store_false",
                         help="warm reads only (leave the machine's page cache alone)")
+    parser.add_argument("--device", default=None,
+                        help="also time each encoding read to this torch device and decoded there "
+                             "(FeatureStore.read(device=...), what a GPU probe does), e.g. cuda")
     return parser
 
 
@@ -56,12 +60,16 @@ def chunk_files(root: Path, kind: str, layer: int, head: int) -> list[Path]:
     return sorted((root / "parts").glob(f"*/{kind}/c/{layer}/{head}/*/*"))
 
 
-def time_store_read(root: Path, kind: str, layer: int, head: int, cold: bool) -> float:
+def time_store_read(root: Path, kind: str, layer: int, head: int, cold: bool, device: str | None = None) -> float:
     store = FeatureStore.open(root)
     if cold:
         drop_page_cache()
     t0 = time.perf_counter()
-    store.read(kind, layer, head)
+    data = store.read(kind, layer, head, device=device).data
+    if device is not None and device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(data.device)
     return time.perf_counter() - t0
 
 
@@ -82,18 +90,23 @@ def main(argv: list[str] | None = None) -> dict:
     kind, layer, head = "values", args.layers // 2, 0
     raw_files = chunk_files(roots["bfloat16"], kind, layer, head)
     modes = ["cold", "warm"] if args.cold and drop_page_cache() else ["warm"]
-    times: dict[str, dict[str, list[float]]] = {m: {e: [] for e in ["raw bfloat16"] + encodings} for m in modes}
+    reads = ["raw bfloat16"] + encodings + ([f"{e} to {args.device}" for e in encodings] if args.device else [])
+    times: dict[str, dict[str, list[float]]] = {m: {e: [] for e in reads} for m in modes}
+
+    def timed(name: str, cold: bool) -> float:
+        if name == "raw bfloat16":
+            return time_raw_read(raw_files, cold)
+        encoding, _, device = name.partition(" to ")
+        return time_store_read(roots[encoding], kind, layer, head, cold, device or None)
+
     for mode in modes:
         cold = mode == "cold"
-        if not cold:  # warm: every file read once first
-            for e in encodings:
-                time_store_read(roots[e], kind, layer, head, False)
+        if not cold:  # warm: every file read once first (and the device's first use)
+            for name in reads[1:]:
+                timed(name, False)
         for r in range(args.repeats):
-            order = ["raw bfloat16"] + encodings
-            for name in (order if r % 2 == 0 else order[::-1]):
-                t = (time_raw_read(raw_files, cold) if name == "raw bfloat16"
-                     else time_store_read(roots[name], kind, layer, head, cold))
-                times[mode][name].append(t)
+            for name in (reads if r % 2 == 0 else reads[::-1]):
+                times[mode][name].append(timed(name, cold))
     sizes = {e: sum(f.stat().st_size for f in chunk_files(roots[e], kind, layer, head)) for e in encodings}
     table = {}
     print(f"\none (layer, head, kind) of {args.images} images x {args.grid ** 2} tokens x {args.head_dim}, "
@@ -104,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         raw_s = statistics.median(times[mode]["raw bfloat16"])
         for name, ts in times[mode].items():
             s = statistics.median(ts)
-            nbytes = sizes["bfloat16"] if name == "raw bfloat16" else sizes[name]
+            nbytes = sizes["bfloat16"] if name == "raw bfloat16" else sizes[name.partition(" to ")[0]]
             row = {"seconds": s, "images_per_s": args.images / s, "ratio_to_raw_lossless": raw_s / s,
                    "stored_bytes": nbytes, "runs": ts}
             table.setdefault(mode, {})[name] = row

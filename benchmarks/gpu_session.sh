@@ -99,8 +99,8 @@ done
 fi
 if [[ $what == all || $what == reads ]]; then
 # one (layer, head, kind) read per encoding against the raw read of the lossless files, on this host's cores
-bounded 90 reads python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/reads" --images 192 --repeats 5 \
-    --json "$out/reads.json"
+bounded 100 reads python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/reads" --images 192 --repeats 5 \
+    --device cuda --json "$out/reads.json"
 rm -rf "$stores/reads"
 fi
 rm -rf "$stores"

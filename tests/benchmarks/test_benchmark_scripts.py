@@ -212,10 +212,12 @@ def test_encoded_reads_times_each_encoding_against_the_raw_lossless_read(tmp_pat
     out = tmp_path / "er.json"
     res = script("encoded_reads").main(["--out", str(tmp_path / "stores"), "--images", "6", "--grid", "4",
                                         "--heads", "1", "--head-dim", "16", "--part-size", "3",
-                                        "--encodings", "int4,int8", "--repeats", "1", "--no-cold", "--json", str(out)])
+                                        "--encodings", "int4,int8", "--repeats", "1", "--no-cold", "--device", "cpu",
+                                        "--json", str(out)])
     assert set(res["reads"]) == {"warm"}
     warm = res["reads"]["warm"]
-    assert set(warm) == {"raw bfloat16", "bfloat16", "int8", "int4"}
+    assert set(warm) == {"raw bfloat16", "bfloat16", "int8", "int4", "bfloat16 to cpu", "int8 to cpu", "int4 to cpu"}
+    assert warm["int4 to cpu"]["stored_bytes"] == warm["int4"]["stored_bytes"] and warm["int4 to cpu"]["seconds"] > 0
     assert warm["raw bfloat16"]["ratio_to_raw_lossless"] == 1.0 and warm["int4"]["images_per_s"] > 0
     assert warm["int4"]["stored_bytes"] < warm["int8"]["stored_bytes"] < warm["bfloat16"]["stored_bytes"]
     assert json.loads(out.read_text())["args"]["encodings"] == "int4,int8"
