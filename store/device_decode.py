@@ -58,6 +58,14 @@ def _signed(n: int, dim: int, seed: int, device: str):
     return torch.from_numpy(np.ascontiguousarray(h, np.float32)).to(device)
 
 
+@functools.lru_cache(maxsize=16)
+def _signs(dim: int, seed: int, device: str):
+    """The rotation's signs on ``device``, sent once (a copy from host memory waits for the GPU)."""
+    import torch
+
+    return torch.from_numpy(rotation_signs(dim, seed).copy()).to(device)
+
+
 def _int4(rotation: str, seed: int) -> Callable:
     def decode(raw, dim):
         """``quant.dequantize_int4`` in torch: codes @ H S, times the scale, plus the minimum's
@@ -74,7 +82,7 @@ def _int4(rotation: str, seed: int) -> Callable:
         n = hadamard_block(dim)
         dev = str(raw.device)
         y = torch.matmul(codes.reshape(-1, n), _signed(n, dim, seed, dev)).reshape(codes.shape) * scale
-        signs = torch.from_numpy(rotation_signs(dim, seed).copy()).to(raw.device)
+        signs = _signs(dim, seed, dev)
         if n != dim:
             y = y * signs
         y[..., ::n] += lo * (np.float32(np.sqrt(n)) * signs[::n])

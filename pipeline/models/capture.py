@@ -11,7 +11,6 @@ A vision encoder (no cache, no text) returns its blocks' outputs itself (``gathe
 from __future__ import annotations
 
 import functools
-
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
