@@ -52,9 +52,12 @@ def compute_threads(device: str) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def host_workers(n_tasks: int) -> int:
-    """Threads for ``n_tasks`` independent pieces of host work (videos, image sets) whose inner
-    loops release the GIL (numpy, torch, faiss): one per core, at most 16."""
+def host_workers(n_tasks: int, device: str = "cpu") -> int:
+    """Threads for ``n_tasks`` independent pieces of work (videos, image sets) whose inner loops
+    release the GIL (numpy, torch, faiss): one per core, at most 16, where they compute on the
+    host; one where they queue on a GPU (one stream: threads would only interleave its queue)."""
+    if device.startswith("cuda"):
+        return 1
     return max(1, min(int(n_tasks), os.cpu_count() or 1, 16))
 
 

@@ -255,9 +255,9 @@ class TemporalCorrespondence(Probe):
                     out.append(ref.counts(upsample_labels_torch(s[first: last + 1], hw), a))
             return out
 
-        # on a GPU one video after another (one stream); on the CPU the videos in threads, as the
-        # host metric's (torch releases the GIL in its operations)
-        workers = 1 if not self.device.startswith("cpu") else host_workers(len(grids))
+        # on the CPU the videos in threads, as the host metric's (torch releases the GIL in its
+        # operations); on a GPU one after another
+        workers = host_workers(len(grids), self.device)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             items = list(self._propagated_torch(grids, budget))
             counts = dict(zip([n for n, _ in items], pool.map(video_counts, items)))
@@ -284,7 +284,7 @@ class TemporalCorrespondence(Probe):
                 size = DeviceVideoReference.nbytes_kept(ref)
                 keep[name] = size <= left
                 left -= size if size <= left else 0
-            workers = 1 if not self.device.startswith("cpu") else host_workers(len(keep))
+            workers = host_workers(len(keep), self.device)
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 made = pool.map(lambda n: DeviceVideoReference(self.references[n], self.device, keep=keep[n]), keep)
                 self._device_refs = dict(zip(keep, made))

@@ -379,3 +379,11 @@ def test_features_decoded_on_the_device_give_the_same_scores(tmp_path, monkeypat
     dev = run_probe(store, task, params, tmp_path / "dev", use_cache=False, device="cpu")
     assert devices and set(devices) == {"cpu"}  # every target was decoded by the device decoder
     assert_same_scores(ref, dev, tol=1e-12 if task != "temporal-corr" else 1e-6)
+
+
+def test_host_workers_one_per_core_on_the_host_one_on_a_gpu(monkeypatch):
+    import kvpipe.probes.device as probe_device
+
+    monkeypatch.setattr(probe_device.os, "cpu_count", lambda: 24)
+    assert [probe_device.host_workers(n) for n in (0, 3, 40)] == [1, 3, 16]
+    assert probe_device.host_workers(40, "cpu") == 16 and probe_device.host_workers(40, "cuda:1") == 1
