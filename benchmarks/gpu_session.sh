@@ -7,12 +7,13 @@
 # stages of int8 and int4 extraction (stages); semantic-corr, semantic-seg and refexp-seg per target
 # (per-target); temporal-corr's full-size run alone (temporal),
 # the profile's other two (profile-rest); int8 against int4 extraction (int4-write);
+# semantic-corr's timed 225-target sweep of a 7B-shaped store (full-sweep);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|full-sweep]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|full-sweep]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -89,6 +90,13 @@ bounded 110 per-target-$p "${sweep[@]}" --probe $p --out "$stores/$p" --layers 1
     --no-raw-read --search torch --json "$out/per-target-$p.json"
 rm -rf "$stores/$p"
 done
+fi
+if [[ $what == full-sweep ]]; then
+# a timed 225-target sweep (7B shape: 28 layers x 4 KV heads, post-proj 3,584; 6.8 GiB) against the
+# projection the per-target modes print
+bounded 300 full-sweep-semantic-corr "${sweep[@]}" --probe semantic-corr --out "$stores/spair-7b" --search torch \
+    --no-raw-read --json "$out/full-sweep-semantic-corr.json"
+rm -rf "$stores/spair-7b"
 fi
 if [[ $what == all || $what == stages ]]; then
 # where int4 extraction's time goes against int8's: the capture stages of each, same model and images
