@@ -114,7 +114,7 @@ class ForegroundSegmentation(Probe):
     def _run(self, target: Target, acc: FewShotIoU, keep: dict[int, np.ndarray] | None = None) -> None:
         """Fit and score every episode into ``acc``; ``keep`` gets each episode's predicted mask."""
         feats = self.store.read(target.kind, target.layer, target.head, images=self.rows,
-                                device=self.decode_on() if uses_torch(self.device) else None)
+                                device=self.decode_on())
         if uses_torch(self.device):
             self._run_torch(feats, acc, keep)
             return
@@ -161,9 +161,7 @@ class ForegroundSegmentation(Probe):
         plan = self._device_plan(feats)
         T, dim = feats.data.shape
         buf = self._feature_buffer(T, dim)
-        data = feats.data if torch.is_tensor(feats.data) else torch.from_numpy(np.ascontiguousarray(feats.data,
-                                                                                                  np.float32))
-        buf[:T].copy_(data)  # row T stays 0: padding
+        buf[:T].copy_(torch.as_tensor(feats.data, dtype=torch.float32))  # row T stays 0: padding
         threshold = float(self.params["threshold"])
         counts, order = [], []
         for b in plan["batches"][dim]:

@@ -212,8 +212,7 @@ class SemanticCorrespondence(Probe):
         import torch
 
         def run(budget: int) -> np.ndarray:
-            x = data if torch.is_tensor(data) else torch.from_numpy(np.ascontiguousarray(data, np.float32))
-            x = x.to(self.device)
+            x = torch.as_tensor(data, dtype=torch.float32, device=self.device)
             idx = {k: torch.from_numpy(v).to(self.device) for k, v in
                    (("q", self.query_tokens), ("c", self.candidate_tokens))}
             normalise = torch.nn.functional.normalize

@@ -141,7 +141,7 @@ class TemporalCorrespondence(Probe):
     def read(self, target: Target) -> Any:
         return self.store.read(target.kind, target.layer, target.head,
                                images=[r for rows, _ in self.videos.values() for r in rows],
-                               device=self.decode_on() if uses_torch(self.device) else None)
+                               device=self.decode_on())
 
     def compute(self, target: Target, feats: Any) -> dict[str, float]:
         if uses_torch(self.device) and all(map(metric_on_device, self.references.values())):

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kvpipe.store.encoding import SCALE_BYTES, encoding_for
-from kvpipe.store.quant import INT4_TAIL, ROTATION_SEED, hadamard_block, hadamard_matrix, rotation_signs
+from kvpipe.store.quant import INT4_TAIL, hadamard_block, hadamard_matrix, rotation_signs, signed_hadamard
 
 
 def to_device(raw: np.ndarray, device: str):
@@ -54,8 +54,7 @@ def _signed(n: int, dim: int, seed: int, device: str):
     matrix, with the signs folded into its columns when one block spans the vector."""
     import torch
 
-    h = hadamard_matrix(n) * (rotation_signs(n, seed)[None, :] if n == dim else np.float32(1))
-    return torch.from_numpy(np.ascontiguousarray(h, np.float32)).to(device)
+    return torch.from_numpy(np.array(signed_hadamard(n, seed) if n == dim else hadamard_matrix(n))).to(device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -94,9 +93,7 @@ def _int4(rotation: str, seed: int) -> Callable:
 def decoder(store_dtype: str, params: Any = None) -> Callable:
     """``decode(raw tensor, dim) -> float32 tensor`` for a store's encoding (its Encoding
     metadata gives int4's rotation and seed)."""
-    encoding_for(store_dtype, params)  # a one-line StoreError for an encoding this kvpipe does not know
+    enc = encoding_for(store_dtype, params)  # a one-line StoreError for an encoding this kvpipe does not know
     if store_dtype == "int4":
-        get = (params.get if hasattr(params, "get") else dict(params).get) if params is not None else {}.get
-        seed = get("rotation_seed")
-        return _int4(get("rotation") or "hadamard", ROTATION_SEED if seed is None else int(seed))
+        return _int4(enc.rotation, enc.rotation_seed)
     return {"bfloat16": _bf16, "int8": _int8}.get(store_dtype, _plain)

@@ -127,6 +127,8 @@ class DiskEncoding:
     decode_into: Callable[[np.ndarray, np.ndarray], None]
     lossy: bool = False
     dim_of: Callable[[int], int] = lambda w: w  # the (even) vector length stored in w columns
+    rotation: str | None = None  # int4: the rotation undone on read, and its seed
+    rotation_seed: int = ROTATION_SEED
 
 
 def _int4(rotation: str = "hadamard", seed: int = ROTATION_SEED) -> DiskEncoding:
@@ -136,7 +138,8 @@ def _int4(rotation: str = "hadamard", seed: int = ROTATION_SEED) -> DiskEncoding
     def dec(raw: np.ndarray, out: np.ndarray) -> None:
         dequantize_int4(raw, out.shape[-1], out, rotation, seed)
 
-    return DiskEncoding("uint8", int4_stored_dim, enc, dec, lossy=True, dim_of=lambda w: 2 * (w - 8))
+    return DiskEncoding("uint8", int4_stored_dim, enc, dec, lossy=True, dim_of=lambda w: 2 * (w - 8),
+                        rotation=rotation, rotation_seed=seed)
 
 
 ENCODINGS: dict[str, DiskEncoding] = {
