@@ -167,3 +167,30 @@ def test_device_quantizer_makes_no_host_tensors_per_layer(monkeypatch):
 
     monkeypatch.setattr(torch, "tensor", refuse)
     assert torch.equal(quantize_on_device(x), first4) and torch.equal(int8_on_device(x), first8)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_slices_of_several_layers_give_the_same_bytes(monkeypatch, rows):
+    """On a GPU several layers are quantised per slice (fewer kernel launches); the bytes must
+    not depend on the slice, including a last slice shorter than the others."""
+    from kvpipe.pipeline.models import capture
+
+    x = torch.randn(5, 2, 9, 128) * 3
+    one_layer = quantize_on_device(x)
+    monkeypatch.setattr(capture, "int4_slice_rows", lambda lead, device: rows)
+    assert torch.equal(quantize_on_device(x), one_layer)
+
+
+def test_slice_rows_fill_the_device_budget():
+    """A 7B layer (4 heads x 4,096 tokens x 128: 8 MiB of float32) per slice on the CPU, the
+    whole stack on a GPU; a [tokens, 3584] post-projector array in token blocks, never a
+    token per slice (8,192 slices of a few kernels each made int4 launch-bound on a GPU)."""
+    from kvpipe.pipeline.models import capture
+
+    layers = torch.empty(28, 4, 4096, 128, device="meta")
+    assert capture.int4_slice_rows(layers, torch.device("cpu")) == 1
+    assert capture.int4_slice_rows(layers, torch.device("cuda")) == 28
+    post = torch.empty(8192, 3584, device="meta")
+    assert capture.int4_slice_rows(post, torch.device("cpu")) == (8 << 20) // (4 * 3584)
+    assert capture.int4_slice_rows(post, torch.device("cuda")) == 8192
+    assert capture.int4_slice_rows(torch.empty(3, 1 << 29, device="meta"), torch.device("cuda")) == 1
