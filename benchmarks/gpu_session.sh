@@ -7,13 +7,14 @@
 # stages of int8 and int4 extraction (stages); semantic-corr, semantic-seg and refexp-seg per target
 # (per-target); temporal-corr's full-size run alone (temporal),
 # the profile's other two (profile-rest); int8 against int4 extraction (int4-write);
-# semantic-corr's timed 225-target sweep of a 7B-shaped store (full-sweep);
+# semantic-corr's timed 225-target sweep of a 7B-shaped store (full-sweep); int4's fidelity on 96
+# images of Qwen2.5-VL-7B's shape (fidelity-96);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|full-sweep]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|full-sweep|fidelity-96]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|full-sweep]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|full-sweep|fidelity-96]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -61,6 +62,14 @@ if [[ $what == all || $what == fidelity ]]; then
 bounded 200 fidelity-qwen25vl python3 -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random \
     --device cuda --dtype bfloat16 --reference-dtype bfloat16 --images 16 --tasks input-agnostic \
     --out "$stores/lossy-7b" --json "$out/fidelity-qwen25vl.json"
+fi
+if [[ $what == fidelity-96 ]]; then
+# int4 against lossless bf16 on 96 images (16 synthetic videos) of the full-size architecture: every
+# deterministic probe over all 225 targets (cosegmentation's k-means spread is measured on the CPU)
+bounded 540 fidelity-96 python3 -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random \
+    --device cuda --dtype bfloat16 --reference-dtype bfloat16 --option n_videos=16 --batch-size 16 \
+    --encodings int4 --tasks temporal-corr,fg-seg,semantic-seg,refexp-seg,semantic-corr,input-agnostic \
+    --out "$stores/lossy-96" --json "$out/fidelity-96.json"
 fi
 if [[ $what == int4-write ]]; then
 # int8 against int4 extraction alone, same process and images (the encodings mode has them too)
