@@ -75,6 +75,10 @@ if [[ $what == int4-write ]]; then
 # int8 against int4 extraction alone, same process and images (the encodings mode has them too)
 bounded 110 int4-write "${kv[@]}" --model qwen25vl --size 448 --images 96 --batch-size 32 --part-size 32 \
     --runs kvpipe-int8,kvpipe-int4 --json "$out/int4-write.json"
+bounded 60 int4-slices python3 -m kvpipe.benchmarks.int4_slices --device cuda --tokens 8192 --repeats 5 \
+    --json "$out/int4-slices.json"
+bounded 110 int4-write-post-proj "${kv[@]}" --model qwen25vl --size 448 --images 96 --batch-size 32 --part-size 32 \
+    --kinds keys,values,post_proj --runs kvpipe-int8,kvpipe-int4 --json "$out/int4-write-post-proj.json"
 fi
 if [[ $what == all || $what == profile || $what == temporal ]]; then
 # 1,999 frames of 854 x 480 in 30 videos (2 heads, post-proj 128: 5 targets, about 1.5 GiB), then

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 SCRIPTS = ("capture_stages", "cli_latency", "codecs", "disk_rewrite", "encoded_reads", "encoder_interference",
-           "extract_timeline", "host_buffers",
+           "extract_timeline", "host_buffers", "int4_slices",
            "linear_probes", "lossy_fidelity", "multi_gpu", "prefill_kernels", "read_checks", "sweep")
 # a tiny MLM on the CPU: 4 images of 56 x 56 (4 image tokens each), batches of 2
 TINY = ["--device", "cpu", "--model", "tiny-qwen25vl", "--dtype", "float32", "--image-size", "56",
@@ -109,6 +109,17 @@ def test_linear_probes_fits_episodes_in_batches():
     cpu = res["devices"]["cpu"]
     assert cpu["episodes"] == 6 and cpu["episodes_per_s"] > 0 and cpu["newton_steps"] >= 1
     assert res["per_batch"] >= 1
+
+
+def test_int4_slices_times_both_slicings_and_restores_the_budget():
+    from kvpipe.pipeline.models import capture
+
+    budget = capture.int4_slice_rows
+    res = script("int4_slices").main(["--device", "cpu", "--tokens", "64", "--layers", "3", "--hidden", "256",
+                                      "--repeats", "1"])
+    assert set(res["results"]) == {"keys/values", "post_proj"}
+    assert res["results"]["post_proj"]["rows per slice"] == 64 and res["results"]["keys/values"]["speedup"] > 0
+    assert capture.int4_slice_rows is budget
 
 
 def test_lossy_fidelity_compares_int8_and_int4_with_the_lossless_store(tmp_path, monkeypatch):
