@@ -6,15 +6,16 @@
 # int4 and int8 reads of one target against the raw read of the lossless files (reads); the capture
 # stages of int8 and int4 extraction (stages); semantic-corr, semantic-seg and refexp-seg per target
 # (per-target); temporal-corr's full-size run alone (temporal),
-# the profile's other two (profile-rest); int8 against int4 extraction (int4-write);
+# the profile's other two (profile-rest); int8 against int4 extraction and int4's slices
+# (int4-write), the same with post-proj stored (int4-write-post-proj);
 # semantic-corr's timed 225-target sweep of a 7B-shaped store (full-sweep); int4's fidelity on 96
 # images of Qwen2.5-VL-7B's shape (fidelity-96);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|full-sweep|fidelity-96]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|full-sweep|fidelity-96]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|full-sweep|fidelity-96]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|full-sweep|fidelity-96]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -77,6 +78,8 @@ bounded 110 int4-write "${kv[@]}" --model qwen25vl --size 448 --images 96 --batc
     --runs kvpipe-int8,kvpipe-int4 --json "$out/int4-write.json"
 bounded 60 int4-slices python3 -m kvpipe.benchmarks.int4_slices --device cuda --tokens 8192 --repeats 5 \
     --json "$out/int4-slices.json"
+fi
+if [[ $what == int4-write-post-proj ]]; then
 bounded 110 int4-write-post-proj "${kv[@]}" --model qwen25vl --size 448 --images 96 --batch-size 32 --part-size 32 \
     --kinds keys,values,post_proj --runs kvpipe-int8,kvpipe-int4 --json "$out/int4-write-post-proj.json"
 fi
