@@ -75,6 +75,23 @@ def _fp8(x: np.ndarray) -> np.ndarray:
     return ((t / scale).to(torch.float8_e4m3fn).float() * scale).numpy()
 
 
+# the 16 levels of the MSE-optimal scalar quantiser of a unit Gaussian (Max 1960, Table I; Lloyd's
+# algorithm gives the same), the codebook of rotation-based 4-bit KV coders (TurboQuant-style)
+LLOYD_MAX_16 = np.array([0.1284, 0.3881, 0.6568, 0.9424, 1.2562, 1.6181, 2.0690, 2.7326])
+
+
+def _lloyd_max4(x: np.ndarray) -> np.ndarray:
+    """Rotated (kvpipe's signs + Hadamard), each coordinate coded by the Gaussian 4-bit codebook
+    scaled by the token's RMS (norm / sqrt(D): one float32 per token), decoded back."""
+    from kvpipe.store.quant import rotate, unrotate
+
+    levels = np.concatenate([-LLOYD_MAX_16[::-1], LLOYD_MAX_16])
+    bounds = (levels[1:] + levels[:-1]) / 2
+    y = rotate(x.astype(np.float32))
+    rms = np.maximum(np.linalg.norm(y, axis=-1, keepdims=True) / np.sqrt(y.shape[-1]), 1e-30)
+    return unrotate((levels[np.searchsorted(bounds, y / rms)] * rms).astype(np.float32))
+
+
 def candidates() -> dict[str, tuple[float, object]]:
     """Encodings compared on the features: name -> (bytes per 128-number token, encode + decode)."""
     from kvpipe.store.encoding import dequantize_int8, quantize_int8
@@ -84,7 +101,8 @@ def candidates() -> dict[str, tuple[float, object]]:
             "fp8-e4m3": (132, _fp8),
             "int4 (hadamard)": (int4_stored_dim(128), lambda x: dequantize_int4(quantize_int4(x), x.shape[-1])),
             "int4 (no rotation)": (int4_stored_dim(128), lambda x: dequantize_int4(
-                quantize_int4(x, rotation="none"), x.shape[-1], rotation="none"))}
+                quantize_int4(x, rotation="none"), x.shape[-1], rotation="none")),
+            "4-bit Lloyd-Max (hadamard, RMS scale)": (64 + 4, _lloyd_max4)}
 
 
 def compare_candidates(ref: FeatureStore) -> dict[str, dict[str, float]]:
