@@ -5,12 +5,17 @@ Extracts the same model and images once lossless (float32 or bfloat16) and once 
 on each, and reports per encoding and task: the largest and mean absolute change of the primary
 metric over all (layer, head, kind) targets, whether the best target is the same, and the stored
 bytes; for a probe with a random seed (cosegmentation's k-means) also the same figures between
-two seeds on the lossless store (row ``seed+1``), the estimator's own spread; per encoding the cosine of every decoded K/V token to its lossless vector. A second table
+two seeds on the lossless store (row ``seed+1``), the estimator's own spread; where the best
+target differs, its regret (the lossless score lost by taking the lossy store's choice); per
+encoding the cosine of every decoded K/V token to its lossless vector. A second table
 compares candidate encodings on the lossless features themselves (host quantisers, nothing
-stored): int8, int4 with and without the Hadamard rotation, and fp8 e4m3 with a per-token scale.
+stored): int8, int4 with and without the Hadamard rotation, fp8 e4m3 with a per-token scale, and
+the Gaussian-optimal 4-bit (Lloyd-Max) codebook after the rotation.
 
     python -m kvpipe.benchmarks.lossy_fidelity --out /tmp/kvpipe-lossy
     python -m kvpipe.benchmarks.lossy_fidelity --model tiny-llava-ov --images 48 --out /tmp/kvpipe-lossy-ov
+    # more images of the synthetic videos (16 x 6 = 96): --option is a dataset option
+    python -m kvpipe.benchmarks.lossy_fidelity --option n_videos=16 --out /tmp/kvpipe-lossy-96
     # the full-size architecture with random weights (random-7B features are not real features:
     # this measures the encodings on 7B-shaped activations, not probe quality); about 30 minutes
     # and 18 GB of memory on a 2-core CPU, --device cuda on a GPU host
