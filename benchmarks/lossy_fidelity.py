@@ -22,6 +22,10 @@ the Gaussian-optimal 4-bit (Lloyd-Max) codebook after the rotation.
     python -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random --device cpu --dtype bfloat16 \
         --reference-dtype bfloat16 --batch-size 4 --out /tmp/kvpipe-lossy-7b
 
+``--resume`` keeps the complete stores of an earlier run in ``--out`` and extracts only the
+missing ones: a run killed while probing redoes its probes (``--tasks``) without the model in
+memory (a 7B model held through the probes of 96 images outgrew 24 GB).
+
 A task the store cannot serve (e.g. fg-seg with fewer supports per episode than its shots) is
 reported under "skipped"; the others still count.
 """
@@ -38,7 +42,7 @@ import numpy as np
 from kvpipe.benchmarks import common
 from kvpipe.benchmarks.common import comma_list, finish, parse_args
 from kvpipe.cli.common import parse_params
-from kvpipe.errors import UsageError
+from kvpipe.errors import StoreError, UsageError
 from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.probes import PROBES
 from kvpipe.probes.runner import run_probe
@@ -127,6 +131,14 @@ def compare_candidates(ref: FeatureStore) -> dict[str, dict[str, float]]:
     return out
 
 
+def _complete(root: Path) -> bool:
+    """A store from an earlier run of this script, every part committed: --resume keeps it."""
+    try:
+        return FeatureStore.open(root).complete
+    except StoreError:  # absent or unreadable: extract it (again)
+        return False
+
+
 def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
     parser = common.get_args_parser(description, parents, add_help, groups=("model", "device", "parts", "out"))
     parser.add_argument("--dataset", default="synthetic")
@@ -140,6 +152,9 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
                                                                     "list (default: %(default)s)")
     parser.add_argument("--tasks", default=None, help="probes to compare, comma list (default: every probe the "
                                                       "dataset supports)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the stores of an earlier run in --out whose parts are all committed "
+                             "(same arguments), extract the rest, then probe")
     parser.set_defaults(model="tiny-qwen25vl", init="pretrained", dtype="float32", device="cpu", part_size=8)
     return parser
 
@@ -148,11 +163,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(get_args_parser(), argv)
     if args.out is None:
         raise SystemExit("lossy_fidelity needs --out (the directory for its stores)")
-    shutil.rmtree(args.out, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(args.out, ignore_errors=True)
     encodings = comma_list(args.encodings)
     stores = {}
     for name, dtype in (("reference", args.reference_dtype), *((e, e) for e in encodings)):
         stores[name] = args.out / name
+        if args.resume and _complete(stores[name]):
+            continue
         extract(ExtractConfig(model=args.model, dataset=args.dataset, out=str(stores[name]), limit=args.images,
                               dataset_options=parse_params(args.option, "--option"),
                               init=args.init, dtype=args.dtype, device=args.device, store_dtype=dtype,

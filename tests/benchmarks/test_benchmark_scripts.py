@@ -139,7 +139,7 @@ def test_lossy_fidelity_compares_int8_and_int4_with_the_lossless_store(tmp_path,
     from kvpipe.errors import UsageError
 
     lf = script("lossy_fidelity")
-    real_run = lf.run_probe
+    real_run, real_extract = lf.run_probe, lf.extract
 
     def run_probe(store, task, *a, **kw):  # a task the store cannot serve (as fg-seg with too few supports)
         if task == "fg-seg":
@@ -172,6 +172,17 @@ def test_lossy_fidelity_compares_int8_and_int4_with_the_lossless_store(tmp_path,
     assert cand["int4 (hadamard)"]["mean_cosine"] == pytest.approx(res["features"]["int4"]["mean_cosine"], abs=1e-6)
     with pytest.raises(SystemExit, match="needs --out"):
         script("lossy_fidelity").main([])
+    # --resume keeps the complete stores of the run above (a killed run's probes redo without
+    # extracting, and without holding the model) and extracts only what is missing
+    import shutil
+
+    shutil.rmtree(tmp_path / "lossy" / "int8")
+    extracted = []
+    monkeypatch.setattr(lf, "extract", lambda cfg: (extracted.append(cfg.store_dtype), real_extract(cfg)))
+    again = lf.main(["--out", str(tmp_path / "lossy"), "--option", "n_frames=2", "--tasks", "input-agnostic",
+                     "--resume"])
+    assert extracted == ["int8"]
+    assert again["tasks"]["input-agnostic"]["int4"] == res["tasks"]["input-agnostic"]["int4"]
 
 
 def test_multi_gpu_compares_the_stores_of_both_runs(tmp_path):
