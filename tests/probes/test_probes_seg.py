@@ -185,6 +185,28 @@ def test_fg_seg_oracle_and_random(tmp_path):
     assert 0.9 < one_shot["mIoU"] < 1.0
 
 
+def test_fg_seg_batches_bound_the_solvers_hessians(tmp_path, monkeypatch):
+    """Wide features of small images: the batch is bounded by the Newton solver's (D + 1)^2
+    float64 Hessians, not only by the support features (3,585-wide post-proj features of
+    48-token images had put 78 episodes, 24 GB of Hessians, in one batch). Every episode is in
+    one batch, and the scores do not depend on how episodes are batched."""
+    import kvpipe.probes.fg_seg as fg
+
+    sizes = np.full(200, 240)  # 5 supports of 48 tokens
+    for dim, most in ((3584, 3), (128, 200)):
+        plan = fg.batch_plan(sizes, dim)
+        assert sorted(j for b in plan for j in b) == list(range(200))
+        assert max(len(b) for b in plan) == most
+        hessians = fg.HESSIAN_COPIES * (dim + 1) ** 2 * 8 * max(len(b) for b in plan)
+        assert hessians <= fg.HESSIAN_BYTES
+    images, structure = fewshot_images()
+    store = write_toy_store(tmp_path / "r", images, "random", structure)
+    together = scores(store, "fg-seg", Target("values", 0, 0))
+    monkeypatch.setattr(fg, "HESSIAN_BYTES", 1)  # one episode per batch
+    assert fg.batch_plan(np.array([40, 40]), 8) == [[0], [1]]
+    assert scores(store, "fg-seg", Target("values", 0, 0)) == pytest.approx(together, abs=1e-9)
+
+
 def test_cosegmentation_oracle_and_random(tmp_path):
     images, structure = coseg_images()
     oracle = run_probe(write_toy_store(tmp_path / "o", images, "oracle", structure), "cosegmentation")
