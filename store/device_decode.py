@@ -58,8 +58,9 @@ def _signed(n: int, dim: int, seed: int, device: str):
 
 
 @functools.lru_cache(maxsize=16)
-def _signs(dim: int, seed: int, device: str):
-    """The rotation's signs on ``device``, sent once (a copy from host memory waits for the GPU)."""
+def rotation_signs_on(dim: int, seed: int, device: str):
+    """``quant.rotation_signs`` on ``device``, sent once per process (a copy from host memory
+    waits for the GPU): the decoder's and the device quantiser's."""
     import torch
 
     return torch.from_numpy(rotation_signs(dim, seed).copy()).to(device)
@@ -81,7 +82,7 @@ def _int4(rotation: str, seed: int) -> Callable:
         n = hadamard_block(dim)
         dev = str(raw.device)
         y = torch.matmul(codes.reshape(-1, n), _signed(n, dim, seed, dev)).reshape(codes.shape) * scale
-        signs = _signs(dim, seed, dev)
+        signs = rotation_signs_on(dim, seed, dev)
         if n != dim:
             y = y * signs
         y[..., ::n] += lo * (np.float32(np.sqrt(n)) * signs[::n])

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from kvpipe.pipeline.models.selection import Selection
-from kvpipe.store.quant import INT4_LEVELS, ROTATION_SEED, hadamard_block, int4_stored_dim, rotation_signs
+from kvpipe.store.device_decode import rotation_signs_on
+from kvpipe.store.quant import INT4_LEVELS, ROTATION_SEED, hadamard_block, int4_stored_dim
 from kvpipe.store.schema import HIDDEN, POST_PROJ
 
 if TYPE_CHECKING:  # the adapter calls into this module; annotations only
@@ -126,7 +127,7 @@ def quantize_int4(x: torch.Tensor, rotation: str = "hadamard", seed: int = ROTAT
     d = x.shape[-1]
     out = torch.empty(*x.shape[:-1], int4_stored_dim(d), dtype=torch.uint8, device=x.device)
     dev = str(x.device)
-    signs = device_constant(tuple(rotation_signs(d, seed).tolist()), dev) if rotation == "hadamard" else None
+    signs = rotation_signs_on(d, seed, dev) if rotation == "hadamard" else None
     levels = device_constant((float(INT4_LEVELS),), dev)[0]
     lead = x if x.dim() > 1 else x.unsqueeze(0)
     dest = out if x.dim() > 1 else out.unsqueeze(0)
