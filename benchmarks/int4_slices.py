@@ -37,31 +37,23 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     arrays = {"keys/values": torch.randn(args.layers, args.heads, args.tokens, 128, device=device).bfloat16(),
               "post_proj": torch.randn(args.tokens, args.hidden, device=device).bfloat16()}
-    budget = capture.int4_slice_rows
     results: dict[str, dict[str, float]] = {}
-    try:
-        for name, x in arrays.items():
-            rows = {"one row per slice": lambda lead, dev: 1, "device budget": budget}
-            codes = {}
-            for label, pick in rows.items():  # warm-up, and the bytes of each
-                capture.int4_slice_rows = pick
-                codes[label] = capture.quantize_int4(x)
-            if not torch.equal(*codes.values()):
-                raise SystemExit(f"{name}: the slice size changed the bytes")
-            times: dict[str, list[float]] = {label: [] for label in rows}
-            for _ in range(args.repeats):
-                for label, pick in rows.items():
-                    capture.int4_slice_rows = pick
-                    times[label].append(timed(lambda: capture.quantize_int4(x), device))
-            med = {label: statistics.median(t) for label, t in times.items()}
-            results[name] = {**{f"{label} ms": 1e3 * m for label, m in med.items()},
-                             "rows per slice": budget(x, device),
-                             "speedup": med["one row per slice"] / med["device budget"]}
-            print(f"{name:12s} {tuple(x.shape)}: one row per slice {1e3 * med['one row per slice']:8.1f} ms, "
-                  f"{budget(x, device)} rows per slice {1e3 * med['device budget']:8.1f} ms "
-                  f"({results[name]['speedup']:.1f} x)", flush=True)
-    finally:
-        capture.int4_slice_rows = budget
+    for name, x in arrays.items():
+        budget = capture.int4_slice_rows(x, device)
+        rows = {"one row per slice": 1, "device budget": budget}
+        codes = {label: capture.quantize_int4(x, rows=n) for label, n in rows.items()}  # warm-up, and the bytes
+        if not torch.equal(*codes.values()):
+            raise SystemExit(f"{name}: the slice size changed the bytes")
+        times: dict[str, list[float]] = {label: [] for label in rows}
+        for _ in range(args.repeats):
+            for label, n in rows.items():
+                times[label].append(timed(lambda: capture.quantize_int4(x, rows=n), device))
+        med = {label: statistics.median(t) for label, t in times.items()}
+        results[name] = {**{f"{label} ms": 1e3 * m for label, m in med.items()}, "rows per slice": budget,
+                         "speedup": med["one row per slice"] / med["device budget"]}
+        print(f"{name:12s} {tuple(x.shape)}: one row per slice {1e3 * med['one row per slice']:8.1f} ms, "
+              f"{budget} rows per slice {1e3 * med['device budget']:8.1f} ms "
+              f"({results[name]['speedup']:.1f} x)", flush=True)
     return finish(args, {"device": common.device_name(device), "tokens": args.tokens, "results": results})
 
 

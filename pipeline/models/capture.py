@@ -113,7 +113,8 @@ def device_constant(values: tuple[float, ...], device: str) -> torch.Tensor:
     return torch.tensor(np.array(values, np.float32), device=device)
 
 
-def quantize_int4(x: torch.Tensor, rotation: str = "hadamard", seed: int = ROTATION_SEED) -> torch.Tensor:
+def quantize_int4(x: torch.Tensor, rotation: str = "hadamard", seed: int = ROTATION_SEED,
+                  rows: int | None = None) -> torch.Tensor:
     """[..., D] -> [..., ceil(D/2) + 8] uint8 on the device, the bytes ``store.quant.quantize_int4``
     computes on the host: rotated (random signs, Walsh-Hadamard), 4-bit codes of the token's
     [min, max] range packed two per byte, then its float32 scale and minimum.
@@ -123,7 +124,8 @@ def quantize_int4(x: torch.Tensor, rotation: str = "hadamard", seed: int = ROTAT
     tokens of a [tokens, width] post-projector array), as many as fit in the device's float32
     budget ``INT4_SLICE_BYTES``: 1 GiB on a GPU, where a slice is about 40 kernel launches and
     one row per slice was launch-bound; 8 MiB on the CPU, where larger temporaries miss the
-    cache (3.7 x slower with several 7B layers per slice). The slice size changes no byte."""
+    cache (3.7 x slower with several 7B layers per slice). The slice size changes no byte;
+    ``rows`` sets it (benchmarks/int4_slices.py compares one row per slice)."""
     d = x.shape[-1]
     out = torch.empty(*x.shape[:-1], int4_stored_dim(d), dtype=torch.uint8, device=x.device)
     dev = str(x.device)
@@ -131,7 +133,7 @@ def quantize_int4(x: torch.Tensor, rotation: str = "hadamard", seed: int = ROTAT
     levels = device_constant((float(INT4_LEVELS),), dev)[0]
     lead = x if x.dim() > 1 else x.unsqueeze(0)
     dest = out if x.dim() > 1 else out.unsqueeze(0)
-    step = int4_slice_rows(lead, x.device)
+    step = rows or int4_slice_rows(lead, x.device)
     for i in range(0, lead.shape[0], step):
         xi = lead[i:i + step].float()
         y = _fwht(xi * signs) if signs is not None else xi

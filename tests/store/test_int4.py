@@ -170,15 +170,12 @@ def test_device_quantizer_makes_no_host_tensors_per_layer(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5])
-def test_slices_of_several_layers_give_the_same_bytes(monkeypatch, rows):
+def test_slices_of_several_layers_give_the_same_bytes(rows):
     """On a GPU several layers are quantised per slice (fewer kernel launches); the bytes must
     not depend on the slice, including a last slice shorter than the others."""
-    from kvpipe.pipeline.models import capture
-
     x = torch.randn(5, 2, 9, 128) * 3
     one_layer = quantize_on_device(x)
-    monkeypatch.setattr(capture, "int4_slice_rows", lambda lead, device: rows)
-    assert torch.equal(quantize_on_device(x), one_layer)
+    assert torch.equal(quantize_on_device(x, rows=rows), one_layer)
 
 
 def test_slice_rows_fill_the_device_budget():
