@@ -166,13 +166,14 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.resume:
         shutil.rmtree(args.out, ignore_errors=True)
     encodings = comma_list(args.encodings)
+    dataset_options = parse_params(args.option, "--option")
     stores = {}
     for name, dtype in (("reference", args.reference_dtype), *((e, e) for e in encodings)):
         stores[name] = args.out / name
         if args.resume and _complete(stores[name]):
             continue
         extract(ExtractConfig(model=args.model, dataset=args.dataset, out=str(stores[name]), limit=args.images,
-                              dataset_options=parse_params(args.option, "--option"),
+                              dataset_options=dataset_options,
                               init=args.init, dtype=args.dtype, device=args.device, store_dtype=dtype,
                               batch_size=args.batch_size, part_size=args.part_size))
     opened = {k: FeatureStore.open(v) for k, v in stores.items()}
