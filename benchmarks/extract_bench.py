@@ -65,6 +65,9 @@ class BenchConfig:
     out: str | None = None  # store directory (default: a temporary directory, removed after)
     disk_probe_bytes: int = 1 << 30  # written and fsync'd to measure the disk beside the store
     runs: tuple[str, ...] = ("floor-hf", "floor-kvpipe", "kvpipe", "naive")
+    # extraction runs repeated in rounds of alternating order (A B, B A, ...), each reported as the
+    # median of its rounds: on an H100 the order of two runs moved their steady rates by up to 25%
+    rounds: int = 1
 
 
 @dataclass
@@ -72,7 +75,9 @@ class BenchResult:
     config: dict[str, Any]
     device_name: str
     image_tokens: int
-    images_per_s: dict[str, float] = field(default_factory=dict)
+    images_per_s: dict[str, float] = field(default_factory=dict)  # the median of the rounds
+    rounds: dict[str, list[float]] = field(default_factory=dict)  # images/s of each round, in order
+    rounds_seconds: dict[str, list[float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     bytes_per_image_raw: float = 0.0
     bytes_per_image_stored: float = 0.0
@@ -124,6 +129,11 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         result.images_per_s[run] = n / seconds
         log(f"  {run:13s} {n / seconds:8.2f} img/s  ({n} images, {seconds:.2f} s)")
 
+    def record_round(run: str, seconds: float, n: int) -> None:
+        result.rounds.setdefault(run, []).append(n / seconds)
+        result.rounds_seconds.setdefault(run, []).append(seconds)
+        log(f"  {run:13s} {n / seconds:8.2f} img/s  ({n} images, {seconds:.2f} s)")
+
     if "floor-hf" in cfg.runs:
         timed(lambda: forward(adapter, batches[0], device), device)  # warm-up
         record("floor-hf", timed(prefill, device), len(images))
@@ -153,10 +163,21 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
                                         fast_kernels=False), adapter=adapter)  # already accelerated above
             if adapter.encodes_text and worker.data.queries:
                 worker.text()
-        for run, store_dtype, codec in extract_runs:
-            if run in cfg.runs:
+        selected = [r for r in extract_runs if r[0] in cfg.runs]
+        for i in range(cfg.rounds):
+            if cfg.rounds > 1:
+                log(f"  round {i + 1} of {cfg.rounds}")
+            for run, store_dtype, codec in (selected if i % 2 == 0 else selected[::-1]):
                 settle(device)
-                _extract_run(cfg, run, store_dtype, codec, adapter, tmp / run, ds_opts, record, result, log)
+                _extract_run(cfg, run, store_dtype, codec, adapter, tmp / run, ds_opts, record_round, result, log,
+                             measure_disk=i == 0)
+        for run, rates in result.rounds.items():
+            result.images_per_s[run] = statistics.median(rates)
+            result.seconds[run] = statistics.median(result.rounds_seconds[run])
+        if cfg.rounds > 1:
+            for run, rates in result.rounds.items():
+                log(f"  {run:13s} median of {len(rates)} rounds {result.images_per_s[run]:8.2f} img/s "
+                    f"(rounds: {', '.join(f'{r:.2f}' for r in rates)})")
         sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
                         parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), parse_kinds(cfg.kinds))
         store_dtype = cfg.store_dtype or cfg.dtype

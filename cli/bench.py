@@ -32,6 +32,8 @@ def bench_extract_cmd(
     views: str = typer.Option("all", help="all | base (an any-resolution model's base view only)"),
     codec: str = typer.Option("zstd", help="store codec: zstd | lz4bit | lz4 | zstd3"),
     runs: str = typer.Option("floor-hf,floor-kvpipe,kvpipe,naive", help="which runs"),
+    rounds: int = typer.Option(1, min=1, help="repeat the extraction runs in rounds of alternating order and "
+                                              "report each run's median"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the figures as JSON"),
 ) -> None:
     """Floor (model prefill), kvpipe extraction and a hand-written loop on the same images."""
@@ -40,7 +42,7 @@ def bench_extract_cmd(
     cfg = BenchConfig(model=model, init=init, dtype=dtype, device=device, size=size, images=images,
                       batch_size=batch_size, part_size=part_size, naive_images=naive_images, kinds=kinds,
                       layers=layers, heads=heads, store_dtype=store_dtype, codec=codec, views=views,
-                      runs=tuple(r.strip() for r in runs.split(",") if r.strip()))
+                      runs=tuple(r.strip() for r in runs.split(",") if r.strip()), rounds=rounds)
     result = bench_extract(cfg, log=typer.echo)
     if json_out:
         json_out.write_text(json.dumps(result.to_dict(), indent=2))

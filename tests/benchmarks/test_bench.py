@@ -52,3 +52,17 @@ def test_bench_extract_int4_and_the_base_view(tmp_path):
     # raw bytes: keys and values x layers x heads x tokens x (8 code bytes + 8 scale/min bytes)
     assert result.bytes_per_image_raw == 2 * 2 * 2 * 16 * (8 + 8)
     assert 0 < result.stored_per_image["kvpipe-int4"]
+
+
+def test_bench_extract_rounds_alternate_and_report_medians(tmp_path):
+    cfg = BenchConfig(model="tiny-qwen25vl", device="cpu", dtype="float32", size=56, images=4, batch_size=2,
+                      part_size=2, runs=("kvpipe-int8", "kvpipe-int4"), rounds=3, out=str(tmp_path),
+                      disk_probe_bytes=1 << 20)
+    lines: list[str] = []
+    result = bench_extract(cfg, log=lines.append)
+    order = [line.split()[0] for line in lines if line.strip().startswith("kvpipe-int") and "img/s  (" in line
+             and "-steady" not in line]
+    assert order == ["kvpipe-int8", "kvpipe-int4", "kvpipe-int4", "kvpipe-int8", "kvpipe-int8", "kvpipe-int4"]
+    for run in ("kvpipe-int8", "kvpipe-int4", "kvpipe-int8-steady", "kvpipe-int4-steady"):
+        assert len(result.rounds[run]) == 3
+        assert result.images_per_s[run] == sorted(result.rounds[run])[1]
