@@ -33,9 +33,10 @@ from kvpipe.probes.predictions import MaskImages, MaskItem
 from kvpipe.probes.tokens import IGNORE, bilinear_weights, base_grid_hw, label_ids, token_fractions, upsample_bilinear
 
 BATCH_BYTES = 256 * 2**20  # padded support features per batch of episodes (float32)
-# the Newton solver's float64 Hessians per batch: (dim + 1)^2 per episode, about three live at
-# once (the Hessian, its regularised copy, its Cholesky factor); 3,585-wide post-proj features
-# of small images (few tokens, so many episodes under BATCH_BYTES) had reached 24 GB
+# the Newton solver's float64 systems per batch: min(support tokens, dim + 1)^2 per episode
+# (logistic.py solves in the smaller space), about three live at once (the system, its
+# regularised copy, its Cholesky factor); 3,585-wide post-proj features of small images (few
+# tokens, so many episodes under BATCH_BYTES) had reached 24 GB when every system was (dim + 1)^2
 HESSIAN_BYTES = 2**30
 HESSIAN_COPIES = 3
 
@@ -294,13 +295,14 @@ class ForegroundSegmentation(Probe):
 
 def batch_plan(sizes: np.ndarray, dim: int) -> list[list[int]]:
     """Episode indices in batches of similar support sizes (less padding), each under
-    BATCH_BYTES of padded float32 support features and HESSIAN_BYTES of the solver's Hessians;
+    BATCH_BYTES of padded float32 support features and HESSIAN_BYTES of the solver's systems;
     ascending: the newest episode is the largest."""
     out: list[list[int]] = []
     batch: list[int] = []
-    most = max(1, HESSIAN_BYTES // (HESSIAN_COPIES * (dim + 1) ** 2 * 8))  # episodes per batch
     for j in np.argsort(sizes, kind="stable"):
-        if batch and ((len(batch) + 1) * int(sizes[j]) * (dim + 1) * 4 > BATCH_BYTES or len(batch) >= most):
+        n = int(sizes[j])
+        if batch and ((len(batch) + 1) * n * (dim + 1) * 4 > BATCH_BYTES
+                      or (len(batch) + 1) * HESSIAN_COPIES * min(n, dim + 1) ** 2 * 8 > HESSIAN_BYTES):
             out.append(batch)
             batch = []
         batch.append(int(j))

@@ -133,6 +133,27 @@ def test_logistic_regression_reaches_the_optimum():
         np.testing.assert_allclose(fit.bias[e], th[3] - (th[:3] / sd) @ mu, atol=1e-3)
 
 
+@pytest.mark.parametrize("n, dim", [(40, 100), (240, 1200), (60, 30)])
+def test_logistic_newton_steps_in_token_space_equal_feature_space(n, dim):
+    """The Woodbury step in the N-square system is the (D + 1)-square Newton step: the same
+    iterations, the same optimum (soft targets, sample weights, padding, features far from
+    centred), whichever space is smaller."""
+    rng = np.random.default_rng(n)
+    x = (3 * rng.standard_normal((3, n, dim)) + rng.standard_normal(dim)).astype(np.float32)
+    y = rng.random((3, n)).astype(np.float32)
+    y[:, : n // 2] = np.round(y[:, : n // 2])
+    w = rng.random((3, n)).astype(np.float32)
+    w[1, n - 9:] = 0  # padding
+    a = fit_logistic(x, y, w, dev="cpu", space="features")
+    b = fit_logistic(x, y, w, dev="cpu", space="tokens")
+    auto = fit_logistic(x, y, w, dev="cpu")
+    assert a.iterations == b.iterations
+    np.testing.assert_allclose(b.coef, a.coef, atol=2e-4 * np.abs(a.coef).max())
+    np.testing.assert_allclose(b.bias, a.bias, atol=2e-4 * max(1.0, np.abs(a.bias).max()))
+    chosen = b if n < dim + 1 else a
+    np.testing.assert_array_equal(auto.coef, chosen.coef)  # auto solves in the smaller space
+
+
 def test_foreground_vote_by_hand():
     border = border_tokens((4, 4))  # 12 of 16 tokens on the ring
     a = np.zeros((4, 4), np.int64)
@@ -192,12 +213,14 @@ def test_fg_seg_batches_bound_the_solvers_hessians(tmp_path, monkeypatch):
     one batch, and the scores do not depend on how episodes are batched."""
     import kvpipe.probes.fg_seg as fg
 
-    sizes = np.full(200, 240)  # 5 supports of 48 tokens
-    for dim, most in ((3584, 3), (128, 200)):
+    # 5 supports of 48 tokens: the 240-square token-space systems are small, the support
+    # features bound the batch; 4,000 support tokens: the 3,585-square Hessians bound it
+    for n, dim, most in ((240, 3584, 77), (4000, 3584, 3), (240, 128, 200)):
+        sizes = np.full(200, n)
         plan = fg.batch_plan(sizes, dim)
         assert sorted(j for b in plan for j in b) == list(range(200))
         assert max(len(b) for b in plan) == most
-        hessians = fg.HESSIAN_COPIES * (dim + 1) ** 2 * 8 * max(len(b) for b in plan)
+        hessians = fg.HESSIAN_COPIES * min(n, dim + 1) ** 2 * 8 * max(len(b) for b in plan)
         assert hessians <= fg.HESSIAN_BYTES
     images, structure = fewshot_images()
     store = write_toy_store(tmp_path / "r", images, "random", structure)
