@@ -109,6 +109,13 @@ def test_linear_probes_fits_episodes_in_batches():
     cpu = res["devices"]["cpu"]
     assert cpu["episodes"] == 6 and cpu["episodes_per_s"] > 0 and cpu["newton_steps"] >= 1
     assert res["per_batch"] >= 1
+    # the solver's two Newton systems on the same episodes, where the support tokens (2 x 3) are
+    # fewer than the features: the same coefficients
+    res = script("linear_probes").main(["--devices", "cpu", "--episodes", "4", "--tokens", "3", "--dim", "40",
+                                        "--shots", "2", "--repeat", "1", "--spaces", "features,tokens"])
+    tokens = res["devices"]["cpu tokens"]
+    assert set(res["devices"]) == {"cpu features", "cpu tokens"} and tokens["speed_vs_cpu features"] > 0
+    assert tokens["relative_coef_diff"] < 1e-4
 
 
 def test_int4_slices_times_both_slicings_and_restores_the_budget():
