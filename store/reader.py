@@ -423,10 +423,11 @@ class FeatureStore:
         except FileNotFoundError:
             raise StoreError(f"text queries of {self.root}: file {rel} is missing; {fix}") from None
         check_crc(payload, sums[key], f"text queries of {self.root}: file {rel}", self.root)
-        dtype = np.dtype(DISK_DTYPE[self.meta.store_dtype])
-        dim = stored_dim(width, self.meta.store_dtype)
-        raw = decode_chunk(payload, dtype, len(queries), dim, f"{kind} of the text queries", self.root)
-        return decode(raw, self.meta.store_dtype, self.meta.compressor, width)
+        encoding = self.meta.text_store_dtype
+        dim = stored_dim(width, encoding)
+        raw = decode_chunk(payload, np.dtype(DISK_DTYPE[encoding]), len(queries), dim, f"{kind} of the text queries",
+                           self.root)
+        return decode(raw, encoding, self.meta.compressor, width)
 
     def describe(self) -> dict[str, Any]:
         ok = self.images()

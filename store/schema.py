@@ -323,6 +323,10 @@ class FeatureSetMeta:
     prefix_choice: PrefixChoice = field(default_factory=PrefixChoice)
     # which views were stored ({"views": "all" | "base", "reason": ...}); {}: every view (older stores)
     views: ViewChoice = field(default_factory=ViewChoice)
+    # how the text queries' features are stored: "" = as the images' (store_dtype; older stores,
+    # lossless stores); a lossy store keeps its few text queries lossless (the compute dtype), so
+    # a text-grounded probe's error is the images' alone (int4 text had doubled semantic-seg's)
+    text_dtype: str = ""
     command: str = ""
     kvpipe_version: str = ""
     schema_version: int = SCHEMA_VERSION
@@ -341,8 +345,8 @@ class FeatureSetMeta:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "views" and not value:
-                continue  # older stores have no views section; their metadata is written back as it was
+            if f.name in ("views", "text_dtype") and not value:
+                continue  # older stores have neither; their metadata is written back as it was
             out[f.name] = value.to_dict() if isinstance(value, Section) else value
         return json.loads(json.dumps(out))
 
@@ -357,8 +361,8 @@ class FeatureSetMeta:
             raise StoreError(f"{where} uses store schema {version}, newer than this kvpipe "
                              f"({SCHEMA_VERSION}); upgrade kvpipe to read it")
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - set(data) - {"text_queries", "compressor", "prefix_choice", "views", "command",
-                                       "kvpipe_version"}
+        missing = names - set(data) - {"text_queries", "compressor", "prefix_choice", "views", "text_dtype",
+                                       "command", "kvpipe_version"}
         if missing:
             raise StoreError(f"{where} metadata lacks {', '.join(sorted(missing))}; the store is damaged")
         kw = {k: v for k, v in data.items() if k in names}
@@ -387,6 +391,11 @@ class FeatureSetMeta:
         else:
             d["views"] = {"views": self.stored_views}  # how it was chosen is provenance
         return d
+
+    @property
+    def text_store_dtype(self) -> str:
+        """The encoding of the text queries' features."""
+        return self.text_dtype or self.store_dtype
 
     @property
     def stored_views(self) -> str:
@@ -426,10 +435,11 @@ def check_fields(kw: dict[str, Any], where: str) -> None:
     check_int(where, "head_dim", kw["head_dim"], 1, MAX_DIM)
     check_int(where, "hidden_size", kw["hidden_size"], 1, MAX_DIM)
     check_str(where, "compute_dtype", kw["compute_dtype"], COMPUTE_DTYPES)
-    check_str(where, "store_dtype", kw["store_dtype"])
-    if kw["store_dtype"] not in STORE_DTYPES:
-        raise StoreError(f"{where} uses encoding {kw['store_dtype']!r} (store_dtype), which this kvpipe does not "
-                         f"know (known: {', '.join(STORE_DTYPES)}); upgrade kvpipe to read it")
+    for name in ("store_dtype", "text_dtype"):
+        value = check_str(where, name, kw.get(name, ""))
+        if (value or name == "store_dtype") and value not in STORE_DTYPES:
+            raise StoreError(f"{where} uses encoding {value!r} ({name}), which this kvpipe does not "
+                             f"know (known: {', '.join(STORE_DTYPES)}); upgrade kvpipe to read it")
     check_str(where, "template", kw["template"])
     check_str(where, "prefix", kw["prefix"])
     check_int_list(where, "prefix_token_ids", kw["prefix_token_ids"], 0, MAX_TOKEN_ID, MAX_PREFIX_TOKENS)

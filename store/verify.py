@@ -156,7 +156,7 @@ def _check_text(store: FeatureStore, decode: bool) -> list[str]:
                     continue
                 shape = np.asarray(group[kind][...]).shape
                 if kind == Kind.POST_PROJ:
-                    width = stored_dim(meta.hidden_size, meta.store_dtype)
+                    width = stored_dim(meta.hidden_size, meta.text_store_dtype)
                     if shape != (len(queries), width):
                         problems.append(f"{layout.TEXT}/{kind} has shape {shape}, not [{len(queries)}, {width}]")
                 elif shape[:3] != (len(meta.layers), len(meta.heads), len(queries)):

@@ -226,15 +226,17 @@ class StoreWriter:
         stage = self.root / layout.STAGING / f"{layout.part_name(part)}-{uuid.uuid4().hex[:8]}"
         return StagedPart(stage.relative_to(self.root).as_posix(), self._write_group(stage, arrays, fsync=True))
 
-    def _write_group(self, path: Path, arrays: dict[str, np.ndarray], fsync: bool = False) -> dict[str, str]:
+    def _write_group(self, path: Path, arrays: dict[str, np.ndarray], fsync: bool = False,
+                     store_dtype: str | None = None) -> dict[str, str]:
         """Encode ``arrays`` as a Zarr group at a local ``path``; returns every file's CRC32C
         (chunks from their bytes in memory, the small metadata files read back). ``fsync``:
-        every file is on disk when this returns (a commit must not precede its data)."""
+        every file is on disk when this returns (a commit must not precede its data).
+        ``store_dtype``: the encoding (default: the store's)."""
         group = zarr.open_group(zarr.storage.LocalStore(path), mode="w", zarr_format=3)
         sums: dict[str, str] = {}
         meta_files = ["zarr.json"]  # the group's, then each written array's (no walk of the chunk tree)
         for name, arr in arrays.items():
-            chunk_sums = self._write_array(group, path, name, arr)
+            chunk_sums = self._write_array(group, path, name, arr, store_dtype or self.meta.store_dtype)
             if chunk_sums:
                 sums.update({f"{name}/{k}": v for k, v in chunk_sums.items()})
                 meta_files.append(f"{name}/zarr.json")
@@ -243,11 +245,11 @@ class StoreWriter:
             sync_tree(path)
         return dict(sorted(sums.items()))
 
-    def _upload(self, arrays: dict[str, np.ndarray], rel: str) -> dict[str, str]:
+    def _upload(self, arrays: dict[str, np.ndarray], rel: str, store_dtype: str | None = None) -> dict[str, str]:
         """Object stores: encode the group locally (the same bytes), checksum it, upload it to
         ``rel``; returns the files' checksums."""
         with tempfile.TemporaryDirectory(prefix="kvpipe-upload-") as tmp:
-            checksums = self._write_group(Path(tmp), arrays)
+            checksums = self._write_group(Path(tmp), arrays, store_dtype=store_dtype)
             self.loc.put_dir(Path(tmp), rel)
         return checksums
 
@@ -273,17 +275,17 @@ class StoreWriter:
         os.rename(record_tmp, layout.manifest_file(self.root, part))
         fsync_dir(self.root / layout.MANIFEST)
 
-    def _write_array(self, group: zarr.Group, path: Path, name: str, arr: np.ndarray) -> dict[str, str]:
-        """Zarr writes the array's metadata, ``store.chunks`` its chunk files (same bytes)."""
+    def _write_array(self, group: zarr.Group, path: Path, name: str, arr: np.ndarray, sd: str) -> dict[str, str]:
+        """Zarr writes the array's metadata, ``store.chunks`` its chunk files (same bytes), in
+        the encoding ``sd``."""
         if name == "masks":
             data, dtype, comp = arr.astype(np.uint8), "uint8", compressor("float16")
             comp = type(comp)(cname="zstd", clevel=3, shuffle="noshuffle", typesize=1)
         else:  # batches from the device come already in the disk dtype; encode() passes them through
-            sd = self.meta.store_dtype
             params = self.meta.compressor
             data = (arr.map(lambda piece: encode(piece, sd, params)) if isinstance(arr, TokenSegments)
                     else encode(arr, sd, params))
-            dtype, comp = DISK_DTYPE[self.meta.store_dtype], compressor_for(self.meta.compressor, self.meta.store_dtype)
+            dtype, comp = DISK_DTYPE[sd], compressor_for(params, sd)
         if data.size == 0:
             return {}  # a part whose images all failed has no tokens
         # [layer, head, token, dim]: one chunk file = one (layer, head) of the part, so reading a
@@ -298,9 +300,10 @@ class StoreWriter:
         import pyarrow.parquet as pq
 
         self._check_lease()
+        dtype = self.meta.text_store_dtype
         if self.remote:
             self.loc.rmtree(layout.TEXT)
-            sums = self._upload(arrays, layout.TEXT)
+            sums = self._upload(arrays, layout.TEXT, dtype)
             table = pa.table({"query": queries, "token_ids": token_ids})
             table = table.replace_schema_metadata({b"kvpipe.checksums": json.dumps(sums).encode()})
             buf = io.BytesIO()
@@ -308,7 +311,7 @@ class StoreWriter:
             self.loc.write_atomic(layout.TEXT_RECORD, buf.getvalue())
             return
         stage = self.root / layout.STAGING / f"text-{uuid.uuid4().hex[:8]}"
-        sums = self._write_group(stage, arrays, fsync=True)
+        sums = self._write_group(stage, arrays, fsync=True, store_dtype=dtype)
         final = self.root / layout.TEXT
         if final.exists():
             shutil.rmtree(final)

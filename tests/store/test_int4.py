@@ -15,7 +15,8 @@ from kvpipe.errors import StoreError
 from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.pipeline.models.capture import quantize_int4 as quantize_on_device
 from kvpipe.store import FeatureStore
-from kvpipe.store.encoding import decode, encode, stored_dim
+from kvpipe.store.encoding import encode, stored_dim
+from kvpipe.store.schema import FeatureSetMeta
 from kvpipe.store.quant import DECODE_BLOCK, dequantize_int4, fwht, quantize_int4, rotate, rotation_signs, unrotate
 from kvpipe.store.verify import verify_store
 
@@ -120,8 +121,15 @@ def test_int4_store_against_the_lossless_store(tmp_path):
     a, b = ref.read("post_proj").data, lossy.read("post_proj").data
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.97
-    qa, qb = ref.text("values", 0, 0), lossy.text("values", 0, 0)
-    np.testing.assert_allclose(qb, decode(quantize_int4(qa), "int4"))
+    # the text queries stay lossless (the compute dtype): a text-grounded probe's error is the
+    # images' alone; a lossless store records nothing (its metadata as before)
+    assert (lossy.meta.text_dtype, lossy.meta.text_store_dtype, ref.meta.text_dtype) == ("float32", "float32", "")
+    assert "text_dtype" in lossy.meta.to_dict() and "text_dtype" not in ref.meta.to_dict()
+    for args in (("values", 0, 0), ("keys", 1, 1), ("post_proj",)):
+        np.testing.assert_array_equal(lossy.text(*args), ref.text(*args))
+    # a lossy store made before text_dtype existed: its text queries in its own encoding
+    older = FeatureSetMeta.from_dict({k: v for k, v in lossy.meta.to_dict().items() if k != "text_dtype"})
+    assert older.text_store_dtype == "int4"
     size = {k: sum(f.stat().st_size for f in (tmp_path / k / "parts").rglob("c/*/*/0/0") if f.is_file())
             for k in ("f32", "i4")}
     assert 0 < size["i4"] < 0.35 * size["f32"]  # 16 bytes per 16-number token against 64 (compressed)
@@ -142,6 +150,7 @@ def _edit(store, **fields):
     ({"compressor": {"quant": "nf4"}}, "compressor.quant 'nf4'"),
     ({"compressor": {"rotation": "learned"}}, "compressor.rotation 'learned'"),
     ({"views": {"views": "tiles"}}, "views.views 'tiles'"),
+    ({"text_dtype": "int2"}, "encoding 'int2' (text_dtype)"),
 ])
 def test_a_newer_encoding_asks_for_an_upgrade(tmp_path, fields, says):
     store = tmp_path / "s"
