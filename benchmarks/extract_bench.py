@@ -124,14 +124,11 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         for b in batches:
             forward(adapter, b, device)
 
-    def record(run: str, seconds: float, n: int) -> None:
-        result.seconds[run] = seconds
-        result.images_per_s[run] = n / seconds
-        log(f"  {run:13s} {n / seconds:8.2f} img/s  ({n} images, {seconds:.2f} s)")
-
-    def record_round(run: str, seconds: float, n: int) -> None:
+    def record(run: str, seconds: float, n: int) -> None:  # a run's figures: the median of its rounds
         result.rounds.setdefault(run, []).append(n / seconds)
         result.rounds_seconds.setdefault(run, []).append(seconds)
+        result.images_per_s[run] = statistics.median(result.rounds[run])
+        result.seconds[run] = statistics.median(result.rounds_seconds[run])
         log(f"  {run:13s} {n / seconds:8.2f} img/s  ({n} images, {seconds:.2f} s)")
 
     if "floor-hf" in cfg.runs:
@@ -169,13 +166,10 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
                 log(f"  round {i + 1} of {cfg.rounds}")
             for run, store_dtype, codec in (selected if i % 2 == 0 else selected[::-1]):
                 settle(device)
-                _extract_run(cfg, run, store_dtype, codec, adapter, tmp / run, ds_opts, record_round, result, log,
+                _extract_run(cfg, run, store_dtype, codec, adapter, tmp / run, ds_opts, record, result, log,
                              measure_disk=i == 0)
         for run, rates in result.rounds.items():
-            result.images_per_s[run] = statistics.median(rates)
-            result.seconds[run] = statistics.median(result.rounds_seconds[run])
-        if cfg.rounds > 1:
-            for run, rates in result.rounds.items():
+            if len(rates) > 1:
                 log(f"  {run:13s} median of {len(rates)} rounds {result.images_per_s[run]:8.2f} img/s "
                     f"(rounds: {', '.join(f'{r:.2f}' for r in rates)})")
         sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
