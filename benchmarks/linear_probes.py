@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|---|---|---|---|---|")
     for dev, (t, n, iters) in results.items():
         rate = n / t
-        print(f"| {dev} | {n} | {t:.2f} | {rate:.0f} | {args.episodes / rate:.2f} s | "
+        print(f"| {dev} | {n} | {t:.2f} | {rate:.3g} | {args.episodes / rate:.2f} s | "
               f"{args.targets * args.episodes / rate / 60:.1f} min | {iters} |")
     report = {dev: {"seconds": t, "episodes": n, "episodes_per_s": n / t, "newton_steps": iters}
               for dev, (t, n, iters) in results.items()}
