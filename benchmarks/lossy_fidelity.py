@@ -6,7 +6,8 @@ on each, and reports per encoding and task: the largest and mean absolute change
 metric over all (layer, head, kind) targets, whether the best target is the same, and the stored
 bytes; for a probe with a random seed (cosegmentation's k-means) also the same figures between
 two seeds on the lossless store (row ``seed+1``), the estimator's own spread; where the best
-target differs, its regret (the lossless score lost by taking the lossy store's choice); per
+target differs, its regret (the lossless score lost by taking the lossy store's choice) beside
+the lossless store's own lead of its best target over the runner-up (``ref-gap``); per
 encoding the cosine of every decoded K/V token to its lossless vector. A second table
 compares candidate encodings on the lossless features themselves (host quantisers, nothing
 stored): int8, int4 with and without the Hadamard rotation, fp8 e4m3 with a per-token scale, and
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = [t for t in (ref.meta.dataset.tasks or ()) if t in PROBES
              and (args.tasks is None or t in comma_list(args.tasks))]
     print(f"{'task':16s} {'encoding':9s} {'metric':10s} {'targets':>7s} {'max |d|':>8s} {'mean |d|':>8s} "
-          f"{'best ref':>8s} {'best':>8s} same-best regret")
+          f"{'best ref':>8s} {'best':>8s} same-best regret  ref-gap")
     for task in tasks:
         metric = PROBES.get(task).primary_metric
         runs = [(k, v, {}) for k, v in stores.items()]
@@ -213,11 +214,16 @@ def main(argv: list[str] | None = None) -> dict:
                    "same_best_target": best[0] == best[1],
                    # what the lossy store's choice costs on the lossless store: 0 when it picks the
                    # same target, small when it picks a near-tie
-                   "best_target_regret": float(a[best[0]] - a[best[1]])}
+                   "best_target_regret": float(a[best[0]] - a[best[1]]),
+                   # how far the lossless store's best target leads its runner-up: a change of the
+                   # best target within this gap is a swap of near-ties
+                   "best_target_gap_reference": float(a[best[0]] - max(a[k] for k in keys if k != best[0]))
+                   if len(keys) > 1 else float("nan")}
             report["tasks"][task][enc] = row
             print(f"{task:16s} {enc:9s} {metric:10s} {len(keys):7d} {row['max_abs_diff']:8.4f} "
                   f"{row['mean_abs_diff']:8.4f} {row['best_reference']:8.4f} {row['best_lossy']:8.4f} "
-                  f"{str(row['same_best_target']):9s} {row['best_target_regret']:.4f}")
+                  f"{str(row['same_best_target']):9s} {row['best_target_regret']:.4f}   "
+                  f"{row['best_target_gap_reference']:.4f}")
     print(json.dumps({k: report[k] for k in ("bytes_per_image", "features", "candidates")}, indent=1))
     return finish(args, report)
 

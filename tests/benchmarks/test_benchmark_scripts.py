@@ -160,6 +160,7 @@ def test_lossy_fidelity_compares_int8_and_int4_with_the_lossless_store(tmp_path,
     for rows in res["tasks"].values():  # the lossy choice's cost on the lossless store
         for row in rows.values():
             assert row["best_target_regret"] >= 0 and (row["best_target_regret"] == 0) >= row["same_best_target"]
+            assert row["best_target_gap_reference"] >= 0  # the lossless store's lead of its best target
     # the task that cannot run is reported as skipped, the others still count
     assert set(res["skipped"]) == {"fg-seg"} and "shots" in res["skipped"]["fg-seg"]
     # k-means is seeded: its spread between two seeds on the lossless store is reported beside the encodings
