@@ -135,6 +135,17 @@ def test_int4_store_against_the_lossless_store(tmp_path):
     assert 0 < size["i4"] < 0.35 * size["f32"]  # 16 bytes per 16-number token against 64 (compressed)
 
 
+def test_int4_store_on_an_object_store_keeps_its_text_queries_lossless(tmp_path, s3_server):
+    kw = dict(model="tiny-qwen25vl", dataset="synthetic", limit=2, batch_size=2, part_size=2)
+    extract(ExtractConfig(out=str(tmp_path / "f32"), **kw))
+    url = "s3://kvpipe-test/stores/int4-text"
+    extract(ExtractConfig(out=url, store_dtype="int4", **kw))
+    ref, lossy = FeatureStore.open(tmp_path / "f32"), FeatureStore.open(url)
+    assert (lossy.meta.store_dtype, lossy.meta.text_dtype) == ("int4", "float32")
+    np.testing.assert_array_equal(lossy.text("keys", 0, 1), ref.text("keys", 0, 1))
+    assert not np.array_equal(lossy.read("keys", 0, 1).data, ref.read("keys", 0, 1).data)  # the images: int4
+
+
 def _edit(store, **fields):
     doc = json.loads((store / "zarr.json").read_text())
     for key, value in fields.items():
