@@ -143,8 +143,9 @@ def _feature_space(Z, reg):
 def _token_space(Z, reg):
     """The same step through the Woodbury identity, solved in an N-square system:
     H^-1 g = R^-1 g - R^-1 Z^T c^1/2 (I + c^1/2 Z R^-1 Z^T c^1/2)^-1 c^1/2 Z R^-1 g.
-    Z R^-1 Z^T is built once per fit (N^2 D); each step then costs N^3 / 3 + N D. In float64:
-    the bias's R^-1 is 1 / jitter, and its terms cancel."""
+    Z R^-1 Z^T is built once per fit (N^2 D); each step then costs N^3 / 3 + N D. In float64
+    (a copy of the features, twice their float32 bytes): the bias's R^-1 is 1 / jitter, and its
+    terms cancel."""
     import torch
 
     E, N, _ = Z.shape
