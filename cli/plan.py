@@ -8,7 +8,7 @@ the size is said up front, per encoding and view choice, from the processor's ru
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -31,18 +31,31 @@ class Plan:
     tokens: dict[str, float]  # views -> mean tokens per image
     bytes_per_image: dict[tuple[str, str], float]  # (views, encoding) -> bytes
     default_views: str = "all"  # what kvpipe extract stores by default (the dataset's tasks' needs)
+    queries: int = 0  # text queries (class names, referring sentences)
+    bytes_per_query: dict[str, float] = field(default_factory=dict)  # encoding -> bytes of one text query
 
     def total(self, views: str, encoding: str) -> float:
-        return self.bytes_per_image[(views, encoding)] * self.images
+        return self.bytes_per_image[(views, encoding)] * self.images + self.queries * self.bytes_per_query[encoding]
 
 
-def _sizes_from_root(dataset: str, data_root: str, options: dict, limit: int | None) -> list[tuple[int, int]]:
-    """The (width, height) of the dataset's images, from their headers (PIL reads no pixels)."""
+def text_encoding(encoding: str, compute: str = "bfloat16") -> str:
+    """How a store of ``encoding`` keeps its text queries: as the images when lossless, in the
+    compute dtype when lossy (schema ``text_dtype``)."""
+    from kvpipe.store.encoding import encoding_for
+
+    return compute if encoding_for(encoding).lossy else encoding
+
+
+def _sizes_from_root(dataset: str, data_root: str, options: dict,
+                     limit: int | None) -> tuple[list[tuple[int, int]], int]:
+    """The (width, height) of the dataset's images, from their headers (PIL reads no pixels), and
+    its number of text queries."""
     from PIL import Image
 
     from kvpipe.pipeline.datasets import create_dataset
 
-    records = create_dataset(dataset, root=data_root, limit=limit, **options).records()
+    data = create_dataset(dataset, root=data_root, limit=limit, **options)
+    records = data.records()
     out = []
     for r in records:
         try:
@@ -51,7 +64,7 @@ def _sizes_from_root(dataset: str, data_root: str, options: dict, limit: int | N
         except (OSError, ValueError):
             img = r.load_image()  # synthetic and in-memory images
             out.append(img.size)
-    return out
+    return out, len(data.text_queries())
 
 
 def make_plan(model: str, dataset: str, data_root: str | None = None, views: tuple[str, ...] = ("all", "base"),
@@ -66,19 +79,22 @@ def make_plan(model: str, dataset: str, data_root: str | None = None, views: tup
         if data_root is None and dataset != "synthetic" and not dataset.startswith("hf:"):
             raise UsageError(f"--dataset {dataset}: kvpipe plan knows the typical images of "
                              f"{', '.join(TYPICAL)}; for another dataset give --data-root")
-        sizes = _sizes_from_root(dataset, data_root, options or {}, limit)
+        sizes, queries = _sizes_from_root(dataset, data_root, options or {}, limit)
         source = data_root or "generated"
     else:
         t = TYPICAL[dataset]
         sizes = [(t.width, t.height)] * (min(t.images, limit) if limit else t.images)
-        source = f"typical: {t.what}, {t.width}x{t.height}"
+        queries = t.queries
+        source = f"typical: {t.what}, {t.width}x{t.height}" + (f", {t.queries} text queries" if t.queries else "")
     if image_size is not None:
         sizes = [image_size] * len(sizes)
     if not sizes:
         raise UsageError(f"--dataset {dataset} has no images to plan for")
     tokens = {v: sum(size.rule.tokens(w, h, v) for w, h in sizes) / len(sizes) for v in views}
     per = {(v, e): tokens[v] * bytes_per_token(size, e) for v in views for e in ENCODINGS}
-    return Plan(model, dataset, len(sizes), source, tokens, per, _default_views(dataset, size.rule.multi_view))
+    per_query = {e: bytes_per_token(size, text_encoding(e)) for e in ENCODINGS}  # a query: one token's K/V
+    return Plan(model, dataset, len(sizes), source, tokens, per, _default_views(dataset, size.rule.multi_view),
+                queries, per_query)
 
 
 def _default_views(dataset: str, multi_view: bool) -> str:
@@ -101,9 +117,12 @@ def estimate_bytes(cfg, views: str) -> float | None:
         return None  # an hf: dataset's images would be decoded twice to learn their sizes
     plan = make_plan(cfg.model, cfg.dataset, cfg.data_root, (views,), cfg.dataset_options, cfg.limit, cfg.image_size)
     compute = dtype_name(cfg.dtype)
-    encoding = cfg.store_dtype or ("bfloat16" if compute == "auto" else compute)
+    compute = "bfloat16" if compute == "auto" else compute
+    encoding = cfg.store_dtype or compute
     tokens = plan.tokens[views if views in plan.tokens else "all"]  # a one-view model: the same either way
-    return tokens * bytes_per_token(SIZES[cfg.model], encoding) * plan.images
+    size = SIZES[cfg.model]
+    return (tokens * bytes_per_token(size, encoding) * plan.images
+            + plan.queries * bytes_per_token(size, text_encoding(encoding, compute)))
 
 
 def nearest_existing(path: str) -> Path:
@@ -177,7 +196,8 @@ def print_plan(plans: list[Plan]) -> None:
     console.print(table)
     for p in plans:
         console.print(f"{p.model} / {p.dataset}: {p.source}", soft_wrap=True, highlight=False)
-    console.print("bf16 is lossless (zstd at the ratio measured on 7B K/V); int8, int4 lossy: see docs/BENCHMARKS.md",
+    console.print("bf16 is lossless (zstd at the ratio measured on 7B K/V); int8, int4 lossy: see docs/BENCHMARKS.md; "
+                  "the totals include the text queries, lossless (bf16) in every encoding",
                   soft_wrap=True, highlight=False)
 
 

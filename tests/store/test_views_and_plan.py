@@ -139,6 +139,28 @@ def test_plan_command_prints_every_encoding(tmp_path):
     assert res.exit_code == 2 and "kvpipe plan knows" in res.output
 
 
+def test_plan_counts_the_text_queries_lossless_in_every_encoding():
+    from kvpipe.cli.plan import estimate_bytes, make_plan
+    from kvpipe.pipeline.datasets import create_dataset
+
+    s = SIZES["qwen25vl"]
+    plan = make_plan("qwen25vl", "refcoco")
+    assert plan.queries == 10834
+    for enc in ("bfloat16", "int8", "int4"):  # a query is one token's K/V and post_proj, in bf16
+        images = plan.images * plan.bytes_per_image[("all", enc)]
+        assert plan.total("all", enc) == pytest.approx(images + 10834 * bytes_per_token(s, "bfloat16"))
+    assert make_plan("qwen25vl", "spair").queries == 0
+    # from the data: the adapter's own queries; a CPU run (float32) keeps them in float32
+    queries = len(create_dataset("synthetic", limit=4).text_queries())
+    plan = make_plan("qwen25vl", "synthetic", limit=4)
+    assert queries > 0 and plan.queries == queries
+    cfg = ExtractConfig(model="qwen25vl", dataset="synthetic", out="unused", limit=4, store_dtype="int4",
+                        dtype="float32")
+    tokens = plan.tokens["all"] * plan.images
+    assert estimate_bytes(cfg, "all") == pytest.approx(tokens * bytes_per_token(s, "int4")
+                                                       + queries * bytes_per_token(s, "float32"))
+
+
 def test_extract_refuses_a_disk_too_small(tmp_path, monkeypatch):
     import shutil
 
