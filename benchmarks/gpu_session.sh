@@ -8,15 +8,16 @@
 # (per-target); temporal-corr's full-size run alone (temporal),
 # the profile's other two (profile-rest); int8 against int4 extraction and int4's slices
 # (int4-write), the same with post-proj stored (int4-write-post-proj), both in four rounds of
-# alternating order on 192 images (int4-rounds);
+# alternating order on 192 images (int4-rounds); fg-seg's solver in its two spaces at the
+# post-proj shape (solver);
 # semantic-corr's timed 225-target sweep of a 7B-shaped store (full-sweep); int4's fidelity on 96
 # images of Qwen2.5-VL-7B's shape (fidelity-96);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|full-sweep|fidelity-96]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|full-sweep|fidelity-96]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -89,6 +90,12 @@ bounded 240 int4-rounds-post-proj "${kv[@]}" --model qwen25vl --size 448 --image
     --kinds keys,values,post_proj --runs kvpipe-int8,kvpipe-int4 --rounds 4 --json "$out/int4-rounds-post-proj.json"
 bounded 200 int4-rounds "${kv[@]}" --model qwen25vl --size 448 --images 192 --batch-size 32 --part-size 32 \
     --runs kvpipe-int8,kvpipe-int4 --rounds 4 --json "$out/int4-rounds.json"
+fi
+if [[ $what == solver ]]; then
+# fg-seg's Newton steps in the feature space against the support tokens' space: 1,000 episodes of
+# 5 x 48 tokens x 3,584 (the post-proj target of small images), fg-seg's batches
+bounded 150 solver python3 -m kvpipe.benchmarks.linear_probes --devices cuda --episodes 1000 --tokens 48 \
+    --dim 3584 --spaces tokens,features --repeat 3 --json "$out/solver.json"
 fi
 if [[ $what == all || $what == profile || $what == temporal ]]; then
 # 1,999 frames of 854 x 480 in 30 videos (2 heads, post-proj 128: 5 targets, about 1.5 GiB), then
