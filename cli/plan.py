@@ -39,11 +39,10 @@ class Plan:
 
 
 def text_encoding(encoding: str, compute: str = "bfloat16") -> str:
-    """How a store of ``encoding`` keeps its text queries: as the images when lossless, in the
-    compute dtype when lossy (schema ``text_dtype``)."""
-    from kvpipe.store.encoding import encoding_for
+    """How a store of ``encoding`` keeps its text queries (schema ``text_dtype``)."""
+    from kvpipe.store.encoding import text_dtype_for
 
-    return compute if encoding_for(encoding).lossy else encoding
+    return text_dtype_for(encoding, compute) or encoding
 
 
 def _sizes_from_root(dataset: str, data_root: str, options: dict,

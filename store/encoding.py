@@ -154,6 +154,12 @@ ENCODINGS: dict[str, DiskEncoding] = {
 DISK_DTYPE = {name: e.disk_dtype for name, e in ENCODINGS.items()}  # --store-dtype -> numpy dtype on disk
 
 
+def text_dtype_for(store_dtype: str, compute_dtype: str) -> str:
+    """A store's ``text_dtype``: a lossy store keeps its few text queries lossless, in the compute
+    dtype; "" (as the images) otherwise."""
+    return compute_dtype if encoding_for(store_dtype).lossy else ""
+
+
 def lossy_meta(store_dtype: str) -> dict[str, Any]:
     """The lossy encoding's parameters for the store's Encoding metadata ({} when lossless)."""
     if store_dtype == "int8":

@@ -22,7 +22,7 @@ from kvpipe.pipeline.models.catalog import model_source
 from kvpipe.pipeline.models.options import check_init, dtype_name
 from kvpipe.pipeline.models.selection import Selection
 from kvpipe.roots import existing_root
-from kvpipe.store.encoding import CODECS, compressor_meta, encoding_for
+from kvpipe.store.encoding import CODECS, compressor_meta, text_dtype_for
 from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, VIEWS, FeatureSetMeta, ids_fingerprint
 
 if TYPE_CHECKING:  # config is checked before any model code is imported
@@ -228,8 +228,7 @@ def build_meta(adapter: ModelAdapter, records: list[ImageRecord], dataset_desc: 
         image_ids_sha256=ids_fingerprint([r.image_id for r in records]),
         text_queries=tuple(queries) if adapter.encodes_queries else (),
         compressor=compressor_meta(store_dtype, codec=cfg.codec),
-        # a lossy store's few text queries stay as the model computed them (schema: text_dtype)
-        text_dtype=cfg.dtype if queries and adapter.encodes_queries and encoding_for(store_dtype).lossy else "",
+        text_dtype=text_dtype_for(store_dtype, cfg.dtype) if queries and adapter.encodes_queries else "",
         views={"views": sel.views, "reason": cfg.views_reason or ("--views" if sel.views == "base" else "default")},
         command=cfg.command or " ".join(shlex.quote(a) for a in sys.argv),
         kvpipe_version=kvpipe.__version__)
