@@ -454,6 +454,7 @@ class FeatureStore:
                if self.meta.prefix_choice else {}),
             "tokens before image": len(self.meta.prefix_token_ids),
             "text queries": len(self.meta.text_queries),
+            **({"text queries dtype": f"{self.meta.text_dtype} on disk (lossless)"} if self.meta.text_dtype else {}),
             "tokens": int(sum(r.n_tokens for r in ok)),
             "bytes on disk": self.loc.size(),
             "command": self.meta.command,

@@ -111,6 +111,8 @@ def test_int4_store_against_the_lossless_store(tmp_path):
     assert lossy.meta.store_dtype == "int4"
     assert (enc.quant, enc.scale, enc.rotation, enc.rotation_seed) == ("int4", "minmax", "hadamard", 0)
     assert "int4" in lossy.describe()["encoding"]
+    assert lossy.describe()["text queries dtype"] == "float32 on disk (lossless)"
+    assert "text queries dtype" not in ref.describe()
     for kind in ("keys", "values"):
         a, b = ref.read(kind, 1, 1).data, lossy.read(kind, 1, 1).data
         raw = lossy._raw(0, kind, 1, 1)
