@@ -128,11 +128,11 @@ def _feature_space(Z, reg):
     (D + 1)-square system."""
     import torch
 
-    E, _, D1 = Z.shape
-    ridge = torch.diag_embed((reg + _JITTER).expand(E, D1))
+    ridge = reg + _JITTER
 
     def step(grad, curv):
-        hess = torch.bmm(Z.transpose(1, 2), Z * curv[..., None]).to(torch.float64) + ridge
+        hess = torch.bmm(Z.transpose(1, 2), Z * curv[..., None]).to(torch.float64)
+        hess.diagonal(dim1=1, dim2=2).add_(ridge)  # in place: no second (D + 1)-square copy per episode
         chol, info = torch.linalg.cholesky_ex(hess)
         out = torch.cholesky_solve(grad[..., None], chol)[..., 0]
         return torch.where((info == 0)[:, None], out, grad)  # never happens with the jitter; be safe
