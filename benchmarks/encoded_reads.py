@@ -5,7 +5,8 @@ builds one store per encoding (``--encodings``: bfloat16, int8, int4) with the s
 features (``benchmarks.sweep.build_store``: 7B width, 27 x 27 tokens, head_dim 128), then times,
 alternating, ``FeatureStore.read`` of one target on each store and the plain file read of the
 lossless (bfloat16) store's chunk files of that target: cold (page cache emptied before each
-read, where permitted: root on Linux) and warm. Figures are images per second, and the ratio
+read, where permitted: root on Linux) and warm. int4 is also read in its stored (rotated)
+basis, as the rotation-invariant probes read it (``basis="stored"``: no inverse rotation). Figures are images per second, and the ratio
 of each encoding's read to the raw read of the lossless files: what "decoding a smaller
 encoding keeps up with the disk" means.
 
@@ -23,6 +24,9 @@ from pathlib import Path
 from kvpipe.benchmarks import common
 from kvpipe.benchmarks.common import args_dict, comma_list, drop_page_cache, finish, parse_args
 from kvpipe.store import FeatureStore
+
+
+STORED = " (stored basis)"  # a read of int4 left rotated (FeatureStore.read(..., basis="stored"))
 
 
 def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
@@ -60,12 +64,13 @@ def chunk_files(root: Path, kind: str, layer: int, head: int) -> list[Path]:
     return sorted((root / "parts").glob(f"*/{kind}/c/{layer}/{head}/*/*"))
 
 
-def time_store_read(root: Path, kind: str, layer: int, head: int, cold: bool, device: str | None = None) -> float:
+def time_store_read(root: Path, kind: str, layer: int, head: int, cold: bool, device: str | None = None,
+                    basis: str = "model") -> float:
     store = FeatureStore.open(root)
     if cold:
         drop_page_cache()
     t0 = time.perf_counter()
-    data = store.read(kind, layer, head, device=device).data
+    data = store.read(kind, layer, head, device=device, basis=basis).data
     if device is not None and device.startswith("cuda"):
         import torch
 
@@ -90,14 +95,16 @@ def main(argv: list[str] | None = None) -> dict:
     kind, layer, head = "values", args.layers // 2, 0
     raw_files = chunk_files(roots["bfloat16"], kind, layer, head)
     modes = ["cold", "warm"] if args.cold and drop_page_cache() else ["warm"]
-    reads = ["raw bfloat16"] + encodings + ([f"{e} to {args.device}" for e in encodings] if args.device else [])
+    reads = (["raw bfloat16"] + encodings + [f"{e}{STORED}" for e in encodings if e == "int4"]
+             + ([f"{e} to {args.device}" for e in encodings] if args.device else []))
     times: dict[str, dict[str, list[float]]] = {m: {e: [] for e in reads} for m in modes}
 
     def timed(name: str, cold: bool) -> float:
         if name == "raw bfloat16":
             return time_raw_read(raw_files, cold)
         encoding, _, device = name.partition(" to ")
-        return time_store_read(roots[encoding], kind, layer, head, cold, device or None)
+        basis = "stored" if encoding.endswith(STORED) else "model"
+        return time_store_read(roots[encoding.removesuffix(STORED)], kind, layer, head, cold, device or None, basis)
 
     for mode in modes:
         cold = mode == "cold"
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         raw_s = statistics.median(times[mode]["raw bfloat16"])
         for name, ts in times[mode].items():
             s = statistics.median(ts)
-            nbytes = sizes["bfloat16"] if name == "raw bfloat16" else sizes[name.partition(" to ")[0]]
+            nbytes = sizes["bfloat16"] if name == "raw bfloat16" else sizes[name.partition(" to ")[0].removesuffix(STORED)]
             row = {"seconds": s, "images_per_s": args.images / s, "ratio_to_raw_lossless": raw_s / s,
                    "stored_bytes": nbytes, "runs": ts}
             table.setdefault(mode, {})[name] = row

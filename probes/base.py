@@ -121,6 +121,11 @@ class Probe:
     # parameter values that read an any-resolution model's crops (every token, or the crops grid),
     # which a store extracted with --views base does not hold: {"tokens": ("all",)}
     crop_params: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    # True where scores see features only through inner products (cosines, distances, dot products
+    # with text queries, L2-penalised linear fits with one scale): an orthogonal map of every vector
+    # leaves them unchanged, so the probe reads int4 in its stored (rotated) basis and skips the
+    # inverse rotation (``read_basis``; store.encoding.BASES)
+    rotation_invariant: ClassVar[bool] = False
 
     @classmethod
     def reads_crops(cls, params: dict[str, Any] | None = None) -> str:
@@ -182,6 +187,10 @@ class Probe:
         decoded: on its GPU (``FeatureStore.read(device=...)``; the stored bytes cross the bus,
         int4's in 0.14 of float32's, and its rotation is undone there), else on the host (None)."""
         return self.device if self.device.startswith("cuda") else None
+
+    def read_basis(self) -> str:
+        """The basis of this probe's store reads: "stored" where its scores are rotation invariant."""
+        return "stored" if self.rotation_invariant else "model"
 
     def read(self, target: Target) -> Any:
         """What ``compute`` needs from the store for ``target`` (default: nothing; ``score`` reads)."""

@@ -127,6 +127,7 @@ def foreground_clusters(labels: Sequence[np.ndarray], borders: Sequence[np.ndarr
 class CoSegmentation(Probe):
     description = "co-segmentation of image sets by k-means over their tokens (Amir et al. 2022), J_m (MSRC)"
     primary_metric = "J_m"
+    rotation_invariant = True  # k-means of L2-normalised tokens
     prediction_format = "masks"
     defaults = {"elbow": 0.975, "max_clusters": 14, "votes_percentage": 75, "sample_interval": 10,
                 "niter": 300, "nredo": 10, "seed": 1234}
@@ -184,7 +185,7 @@ class CoSegmentation(Probe):
 
     def _predicted(self, target: Target) -> Iterator[tuple[Any, np.ndarray]]:
         """(row, predicted foreground at the mask's size) of every image of every set."""
-        feats = self.store.read(target.kind, target.layer, target.head, images=self.rows)
+        feats = self.store.read(target.kind, target.layer, target.head, images=self.rows, basis=self.read_basis())
         index = {r.image_id: i for i, r in enumerate(feats.rows)}
         p = self.params
 

@@ -52,6 +52,7 @@ class Episode:
 class ForegroundSegmentation(Probe):
     description = "few-shot foreground segmentation: logistic regression on support tokens, mIoU (Pascal-5i)"
     primary_metric = "mIoU"
+    rotation_invariant = True  # one L2-penalised logistic fit on centred features with one scale
     prediction_format = "masks"
     defaults = {"shots": 5, "C": 1.0, "threshold": 0.5, "max_iter": 50}
     version = 1
@@ -120,7 +121,7 @@ class ForegroundSegmentation(Probe):
     def _run(self, target: Target, acc: FewShotIoU, keep: dict[int, np.ndarray] | None = None) -> None:
         """Fit and score every episode into ``acc``; ``keep`` gets each episode's predicted mask."""
         feats = self.store.read(target.kind, target.layer, target.head, images=self.rows,
-                                device=self.decode_on())
+                                device=self.decode_on(), basis=self.read_basis())
         if uses_torch(self.device):
             self._run_torch(feats, acc, keep)
             return

@@ -72,6 +72,7 @@ class TextGroundedProbe(Probe):
     baseline = True
     needs_text = True
     primary_metric = "mIoU"
+    rotation_invariant = True  # dot products with text queries rotated alike
     defaults = {"threshold": 0.5}
     example: ClassVar[str] = ""  # datasets with the text queries this probe needs, for errors
 
@@ -97,10 +98,12 @@ class TextGroundedProbe(Probe):
 
     def read(self, target: Target) -> tuple[np.ndarray, Any]:
         """The text queries' and ``self.rows``' features of ``target``."""
+        basis = self.read_basis()
         if target.kind == "post_proj":
-            return self.store.text("post_proj"), self.store.read("post_proj", images=self.rows)
-        return (self.store.text(target.kind, target.layer, target.head),
-                self.store.read(target.kind, target.layer, target.head, images=self.rows))
+            return (self.store.text("post_proj", basis=basis),
+                    self.store.read("post_proj", images=self.rows, basis=basis))
+        return (self.store.text(target.kind, target.layer, target.head, basis=basis),
+                self.store.read(target.kind, target.layer, target.head, images=self.rows, basis=basis))
 
     def image_scores(self, target: Target, data: tuple[np.ndarray, Any] | None = None) -> Callable[..., np.ndarray]:
         """Scores of ``target`` (``read(target)``'s result, read here when not given) as a function:

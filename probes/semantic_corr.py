@@ -99,6 +99,7 @@ def base_segment(row: ImageRow) -> dict[str, Any]:
 class SemanticCorrespondence(Probe):
     description = "keypoint transfer by nearest token (cosine), PCK@alpha of the target bbox (SPair-71k)"
     primary_metric = "pck"
+    rotation_invariant = True  # cosine nearest neighbours
     prediction_format = "points"
     # search: the nearest-neighbour backend (probes/neighbours.py); every backend is exact
     defaults = {"alpha": 0.1, "search": "auto"}
@@ -224,7 +225,8 @@ class SemanticCorrespondence(Probe):
 
     def read(self, target: Target) -> np.ndarray:
         feats = self.store.read(target.kind, target.layer, target.head, images=self.images,
-                                device=self.decode_on() if self._search_on_device() else None)
+                                device=self.decode_on() if self._search_on_device() else None,
+                                basis=self.read_basis())
         if len(feats) != len(self.images):
             raise StoreError(f"store {self.store.root} returned {len(feats)} of {len(self.images)} images; "
                              f"run kvpipe verify")

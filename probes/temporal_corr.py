@@ -89,6 +89,7 @@ def segment_hw(row: Any, name: str) -> tuple[int, int] | None:
 class TemporalCorrespondence(Probe):
     description = "video label propagation from frame 0, J&F (DAVIS protocol)"
     primary_metric = "JF_mean"
+    rotation_invariant = True  # cosine affinities between frames
     prediction_format = "davis"
     version = 2
     defaults = {"n_last_frames": 7, "neighborhood_px": DINO_NEIGHBORHOOD * DINO_PATCH_PX,
@@ -141,7 +142,7 @@ class TemporalCorrespondence(Probe):
     def read(self, target: Target) -> Any:
         return self.store.read(target.kind, target.layer, target.head,
                                images=[r for rows, _ in self.videos.values() for r in rows],
-                               device=self.decode_on())
+                               device=self.decode_on(), basis=self.read_basis())
 
     def compute(self, target: Target, feats: Any) -> dict[str, float]:
         if uses_torch(self.device) and all(map(metric_on_device, self.references.values())):

@@ -91,10 +91,10 @@ def _int4(rotation: str, seed: int) -> Callable:
     return decode
 
 
-def decoder(store_dtype: str, params: Any = None) -> Callable:
+def decoder(store_dtype: str, params: Any = None, basis: str = "model") -> Callable:
     """``decode(raw tensor, dim) -> float32 tensor`` for a store's encoding (its Encoding
-    metadata gives int4's rotation and seed)."""
-    enc = encoding_for(store_dtype, params)  # a one-line StoreError for an encoding this kvpipe does not know
+    metadata gives int4's rotation and seed), in ``basis`` (``encoding.BASES``)."""
+    enc = encoding_for(store_dtype, params, basis)  # a one-line StoreError for an unknown encoding or basis
     if store_dtype == "int4":
-        return _int4(enc.rotation, enc.rotation_seed)
+        return _int4(enc.rotation if basis == "model" else "none", enc.rotation_seed)
     return {"bfloat16": _bf16, "int8": _int8}.get(store_dtype, _plain)

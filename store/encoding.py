@@ -16,13 +16,20 @@ import numpy as np
 from zarr.codecs import BloscCodec
 
 from kvpipe.errors import StoreError
-from kvpipe.store.quant import ROTATION_SEED, ROTATIONS, dequantize_int4, int4_stored_dim, quantize_int4
+from kvpipe.store.quant import ROTATION_SEED, ROTATIONS, dequantize_int4, int4_stored_dim, quantize_int4, rotate
 
 # int8 (lossy): each token vector of D numbers is stored as D int8 codes followed by its float32
 # scale as 4 bytes, so a (layer, head) chunk stays one self-contained [tokens, D + 4] array and
 # every part, chunk and reader path is the same as for the lossless dtypes.
 SCALE_BYTES = 4
 INT8_MAX = 127
+
+# The basis a read returns vectors in. "model": the model's own vectors (int4's rotation undone).
+# "stored": the encoding's own basis (int4's rotated vectors; the same as "model" for every other
+# encoding). The rotation is orthogonal, so inner products, norms and distances are the same in
+# both; a probe that uses nothing else reads the stored basis and skips the inverse rotation,
+# most of int4's decoding cost on the host (docs/BENCHMARKS.md "Lossy encodings").
+BASES = ("model", "stored")
 
 
 # Lossless codecs by name: (Blosc compressor, level, shuffle). Measured on LLaVA-OV-7B's bf16
@@ -131,12 +138,14 @@ class DiskEncoding:
     rotation_seed: int = ROTATION_SEED
 
 
-def _int4(rotation: str = "hadamard", seed: int = ROTATION_SEED) -> DiskEncoding:
+def _int4(rotation: str = "hadamard", seed: int = ROTATION_SEED, basis: str = "model") -> DiskEncoding:
+    undone = rotation if basis == "model" else "none"  # the stored basis keeps the rotated vectors
+
     def enc(x: np.ndarray) -> np.ndarray:
         return x if x.dtype == np.uint8 else quantize_int4(x, rotation, seed)
 
     def dec(raw: np.ndarray, out: np.ndarray) -> None:
-        dequantize_int4(raw, out.shape[-1], out, rotation, seed)
+        dequantize_int4(raw, out.shape[-1], out, undone, seed)
 
     return DiskEncoding("uint8", int4_stored_dim, enc, dec, lossy=True, dim_of=lambda w: 2 * (w - 8),
                         rotation=rotation, rotation_seed=seed)
@@ -169,9 +178,12 @@ def lossy_meta(store_dtype: str) -> dict[str, Any]:
     return {}
 
 
-def encoding_for(store_dtype: str, params: Any = None) -> DiskEncoding:
+def encoding_for(store_dtype: str, params: Any = None, basis: str = "model") -> DiskEncoding:
     """The encoding of a store (``params``: its Encoding metadata, for a lossy encoding's
-    rotation and seed); a one-line StoreError for one this kvpipe does not know."""
+    rotation and seed; ``basis``: one of ``BASES``, what its decoder returns); a one-line
+    StoreError for one this kvpipe does not know."""
+    if basis not in BASES:
+        raise StoreError(f"basis must be one of {', '.join(BASES)}, not {basis!r}")
     if store_dtype not in ENCODINGS:
         raise StoreError(f"the store uses encoding {store_dtype!r}, which this kvpipe does not know "
                          f"(known: {', '.join(ENCODINGS)}); upgrade kvpipe to read it")
@@ -182,8 +194,8 @@ def encoding_for(store_dtype: str, params: Any = None) -> DiskEncoding:
             raise StoreError(f"the store's int4 encoding uses rotation {rotation!r}, which this kvpipe does not "
                              f"know (known: {', '.join(ROTATIONS)}); upgrade kvpipe to read it")
         seed = get("rotation_seed")
-        return _int4(rotation, ROTATION_SEED if seed is None else int(seed))
-    return ENCODINGS[store_dtype]
+        return _int4(rotation, ROTATION_SEED if seed is None else int(seed), basis)
+    return _int4(basis=basis) if store_dtype == "int4" and basis != "model" else ENCODINGS[store_dtype]
 
 
 def stored_dim(dim: int, store_dtype: str) -> int:
@@ -200,14 +212,23 @@ def encode(x: np.ndarray, store_dtype: str, params: Any = None) -> np.ndarray:
     return encoding_for(store_dtype, params).encode(x)
 
 
-def decode(raw: np.ndarray, store_dtype: str, params: Any = None, dim: int | None = None) -> np.ndarray:
+def decode(raw: np.ndarray, store_dtype: str, params: Any = None, dim: int | None = None,
+           basis: str = "model") -> np.ndarray:
     """On-disk array -> float32 (``dim``: the vector length, needed by int4 for odd lengths)."""
-    enc = encoding_for(store_dtype, params)
+    enc = encoding_for(store_dtype, params, basis)
     out = np.empty(raw.shape[:-1] + (enc.dim_of(raw.shape[-1]) if dim is None else dim,), np.float32)
     enc.decode_into(raw, out)
     return out
 
 
-def decode_into(raw: np.ndarray, store_dtype: str, out: np.ndarray, params: Any = None) -> None:
+def decode_into(raw: np.ndarray, store_dtype: str, out: np.ndarray, params: Any = None,
+                basis: str = "model") -> None:
     """Decode ``raw`` into the float32 array ``out`` in place (no temporary float32 copy)."""
-    encoding_for(store_dtype, params).decode_into(raw, out)
+    encoding_for(store_dtype, params, basis).decode_into(raw, out)
+
+
+def to_stored_basis(x: np.ndarray, store_dtype: str, params: Any = None) -> np.ndarray:
+    """Model-basis vectors (a lossy store's lossless text queries, say) -> the encoding's stored
+    basis, where they meet vectors read with ``basis="stored"`` (identity unless rotated)."""
+    enc = encoding_for(store_dtype, params)
+    return rotate(x, enc.rotation_seed) if enc.rotation == "hadamard" else np.asarray(x, np.float32)

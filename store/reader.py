@@ -26,7 +26,7 @@ from numcodecs import Blosc
 
 from kvpipe.errors import StoreError
 from kvpipe.store import layout
-from kvpipe.store.encoding import DISK_DTYPE, decode, decode_into, stored_dim
+from kvpipe.store.encoding import DISK_DTYPE, decode, decode_into, encoding_for, stored_dim, to_stored_basis
 from kvpipe.store.fs import Location, open_location
 from kvpipe.store.checksum import bytes_crc32c
 from kvpipe.store.manifest import ImageRow, check_checksums, read_part_record_bytes
@@ -78,6 +78,7 @@ class Features:
     data: np.ndarray  # [total_tokens, dim] float32 (a float32 torch tensor when read to a device)
     offsets: np.ndarray  # [n_images + 1]; image i is data[offsets[i]:offsets[i+1]]
     rows: list[ImageRow]
+    basis: str = "model"  # encoding.BASES: "stored" is int4's rotated basis
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -260,14 +261,18 @@ class FeatureStore:
         return decode(self._raw(part, kind, li, hi), self.meta.store_dtype, self.meta.compressor)
 
     def read(self, kind: str, layer: int | None = None, head: int | None = None,
-             images: Sequence[ImageRow] | None = None, device: str | None = None) -> Features:
+             images: Sequence[ImageRow] | None = None, device: str | None = None,
+             basis: str = "model") -> Features:
         """One (layer, head, kind) for the given images (default: every ok image).
 
         Parts are read in parallel threads (decompression releases the GIL) and decoded
         straight into one preallocated float32 array: reading a head costs about its bytes.
         With a torch ``device`` the parts are gathered as stored, sent there and decoded
         there (``store.device_decode``); ``data`` is then a float32 tensor on that device.
+        ``basis="stored"`` leaves int4's vectors rotated (``encoding.BASES``): the same inner
+        products for a third of the host's decoding time.
         """
+        encoding_for(self.meta.store_dtype, self.meta.compressor, basis)  # a one-line error for a bad basis
         if kind not in ALL_KINDS:
             raise StoreError(f"kind must be one of {', '.join(ALL_KINDS)}, not {kind!r}")
         kind = Kind(kind).value
@@ -293,7 +298,7 @@ class FeatureStore:
         for i, r in enumerate(rows):
             by_part.setdefault(r.part, []).append(i)
 
-        heavy = not as_stored and self.meta.store_dtype in COMPUTE_BOUND_DECODING
+        heavy = not as_stored and basis == "model" and self.meta.store_dtype in COMPUTE_BOUND_DECODING
         blocks: list[tuple[np.ndarray, int, int]] = []  # heavy decoding: (raw tokens, destination, tokens)
 
         def fill(part: int) -> None:
@@ -306,7 +311,8 @@ class FeatureStore:
                     blocks.extend((raw[src + a: src + min(n, a + DECODE_TASK)], dst + a, min(n - a, DECODE_TASK))
                                   for a in range(0, n, DECODE_TASK))
                 else:
-                    decode_into(raw[src: src + n], self.meta.store_dtype, data[dst: dst + n], self.meta.compressor)
+                    decode_into(raw[src: src + n], self.meta.store_dtype, data[dst: dst + n], self.meta.compressor,
+                                basis)
 
         def decode_block(block: tuple[np.ndarray, int, int]) -> None:
             raw, dst, n = block
@@ -324,8 +330,8 @@ class FeatureStore:
         if as_stored:
             from kvpipe.store.device_decode import decoder, to_device
 
-            data = decoder(self.meta.store_dtype, self.meta.compressor)(to_device(data, device), dim)
-        return Features(data, offsets, rows)
+            data = decoder(self.meta.store_dtype, self.meta.compressor, basis)(to_device(data, device), dim)
+        return Features(data, offsets, rows, basis)
 
     def annotation(self, row: ImageRow) -> Annotation:
         mask = None
@@ -399,9 +405,12 @@ class FeatureStore:
         names = {key.split("/", 1)[0] for key in record[1]} if record else set()
         return tuple(k for k in ALL_KINDS if k in names)
 
-    def text(self, kind: str, layer: int = -1, head: int = -1) -> np.ndarray:
+    def text(self, kind: str, layer: int = -1, head: int = -1, basis: str = "model") -> np.ndarray:
         """Final-token features of the dataset's text queries (checked reads): [n_queries, head_dim]
-        for a (layer, head) of keys/values, [n_queries, hidden_size] for post_proj (no layer, head)."""
+        for a (layer, head) of keys/values, [n_queries, hidden_size] for post_proj (no layer, head);
+        in ``basis``, that of image features read with the same ``basis`` (stored losslessly, so
+        "stored" rotates them as the image encoding did)."""
+        encoding_for(self.meta.store_dtype, self.meta.compressor, basis)  # a one-line error for a bad basis
         record = self._text_record()
         if record is None:
             raise StoreError(f"store {self.root} has no text queries; its dataset supplies none")
@@ -427,7 +436,8 @@ class FeatureStore:
         dim = stored_dim(width, encoding)
         raw = decode_chunk(payload, np.dtype(DISK_DTYPE[encoding]), len(queries), dim, f"{kind} of the text queries",
                            self.root)
-        return decode(raw, encoding, self.meta.compressor, width)
+        text = decode(raw, encoding, self.meta.compressor, width)
+        return to_stored_basis(text, self.meta.store_dtype, self.meta.compressor) if basis == "stored" else text
 
     def describe(self) -> dict[str, Any]:
         ok = self.images()

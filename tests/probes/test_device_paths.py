@@ -22,7 +22,8 @@ from kvpipe.probes import run_probe
 from kvpipe.probes.device import DeviceMemoryError, resolve_device
 from kvpipe.store import FeatureStore
 
-from fixtures.probe_stores import grid_segments, refexp_images, semantic_images, write_feature_store, write_toy_store
+from fixtures.probe_stores import (grid_segments, refexp_images, seg_stores, semantic_images, write_feature_store,
+                                   write_toy_store)
 
 torch = pytest.importorskip("torch")
 
@@ -38,7 +39,8 @@ def assert_same_scores(a, b, tol=1e-6):
         assert value == pytest.approx(rb[key], abs=tol, nan_ok=True), key
 
 
-def video_store(path, grid=(9, 12), mask_hw=(72, 96), lengths=(6, 9, 3), n_labels=(4, 3, 4), seed=0):
+def video_store(path, grid=(9, 12), mask_hw=(72, 96), lengths=(6, 9, 3), n_labels=(4, 3, 4), seed=0,
+                store_dtype="float32"):
     """Videos of random blob objects (labels 1..3 or 1..2: videos differ in their number of
     objects, as DAVIS's do; some void) whose head-0 features are the token's label one-hot plus
     strong noise (propagation neither perfect nor chance)."""
@@ -54,7 +56,8 @@ def video_store(path, grid=(9, 12), mask_hw=(72, 96), lengths=(6, 9, 3), n_label
             images.append({"id": f"v{v}/{t:03d}", "h": mask_hw[0], "w": mask_hw[1], "group": f"v{v}", "frame": t,
                            "segments": grid_segments(*grid), "feat": feat})
             masks.append(m)
-    return write_feature_store(path, images, {}, layers=2, heads=2, tasks=("temporal-corr",), masks=masks)
+    return write_feature_store(path, images, {}, layers=2, heads=2, tasks=("temporal-corr",), masks=masks,
+                               store_dtype=store_dtype)
 
 
 @pytest.mark.parametrize("params", [{}, {"size_mask_neighborhood": 0}, {"n_last_frames": 2, "topk": 3}])
@@ -113,7 +116,7 @@ def test_propagation_deferred_tie_test_equals_the_per_block_test(window, monkeyp
         assert calls == ([False, True, False] if redone else [False, True])
 
 
-def pair_store(path, n_images=12, n_pairs=30, grid=(6, 7), seed=0):
+def pair_store(path, n_images=12, n_pairs=30, grid=(6, 7), seed=0, store_dtype="float32"):
     rng = np.random.default_rng(seed)
     images = [{"id": f"im{i}", "h": int(rng.integers(40, 90)), "w": int(rng.integers(40, 90)),
                "segments": grid_segments(*grid), "feat": rng.standard_normal((grid[0] * grid[1], 16))}
@@ -127,7 +130,7 @@ def pair_store(path, n_images=12, n_pairs=30, grid=(6, 7), seed=0):
                       "source_kps": np.c_[rng.uniform(0, ws, k), rng.uniform(0, hs, k)].tolist(),
                       "target_kps": np.c_[rng.uniform(0, wt, k), rng.uniform(0, ht, k)].tolist(),
                       "target_bbox": [0, 0, wt * 0.8, ht * 0.7], "category": "c"})
-    return write_feature_store(path, images, {"pairs": pairs}, layers=2, heads=2)
+    return write_feature_store(path, images, {"pairs": pairs}, layers=2, heads=2, store_dtype=store_dtype)
 
 
 def test_semantic_corr_device_search_equals_the_reference(tmp_path):
@@ -147,7 +150,7 @@ def test_text_grounded_probes_device_path_equals_the_reference(tmp_path):
             assert_same_scores(ref, dev, tol=1e-9)
 
 
-def mixed_size_text_store(path, task, seed=0):
+def mixed_size_text_store(path, task, seed=0, store_dtype="float32"):
     """Images of three grids (one with a newline token per row) and many mask sizes, random
     features: semantic-seg images show 1-3 classes (classes 1 and 4 share a query, so their
     maps tie and the first must win), refexp-seg images 1-3 objects with 1-3 sentences each."""
@@ -186,7 +189,8 @@ def mixed_size_text_store(path, task, seed=0):
                        "feat": rng.standard_normal((n_tok, dim)).astype(np.float32)})
         masks.append(m)
     text = (queries, rng.standard_normal((len(queries), dim)).astype(np.float32))
-    return write_feature_store(path, images, structure, layers=1, heads=2, tasks=(task,), masks=masks, text=text)
+    return write_feature_store(path, images, structure, layers=1, heads=2, tasks=(task,), masks=masks, text=text,
+                               store_dtype=store_dtype)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -292,7 +296,7 @@ def test_out_of_memory_retries_in_smaller_batches_then_one_line(tmp_path, monkey
     assert not (tmp_path / "oom" / "results.parquet").exists()
 
 
-def fewshot_store(path, n_images=14, seed=0):
+def fewshot_store(path, n_images=14, seed=0, store_dtype="float32"):
     """Images of different token grids (some with a crops row before the base grid, some with
     newline tokens) and mask sizes, labels 1 and 2 with void (255) pixels, features = the token's
     class one-hot plus strong noise; episodes of a query and 5 supports of its class."""
@@ -328,7 +332,7 @@ def fewshot_store(path, n_images=14, seed=0):
             others = [ids[(j + k) % len(ids)] for k in range(1, 6)]
             episodes.append({"query": q, "support": others, "class": c})
     return write_feature_store(path, images, {"episodes": episodes}, layers=1, heads=2, tasks=("fg-seg",),
-                               masks=masks)
+                               masks=masks, store_dtype=store_dtype)
 
 
 @pytest.mark.parametrize("small", [False, True])
@@ -380,6 +384,45 @@ def test_features_decoded_on_the_device_give_the_same_scores(tmp_path, monkeypat
     assert devices and set(devices) == {"cpu"}  # every target was decoded by the device decoder
     assert_same_scores(ref, dev, tol=1e-12 if task != "temporal-corr" else 1e-6)
 
+
+
+def coseg_store(path, store_dtype="float32"):
+    return next(p for p in seg_stores(path, "random", store_dtype) if p.endswith("cosegmentation"))
+
+
+@pytest.mark.parametrize("task, store_of, params, device", [
+    ("fg-seg", fewshot_store, {}, "numpy"), ("fg-seg", fewshot_store, {}, "cpu"),
+    ("semantic-corr", pair_store, {"search": "numpy"}, "numpy"), ("semantic-corr", pair_store, {"search": "torch"}, "cpu"),
+    ("temporal-corr", video_store, {}, "numpy"), ("temporal-corr", video_store, {}, "cpu"),
+    ("cosegmentation", coseg_store, {}, "numpy"),
+    ("semantic-seg", lambda p, **kw: mixed_size_text_store(p, "semantic-seg", **kw), {}, "numpy"),
+    ("refexp-seg", lambda p, **kw: mixed_size_text_store(p, "refexp-seg", **kw), {}, "cpu")])
+def test_rotation_invariant_probes_read_int4_in_its_stored_basis(tmp_path, monkeypatch, task, store_of, params,
+                                                                 device):
+    """A probe whose scores see features only through inner products reads an int4 store in its
+    rotated basis (no inverse rotation; text queries rotated alike): the scores of the model's
+    vectors. The torch paths ("cpu") decode on the device, as on a GPU. temporal-corr: equal in
+    exact arithmetic, but its bilinearly upsampled soft labels tie exactly between tokens, and a
+    tie's argmax follows float32 rounding: 5 of 124,416 pixels differ here, J within 2e-5."""
+    from kvpipe.probes.base import PROBES, Probe
+
+    assert PROBES.get(task).rotation_invariant
+    store = store_of(tmp_path / "s", store_dtype="int4")
+    bases, read = [], FeatureStore.read
+
+    def spy(self, *args, basis="model", **kw):
+        bases.append(basis)
+        return read(self, *args, basis=basis, **kw)
+
+    monkeypatch.setattr(FeatureStore, "read", spy)
+    if device == "cpu":
+        monkeypatch.setattr(Probe, "decode_on", lambda self: "cpu")
+    stored = run_probe(store, task, params, tmp_path / "stored", use_cache=False, device=device)
+    assert bases and set(bases) == {"stored"}
+    monkeypatch.setattr(Probe, "read_basis", lambda self: "model")
+    model = run_probe(store, task, params, tmp_path / "model", use_cache=False, device=device)
+    assert set(bases[bases.index("model"):]) == {"model"}
+    assert_same_scores(stored, model, tol=1e-4 if task == "temporal-corr" else 1e-6)
 
 def test_host_workers_one_per_core_on_the_host_one_on_a_gpu(monkeypatch):
     import kvpipe.probes.device as probe_device

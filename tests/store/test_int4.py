@@ -137,6 +137,36 @@ def test_int4_store_against_the_lossless_store(tmp_path):
     assert 0 < size["i4"] < 0.35 * size["f32"]  # 16 bytes per 16-number token against 64 (compressed)
 
 
+
+def test_the_stored_basis_is_the_rotated_decoding_with_the_same_inner_products(tmp_path):
+    """basis="stored" returns int4's vectors still rotated (what rotation-invariant probes read):
+    the rotation of the model-basis read, with its inner products; text queries rotate alike;
+    the device decoder agrees; a lossless store's two bases are one."""
+    from kvpipe.store.device_decode import decoder
+
+    kw = dict(model="tiny-qwen25vl", dataset="synthetic", limit=4, batch_size=2, part_size=2)
+    extract(ExtractConfig(out=str(tmp_path / "i4"), store_dtype="int4", **kw))
+    extract(ExtractConfig(out=str(tmp_path / "f32"), **kw))
+    lossy, ref = FeatureStore.open(tmp_path / "i4"), FeatureStore.open(tmp_path / "f32")
+    for args in (("keys", 1, 1), ("values", 0, 0), ("post_proj",)):
+        model, stored = lossy.read(*args), lossy.read(*args, basis="stored")
+        assert (model.basis, stored.basis) == ("model", "stored")
+        m, s = model.data, stored.data
+        assert not np.allclose(m, s, atol=1e-3)  # really left rotated
+        np.testing.assert_allclose(s, rotate(m), atol=2e-5 * np.abs(m).max())
+        np.testing.assert_allclose(s @ s.T, m @ m.T, rtol=1e-4, atol=1e-4 * np.abs(m @ m.T).max())
+        raw = lossy.read(*args, device="cpu", basis="stored").data.numpy()
+        np.testing.assert_allclose(raw, s, rtol=1e-6, atol=1e-6 * np.abs(s).max())
+        text_m, text_s = lossy.text(*args), lossy.text(*args, basis="stored")
+        np.testing.assert_allclose(text_s, rotate(text_m), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(s @ text_s.T, m @ text_m.T, rtol=1e-4, atol=1e-4 * np.abs(m @ text_m.T).max())
+        np.testing.assert_array_equal(ref.read(*args, basis="stored").data, ref.read(*args).data)
+        np.testing.assert_array_equal(ref.text(*args, basis="stored"), ref.text(*args))
+    for call in (lambda: lossy.read("keys", 0, 0, basis="rotated"), lambda: lossy.text("keys", 0, 0, basis="x"),
+                 lambda: decoder("int4", None, "rotated")):
+        with pytest.raises(StoreError, match="basis must be one of model, stored"):
+            call()
+
 def test_int4_store_on_an_object_store_keeps_its_text_queries_lossless(tmp_path, s3_server):
     kw = dict(model="tiny-qwen25vl", dataset="synthetic", limit=2, batch_size=2, part_size=2)
     extract(ExtractConfig(out=str(tmp_path / "f32"), **kw))
