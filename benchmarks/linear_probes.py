@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         n = min(len(coefs[base]), len(coefs[key]))
         diff = np.abs(coefs[base][:n] - coefs[key][:n]).max() / np.abs(coefs[base][:n]).max()
         report[key].update({f"speed_vs_{base}": speed, "relative_coef_diff": float(diff)})
-        print(f"\n{key} / {base}: {speed:.1f} x the episodes per second; coefficients agree to a relative "
+        print(f"\n{key} / {base}: {speed:.3g} x the episodes per second; coefficients agree to a relative "
               f"{diff:.1e} (largest difference over the largest coefficient)")
     return finish(args, {"per_batch": per_batch, "devices": report})
 

@@ -28,6 +28,10 @@ ROTATIONS = ("hadamard", "none")
 DECODE_BLOCK = 2048  # tokens per decoding step: 1 MB of float32 temporaries for a head of 128
 
 
+# byte -> its two codes as float32 (low nibble first): unpacking is one table lookup per byte
+_NIBBLES = np.stack([np.arange(256) & 0x0F, np.arange(256) >> 4], axis=-1).astype(np.float32)
+
+
 def int4_stored_dim(dim: int) -> int:
     return (dim + 1) // 2 + INT4_TAIL
 
@@ -122,13 +126,13 @@ def dequantize_int4(raw: np.ndarray, dim: int, out: np.ndarray | None = None, ro
     tail = np.ascontiguousarray(raw[..., -INT4_TAIL:]).view(np.float32)
     scale, lo = tail[..., :1], tail[..., 1:]
     packed = raw[..., :-INT4_TAIL]
-    codes = np.empty(lead + (packed.shape[-1] * 2,), np.float32)
-    codes[..., 0::2] = packed & 0x0F
-    codes[..., 1::2] = packed >> 4
+    codes = np.take(_NIBBLES, packed, axis=0).reshape(lead + (packed.shape[-1] * 2,))
     if codes.shape[-1] != dim:
         codes = np.ascontiguousarray(codes[..., :dim])
     if rotation != "hadamard":
-        y = codes * scale + lo
+        y = codes
+        y *= scale
+        y += lo
     else:
         n = hadamard_block(dim)
         y = np.matmul(codes.reshape(-1, n), signed_hadamard(n, seed) if n == dim else hadamard_matrix(n))

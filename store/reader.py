@@ -62,8 +62,9 @@ class Annotation:
 
 
 READ_THREADS = min(16, os.cpu_count() or 1)
-# Encodings whose decoding costs more than reading their bytes (int4: a 128 x 128 product per
-# token), decoded in tasks of DECODE_TASK tokens on every read thread, each task's BLAS on one
+# Encodings whose decoding costs more than reading their bytes (int4: unpacking, and in the
+# model's basis a 128 x 128 product per token), decoded in tasks of DECODE_TASK tokens on every
+# read thread (not one per part), each task's BLAS on one
 # thread: read threads times BLAS threads oversubscribe the cores (on 16 cores, int4 reads were
 # 3 x slower than on 2; docs/BENCHMARKS.md "Lossy encodings").
 COMPUTE_BOUND_DECODING = ("int4",)
@@ -298,7 +299,7 @@ class FeatureStore:
         for i, r in enumerate(rows):
             by_part.setdefault(r.part, []).append(i)
 
-        heavy = not as_stored and basis == "model" and self.meta.store_dtype in COMPUTE_BOUND_DECODING
+        heavy = not as_stored and self.meta.store_dtype in COMPUTE_BOUND_DECODING
         blocks: list[tuple[np.ndarray, int, int]] = []  # heavy decoding: (raw tokens, destination, tokens)
 
         def fill(part: int) -> None:
@@ -316,7 +317,7 @@ class FeatureStore:
 
         def decode_block(block: tuple[np.ndarray, int, int]) -> None:
             raw, dst, n = block
-            decode_into(raw, self.meta.store_dtype, data[dst: dst + n], self.meta.compressor)
+            decode_into(raw, self.meta.store_dtype, data[dst: dst + n], self.meta.compressor, basis)
 
         if len(by_part) > 1:
             with ThreadPoolExecutor(min(READ_THREADS, len(by_part))) as pool:
