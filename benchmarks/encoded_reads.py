@@ -6,9 +6,9 @@ features (``benchmarks.sweep.build_store``: 7B width, 27 x 27 tokens, head_dim 1
 alternating, ``FeatureStore.read`` of one target on each store and the plain file read of the
 lossless (bfloat16) store's chunk files of that target: cold (page cache emptied before each
 read, where permitted: root on Linux) and warm. int4 is also read in its stored (rotated)
-basis, as the rotation-invariant probes read it (``basis="stored"``: no inverse rotation). Figures are images per second, and the ratio
-of each encoding's read to the raw read of the lossless files: what "decoding a smaller
-encoding keeps up with the disk" means.
+basis, as the rotation-invariant probes read it (``basis="stored"``: no inverse rotation).
+Figures are images per second, and the ratio of each encoding's read to the raw read of the
+lossless files: what "decoding a smaller encoding keeps up with the disk" means.
 
     python -m kvpipe.benchmarks.encoded_reads --out /tmp/kvpipe-reads --images 192 --repeats 5
     python -m kvpipe.benchmarks.encoded_reads ... --device cuda   # also read to the GPU, decoded there
