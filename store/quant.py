@@ -126,16 +126,21 @@ def dequantize_int4(raw: np.ndarray, dim: int, out: np.ndarray | None = None, ro
     tail = np.ascontiguousarray(raw[..., -INT4_TAIL:]).view(np.float32)
     scale, lo = tail[..., :1], tail[..., 1:]
     packed = raw[..., :-INT4_TAIL]
-    codes = np.take(_NIBBLES, packed, axis=0).reshape(lead + (packed.shape[-1] * 2,))
+    plain = rotation != "hadamard"
+    # the last step writes straight into ``out`` where it can (no float32 temporary to copy)
+    direct = out is not None and out.flags.c_contiguous and out.shape == lead + (dim,)
+    into = out.reshape(lead + (dim // 2, 2)) if direct and plain and packed.shape[-1] * 2 == dim else None
+    codes = np.take(_NIBBLES, packed, axis=0, out=into, mode="clip").reshape(lead + (packed.shape[-1] * 2,))
     if codes.shape[-1] != dim:
         codes = np.ascontiguousarray(codes[..., :dim])
-    if rotation != "hadamard":
+    if plain:
         y = codes
         y *= scale
         y += lo
     else:
         n = hadamard_block(dim)
-        y = np.matmul(codes.reshape(-1, n), signed_hadamard(n, seed) if n == dim else hadamard_matrix(n))
+        y = np.matmul(codes.reshape(-1, n), signed_hadamard(n, seed) if n == dim else hadamard_matrix(n),
+                      out=out.reshape(-1, n) if direct else None)
         y = y.reshape(lead + (dim,))
         y *= scale
         if n != dim:
@@ -143,7 +148,8 @@ def dequantize_int4(raw: np.ndarray, dim: int, out: np.ndarray | None = None, ro
         y[..., ::n] += lo * (np.float32(np.sqrt(n)) * rotation_signs(dim, seed)[::n])
     if out is None:
         return y
-    out[...] = y
+    if not np.may_share_memory(y, out):
+        out[...] = y
     return out
 
 
