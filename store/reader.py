@@ -271,7 +271,7 @@ class FeatureStore:
         With a torch ``device`` the parts are gathered as stored, sent there and decoded
         there (``store.device_decode``); ``data`` is then a float32 tensor on that device.
         ``basis="stored"`` leaves int4's vectors rotated (``encoding.BASES``): the same inner
-        products for a third of the host's decoding time.
+        products for a quarter of the host's decoding time.
         """
         encoding_for(self.meta.store_dtype, self.meta.compressor, basis)  # a one-line error for a bad basis
         if kind not in ALL_KINDS:
