@@ -96,5 +96,5 @@ def decoder(store_dtype: str, params: Any = None, basis: str = "model") -> Calla
     metadata gives int4's rotation and seed), in ``basis`` (``encoding.BASES``)."""
     enc = encoding_for(store_dtype, params, basis)  # a one-line StoreError for an unknown encoding or basis
     if store_dtype == "int4":
-        return _int4(enc.rotation if basis == "model" else "none", enc.rotation_seed)
+        return _int4(enc.rotation, enc.rotation_seed)  # the rotation undone in this basis
     return {"bfloat16": _bf16, "int8": _int8}.get(store_dtype, _plain)

@@ -134,7 +134,7 @@ class DiskEncoding:
     decode_into: Callable[[np.ndarray, np.ndarray], None]
     lossy: bool = False
     dim_of: Callable[[int], int] = lambda w: w  # the (even) vector length stored in w columns
-    rotation: str | None = None  # int4: the rotation undone on read, and its seed
+    rotation: str | None = None  # int4: the rotation undone on read ("none" in the stored basis), and its seed
     rotation_seed: int = ROTATION_SEED
 
 
@@ -148,7 +148,7 @@ def _int4(rotation: str = "hadamard", seed: int = ROTATION_SEED, basis: str = "m
         dequantize_int4(raw, out.shape[-1], out, undone, seed)
 
     return DiskEncoding("uint8", int4_stored_dim, enc, dec, lossy=True, dim_of=lambda w: 2 * (w - 8),
-                        rotation=rotation, rotation_seed=seed)
+                        rotation=undone, rotation_seed=seed)
 
 
 ENCODINGS: dict[str, DiskEncoding] = {

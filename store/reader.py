@@ -26,7 +26,7 @@ from numcodecs import Blosc
 
 from kvpipe.errors import StoreError
 from kvpipe.store import layout
-from kvpipe.store.encoding import DISK_DTYPE, decode, decode_into, encoding_for, stored_dim, to_stored_basis
+from kvpipe.store.encoding import DISK_DTYPE, decode, encoding_for, stored_dim, to_stored_basis
 from kvpipe.store.fs import Location, open_location
 from kvpipe.store.checksum import bytes_crc32c
 from kvpipe.store.manifest import ImageRow, check_checksums, read_part_record_bytes
@@ -273,7 +273,8 @@ class FeatureStore:
         ``basis="stored"`` leaves int4's vectors rotated (``encoding.BASES``): the same inner
         products for a quarter of the host's decoding time.
         """
-        encoding_for(self.meta.store_dtype, self.meta.compressor, basis)  # a one-line error for a bad basis
+        # the decoder, resolved once per read (a one-line error for a bad basis)
+        encoding = encoding_for(self.meta.store_dtype, self.meta.compressor, basis)
         if kind not in ALL_KINDS:
             raise StoreError(f"kind must be one of {', '.join(ALL_KINDS)}, not {kind!r}")
         kind = Kind(kind).value
@@ -312,12 +313,11 @@ class FeatureStore:
                     blocks.extend((raw[src + a: src + min(n, a + DECODE_TASK)], dst + a, min(n - a, DECODE_TASK))
                                   for a in range(0, n, DECODE_TASK))
                 else:
-                    decode_into(raw[src: src + n], self.meta.store_dtype, data[dst: dst + n], self.meta.compressor,
-                                basis)
+                    encoding.decode_into(raw[src: src + n], data[dst: dst + n])
 
         def decode_block(block: tuple[np.ndarray, int, int]) -> None:
             raw, dst, n = block
-            decode_into(raw, self.meta.store_dtype, data[dst: dst + n], self.meta.compressor, basis)
+            encoding.decode_into(raw, data[dst: dst + n])
 
         if len(by_part) > 1:
             with ThreadPoolExecutor(min(READ_THREADS, len(by_part))) as pool:
