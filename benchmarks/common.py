@@ -172,6 +172,23 @@ def drop_page_cache() -> bool:
         return False
 
 
+def evict_files(paths: Any) -> None:
+    """Evict these files (or every file under a folder) from the page cache, so that their next
+    read comes from the disk: what a probe sweep's next target meets. Unlike ``drop_page_cache``
+    it needs no root and leaves the process's own code and libraries in memory (emptying the
+    whole cache also evicts those, a cost a running sweep does not pay)."""
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    for path in paths:
+        for p in (path.rglob("*") if path.is_dir() else [path]):
+            if p.is_file():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
 def settle(device: Any) -> None:
     """The same start for every extraction run, as a fresh ``kvpipe extract`` process has:
     the CUDA allocator's cache of earlier runs' blocks released, dirty pages written and the

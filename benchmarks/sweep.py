@@ -51,7 +51,7 @@ from typing import Callable
 import numpy as np
 
 from kvpipe.benchmarks import common
-from kvpipe.benchmarks.common import comma_list, finish, parse_args
+from kvpipe.benchmarks.common import comma_list, evict_files, finish, parse_args
 from kvpipe.errors import UsageError
 from kvpipe.probes import run_probe
 from kvpipe.probes.device import resolve_device
@@ -267,17 +267,6 @@ def build_store(out: Path, args: argparse.Namespace, probe: str | None = None) -
                 for kind in ("keys", "values")}
         writer.write_text(list(shape.queries), [[0]] * q, text)
     return out
-
-
-def drop_page_cache(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def time_raw_read(root: Path) -> tuple[float, int]:
@@ -632,14 +621,14 @@ def bench_probe(probe: str, args: argparse.Namespace, device: str, executors: li
     for i in range(args.repeat):
         if args.raw_read:
             if args.cold:
-                drop_page_cache(root)
+                evict_files(root)
             t, nbytes = time_raw_read(root)
             reads.append(t)
             print(f"  run {i + 1}: raw read {t:.1f} s", flush=True)
         runs = {}
         for name, params, baseline, executor in (variants if i % 2 == 0 else variants[::-1]):
             if args.cold:
-                drop_page_cache(root)
+                evict_files(root)
             killed: list[int] = []
             options = ExecutorOptions(workers=args.workers, address=args.ray_address,
                                       on_start=killer(args.kill_one_after, killed)) if executor == "ray" else None

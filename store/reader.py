@@ -13,8 +13,8 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -62,12 +62,12 @@ class Annotation:
 
 
 READ_THREADS = min(16, os.cpu_count() or 1)
-# Encodings whose decoding costs more than reading their bytes (int4: unpacking, and in the
-# model's basis a 128 x 128 product per token), decoded in tasks of DECODE_TASK tokens on every
-# read thread (not one per part), each task's BLAS on one
-# thread: read threads times BLAS threads oversubscribe the cores (on 16 cores, int4 reads were
-# 3 x slower than on 2; docs/BENCHMARKS.md "Lossy encodings").
-COMPUTE_BOUND_DECODING = ("int4",)
+# Reads decode in tasks of DECODE_TASK tokens over every read thread, queued as each part's bytes
+# arrive, so that decoding overlaps the other parts' reads. Encodings whose decoding calls BLAS
+# (int4's inverse rotation in the model's basis) hold it to one thread per task: read threads
+# times OpenBLAS's own threads oversubscribe the cores (on 16 cores, int4 reads were 3 x slower
+# than on 2; docs/BENCHMARKS.md "Lossy encodings").
+BLAS_DECODING = ("int4",)
 DECODE_TASK = 8192
 _BLOSC = Blosc()  # decoding reads the codec parameters from each chunk's own header
 
@@ -300,8 +300,14 @@ class FeatureStore:
         for i, r in enumerate(rows):
             by_part.setdefault(r.part, []).append(i)
 
-        heavy = not as_stored and self.meta.store_dtype in COMPUTE_BOUND_DECODING
-        blocks: list[tuple[np.ndarray, int, int]] = []  # heavy decoding: (raw tokens, destination, tokens)
+        # decoding runs in tasks of DECODE_TASK tokens on every thread, queued as each part's bytes
+        # arrive (not one per part: a read of few parts would leave cores idle), beside other reads
+        threads = min(READ_THREADS, len(by_part) + (0 if as_stored else int(offsets[-1]) // DECODE_TASK))
+        pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        decoding: list[Future] = []
+
+        def decode_task(raw: np.ndarray, dst: int, n: int) -> None:
+            encoding.decode_into(raw, data[dst: dst + n])
 
         def fill(part: int) -> None:
             raw = self._raw(part, kind, li, hi)
@@ -309,25 +315,22 @@ class FeatureStore:
                                                   for i in by_part[part]]):
                 if as_stored:
                     data[dst: dst + n] = raw[src: src + n]
-                elif heavy:  # decoded below, in blocks over every thread
-                    blocks.extend((raw[src + a: src + min(n, a + DECODE_TASK)], dst + a, min(n - a, DECODE_TASK))
-                                  for a in range(0, n, DECODE_TASK))
+                elif pool is not None:
+                    decoding.extend(pool.submit(decode_task, raw[src + a: src + min(n, a + DECODE_TASK)], dst + a,
+                                                min(n - a, DECODE_TASK)) for a in range(0, n, DECODE_TASK))
                 else:
                     encoding.decode_into(raw[src: src + n], data[dst: dst + n])
 
-        def decode_block(block: tuple[np.ndarray, int, int]) -> None:
-            raw, dst, n = block
-            encoding.decode_into(raw, data[dst: dst + n])
-
-        if len(by_part) > 1:
-            with ThreadPoolExecutor(min(READ_THREADS, len(by_part))) as pool:
-                list(pool.map(fill, by_part))
-        else:
+        if pool is None:
             for part in by_part:
                 fill(part)
-        if blocks:
-            with single_threaded_blas(), ThreadPoolExecutor(min(READ_THREADS, len(blocks))) as pool:
-                list(pool.map(decode_block, blocks))
+        else:
+            blas = single_threaded_blas() if self.meta.store_dtype in BLAS_DECODING else nullcontext()
+            with blas, pool:
+                for done in [pool.submit(fill, part) for part in by_part]:
+                    done.result()  # every part read: every decoding task queued
+                for done in decoding:
+                    done.result()
         if as_stored:
             from kvpipe.store.device_decode import decoder, to_device
 

@@ -264,8 +264,9 @@ def test_encoded_reads_times_each_encoding_against_the_raw_lossless_read(tmp_pat
                                         "--json", str(out)])
     assert set(res["reads"]) == {"warm"}
     warm = res["reads"]["warm"]
-    assert set(warm) == {"raw bfloat16", "bfloat16", "int8", "int4", "int4 (stored basis)", "bfloat16 to cpu",
-                         "int8 to cpu", "int4 to cpu"}
+    assert set(warm) == {"raw bfloat16", "raw int8", "raw int4", "bfloat16", "int8", "int4", "int4 (stored basis)",
+                         "bfloat16 to cpu", "int8 to cpu", "int4 to cpu"}
+    assert warm["raw int4"]["stored_bytes"] == warm["int4"]["stored_bytes"]  # each encoding's own files
     assert warm["int4 (stored basis)"]["stored_bytes"] == warm["int4"]["stored_bytes"]
     assert warm["int4 to cpu"]["stored_bytes"] == warm["int4"]["stored_bytes"] and warm["int4 to cpu"]["seconds"] > 0
     assert warm["raw bfloat16"]["ratio_to_raw_lossless"] == 1.0 and warm["int4"]["images_per_s"] > 0

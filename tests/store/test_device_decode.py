@@ -62,18 +62,19 @@ def test_an_unknown_encoding_is_refused_in_one_line():
         decoder("int2")
 
 
-def test_int4_reads_decoded_in_blocks_over_threads_equal_reads_per_part(tmp_path, monkeypatch):
-    """int4 decodes in tasks of DECODE_TASK tokens over every read thread: tasks that split a
+@pytest.mark.parametrize("store_dtype", ["int4", "bfloat16"])
+def test_reads_decoded_in_blocks_over_threads_equal_reads_per_part(tmp_path, monkeypatch, store_dtype):
+    """Reads decode in tasks of DECODE_TASK tokens over every read thread: tasks that split a
     part's images mid-image give the per-part decoding's values, in any image order."""
     import kvpipe.store.reader as reader
 
     extract(ExtractConfig(model="tiny-qwen25vl", dataset="synthetic", out=str(tmp_path / "s"), limit=5,
-                          batch_size=2, part_size=2, store_dtype="int4"))
+                          batch_size=2, part_size=2, store_dtype=store_dtype))
     store = FeatureStore.open(tmp_path / "s")
     rows = store.images()[::-1]
     monkeypatch.setattr(reader, "DECODE_TASK", 7)  # several tasks per image
     blocks = store.read("keys", 1, 1, images=rows)
-    monkeypatch.setattr(reader, "COMPUTE_BOUND_DECODING", ())
+    monkeypatch.setattr(reader, "DECODE_TASK", 10**9)  # one task per run of a part's tokens
     per_part = store.read("keys", 1, 1, images=rows)
     np.testing.assert_allclose(blocks.data, per_part.data, rtol=1e-6, atol=1e-6 * np.abs(per_part.data).max())
     assert blocks.data.shape[0] > 3 * 7
