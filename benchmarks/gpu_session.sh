@@ -137,8 +137,14 @@ done
 fi
 if [[ $what == all || $what == reads ]]; then
 # one (layer, head, kind) read per encoding against the raw read of the lossless files, on this host's cores
-bounded 100 reads python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/reads" --images 192 --repeats 5 \
+# (cold: the target's files evicted from the page cache; reads-all: the whole cache emptied)
+bounded 120 reads python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/reads" --images 192 --repeats 5 \
     --device cuda --json "$out/reads.json"
+bounded 100 reads-all python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/reads" --images 192 --repeats 5 \
+    --cold-mode all --json "$out/reads-all.json"
+rm -rf "$stores/reads"
+bounded 200 reads-768 python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/reads" --images 768 --repeats 5 \
+    --json "$out/reads-768.json"
 rm -rf "$stores/reads"
 fi
 rm -rf "$stores"
