@@ -29,8 +29,8 @@ from kvpipe.benchmarks.common import args_dict, comma_list, drop_page_cache, evi
 from kvpipe.store import FeatureStore
 
 
-STORED = " (stored basis)"
-COLD_MODES = ("files", "all")  # a read of int4 left rotated (FeatureStore.read(..., basis="stored"))
+STORED = " (stored basis)"  # a read of int4 left rotated (FeatureStore.read(..., basis="stored"))
+COLD_MODES = ("files", "all")
 
 
 def get_args_parser(description: str | None = __doc__, parents=(), add_help: bool = True) -> argparse.ArgumentParser:
