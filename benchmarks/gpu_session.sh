@@ -11,13 +11,13 @@
 # alternating order on 192 images (int4-rounds); fg-seg's solver in its two spaces at the
 # post-proj shape (solver);
 # semantic-corr's timed 225-target sweep of a 7B-shaped store (full-sweep); int4's fidelity on 96
-# images of Qwen2.5-VL-7B's shape (fidelity-96);
+# images of Qwen2.5-VL-7B's shape (fidelity-96), and on 192 and 384 (fidelity-192, fidelity-384);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -66,13 +66,16 @@ bounded 200 fidelity-qwen25vl python3 -m kvpipe.benchmarks.lossy_fidelity --mode
     --device cuda --dtype bfloat16 --reference-dtype bfloat16 --images 16 --tasks input-agnostic \
     --out "$stores/lossy-7b" --json "$out/fidelity-qwen25vl.json"
 fi
-if [[ $what == fidelity-96 ]]; then
-# int4 against lossless bf16 on 96 images (16 synthetic videos) of the full-size architecture: every
-# deterministic probe over all 225 targets (cosegmentation's k-means spread is measured on the CPU)
-bounded 540 fidelity-96 python3 -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random \
-    --device cuda --dtype bfloat16 --reference-dtype bfloat16 --option n_videos=16 --batch-size 16 \
-    --encodings int4 --tasks temporal-corr,fg-seg,semantic-seg,refexp-seg,semantic-corr,input-agnostic \
-    --out "$stores/lossy-96" --json "$out/fidelity-96.json"
+if [[ $what == fidelity-96 || $what == fidelity-192 || $what == fidelity-384 ]]; then
+# int4 against lossless bf16 on 96, 192 or 384 images (16, 32, 64 synthetic videos of 6 frames) of the
+# full-size architecture: every deterministic probe over all 225 targets (cosegmentation's k-means
+# spread is measured on the CPU); 192 images take about 3 minutes on an H100, 384 about 5.5
+n=${what#fidelity-}
+bounded 560 "$what" python3 -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random \
+    --device cuda --dtype bfloat16 --reference-dtype bfloat16 --option n_videos=$((n / 6)) --batch-size 16 \
+    --part-size 16 --encodings int4 --tasks temporal-corr,fg-seg,semantic-seg,refexp-seg,semantic-corr \
+    --out "$stores/lossy-$n" --json "$out/$what.json"
+rm -rf "$stores/lossy-$n"
 fi
 if [[ $what == int4-write ]]; then
 # int8 against int4 extraction alone, same process and images (the encodings mode has them too)
