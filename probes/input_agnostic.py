@@ -64,6 +64,7 @@ class InputAgnostic(Probe):
     defaults = {"max_images": 1000, "threshold": None, "pca_layer": None, "pca_images": None,
                 "estimator": "position"}
     crop_params = {"estimator": ("pooled",)}  # every key token of every image, crops and newlines too
+    rotation_invariant = True  # squared distances to the mean key (Figure 4's PCA reads the model's basis)
 
     def prepare(self) -> None:
         rows = self.store.images()[: int(self.params["max_images"])]
@@ -86,7 +87,7 @@ class InputAgnostic(Probe):
                              f"(stored: {list(self.store.meta.layers)})")
 
     def read(self, target: Target) -> Any:
-        return self.store.read("keys", target.layer, target.head, images=self.rows)
+        return self.store.read("keys", target.layer, target.head, images=self.rows, basis=self.read_basis())
 
     def compute(self, target: Target, feats: Any) -> dict[str, float]:
         on_device = uses_torch(self.device)

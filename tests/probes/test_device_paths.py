@@ -395,6 +395,7 @@ def coseg_store(path, store_dtype="float32"):
     ("semantic-corr", pair_store, {"search": "numpy"}, "numpy"), ("semantic-corr", pair_store, {"search": "torch"}, "cpu"),
     ("temporal-corr", video_store, {}, "numpy"), ("temporal-corr", video_store, {}, "cpu"),
     ("cosegmentation", coseg_store, {}, "numpy"),
+    ("input-agnostic", video_store, {}, "numpy"), ("input-agnostic", video_store, {"estimator": "pooled"}, "cpu"),
     ("semantic-seg", lambda p, **kw: mixed_size_text_store(p, "semantic-seg", **kw), {}, "numpy"),
     ("refexp-seg", lambda p, **kw: mixed_size_text_store(p, "refexp-seg", **kw), {}, "cpu")])
 def test_rotation_invariant_probes_read_int4_in_its_stored_basis(tmp_path, monkeypatch, task, store_of, params,
