@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import json
 import os
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from contextlib import contextmanager, nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ READ_THREADS = min(16, os.cpu_count() or 1)
 # than on 2; docs/BENCHMARKS.md "Lossy encodings").
 BLAS_DECODING = ("int4",)
 DECODE_TASK = 8192
+READ_AHEAD = 2  # parts per read thread read ahead of their decoding
 _BLOSC = Blosc()  # decoding reads the codec parameters from each chunk's own header
 
 
@@ -304,33 +306,40 @@ class FeatureStore:
         # arrive (not one per part: a read of few parts would leave cores idle), beside other reads
         threads = min(READ_THREADS, len(by_part) + (0 if as_stored else int(offsets[-1]) // DECODE_TASK))
         pool = ThreadPoolExecutor(threads) if threads > 1 else None
-        decoding: list[Future] = []
 
         def decode_task(raw: np.ndarray, dst: int, n: int) -> None:
             encoding.decode_into(raw, data[dst: dst + n])
 
-        def fill(part: int) -> None:
+        def fill(part: int) -> list[Future]:
+            """Read one part and copy or decode its runs; on a pool, queue the decoding and return it."""
             raw = self._raw(part, kind, li, hi)
+            queued: list[Future] = []
             for (src, dst, n) in contiguous_runs([(rows[i].token_offset, int(offsets[i]), rows[i].n_tokens)
                                                   for i in by_part[part]]):
                 if as_stored:
                     data[dst: dst + n] = raw[src: src + n]
                 elif pool is not None:
-                    decoding.extend(pool.submit(decode_task, raw[src + a: src + min(n, a + DECODE_TASK)], dst + a,
-                                                min(n - a, DECODE_TASK)) for a in range(0, n, DECODE_TASK))
+                    queued.extend(pool.submit(decode_task, raw[src + a: src + min(n, a + DECODE_TASK)], dst + a,
+                                              min(n - a, DECODE_TASK)) for a in range(0, n, DECODE_TASK))
                 else:
                     encoding.decode_into(raw[src: src + n], data[dst: dst + n])
+            return queued
 
         if pool is None:
             for part in by_part:
                 fill(part)
         else:
+            # at most READ_AHEAD parts per thread read ahead of their decoding: the raw bytes held
+            # stay a few parts' worth, not the whole read's (which could be half the float32 output
+            # again); one per thread left the disk idle while the threads decoded (5% slower)
             blas = single_threaded_blas() if self.meta.store_dtype in BLAS_DECODING else nullcontext()
+            parts = iter(by_part)
             with blas, pool:
-                for done in [pool.submit(fill, part) for part in by_part]:
-                    done.result()  # every part read: every decoding task queued
-                for done in decoding:
-                    done.result()
+                ahead = deque(pool.submit(fill, part) for part in itertools.islice(parts, READ_AHEAD * threads))
+                while ahead:
+                    for done in ahead.popleft().result():
+                        done.result()
+                    ahead.extend(pool.submit(fill, part) for part in itertools.islice(parts, 1))
         if as_stored:
             from kvpipe.store.device_decode import decoder, to_device
 

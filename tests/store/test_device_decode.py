@@ -78,3 +78,44 @@ def test_reads_decoded_in_blocks_over_threads_equal_reads_per_part(tmp_path, mon
     per_part = store.read("keys", 1, 1, images=rows)
     np.testing.assert_allclose(blocks.data, per_part.data, rtol=1e-6, atol=1e-6 * np.abs(per_part.data).max())
     assert blocks.data.shape[0] > 3 * 7
+
+
+def test_a_read_holds_at_most_read_ahead_parts_per_thread_ahead_of_its_decoding(tmp_path, monkeypatch):
+    """Parts are read at most READ_AHEAD x threads ahead of their decoding: a part is read only
+    once the part that many before it is decoded (the raw bytes held stay a few parts' worth)."""
+    import dataclasses
+    import threading
+
+    import kvpipe.store.reader as reader
+
+    extract(ExtractConfig(model="tiny-qwen25vl", dataset="synthetic", out=str(tmp_path / "s"), limit=16,
+                          batch_size=2, part_size=2, store_dtype="bfloat16"))
+    store = FeatureStore.open(tmp_path / "s")
+    tokens = {p: store._part_tokens(p) for p in range(store.n_parts)}
+    lock, decoded, read_order, behind = threading.Lock(), [0], [], []
+    real_raw, real_encoding_for = FeatureStore._raw, reader.encoding_for
+
+    def raw(self, part, *args):
+        with lock:  # tokens the parts read so far hold, less those decoded: at most 2 x 2 parts' worth
+            read_order.append(part)
+            behind.append(sum(tokens[p] for p in read_order) - decoded[0])
+        return real_raw(self, part, *args)
+
+    def encoding_for(*args, **kw):
+        enc = real_encoding_for(*args, **kw)
+
+        def decode_into(raw_tokens, out):
+            enc.decode_into(raw_tokens, out)
+            with lock:
+                decoded[0] += len(raw_tokens)
+        return dataclasses.replace(enc, decode_into=decode_into)
+
+    monkeypatch.setattr(FeatureStore, "_raw", raw)
+    monkeypatch.setattr(reader, "encoding_for", encoding_for)
+    monkeypatch.setattr(reader, "READ_THREADS", 2)
+    monkeypatch.setattr(reader, "DECODE_TASK", 16)
+    got = store.read("keys", 1, 1)
+    assert sorted(read_order) == list(range(8)) and decoded[0] == got.data.shape[0] == sum(tokens.values())
+    assert reader.READ_AHEAD == 2 and max(behind) <= 2 * 2 * max(tokens.values())
+    monkeypatch.setattr(reader, "READ_THREADS", 1)  # the same values read on one thread
+    np.testing.assert_array_equal(store.read("keys", 1, 1).data, got.data)
