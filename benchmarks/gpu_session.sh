@@ -7,7 +7,7 @@
 # stages of int8 and int4 extraction (stages); semantic-corr, semantic-seg and refexp-seg per target
 # (per-target); temporal-corr's full-size run alone (temporal),
 # the profile's other two (profile-rest); int8 against int4 extraction and int4's slices
-# (int4-write), the same with post-proj stored (int4-write-post-proj), both in four rounds of
+# (int4-write), the same with post-proj stored (int4-write-post-proj), in four and eight rounds of
 # alternating order on 192 images (int4-rounds); fg-seg's solver in its two spaces at the
 # post-proj shape (solver);
 # semantic-corr's timed 225-target sweep of a 7B-shaped store (full-sweep); int4's fidelity on 96
@@ -91,8 +91,8 @@ fi
 if [[ $what == int4-rounds ]]; then
 bounded 240 int4-rounds-post-proj "${kv[@]}" --model qwen25vl --size 448 --images 192 --batch-size 32 --part-size 32 \
     --kinds keys,values,post_proj --runs kvpipe-int8,kvpipe-int4 --rounds 4 --json "$out/int4-rounds-post-proj.json"
-bounded 200 int4-rounds "${kv[@]}" --model qwen25vl --size 448 --images 192 --batch-size 32 --part-size 32 \
-    --runs kvpipe-int8,kvpipe-int4 --rounds 4 --json "$out/int4-rounds.json"
+bounded 300 int4-rounds "${kv[@]}" --model qwen25vl --size 448 --images 192 --batch-size 32 --part-size 32 \
+    --runs kvpipe-int8,kvpipe-int4 --rounds 8 --json "$out/int4-rounds.json"
 fi
 if [[ $what == solver ]]; then
 # fg-seg's Newton steps in the feature space against the support tokens' space: 1,000 episodes of
