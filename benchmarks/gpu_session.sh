@@ -7,8 +7,8 @@
 # stages of int8 and int4 extraction (stages); semantic-corr, semantic-seg and refexp-seg per target
 # (per-target); temporal-corr's full-size run alone (temporal),
 # the profile's other two (profile-rest); int8 against int4 extraction and int4's slices
-# (int4-write), the same with post-proj stored (int4-write-post-proj), in four and eight rounds of
-# alternating order on 192 images (int4-rounds); fg-seg's solver in its two spaces at the
+# (int4-write), the same with post-proj stored (int4-write-post-proj), both in rounds of
+# alternating order on 192 images, 4 with post-proj and 8 without (int4-rounds); fg-seg's solver in its two spaces at the
 # post-proj shape (solver);
 # semantic-corr's timed 225-target sweep of a 7B-shaped store (full-sweep); int4's fidelity on 96
 # images of Qwen2.5-VL-7B's shape (fidelity-96), and on 192 and 384 (fidelity-192, fidelity-384);
