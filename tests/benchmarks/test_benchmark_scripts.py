@@ -129,9 +129,10 @@ def test_int4_slices_times_both_slicings_and_restores_the_budget():
     assert capture.int4_slice_rows is budget
 
 
-def test_lloyd_max_candidate_is_the_gaussian_optimum():
+def test_lloyd_max_candidates_are_the_gaussian_optimum():
     """On Gaussian coordinates the 16-level Lloyd-Max code has MSE 0.009497 per unit variance
-    (Max 1960): RMS relative error 0.0975; kvpipe's min-max int4 is within a few percent of it."""
+    (Max 1960): RMS relative error 0.0975; kvpipe's min-max int4 is within a few percent of it.
+    The 8-level (3-bit) code: 0.03454, 3.6 x int4's squared error."""
     import numpy as np
 
     lf = script("lossy_fidelity")
@@ -140,6 +141,8 @@ def test_lloyd_max_candidate_is_the_gaussian_optimum():
            for name, (_, f) in lf.candidates().items()}
     assert rel["4-bit Lloyd-Max (hadamard, RMS scale)"] == pytest.approx(np.sqrt(0.009497), rel=0.02)
     assert rel["4-bit Lloyd-Max (hadamard, RMS scale)"] < rel["int4 (hadamard)"] < 1.05 * np.sqrt(0.009497)
+    assert rel["3-bit Lloyd-Max (hadamard, RMS scale)"] == pytest.approx(np.sqrt(0.03454), rel=0.02)
+    assert (rel["3-bit Lloyd-Max (hadamard, RMS scale)"] / rel["int4 (hadamard)"]) ** 2 > 3.3
 
 
 def test_lossy_fidelity_compares_int8_and_int4_with_the_lossless_store(tmp_path, monkeypatch):
@@ -175,7 +178,7 @@ def test_lossy_fidelity_compares_int8_and_int4_with_the_lossless_store(tmp_path,
     assert 0.9 < res["features"]["int4"]["mean_cosine"] < res["features"]["int8"]["mean_cosine"]
     cand = res["candidates"]
     assert set(cand) == {"int8", "fp8-e4m3", "int4 (hadamard)", "int4 (no rotation)",
-                         "4-bit Lloyd-Max (hadamard, RMS scale)"}
+                         "4-bit Lloyd-Max (hadamard, RMS scale)", "3-bit Lloyd-Max (hadamard, RMS scale)"}
     # the stored int4 is the rotated candidate: the same mean cosine as computed on the host
     assert cand["int4 (hadamard)"]["mean_cosine"] == pytest.approx(res["features"]["int4"]["mean_cosine"], abs=1e-6)
     with pytest.raises(SystemExit, match="needs --out"):
