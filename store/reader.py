@@ -64,11 +64,10 @@ class Annotation:
 
 READ_THREADS = min(16, os.cpu_count() or 1)
 # Reads decode in tasks of DECODE_TASK tokens over every read thread, queued as each part's bytes
-# arrive, so that decoding overlaps the other parts' reads. Encodings whose decoding calls BLAS
-# (int4's inverse rotation in the model's basis) hold it to one thread per task: read threads
-# times OpenBLAS's own threads oversubscribe the cores (on 16 cores, int4 reads were 3 x slower
-# than on 2; docs/BENCHMARKS.md "Lossy encodings").
-BLAS_DECODING = ("int4",)
+# arrive, so that decoding overlaps the other parts' reads. A decoder that undoes a rotation (int4
+# in the model's basis: a BLAS product per block of tokens) holds BLAS to one thread per task:
+# read threads times OpenBLAS's own threads oversubscribe the cores (on 16 cores, int4 reads were
+# 3 x slower than on 2; docs/BENCHMARKS.md "Lossy encodings").
 DECODE_TASK = 8192
 READ_AHEAD = 2  # parts per read thread read ahead of their decoding
 _BLOSC = Blosc()  # decoding reads the codec parameters from each chunk's own header
@@ -332,7 +331,7 @@ class FeatureStore:
             # at most READ_AHEAD parts per thread read ahead of their decoding: the raw bytes held
             # stay a few parts' worth, not the whole read's (which could be half the float32 output
             # again); one per thread left the disk idle while the threads decoded (5% slower)
-            blas = single_threaded_blas() if self.meta.store_dtype in BLAS_DECODING else nullcontext()
+            blas = single_threaded_blas() if encoding.rotation == "hadamard" else nullcontext()
             parts = iter(by_part)
             with blas, pool:
                 ahead = deque(pool.submit(fill, part) for part in itertools.islice(parts, READ_AHEAD * threads))
