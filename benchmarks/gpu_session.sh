@@ -12,12 +12,13 @@
 # post-proj shape (solver);
 # semantic-corr's timed 225-target sweep of a 7B-shaped store (full-sweep); int4's fidelity on 96
 # images of Qwen2.5-VL-7B's shape (fidelity-96), and on 192 and 384 (fidelity-192, fidelity-384);
+# what structure int4 leaves uncoded in lossless stores of both 7B shapes (structure);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -149,5 +150,18 @@ rm -rf "$stores/reads"
 bounded 200 reads-768 python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/reads" --images 768 --repeats 5 \
     --json "$out/reads-768.json"
 rm -rf "$stores/reads"
+fi
+if [[ $what == structure ]]; then
+# the bits per value coders would need at int4's error (benchmarks/kv_structure.py), on lossless bf16
+# stores of Qwen2.5-VL-7B 448 (384 images) and LLaVA-OV-7B 384, base view (192 images), random weights
+for spec in "qwen25vl 448x448 64 base" "llava-ov 384x384 32 base"; do
+    read -r model size videos views <<< "$spec"
+    bounded 240 "extract-$model" python3 -m kvpipe.cli extract --model "$model" --init random --dataset synthetic \
+        --option n_videos="$videos" --image-size "$size" --views "$views" --dtype bfloat16 --store-dtype bfloat16 \
+        --device cuda --batch-size 16 --part-size 16 --out "$stores/structure-$model"
+    bounded 240 "structure-$model" python3 -m kvpipe.benchmarks.kv_structure "$stores/structure-$model" \
+        --workers 14 --json "$out/structure-$model.json"
+    rm -rf "$stores/structure-$model"
+done
 fi
 rm -rf "$stores"

@@ -14,7 +14,7 @@ import pytest
 
 SCRIPTS = ("capture_stages", "cli_latency", "codecs", "disk_rewrite", "encoded_reads", "encoder_interference",
            "extract_timeline", "host_buffers", "int4_slices",
-           "linear_probes", "lossy_fidelity", "multi_gpu", "prefill_kernels", "read_checks", "sweep")
+           "kv_structure", "linear_probes", "lossy_fidelity", "multi_gpu", "prefill_kernels", "read_checks", "sweep")
 # a tiny MLM on the CPU: 4 images of 56 x 56 (4 image tokens each), batches of 2
 TINY = ["--device", "cpu", "--model", "tiny-qwen25vl", "--dtype", "float32", "--image-size", "56",
         "--images", "4", "--batch-size", "2"]
@@ -275,3 +275,44 @@ def test_encoded_reads_times_each_encoding_against_the_raw_lossless_read(tmp_pat
     assert warm["raw bfloat16"]["ratio_to_raw_lossless"] == 1.0 and warm["int4"]["images_per_s"] > 0
     assert warm["int4"]["stored_bytes"] < warm["int8"]["stored_bytes"] < warm["bfloat16"]["stored_bytes"]
     assert json.loads(out.read_text())["args"]["encodings"] == "int4,int8"
+
+
+def test_kv_structure_rates_match_the_textbook_cases():
+    """Entropy of known histograms; the Gaussian rate-distortion bound of an isotropic source is
+    0.5 log2(variance / error); on isotropic Gaussian vectors int4 costs its codes' 3.63 bits plus
+    0.5 for its scale and zero point, and no coder gains from a principal basis or a mean there;
+    a shared mean and unequal channels are what the KLT coder turns into fewer bits, also with
+    its basis fitted on other vectors and its codes under zstd."""
+    ks = script("kv_structure")
+    assert ks.entropy_bits(np.array([0, 1, 2, 3] * 5)) == pytest.approx(2.0)
+    cols = np.stack([np.array([0, 1] * 8), np.array([5] * 16)], axis=1)  # 1 bit and 0 bits
+    assert ks.entropy_bits(cols, axis=1) == pytest.approx(0.5)
+    assert ks.gaussian_rd(np.full(128, 4.0), 128 * 4.0 / 1024) == pytest.approx(5.0, abs=1e-6)
+    # unequal variances: water-filling drops the channel below the water level
+    assert ks.gaussian_rd(np.array([16.0, 1e-6]), 2 * 1.0) < 0.5 * np.log2(16.0 / 1.0)
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4096, 128)).astype(np.float32)
+    iso = ks.analyse(x)
+    assert iso["int4_bits"] == pytest.approx(3.63 + 0.5, abs=0.03)
+    assert iso["gaussian_rd_bits"] == pytest.approx(0.5 * np.log2(1 / iso["int4_rel_mse"]), abs=0.02)
+    assert iso["gaussian_rd_bits"] < iso["klt_ecsq_bits"] < iso["rotated_ecsq_bits"] < iso["int4_bits"]
+    assert iso["klt_gain_bits"] < 0.03 and iso["mean_share"] < 0.01
+
+    mixing = rng.standard_normal((128, 128)) * np.exp(-np.arange(128) / 16)[None, :]
+    skewed = ks.analyse((x @ mixing.T + 2).astype(np.float32))
+    assert skewed["mean_share"] > 0.3 and skewed["klt_gain_bits"] > 1.5
+    assert skewed["klt_ecsq_bits"] < iso["klt_ecsq_bits"] - 1.5
+    # a basis fitted on other vectors of the same source costs little; zstd comes near the entropy
+    for r in (iso, skewed):
+        assert r["klt_ecsq_bits"] <= r["klt_held_out_bits"] < r["klt_ecsq_bits"] + 0.15
+        assert r["klt_held_out_bits"] - 0.05 < r["klt_held_out_zstd_bits"] < r["klt_held_out_bits"] + 0.5
+
+
+def test_kv_structure_reads_every_target_of_a_store(synthetic_store, tmp_path):
+    from kvpipe.store import FeatureStore
+
+    out = script("kv_structure").main([str(synthetic_store), "--tokens", "64", "--json", str(tmp_path / "s.json")])
+    meta = FeatureStore.open(synthetic_store).meta
+    assert len(out["targets"]) == 2 * len(meta.layers) * len(meta.heads)
+    assert json.loads((tmp_path / "s.json").read_text())["median"]["lossless_bits"] > 0

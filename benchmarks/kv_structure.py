@@ -1,0 +1,199 @@
+"""How many bits a value of a store needs at int4's error, by what a coder may exploit.
+
+int4 codes each rotated token on its own: 16 levels between the token's min and max. What it
+does not use is structure across tokens and channels: the mean every token of a head shares,
+and channels of unequal variance (a per-head principal basis, the KLT). This reads a lossless
+store and, per (kind, layer, head), measures int4's relative squared error D, then the bits per
+value of coders at the same D:
+
+- ``int4``: int4's codes, ideally entropy-coded (their order-0 entropy), plus its float32 scale
+  and zero point per token;
+- ``rotated ECSQ``: kvpipe's rotation, a uniform step proportional to each token's RMS, the codes'
+  entropy plus a float16 RMS per token (the best scalar code that, like int4, sees each token
+  alone);
+- ``KLT ECSQ``: the head's mean removed, its principal basis, one uniform step for all channels
+  and tokens, each channel's codes at their own entropy (side information, one basis and mean per
+  head, not counted: it is 64 KB against a store's gigabytes); fitted on the vectors it codes
+  (``klt_ecsq``), and held out (``klt_held_out``: fitted on the first half of the images, coding
+  the second, as an encoding whose basis comes from a store's first images would), the latter
+  also as Blosc zstd stores its int8 codes laid out channel by channel (``klt_held_out_zstd``);
+- ``Gaussian R(D)``: the rate-distortion bound of a Gaussian with the head's covariance (reverse
+  water-filling on its eigenvalues), the fewest bits any coder needs for such a source.
+
+beside the lossless bf16 bytes under Blosc zstd (the store's own codec). The ratio
+lossless / coder is the size reduction each would give at int4's fidelity.
+
+    python -m kvpipe.benchmarks.kv_structure STORE [--tokens 20000] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+from kvpipe.benchmarks import common
+from kvpipe.benchmarks.common import finish, parse_args
+from kvpipe.store import FeatureStore
+
+
+def entropy_bits(codes: np.ndarray, axis: int | None = None) -> float:
+    """Order-0 entropy of integer codes, bits per code (``axis=1``: each column its own code,
+    their mean)."""
+    q = np.asarray(codes, np.int64)
+    q = q - q.min()
+    columns = 1 if axis is None else q.shape[1]
+    if axis is not None:  # one histogram per column: each column's codes offset into a range of its own
+        q = q + np.arange(columns) * (int(q.max()) + 1)
+    counts = np.bincount(q.ravel())
+    p = counts[counts > 0] / (q.size / columns)
+    return float(-(p * np.log2(p)).sum() / columns)
+
+
+def lossless_bits(x: np.ndarray) -> float:
+    """Bits per value of x as bf16 under the store's default codec (Blosc zstd 1, byte shuffle)."""
+    from numcodecs import Blosc
+
+    from kvpipe.store.encoding import float32_to_bf16_bits
+
+    raw = float32_to_bf16_bits(x)
+    return 8 * len(Blosc("zstd", 1, Blosc.SHUFFLE).encode(raw)) / raw.size
+
+
+def int4_point(x: np.ndarray) -> tuple[float, float]:
+    """(relative squared error, bits per value) of kvpipe's int4 with ideally coded codes."""
+    from kvpipe.store.quant import INT4_LEVELS, INT4_TAIL, dequantize_int4, quantize_int4, rotate
+
+    y = rotate(x)
+    lo = y.min(-1, keepdims=True)
+    scale = (y.max(-1, keepdims=True) - lo) / INT4_LEVELS
+    codes = np.clip(np.rint((y - lo) / np.where(scale > 0, scale, 1)), 0, INT4_LEVELS)
+    xh = dequantize_int4(quantize_int4(x), x.shape[-1])
+    return float(((x - xh) ** 2).sum() / (x ** 2).sum()), entropy_bits(codes) + 8 * INT4_TAIL / x.shape[-1]
+
+
+def _bisect_step(rate_err, target: float) -> float:
+    """log2 of the largest step of a uniform quantiser whose relative error is below ``target``."""
+    lo, hi = -12.0, 6.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rate_err(2.0 ** mid)[1] < target else (lo, mid)
+    return lo
+
+
+def _bisect(rate_err, target: float) -> tuple[float, float]:
+    """(bits, error) of that quantiser."""
+    return rate_err(2.0 ** _bisect_step(rate_err, target))
+
+
+def rotated_ecsq(x: np.ndarray, target: float) -> tuple[float, float]:
+    from kvpipe.store.quant import rotate
+
+    y = rotate(x)
+    rms = np.maximum(np.sqrt((y ** 2).mean(-1, keepdims=True)), 1e-30)
+    energy = (y ** 2).sum()
+
+    def rate_err(step):
+        q = np.rint(y / (step * rms))
+        return entropy_bits(q) + 16 / y.shape[-1], float(((q * step * rms - y) ** 2).sum() / energy)
+
+    return _bisect(rate_err, target)
+
+
+def klt_ecsq(x: np.ndarray, target: float, fit: np.ndarray | None = None) -> tuple[float, float, np.ndarray, float]:
+    """(bits, error, the principal variances, bits under zstd) of the KLT coder at relative error
+    ``target``; ``fit``: the vectors its mean and basis come from (default: ``x`` itself). The
+    zstd figure is what Blosc zstd 1 stores of the int8 codes laid out channel by channel (each
+    channel's codes contiguous, so its one Huffman table per block sees like statistics)."""
+    from numcodecs import Blosc
+
+    fit = x if fit is None else fit
+    mean = fit.mean(0)
+    vals, vecs = np.linalg.eigh((fit - mean).T @ (fit - mean) / len(fit))
+    z = (x - mean) @ vecs
+    energy = (x ** 2).sum()
+
+    def rate_err(step):
+        q = np.rint(z / step)
+        return entropy_bits(q, axis=1), float(((q * step - z) ** 2).sum() / energy)
+
+    bits, err = _bisect(rate_err, target)
+    step = 2.0 ** _bisect_step(rate_err, target)
+    codes = np.ascontiguousarray(np.clip(np.rint(z / step), -127, 127).astype(np.int8).T)
+    zstd = 8 * len(Blosc("zstd", 1, Blosc.NOSHUFFLE).encode(codes)) / codes.size
+    return bits, err, np.maximum(vals[::-1], 0), zstd
+
+
+def gaussian_rd(eigenvalues: np.ndarray, distortion: float) -> float:
+    """Bits per value of a Gaussian with these variances at total squared error ``distortion``
+    per vector (reverse water-filling)."""
+    lam = np.sort(np.maximum(eigenvalues, 1e-30))
+    lo, hi = 0.0, float(lam.max())
+    for _ in range(100):
+        theta = (lo + hi) / 2
+        lo, hi = (theta, hi) if np.minimum(theta, lam).sum() < distortion else (lo, theta)
+    return float(np.maximum(0.5 * np.log2(lam / lo), 0).sum() / len(lam))
+
+
+def _spaced(x: np.ndarray, n: int | None) -> np.ndarray:
+    return x if n is None or n >= len(x) else x[np.linspace(0, len(x) - 1, n).astype(int)]
+
+
+def analyse(x: np.ndarray, tokens: int | None = None) -> dict:
+    """Every figure of one target's vectors ``x`` (in image order), coding ``tokens`` of them
+    evenly spaced (default: all). The held-out figures fit the mean and basis on every vector of
+    the first half and code (``tokens`` / 2 of) the second, as a store coded with a basis fitted
+    on its first images would be."""
+    first = np.ascontiguousarray(x[: len(x) // 2], np.float32)
+    second = np.ascontiguousarray(_spaced(x[len(x) // 2:], None if tokens is None else tokens // 2), np.float32)
+    held_bits, _, _, held_zstd = klt_ecsq(second, int4_point(second)[0], fit=first)
+    x = np.ascontiguousarray(_spaced(x, tokens), np.float32)
+    d_rel, int4_bits = int4_point(x)
+    ecsq_bits, _ = rotated_ecsq(x, d_rel)
+    klt_bits, _, lam, _ = klt_ecsq(x, d_rel)
+    energy = float((x ** 2).sum(1).mean())
+    mean_share = float((x.mean(0) ** 2).sum() / energy)
+    rd = gaussian_rd(lam, d_rel * energy)
+    am_gm = 0.5 * np.log2(lam.mean() / np.exp(np.log(np.maximum(lam, lam.max() * 1e-9)).mean()))
+    return {"tokens": len(x), "fit_tokens": len(first), "int4_rel_mse": d_rel, "lossless_bits": lossless_bits(x), "int4_bits": int4_bits,
+            "rotated_ecsq_bits": ecsq_bits, "klt_ecsq_bits": klt_bits, "klt_held_out_bits": held_bits,
+            "klt_held_out_zstd_bits": held_zstd, "gaussian_rd_bits": rd,
+            "mean_share": mean_share, "klt_gain_bits": float(am_gm),
+            "top8_variance_share": float(lam[:8].sum() / lam.sum())}
+
+
+def _target(root: str, kind: str, layer: int, head: int, tokens: int) -> dict:
+    return analyse(FeatureStore.open(root).read(kind, layer, head).data, tokens)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.get_args_parser(__doc__, groups=())
+    p.add_argument("store", help="a lossless store")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens coded per target, evenly spaced; the held-out "
+                   "basis is fitted on every token of the first half (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="processes, one target each (default: %(default)s)")
+    args = parse_args(p, argv)
+    store = FeatureStore.open(args.store)
+    targets = [(kind, layer, head) for kind in ("keys", "values") for layer in store.meta.layers
+               for head in store.meta.heads]
+    cols = ("lossless_bits", "int4_bits", "rotated_ecsq_bits", "klt_ecsq_bits", "klt_held_out_bits",
+            "klt_held_out_zstd_bits", "gaussian_rd_bits")
+    print(f"{'target':18s} {'int4 D':>7s} " + " ".join(f"{c[:-5].replace('klt_held_out', 'held'):>11s}" for c in cols)
+          + f" {'mean':>6s} {'KLT gain':>8s} {'top-8':>6s}")
+    rows = {}
+    with ProcessPoolExecutor(args.workers) as pool:
+        jobs = [(f"{k}-L{l}-H{h}", pool.submit(_target, args.store, k, l, h, args.tokens)) for k, l, h in targets]
+        for name, job in jobs:
+            r = rows[name] = job.result()
+            print(f"{name:18s} {r['int4_rel_mse']:7.4f} " + " ".join(f"{r[c]:11.2f}" for c in cols)
+                  + f" {r['mean_share']:6.3f} {r['klt_gain_bits']:8.2f} {r['top8_variance_share']:6.3f}", flush=True)
+    summary = {c: float(np.median([r[c] for r in rows.values()])) for c in (*cols, "mean_share", "klt_gain_bits")}
+    summary.update({f"ratio_{c[:-5]}": float(np.median([r["lossless_bits"] / r[c] for r in rows.values()]))
+                    for c in cols[1:]})
+    print("median:", json.dumps(summary, indent=1))
+    return finish(args, {"store": args.store, "targets": rows, "median": summary})
+
+
+if __name__ == "__main__":
+    main()
