@@ -17,6 +17,8 @@ value of coders at the same D:
   (``klt_ecsq``), and held out (``klt_held_out``: fitted on the first half of the images, coding
   the second, as an encoding whose basis comes from a store's first images would), the latter
   also as Blosc zstd stores its int8 codes laid out channel by channel (``klt_held_out_zstd``);
+  and fitted on each part of ``--part-tokens`` consecutive tokens (``klt_per_part``: a store whose
+  parts carry their own mean and basis, which are counted);
 - ``Gaussian R(D)``: the rate-distortion bound of a Gaussian with the head's covariance (reverse
   water-filling on its eigenvalues), the fewest bits any coder needs for such a source.
 
@@ -125,6 +127,38 @@ def klt_ecsq(x: np.ndarray, target: float, fit: np.ndarray | None = None) -> tup
     return bits, err, np.maximum(vals[::-1], 0), zstd
 
 
+def klt_per_part(x: np.ndarray, target: float, part_tokens: int) -> tuple[float, float]:
+    """(ideal bits, zstd bits) per value of the KLT coder with a mean and basis fitted on each part
+    of ``part_tokens`` consecutive tokens itself, one step for all, at relative error ``target``,
+    counting its side information: the float16 mean and the float16 basis vectors of the
+    components that get a code other than 0 (the decoder needs no others)."""
+    from numcodecs import Blosc
+
+    parts = [x[a: a + part_tokens] for a in range(0, len(x) - part_tokens + 1, part_tokens)] or [x]
+    fitted = []
+    for p in parts:
+        mean = p.mean(0)
+        vecs = np.linalg.eigh((p - mean).T @ (p - mean) / len(p))[1]
+        fitted.append((p - mean) @ vecs)
+    energy = sum(float((p ** 2).sum()) for p in parts)
+    values = sum(p.size for p in parts)
+
+    def rate_err(step):
+        qs = [np.rint(z / step) for z in fitted]
+        side = sum(16 * (z.shape[1] + z.shape[1] * int(np.any(q != 0, axis=0).sum())) for z, q in zip(fitted, qs))
+        bits = sum(entropy_bits(q, axis=1) * q.size for q in qs) + side
+        return bits / values, sum(float(((q * step - z) ** 2).sum()) for q, z in zip(qs, fitted)) / energy
+
+    step = 2.0 ** _bisect_step(rate_err, target)
+    ideal = rate_err(step)[0]
+    zstd = 0.0
+    for z in fitted:
+        q = np.clip(np.rint(z / step), -127, 127).astype(np.int8)
+        kept = np.ascontiguousarray(q[:, np.any(q != 0, axis=0)].T)
+        zstd += 8 * len(Blosc("zstd", 1, Blosc.NOSHUFFLE).encode(kept)) + 16 * (z.shape[1] + z.shape[1] * len(kept))
+    return ideal, zstd / values
+
+
 def gaussian_rd(eigenvalues: np.ndarray, distortion: float) -> float:
     """Bits per value of a Gaussian with these variances at total squared error ``distortion``
     per vector (reverse water-filling)."""
@@ -140,7 +174,7 @@ def _spaced(x: np.ndarray, n: int | None) -> np.ndarray:
     return x if n is None or n >= len(x) else x[np.linspace(0, len(x) - 1, n).astype(int)]
 
 
-def analyse(x: np.ndarray, tokens: int | None = None) -> dict:
+def analyse(x: np.ndarray, tokens: int | None = None, part_tokens: int = 8192) -> dict:
     """Every figure of one target's vectors ``x`` (in image order), coding ``tokens`` of them
     evenly spaced (default: all). The held-out figures fit the mean and basis on every vector of
     the first half and code (``tokens`` / 2 of) the second, as a store coded with a basis fitted
@@ -148,6 +182,8 @@ def analyse(x: np.ndarray, tokens: int | None = None) -> dict:
     first = np.ascontiguousarray(x[: len(x) // 2], np.float32)
     second = np.ascontiguousarray(_spaced(x[len(x) // 2:], None if tokens is None else tokens // 2), np.float32)
     held_bits, _, _, held_zstd = klt_ecsq(second, int4_point(second)[0], fit=first)
+    run = np.ascontiguousarray(x[: max(part_tokens, (tokens or len(x)) // part_tokens * part_tokens)], np.float32)
+    part_bits, part_zstd = klt_per_part(run, int4_point(run)[0], part_tokens)
     x = np.ascontiguousarray(_spaced(x, tokens), np.float32)
     d_rel, int4_bits = int4_point(x)
     ecsq_bits, _ = rotated_ecsq(x, d_rel)
@@ -158,13 +194,14 @@ def analyse(x: np.ndarray, tokens: int | None = None) -> dict:
     am_gm = 0.5 * np.log2(lam.mean() / np.exp(np.log(np.maximum(lam, lam.max() * 1e-9)).mean()))
     return {"tokens": len(x), "fit_tokens": len(first), "int4_rel_mse": d_rel, "lossless_bits": lossless_bits(x), "int4_bits": int4_bits,
             "rotated_ecsq_bits": ecsq_bits, "klt_ecsq_bits": klt_bits, "klt_held_out_bits": held_bits,
-            "klt_held_out_zstd_bits": held_zstd, "gaussian_rd_bits": rd,
+            "klt_held_out_zstd_bits": held_zstd, "klt_per_part_bits": part_bits, "klt_per_part_zstd_bits": part_zstd,
+            "gaussian_rd_bits": rd,
             "mean_share": mean_share, "klt_gain_bits": float(am_gm),
             "top8_variance_share": float(lam[:8].sum() / lam.sum())}
 
 
-def _target(root: str, kind: str, layer: int, head: int, tokens: int) -> dict:
-    return analyse(FeatureStore.open(root).read(kind, layer, head).data, tokens)
+def _target(root: str, kind: str, layer: int, head: int, tokens: int, part_tokens: int) -> dict:
+    return analyse(FeatureStore.open(root).read(kind, layer, head).data, tokens, part_tokens)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -172,18 +209,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("store", help="a lossless store")
     p.add_argument("--tokens", type=int, default=8192, help="tokens coded per target, evenly spaced; the held-out "
                    "basis is fitted on every token of the first half (default: %(default)s)")
+    p.add_argument("--part-tokens", type=int, default=8192,
+                   help="tokens of a part whose own mean and basis the per-part KLT coder fits (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="processes, one target each (default: %(default)s)")
     args = parse_args(p, argv)
     store = FeatureStore.open(args.store)
     targets = [(kind, layer, head) for kind in ("keys", "values") for layer in store.meta.layers
                for head in store.meta.heads]
     cols = ("lossless_bits", "int4_bits", "rotated_ecsq_bits", "klt_ecsq_bits", "klt_held_out_bits",
-            "klt_held_out_zstd_bits", "gaussian_rd_bits")
-    print(f"{'target':18s} {'int4 D':>7s} " + " ".join(f"{c[:-5].replace('klt_held_out', 'held'):>11s}" for c in cols)
+            "klt_held_out_zstd_bits", "klt_per_part_bits", "klt_per_part_zstd_bits", "gaussian_rd_bits")
+    print(f"{'target':18s} {'int4 D':>7s} " + " ".join(f"{c[:-5].replace('klt_held_out', 'held').replace('klt_per_part', 'part'):>11s}" for c in cols)
           + f" {'mean':>6s} {'KLT gain':>8s} {'top-8':>6s}")
     rows = {}
     with ProcessPoolExecutor(args.workers) as pool:
-        jobs = [(f"{k}-L{l}-H{h}", pool.submit(_target, args.store, k, l, h, args.tokens)) for k, l, h in targets]
+        jobs = [(f"{k}-L{l}-H{h}", pool.submit(_target, args.store, k, l, h, args.tokens, args.part_tokens))
+                for k, l, h in targets]
         for name, job in jobs:
             r = rows[name] = job.result()
             print(f"{name:18s} {r['int4_rel_mse']:7.4f} " + " ".join(f"{r[c]:11.2f}" for c in cols)

@@ -293,20 +293,24 @@ def test_kv_structure_rates_match_the_textbook_cases():
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4096, 128)).astype(np.float32)
-    iso = ks.analyse(x)
+    iso = ks.analyse(x, part_tokens=2048)
     assert iso["int4_bits"] == pytest.approx(3.63 + 0.5, abs=0.03)
     assert iso["gaussian_rd_bits"] == pytest.approx(0.5 * np.log2(1 / iso["int4_rel_mse"]), abs=0.02)
     assert iso["gaussian_rd_bits"] < iso["klt_ecsq_bits"] < iso["rotated_ecsq_bits"] < iso["int4_bits"]
     assert iso["klt_gain_bits"] < 0.03 and iso["mean_share"] < 0.01
 
     mixing = rng.standard_normal((128, 128)) * np.exp(-np.arange(128) / 16)[None, :]
-    skewed = ks.analyse((x @ mixing.T + 2).astype(np.float32))
+    skewed = ks.analyse((x @ mixing.T + 2).astype(np.float32), part_tokens=2048)
     assert skewed["mean_share"] > 0.3 and skewed["klt_gain_bits"] > 1.5
     assert skewed["klt_ecsq_bits"] < iso["klt_ecsq_bits"] - 1.5
     # a basis fitted on other vectors of the same source costs little; zstd comes near the entropy
     for r in (iso, skewed):
         assert r["klt_ecsq_bits"] <= r["klt_held_out_bits"] < r["klt_ecsq_bits"] + 0.15
         assert r["klt_held_out_bits"] - 0.05 < r["klt_held_out_zstd_bits"] < r["klt_held_out_bits"] + 0.5
+        # a basis per part of 2,048 tokens: its float16 mean and the kept components' vectors
+        # cost (128 + 128 x kept) x 16 bits per part, up to 1 bit per value
+        side = (r["klt_per_part_bits"] - r["klt_ecsq_bits"])
+        assert 0.2 < side < 1.1
 
 
 def test_kv_structure_reads_every_target_of_a_store(synthetic_store, tmp_path):
