@@ -153,8 +153,8 @@ rm -rf "$stores/reads"
 fi
 if [[ $what == structure ]]; then
 # the bits per value coders would need at int4's error (benchmarks/kv_structure.py), on lossless bf16
-# stores of Qwen2.5-VL-7B 448 (384 images) and LLaVA-OV-7B 384, base view (192 images), random weights
-for spec in "qwen25vl 448x448 64 base" "llava-ov 384x384 32 base"; do
+# stores of Qwen2.5-VL-7B 448 (96 images) and LLaVA-OV-7B 384, base view (48 images), random weights
+for spec in "qwen25vl 448x448 16 base" "llava-ov 384x384 8 base"; do
     read -r model size videos views <<< "$spec"
     bounded 240 "extract-$model" python3 -m kvpipe.cli extract --model "$model" --init random --dataset synthetic \
         --option n_videos="$videos" --image-size "$size" --views "$views" --dtype bfloat16 --store-dtype bfloat16 \
