@@ -313,6 +313,20 @@ def test_kv_structure_rates_match_the_textbook_cases():
         assert 0.2 < side < 1.1
 
 
+def test_kv_structure_fits_the_held_out_basis_on_the_first_half_only():
+    """Images whose second half sits elsewhere (another mean, other principal directions): a basis
+    fitted on the first half codes the second worse than one fitted on the second itself."""
+    ks = script("kv_structure")
+    rng = np.random.default_rng(1)
+    scales = np.exp(-np.arange(128) / 16)
+    first = rng.standard_normal((2048, 128)) * scales
+    turn = np.linalg.qr(rng.standard_normal((128, 128)))[0]
+    second = (rng.standard_normal((2048, 128)) * scales) @ turn + 1.0
+    r = ks.analyse(np.concatenate([first, second]).astype(np.float32))
+    own = ks.klt_ecsq(second.astype(np.float32), ks.int4_point(second.astype(np.float32))[0])[0]
+    assert r["klt_held_out_bits"] > own + 1.0
+
+
 def test_kv_structure_reads_every_target_of_a_store(synthetic_store, tmp_path):
     from kvpipe.store import FeatureStore
 
