@@ -63,8 +63,14 @@ def lossless_bits(x: np.ndarray) -> float:
     return 8 * len(Blosc("zstd", 1, Blosc.SHUFFLE).encode(raw)) / raw.size
 
 
-def int4_point(x: np.ndarray) -> tuple[float, float]:
-    """(relative squared error, bits per value) of kvpipe's int4 with ideally coded codes."""
+def token_error_p99(x: np.ndarray, decoded: np.ndarray) -> float:
+    """The 99th percentile over tokens of |x - decoded| / |x|: how the error is spread over tokens."""
+    return float(np.percentile(np.linalg.norm(x - decoded, axis=1) / np.maximum(np.linalg.norm(x, axis=1), 1e-30), 99))
+
+
+def int4_point(x: np.ndarray) -> tuple[float, float, float]:
+    """(relative squared error, bits per value, token error p99) of kvpipe's int4 with ideally
+    coded codes."""
     from kvpipe.store.quant import INT4_LEVELS, INT4_TAIL, dequantize_int4, quantize_int4, rotate
 
     y = rotate(x)
@@ -72,7 +78,8 @@ def int4_point(x: np.ndarray) -> tuple[float, float]:
     scale = (y.max(-1, keepdims=True) - lo) / INT4_LEVELS
     codes = np.clip(np.rint((y - lo) / np.where(scale > 0, scale, 1)), 0, INT4_LEVELS)
     xh = dequantize_int4(quantize_int4(x), x.shape[-1])
-    return float(((x - xh) ** 2).sum() / (x ** 2).sum()), entropy_bits(codes) + 8 * INT4_TAIL / x.shape[-1]
+    return (float(((x - xh) ** 2).sum() / (x ** 2).sum()), entropy_bits(codes) + 8 * INT4_TAIL / x.shape[-1],
+            token_error_p99(x, xh))
 
 
 def _bisect_step(rate_err, target: float) -> float:
@@ -103,9 +110,10 @@ def rotated_ecsq(x: np.ndarray, target: float) -> tuple[float, float]:
     return _bisect(rate_err, target)
 
 
-def klt_ecsq(x: np.ndarray, target: float, fit: np.ndarray | None = None) -> tuple[float, float, np.ndarray, float]:
-    """(bits, error, the principal variances, bits under zstd) of the KLT coder at relative error
-    ``target``; ``fit``: the vectors its mean and basis come from (default: ``x`` itself). The
+def klt_ecsq(x: np.ndarray, target: float,
+             fit: np.ndarray | None = None) -> tuple[float, float, np.ndarray, float, float]:
+    """(bits, error, the principal variances, bits under zstd, token error p99) of the KLT coder
+    at relative error ``target``; ``fit``: the vectors its mean and basis come from (default: ``x`` itself). The
     zstd figure is what Blosc zstd 1 stores of the int8 codes laid out channel by channel (each
     channel's codes contiguous, so its one Huffman table per block sees like statistics)."""
     from numcodecs import Blosc
@@ -124,7 +132,8 @@ def klt_ecsq(x: np.ndarray, target: float, fit: np.ndarray | None = None) -> tup
     step = 2.0 ** _bisect_step(rate_err, target)
     codes = np.ascontiguousarray(np.clip(np.rint(z / step), -127, 127).astype(np.int8).T)
     zstd = 8 * len(Blosc("zstd", 1, Blosc.NOSHUFFLE).encode(codes)) / codes.size
-    return bits, err, np.maximum(vals[::-1], 0), zstd
+    decoded = (codes.T.astype(np.float32) * step) @ vecs.T + mean
+    return bits, err, np.maximum(vals[::-1], 0), zstd, token_error_p99(x, decoded)
 
 
 def klt_per_part(x: np.ndarray, target: float, part_tokens: int) -> tuple[float, float]:
@@ -181,20 +190,23 @@ def analyse(x: np.ndarray, tokens: int | None = None, part_tokens: int = 8192) -
     on its first images would be."""
     first = np.ascontiguousarray(x[: len(x) // 2], np.float32)
     second = np.ascontiguousarray(_spaced(x[len(x) // 2:], None if tokens is None else tokens // 2), np.float32)
-    held_bits, _, _, held_zstd = klt_ecsq(second, int4_point(second)[0], fit=first)
+    held_d, _, held_int4_p99 = int4_point(second)
+    held_bits, _, _, held_zstd, held_p99 = klt_ecsq(second, held_d, fit=first)
     run = np.ascontiguousarray(x[: max(part_tokens, (tokens or len(x)) // part_tokens * part_tokens)], np.float32)
     part_bits, part_zstd = klt_per_part(run, int4_point(run)[0], part_tokens)
     x = np.ascontiguousarray(_spaced(x, tokens), np.float32)
-    d_rel, int4_bits = int4_point(x)
+    d_rel, int4_bits, _ = int4_point(x)
     ecsq_bits, _ = rotated_ecsq(x, d_rel)
-    klt_bits, _, lam, _ = klt_ecsq(x, d_rel)
+    klt_bits, _, lam, _, _ = klt_ecsq(x, d_rel)
     energy = float((x ** 2).sum(1).mean())
     mean_share = float((x.mean(0) ** 2).sum() / energy)
     rd = gaussian_rd(lam, d_rel * energy)
     am_gm = 0.5 * np.log2(lam.mean() / np.exp(np.log(np.maximum(lam, lam.max() * 1e-9)).mean()))
     return {"tokens": len(x), "fit_tokens": len(first), "int4_rel_mse": d_rel, "lossless_bits": lossless_bits(x), "int4_bits": int4_bits,
             "rotated_ecsq_bits": ecsq_bits, "klt_ecsq_bits": klt_bits, "klt_held_out_bits": held_bits,
-            "klt_held_out_zstd_bits": held_zstd, "klt_per_part_bits": part_bits, "klt_per_part_zstd_bits": part_zstd,
+            "klt_held_out_zstd_bits": held_zstd,
+            # one step for all tokens against int4's range per token: the error's spread over tokens
+            "int4_token_error_p99": held_int4_p99, "klt_held_out_token_error_p99": held_p99, "klt_per_part_bits": part_bits, "klt_per_part_zstd_bits": part_zstd,
             "gaussian_rd_bits": rd,
             "mean_share": mean_share, "klt_gain_bits": float(am_gm),
             "top8_variance_share": float(lam[:8].sum() / lam.sum())}
@@ -228,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
             r = rows[name] = job.result()
             print(f"{name:18s} {r['int4_rel_mse']:7.4f} " + " ".join(f"{r[c]:11.2f}" for c in cols)
                   + f" {r['mean_share']:6.3f} {r['klt_gain_bits']:8.2f} {r['top8_variance_share']:6.3f}", flush=True)
-    summary = {c: float(np.median([r[c] for r in rows.values()])) for c in (*cols, "mean_share", "klt_gain_bits")}
+    medians = (*cols, "mean_share", "klt_gain_bits", "int4_token_error_p99", "klt_held_out_token_error_p99")
+    summary = {c: float(np.median([r[c] for r in rows.values()])) for c in medians}
     summary.update({f"ratio_{c[:-5]}": float(np.median([r["lossless_bits"] / r[c] for r in rows.values()]))
                     for c in cols[1:]})
     print("median:", json.dumps(summary, indent=1))

@@ -298,6 +298,8 @@ def test_kv_structure_rates_match_the_textbook_cases():
     assert iso["gaussian_rd_bits"] == pytest.approx(0.5 * np.log2(1 / iso["int4_rel_mse"]), abs=0.02)
     assert iso["gaussian_rd_bits"] < iso["klt_ecsq_bits"] < iso["rotated_ecsq_bits"] < iso["int4_bits"]
     assert iso["klt_gain_bits"] < 0.03 and iso["mean_share"] < 0.01
+    # the same total error, spread over tokens: int4's per-token range against one step for all
+    assert 0.1 < iso["int4_token_error_p99"] < 0.14 and 0.1 < iso["klt_held_out_token_error_p99"] < 0.14
 
     mixing = rng.standard_normal((128, 128)) * np.exp(-np.arange(128) / 16)[None, :]
     skewed = ks.analyse((x @ mixing.T + 2).astype(np.float32), part_tokens=2048)
