@@ -23,9 +23,12 @@ value of coders at the same D:
   water-filling on its eigenvalues), the fewest bits any coder needs for such a source.
 
 beside the lossless bf16 bytes under Blosc zstd (the store's own codec). The ratio
-lossless / coder is the size reduction each would give at int4's fidelity.
+lossless / coder is the size reduction each would give at int4's total error; how that error
+spreads over tokens is the 99th percentile of each token's relative error (int4's, and the
+held-out KLT coder's). Figures: docs/BENCHMARKS.md, "What int4 leaves uncoded".
 
-    python -m kvpipe.benchmarks.kv_structure STORE [--tokens 20000] [--json out.json]
+    python -m kvpipe.benchmarks.kv_structure STORE [--tokens 8192] [--part-tokens 8192] [--workers 14] \
+        [--json out.json]
 """
 
 from __future__ import annotations
