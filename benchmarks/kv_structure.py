@@ -27,8 +27,7 @@ lossless / coder is the size reduction each would give at int4's total error; ho
 spreads over tokens is the 99th percentile of each token's relative error (int4's, and the
 held-out KLT coder's). Figures: docs/BENCHMARKS.md, "What int4 leaves uncoded".
 
-    python -m kvpipe.benchmarks.kv_structure STORE [--tokens 8192] [--part-tokens 8192] [--workers 14] \
-        [--json out.json]
+    python -m kvpipe.benchmarks.kv_structure STORE [--tokens 8192] [--part-tokens 8192] [--workers 14]
 """
 
 from __future__ import annotations
