@@ -55,14 +55,19 @@ def entropy_bits(codes: np.ndarray, axis: int | None = None) -> float:
     return float(-(p * np.log2(p)).sum() / columns)
 
 
-def lossless_bits(x: np.ndarray) -> float:
-    """Bits per value of x as bf16 under the store's default codec (Blosc zstd 1, byte shuffle)."""
+def zstd_bits(a: np.ndarray, shuffle: bool = False) -> float:
+    """Bits Blosc zstd 1 stores of array ``a`` (``shuffle``: byte shuffle, the store's default)."""
     from numcodecs import Blosc
 
+    return 8 * len(Blosc("zstd", 1, Blosc.SHUFFLE if shuffle else Blosc.NOSHUFFLE).encode(np.ascontiguousarray(a)))
+
+
+def lossless_bits(x: np.ndarray) -> float:
+    """Bits per value of x as bf16 under the store's default codec (Blosc zstd 1, byte shuffle)."""
     from kvpipe.store.encoding import float32_to_bf16_bits
 
     raw = float32_to_bf16_bits(x)
-    return 8 * len(Blosc("zstd", 1, Blosc.SHUFFLE).encode(raw)) / raw.size
+    return zstd_bits(raw, shuffle=True) / raw.size
 
 
 def token_error_p99(x: np.ndarray, decoded: np.ndarray) -> float:
@@ -73,13 +78,12 @@ def token_error_p99(x: np.ndarray, decoded: np.ndarray) -> float:
 def int4_point(x: np.ndarray) -> tuple[float, float, float]:
     """(relative squared error, bits per value, token error p99) of kvpipe's int4 with ideally
     coded codes."""
-    from kvpipe.store.quant import INT4_LEVELS, INT4_TAIL, dequantize_int4, quantize_int4, rotate
+    from kvpipe.store.quant import INT4_TAIL, dequantize_int4, quantize_int4
 
-    y = rotate(x)
-    lo = y.min(-1, keepdims=True)
-    scale = (y.max(-1, keepdims=True) - lo) / INT4_LEVELS
-    codes = np.clip(np.rint((y - lo) / np.where(scale > 0, scale, 1)), 0, INT4_LEVELS)
-    xh = dequantize_int4(quantize_int4(x), x.shape[-1])
+    raw = quantize_int4(x)
+    packed = raw[..., :-INT4_TAIL]
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(len(x), -1)[:, : x.shape[-1]]  # the nibbles
+    xh = dequantize_int4(raw, x.shape[-1])
     return (float(((x - xh) ** 2).sum() / (x ** 2).sum()), entropy_bits(codes) + 8 * INT4_TAIL / x.shape[-1],
             token_error_p99(x, xh))
 
@@ -93,9 +97,12 @@ def _bisect_step(rate_err, target: float) -> float:
     return lo
 
 
-def _bisect(rate_err, target: float) -> tuple[float, float]:
-    """(bits, error) of that quantiser."""
-    return rate_err(2.0 ** _bisect_step(rate_err, target))
+def _principal(fit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, variances, basis) of vectors ``fit``: their mean and their covariance's eigenvalues
+    and eigenvectors (columns), in ascending order."""
+    mean = fit.mean(0)
+    vals, vecs = np.linalg.eigh((fit - mean).T @ (fit - mean) / len(fit))
+    return mean, vals, vecs
 
 
 def rotated_ecsq(x: np.ndarray, target: float) -> tuple[float, float]:
@@ -109,20 +116,17 @@ def rotated_ecsq(x: np.ndarray, target: float) -> tuple[float, float]:
         q = np.rint(y / (step * rms))
         return entropy_bits(q) + 16 / y.shape[-1], float(((q * step * rms - y) ** 2).sum() / energy)
 
-    return _bisect(rate_err, target)
+    return rate_err(2.0 ** _bisect_step(rate_err, target))
 
 
 def klt_ecsq(x: np.ndarray, target: float,
              fit: np.ndarray | None = None) -> tuple[float, float, np.ndarray, float, float]:
     """(bits, error, the principal variances, bits under zstd, token error p99) of the KLT coder
-    at relative error ``target``; ``fit``: the vectors its mean and basis come from (default: ``x`` itself). The
-    zstd figure is what Blosc zstd 1 stores of the int8 codes laid out channel by channel (each
-    channel's codes contiguous, so its one Huffman table per block sees like statistics)."""
-    from numcodecs import Blosc
-
-    fit = x if fit is None else fit
-    mean = fit.mean(0)
-    vals, vecs = np.linalg.eigh((fit - mean).T @ (fit - mean) / len(fit))
+    at relative error ``target``; ``fit``: the vectors its mean and basis come from (default:
+    ``x`` itself). The zstd figure is what Blosc zstd 1 stores of the int8 codes laid out channel
+    by channel (each channel's codes contiguous, so its one Huffman table per block sees like
+    statistics)."""
+    mean, vals, vecs = _principal(x if fit is None else fit)
     z = (x - mean) @ vecs
     energy = (x ** 2).sum()
 
@@ -130,11 +134,11 @@ def klt_ecsq(x: np.ndarray, target: float,
         q = np.rint(z / step)
         return entropy_bits(q, axis=1), float(((q * step - z) ** 2).sum() / energy)
 
-    bits, err = _bisect(rate_err, target)
     step = 2.0 ** _bisect_step(rate_err, target)
-    codes = np.ascontiguousarray(np.clip(np.rint(z / step), -127, 127).astype(np.int8).T)
-    zstd = 8 * len(Blosc("zstd", 1, Blosc.NOSHUFFLE).encode(codes)) / codes.size
-    decoded = (codes.T.astype(np.float32) * step) @ vecs.T + mean
+    bits, err = rate_err(step)
+    codes = np.clip(np.rint(z / step), -127, 127).astype(np.int8)
+    zstd = zstd_bits(codes.T) / codes.size
+    decoded = (codes.astype(np.float32) * step) @ vecs.T + mean
     return bits, err, np.maximum(vals[::-1], 0), zstd, token_error_p99(x, decoded)
 
 
@@ -143,13 +147,10 @@ def klt_per_part(x: np.ndarray, target: float, part_tokens: int) -> tuple[float,
     of ``part_tokens`` consecutive tokens itself, one step for all, at relative error ``target``,
     counting its side information: the float16 mean and the float16 basis vectors of the
     components that get a code other than 0 (the decoder needs no others)."""
-    from numcodecs import Blosc
-
     parts = [x[a: a + part_tokens] for a in range(0, len(x) - part_tokens + 1, part_tokens)] or [x]
     fitted = []
     for p in parts:
-        mean = p.mean(0)
-        vecs = np.linalg.eigh((p - mean).T @ (p - mean) / len(p))[1]
+        mean, _, vecs = _principal(p)
         fitted.append((p - mean) @ vecs)
     energy = sum(float((p ** 2).sum()) for p in parts)
     values = sum(p.size for p in parts)
@@ -165,8 +166,8 @@ def klt_per_part(x: np.ndarray, target: float, part_tokens: int) -> tuple[float,
     zstd = 0.0
     for z in fitted:
         q = np.clip(np.rint(z / step), -127, 127).astype(np.int8)
-        kept = np.ascontiguousarray(q[:, np.any(q != 0, axis=0)].T)
-        zstd += 8 * len(Blosc("zstd", 1, Blosc.NOSHUFFLE).encode(kept)) + 16 * (z.shape[1] + z.shape[1] * len(kept))
+        kept = q[:, np.any(q != 0, axis=0)].T
+        zstd += zstd_bits(kept) + 16 * (z.shape[1] + z.shape[1] * len(kept))
     return ideal, zstd / values
 
 
@@ -204,12 +205,12 @@ def analyse(x: np.ndarray, tokens: int | None = None, part_tokens: int = 8192) -
     mean_share = float((x.mean(0) ** 2).sum() / energy)
     rd = gaussian_rd(lam, d_rel * energy)
     am_gm = 0.5 * np.log2(lam.mean() / np.exp(np.log(np.maximum(lam, lam.max() * 1e-9)).mean()))
-    return {"tokens": len(x), "fit_tokens": len(first), "int4_rel_mse": d_rel, "lossless_bits": lossless_bits(x), "int4_bits": int4_bits,
-            "rotated_ecsq_bits": ecsq_bits, "klt_ecsq_bits": klt_bits, "klt_held_out_bits": held_bits,
-            "klt_held_out_zstd_bits": held_zstd,
+    return {"tokens": len(x), "fit_tokens": len(first), "int4_rel_mse": d_rel, "lossless_bits": lossless_bits(x),
+            "int4_bits": int4_bits, "rotated_ecsq_bits": ecsq_bits, "klt_ecsq_bits": klt_bits,
+            "klt_held_out_bits": held_bits, "klt_held_out_zstd_bits": held_zstd,
+            "klt_per_part_bits": part_bits, "klt_per_part_zstd_bits": part_zstd, "gaussian_rd_bits": rd,
             # one step for all tokens against int4's range per token: the error's spread over tokens
-            "int4_token_error_p99": held_int4_p99, "klt_held_out_token_error_p99": held_p99, "klt_per_part_bits": part_bits, "klt_per_part_zstd_bits": part_zstd,
-            "gaussian_rd_bits": rd,
+            "int4_token_error_p99": held_int4_p99, "klt_held_out_token_error_p99": held_p99,
             "mean_share": mean_share, "klt_gain_bits": float(am_gm),
             "top8_variance_share": float(lam[:8].sum() / lam.sum())}
 
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
                for head in store.meta.heads]
     cols = ("lossless_bits", "int4_bits", "rotated_ecsq_bits", "klt_ecsq_bits", "klt_held_out_bits",
             "klt_held_out_zstd_bits", "klt_per_part_bits", "klt_per_part_zstd_bits", "gaussian_rd_bits")
-    print(f"{'target':18s} {'int4 D':>7s} " + " ".join(f"{c[:-5].replace('klt_held_out', 'held').replace('klt_per_part', 'part'):>11s}" for c in cols)
+    short = [c[:-5].replace("klt_held_out", "held").replace("klt_per_part", "part") for c in cols]
+    print(f"{'target':18s} {'int4 D':>7s} " + " ".join(f"{c:>11s}" for c in short)
           + f" {'mean':>6s} {'KLT gain':>8s} {'top-8':>6s}")
     rows = {}
     with ProcessPoolExecutor(args.workers) as pool:
