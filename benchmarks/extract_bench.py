@@ -8,8 +8,9 @@ and report ratios to each other rather than absolute numbers alone.
   floor-kvpipe  the same prefill with kvpipe's equivalent kernels (ModelAdapter.accelerate)
   kvpipe        full extraction into a local store (loading, preprocessing, capture, writes),
                 end to end; kvpipe-steady: the same run from the end of its first part on;
-                kvpipe-lz4bit / kvpipe-int8 / kvpipe-int4: the same with the lz4 bit-shuffle codec
-                (larger stores, faster encoding) / the lossy int8 / int4 encodings; --views base
+                kvpipe-lz4bit / kvpipe-int8 / kvpipe-int4 / kvpipe-pca: the same with the lz4
+                bit-shuffle codec (larger stores, faster encoding) / the lossy int8 / int4 / pca
+                encodings; --views base
                 stores an any-resolution model's base view only (every run)
   naive         what one writes by hand: batch size 1, full forward with use_cache, slice
                 past_key_values at image positions, torch.save one file per image
@@ -93,6 +94,7 @@ class BenchResult:
                      ("kvpipe-lz4bit-steady", "floor-hf"), ("kvpipe-lz4bit-steady", "naive"),
                      ("kvpipe-int8-steady", "floor-hf"), ("kvpipe-int8-steady", "naive"),
                      ("kvpipe-int4-steady", "floor-hf"), ("kvpipe-int4-steady", "naive"),
+                     ("kvpipe-pca-steady", "floor-hf"),
                      ("floor-kvpipe", "floor-hf")):
             if a in ips and b in ips and ips[b] > 0:
                 out[f"{a} / {b}"] = ips[a] / ips[b]
@@ -143,7 +145,8 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         record("floor-kvpipe", timed(prefill, device), len(images))
     try:
         extract_runs = (("kvpipe", cfg.store_dtype, cfg.codec), ("kvpipe-lz4bit", cfg.store_dtype, "lz4bit"),
-                        ("kvpipe-int8", "int8", cfg.codec), ("kvpipe-int4", "int4", cfg.codec))
+                        ("kvpipe-int8", "int8", cfg.codec), ("kvpipe-int4", "int4", cfg.codec),
+                        ("kvpipe-pca", "pca", cfg.codec))
         if any(run in cfg.runs for run, _, _ in extract_runs):
             # a short extraction first, as the floors get a warm-up batch, so the first timed
             # run does not also pay the process's one-time costs (encoder threads, the text
@@ -175,7 +178,7 @@ def bench_extract(cfg: BenchConfig, log: Callable[[str], None] = print) -> Bench
         sel = Selection(parse_index_spec(cfg.layers, adapter.n_layers, "--layers"),
                         parse_index_spec(cfg.heads, adapter.n_kv_heads, "--heads"), parse_kinds(cfg.kinds))
         store_dtype = cfg.store_dtype or cfg.dtype
-        itemsize = {"bfloat16": 2, "float16": 2, "int8": 1, "int4": 1}.get(store_dtype, 4)
+        itemsize = {"bfloat16": 2, "float16": 2, "int8": 1, "int4": 1, "pca": 1}.get(store_dtype, 4)
         kv = sum(k in sel.kinds for k in ("keys", "values", HIDDEN))
         result.bytes_per_image_raw = (len(sel.layers) * len(sel.heads) * n_tok * kv * itemsize
                                       * stored_dim(adapter.head_dim, store_dtype))

@@ -13,12 +13,14 @@
 # semantic-corr's timed 225-target sweep of a 7B-shaped store (full-sweep); int4's fidelity on 96
 # images of Qwen2.5-VL-7B's shape (fidelity-96), and on 192 and 384 (fidelity-192, fidelity-384);
 # what structure int4 leaves uncoded in lossless stores of both 7B shapes (structure);
+# the pca encoding beside the others, bytes and write speed, then int8 against pca in alternating
+# rounds (pca-write); pca's fidelity at one step on 384 images of Qwen2.5-VL-7B's shape (pca-fidelity-STEP);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure|pca-write|pca-fidelity-STEP]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure|pca-write|pca-fidelity-STEP]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -77,6 +79,23 @@ bounded 560 "$what" python3 -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl
     --part-size 16 --encodings int4 --tasks temporal-corr,fg-seg,semantic-seg,refexp-seg,semantic-corr \
     --out "$stores/lossy-$n" --json "$out/$what.json"
 rm -rf "$stores/lossy-$n"
+fi
+if [[ $what == pca-write ]]; then
+bounded 150 pca-qwen25vl "${kv[@]}" --model qwen25vl --size 448 --images 96 --batch-size 32 --part-size 32 \
+    --runs floor-hf,kvpipe,kvpipe-int8,kvpipe-int4,kvpipe-pca --json "$out/pca-qwen25vl-448.json"
+bounded 150 pca-llava-ov-base "${kv[@]}" --model llava-ov --size 384 --images 48 --batch-size 8 --part-size 16 \
+    --views base --runs floor-hf,kvpipe,kvpipe-int8,kvpipe-int4,kvpipe-pca --json "$out/pca-llava-ov-384-base.json"
+bounded 200 pca-rounds "${kv[@]}" --model qwen25vl --size 448 --images 192 --batch-size 32 --part-size 32 \
+    --runs kvpipe-int8,kvpipe-pca --rounds 4 --json "$out/pca-rounds.json"
+fi
+if [[ $what == pca-fidelity-* ]]; then
+# pca at one step (pca-fidelity-0.42: the default; 0.35: int4's error) against lossless bf16 on 384
+# images; the stores stay, so the next step's run (--resume) reuses the lossless one
+step=${what#pca-fidelity-}
+bounded 570 "$what" python3 -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random \
+    --device cuda --dtype bfloat16 --reference-dtype bfloat16 --option n_videos=64 --batch-size 16 \
+    --part-size 16 --encodings pca@$step --tasks temporal-corr,fg-seg,semantic-seg,refexp-seg,semantic-corr \
+    --out "$stores/pca-384" --resume --json "$out/$what.json"
 fi
 if [[ $what == int4-write ]]; then
 # int8 against int4 extraction alone, same process and images (the encodings mode has them too)

@@ -62,7 +62,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def feature_error(ref: FeatureStore, lossy: FeatureStore) -> dict[str, float]:
-    errs, cos = [], []
+    errs, cos, sq, energy = [], [], 0.0, 0.0
     for kind in ("keys", "values"):
         for layer in ref.meta.layers:
             for head in ref.meta.heads:
@@ -70,9 +70,13 @@ def feature_error(ref: FeatureStore, lossy: FeatureStore) -> dict[str, float]:
                 peak = np.maximum(np.abs(a).max(1), 1e-30)
                 errs.append(np.abs(a - b).max(1) / peak)
                 cos.append(_cosine(a, b))
+                sq += float(((a - b).astype(np.float64) ** 2).sum())
+                energy += float((a.astype(np.float64) ** 2).sum())
     e, c = np.concatenate(errs), np.concatenate(cos)
+    # rel_sq_error: the squared error over the vectors' energy, every K/V target together (the
+    # "relative squared error" that docs/BENCHMARKS.md compares encodings at)
     return {"max_rel_error": float(e.max()), "mean_rel_error": float(e.mean()), "min_cosine": float(c.min()),
-            "mean_cosine": float(c.mean())}
+            "mean_cosine": float(c.mean()), "rel_sq_error": sq / max(energy, 1e-30)}
 
 
 def _fp8(x: np.ndarray) -> np.ndarray:
@@ -155,7 +159,8 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
     parser.add_argument("--reference-dtype", default="float32",
                         help="the lossless store's dtype (default: %(default)s)")
     parser.add_argument("--encodings", default="int8,int4", help="lossy store dtypes to extract and probe, comma "
-                                                                    "list (default: %(default)s)")
+                                                                    "list; pca@STEP: pca with that --pca-step "
+                                                                    "(default: %(default)s)")
     parser.add_argument("--tasks", default=None, help="probes to compare, comma list (default: every probe the "
                                                       "dataset supports)")
     parser.add_argument("--resume", action="store_true",
@@ -178,9 +183,11 @@ def main(argv: list[str] | None = None) -> dict:
         stores[name] = args.out / name
         if args.resume and _complete(stores[name]):
             continue
+        dtype, _, step = dtype.partition("@")  # pca@0.35: pca with --pca-step 0.35
         extract(ExtractConfig(model=args.model, dataset=args.dataset, out=str(stores[name]), limit=args.images,
                               dataset_options=dataset_options,
                               init=args.init, dtype=args.dtype, device=args.device, store_dtype=dtype,
+                              pca_step=float(step) if step else None,
                               batch_size=args.batch_size, part_size=args.part_size))
     opened = {k: FeatureStore.open(v) for k, v in stores.items()}
     ref = opened["reference"]

@@ -86,7 +86,9 @@ def extract(
     store_dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: --dtype) | int8 (lossy: "
                                                           "8-bit codes and a scale per token, half of bf16) | int4 "
                                                           "(lossy: rotated 4-bit codes, a scale and zero point per "
-                                                          "token, about a quarter of bf16)"),
+                                                          "token, about a quarter of bf16) | pca (lossy: each part's "
+                                                          "(layer, head) coded in its own principal components, about "
+                                                          "a quarter of bf16's zstd size)"),
     views: Annotated[Optional[str], typer.Option(help="base (an any-resolution model's base view only: what the "
                                                       "probes read) | all (crops/tiles too); default: what --tasks "
                                                       "need")] = None,
@@ -96,6 +98,9 @@ def extract(
                                                         "the planned store (see kvpipe plan)")] = False,
     codec: str = typer.Option("zstd", help="lossless codec: zstd (smaller) | lz4bit (lz4, bit shuffle: faster to "
                                                "write and read) | lz4 | zstd3"),
+    pca_step: Annotated[Optional[float], typer.Option(help="--store-dtype pca's step in units of a chunk's "
+                                                           "typical RMS (default 0.42; smaller: closer to "
+                                                           "lossless, larger store)")] = None,
     batch_size: int = typer.Option(4, help="images per forward pass"),
     part_size: Optional[int] = typer.Option(None, help="images per store part, the unit of commit and resume "
                                                        "(default: whole batches, up to 32 images)"),
@@ -125,7 +130,7 @@ def extract(
                         limit=limit, init=init, revision=revision, dtype=dtype, device=device,
                         prefix=prefix, prefix_from=prefix_from, prefix_control=prefix_control,
                         template=template, keys=keys, layers=layers, heads=heads,
-                        kinds=kinds, store_dtype=store_dtype, batch_size=batch_size,
+                        kinds=kinds, store_dtype=store_dtype, pca_step=pca_step, batch_size=batch_size,
                         part_size=part_size, strict=strict, seed=seed, executor=executor,
                         ray_address=ray_address, workers=workers, repair=repair,
                         dataset_options=parse_params(option, "--option"), codec=codec,

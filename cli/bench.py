@@ -28,7 +28,7 @@ def bench_extract_cmd(
     layers: str = typer.Option("all", help="layers kvpipe stores"),
     heads: str = typer.Option("all", help="KV heads kvpipe stores"),
     store_dtype: Optional[str] = typer.Option(None, help="on-disk dtype (default: --dtype): float32 | float16 | "
-                                                          "bfloat16 | int8 | int4"),
+                                                          "bfloat16 | int8 | int4 | pca"),
     views: str = typer.Option("all", help="all | base (an any-resolution model's base view only)"),
     codec: str = typer.Option("zstd", help="store codec: zstd | lz4bit | lz4 | zstd3"),
     runs: str = typer.Option("floor-hf,floor-kvpipe,kvpipe,naive", help="which runs"),

@@ -126,8 +126,10 @@ def chunk_keys(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[tuple[st
             for idx in product(*grid)]
 
 
-def _write_one(path: Path, data: np.ndarray | TokenSegments, sel: tuple[slice, ...], codec: numcodecs.Blosc) -> str:
-    encoded = codec.encode(np.ascontiguousarray(data[sel]))  # joined here, in this thread
+def _write_one(path: Path, data: np.ndarray | TokenSegments, sel: tuple[slice, ...], codec: numcodecs.Blosc,
+               transform=None) -> str:
+    chunk = data[sel]  # joined here, in this thread
+    encoded = codec.encode(np.ascontiguousarray(chunk if transform is None else transform(chunk)))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -141,11 +143,12 @@ def _write_one(path: Path, data: np.ndarray | TokenSegments, sel: tuple[slice, .
 
 
 def write_chunks(array_dir: Path, data: np.ndarray | TokenSegments, chunks: tuple[int, ...],
-                 codec: BloscCodec) -> dict[str, str]:
+                 codec: BloscCodec, transform=None) -> dict[str, str]:
     """Encode and write every chunk of ``data`` under ``array_dir``; returns each chunk file's
     CRC32C keyed by its path relative to ``array_dir``. Waits for all of them; making them
-    durable is the caller's (``store.fs.sync_tree``, once per part)."""
+    durable is the caller's (``store.fs.sync_tree``, once per part). ``transform``: a coder of
+    a whole chunk (pca's), run in the chunk's task before Blosc."""
     blosc = blosc_of(codec)
-    jobs = [(key, pool().submit(_write_one, array_dir / key, data, sel, blosc))
+    jobs = [(key, pool().submit(_write_one, array_dir / key, data, sel, blosc, transform))
             for key, sel in chunk_keys(data.shape, chunks)]
     return {key: fut.result() for key, fut in jobs}

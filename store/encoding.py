@@ -1,4 +1,4 @@
-"""Array encodings of the store: dtypes on disk (lossless, or int8 / int4 per token), the codec.
+"""Array encodings of the store: dtypes on disk (lossless, int8 / int4 per token, pca per chunk), the codec.
 
 Why: bfloat16 is what 7B models compute in, and Zarr v3 has no bfloat16 type, so bf16 is
 stored as its raw 16-bit pattern (uint16) and converted back on read: lossless and fast.
@@ -16,6 +16,8 @@ import numpy as np
 from zarr.codecs import BloscCodec
 
 from kvpipe.errors import StoreError
+from kvpipe.store.pca import PCA_STEP, PcaChunk, encode_pca
+from kvpipe.store.pca import header_rows as pca_header_rows
 from kvpipe.store.quant import ROTATION_SEED, ROTATIONS, dequantize_int4, int4_stored_dim, quantize_int4, rotate
 
 # int8 (lossy): each token vector of D numbers is stored as D int8 codes followed by its float32
@@ -50,11 +52,11 @@ def compressor(store_dtype: str, clevel: int = CLEVEL, cname: str = "zstd", shuf
     return BloscCodec(cname=cname, clevel=clevel, shuffle=shuffle, typesize=itemsize)
 
 
-def compressor_meta(store_dtype: str, codec: str = "zstd") -> dict:
+def compressor_meta(store_dtype: str, codec: str = "zstd", pca_step: float | None = None) -> dict:
     """The store's Encoding metadata: the Blosc codec, and a lossy encoding's parameters."""
     cname, clevel, shuffle = CODECS[codec]
     return {"codec": "blosc", "cname": cname, "clevel": clevel, "shuffle": _SHUFFLE_META[shuffle],
-            **lossy_meta(store_dtype)}
+            **lossy_meta(store_dtype, pca_step)}
 
 
 def compressor_for(meta_compressor: Any, store_dtype: str) -> BloscCodec:
@@ -136,6 +138,25 @@ class DiskEncoding:
     dim_of: Callable[[int], int] = lambda w: w  # the (even) vector length stored in w columns
     rotation: str | None = None  # int4: the rotation undone on read ("none" in the stored basis), and its seed
     rotation_seed: int = ROTATION_SEED
+    # pca: a chunk is one record coded as a whole (``chunk_encode`` replaces ``encode``), with
+    # ``header_rows(D)`` rows before its tokens; ``open_chunk`` parses a record once, for
+    # slicing tokens and decoding them (identity for the encodings that code each token alone)
+    chunk_encode: Callable[[np.ndarray], np.ndarray] | None = None
+    header_rows: Callable[[int], int] = lambda d: 0
+    open_chunk: Callable[[np.ndarray], Any] = lambda raw: raw
+    device_decodes: bool = True  # False: a device read decodes on the host and sends float32
+
+
+def _pca(step: float = PCA_STEP) -> DiskEncoding:
+    def dec(chunk: Any, out: np.ndarray) -> None:
+        (chunk if isinstance(chunk, PcaChunk) else PcaChunk(chunk)).decode_into(out)
+
+    def passthrough(x: np.ndarray) -> np.ndarray:  # pieces stay as sent; each chunk is coded whole
+        return x
+
+    return DiskEncoding("int8", lambda d: d, passthrough, dec, lossy=True,
+                        chunk_encode=lambda x: encode_pca(x, step), header_rows=pca_header_rows,
+                        open_chunk=PcaChunk, device_decodes=False)
 
 
 def _int4(rotation: str = "hadamard", seed: int = ROTATION_SEED, basis: str = "model") -> DiskEncoding:
@@ -159,6 +180,7 @@ ENCODINGS: dict[str, DiskEncoding] = {
                          lambda x: x if x.dtype == np.int8 else quantize_int8(x),
                          lambda raw, out: dequantize_int8(raw, out), lossy=True, dim_of=lambda w: w - SCALE_BYTES),
     "int4": _int4(),
+    "pca": _pca(),
 }
 DISK_DTYPE = {name: e.disk_dtype for name, e in ENCODINGS.items()}  # --store-dtype -> numpy dtype on disk
 
@@ -169,12 +191,14 @@ def text_dtype_for(store_dtype: str, compute_dtype: str) -> str:
     return compute_dtype if encoding_for(store_dtype).lossy else ""
 
 
-def lossy_meta(store_dtype: str) -> dict[str, Any]:
+def lossy_meta(store_dtype: str, pca_step: float | None = None) -> dict[str, Any]:
     """The lossy encoding's parameters for the store's Encoding metadata ({} when lossless)."""
     if store_dtype == "int8":
         return {"quant": "int8", "scale": "absmax"}
     if store_dtype == "int4":
         return {"quant": "int4", "scale": "minmax", "rotation": "hadamard", "rotation_seed": ROTATION_SEED}
+    if store_dtype == "pca":
+        return {"quant": "pca", "scale": "step", "step": PCA_STEP if pca_step is None else float(pca_step)}
     return {}
 
 
@@ -195,6 +219,10 @@ def encoding_for(store_dtype: str, params: Any = None, basis: str = "model") -> 
                              f"know (known: {', '.join(ROTATIONS)}); upgrade kvpipe to read it")
         seed = get("rotation_seed")
         return _int4(rotation, ROTATION_SEED if seed is None else int(seed), basis)
+    if store_dtype == "pca" and params is not None:
+        get = params.get if hasattr(params, "get") else dict(params).get
+        step = get("step")
+        return ENCODINGS[store_dtype] if step is None or step == PCA_STEP else _pca(float(step))
     return _int4(basis=basis) if store_dtype == "int4" and basis != "model" else ENCODINGS[store_dtype]
 
 
@@ -209,13 +237,23 @@ def encode(x: np.ndarray, store_dtype: str, params: Any = None) -> np.ndarray:
     Arrays already in the on-disk dtype (bf16 bit patterns or int8 / int4 codes from the GPU)
     pass unchanged.
     """
-    return encoding_for(store_dtype, params).encode(x)
+    enc = encoding_for(store_dtype, params)
+    if enc.chunk_encode is not None:  # pca: each [T, D] of the leading axes is one record
+        flat = np.asarray(x).reshape(-1, *x.shape[-2:])
+        return np.stack([enc.chunk_encode(c) for c in flat]).reshape(*x.shape[:-2], -1, x.shape[-1])
+    return enc.encode(x)
 
 
 def decode(raw: np.ndarray, store_dtype: str, params: Any = None, dim: int | None = None,
            basis: str = "model") -> np.ndarray:
-    """On-disk array -> float32 (``dim``: the vector length, needed by int4 for odd lengths)."""
+    """On-disk array -> float32 (``dim``: the vector length, needed by int4 for odd lengths;
+    a pca chunk's whole record, or one opened with ``open_chunk``)."""
     enc = encoding_for(store_dtype, params, basis)
+    if enc.chunk_encode is not None:
+        chunk = raw if isinstance(raw, PcaChunk) else enc.open_chunk(raw)
+        out = np.empty(chunk.shape, np.float32)
+        enc.decode_into(chunk, out)
+        return out
     out = np.empty(raw.shape[:-1] + (enc.dim_of(raw.shape[-1]) if dim is None else dim,), np.float32)
     enc.decode_into(raw, out)
     return out

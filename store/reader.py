@@ -245,7 +245,12 @@ class FeatureStore:
         if n_tokens == 0:
             return np.empty((0, dim), dtype)
         payload = self._chunk_bytes(part, f"{kind}/c/{li}/{hi}/0/0")
-        return decode_chunk(payload, dtype, n_tokens, dim, f"{kind} of part {layout.part_name(part)}", self.root)
+        return decode_chunk(payload, dtype, n_tokens, dim, f"{kind} of part {layout.part_name(part)}", self.root,
+                            self._header_rows(self.meta.head_dim))
+
+    def _header_rows(self, dim: int) -> int:
+        """Rows a chunk holds before its tokens (pca's header; 0 for the other encodings)."""
+        return encoding_for(self.meta.store_dtype, self.meta.compressor).header_rows(dim)
 
     def _raw(self, part: int, kind: str, li: int | None, hi: int | None) -> np.ndarray:
         """One part's on-disk array for (layer, head), or all of post_proj: [tokens, dim]."""
@@ -257,7 +262,8 @@ class FeatureStore:
         dtype = np.dtype(DISK_DTYPE[self.meta.store_dtype])
         dim = stored_dim(self.meta.hidden_size, self.meta.store_dtype)
         return decode_chunk(self._chunk_bytes(part, f"{Kind.POST_PROJ}/c/0/0"), dtype, n_tokens, dim,
-                            f"{Kind.POST_PROJ} of part {layout.part_name(part)}", self.root)
+                            f"{Kind.POST_PROJ} of part {layout.part_name(part)}", self.root,
+                            self._header_rows(self.meta.hidden_size))
 
     def _chunk(self, part: int, kind: str, li: int | None, hi: int | None) -> np.ndarray:
         return decode(self._raw(part, kind, li, hi), self.meta.store_dtype, self.meta.compressor)
@@ -291,7 +297,7 @@ class FeatureStore:
         lengths = np.array([0] + [r.n_tokens for r in rows])
         offsets = np.cumsum(lengths)
         dim = self.meta.hidden_size if kind == Kind.POST_PROJ else self.meta.head_dim
-        as_stored = device is not None
+        as_stored = device is not None and encoding.device_decodes  # pca: decoded here, sent as float32
         if as_stored:  # the disk dtype and width, decoded on the device below
             data = np.empty((int(offsets[-1]), stored_dim(dim, self.meta.store_dtype)),
                             np.dtype(DISK_DTYPE[self.meta.store_dtype]))
@@ -311,7 +317,7 @@ class FeatureStore:
 
         def fill(part: int) -> list[Future]:
             """Read one part and copy or decode its runs; on a pool, queue the decoding and return it."""
-            raw = self._raw(part, kind, li, hi)
+            raw = encoding.open_chunk(self._raw(part, kind, li, hi))
             queued: list[Future] = []
             for (src, dst, n) in contiguous_runs([(rows[i].token_offset, int(offsets[i]), rows[i].n_tokens)
                                                   for i in by_part[part]]):
@@ -331,7 +337,8 @@ class FeatureStore:
             # at most READ_AHEAD parts per thread read ahead of their decoding: the raw bytes held
             # stay a few parts' worth, not the whole read's (which could be half the float32 output
             # again); one per thread left the disk idle while the threads decoded (5% slower)
-            blas = single_threaded_blas() if encoding.rotation == "hadamard" else nullcontext()
+            blas = (single_threaded_blas() if encoding.rotation == "hadamard" or encoding.chunk_encode is not None
+                    else nullcontext())
             parts = iter(by_part)
             with blas, pool:
                 ahead = deque(pool.submit(fill, part) for part in itertools.islice(parts, READ_AHEAD * threads))
@@ -343,6 +350,10 @@ class FeatureStore:
             from kvpipe.store.device_decode import decoder, to_device
 
             data = decoder(self.meta.store_dtype, self.meta.compressor, basis)(to_device(data, device), dim)
+        elif device is not None:
+            from kvpipe.store.device_decode import to_device
+
+            data = to_device(data, device)
         return Features(data, offsets, rows, basis)
 
     def annotation(self, row: ImageRow) -> Annotation:
@@ -532,16 +543,19 @@ def contiguous_runs(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, i
     return [(a, b, c) for a, b, c in runs]
 
 
-def decode_chunk(payload: bytes, dtype: np.dtype, n_tokens: int, dim: int, what: str, root: Any) -> np.ndarray:
-    """A Blosc chunk -> [n_tokens, dim] of ``dtype``; a StoreError when it holds another size."""
+def decode_chunk(payload: bytes, dtype: np.dtype, n_tokens: int, dim: int, what: str, root: Any,
+                 header_rows: int = 0) -> np.ndarray:
+    """A Blosc chunk -> [header_rows + n_tokens, dim] of ``dtype``; a StoreError when it holds
+    another size."""
     try:
         raw = _BLOSC.decode(payload)
     except Exception as err:
         raise StoreError(f"cannot decode {what} ({err}); run kvpipe verify {root}") from None
-    if len(raw) != n_tokens * dim * dtype.itemsize:
-        raise StoreError(f"{what} holds {len(raw) // max(1, dim * dtype.itemsize)} tokens, the manifest says "
-                         f"{n_tokens}; run kvpipe verify {root}, then kvpipe extract --repair")
-    return np.frombuffer(raw, dtype=dtype).reshape(n_tokens, dim)
+    rows = n_tokens + header_rows
+    if len(raw) != rows * dim * dtype.itemsize:
+        raise StoreError(f"{what} holds {len(raw) // max(1, dim * dtype.itemsize) - header_rows} tokens, the "
+                         f"manifest says {n_tokens}; run kvpipe verify {root}, then kvpipe extract --repair")
+    return np.frombuffer(raw, dtype=dtype).reshape(rows, dim)
 
 
 def _ranges(values: Iterable[int]) -> str:

@@ -45,7 +45,7 @@ POST_PROJ = Kind.POST_PROJ.value
 ALL_KINDS = (*KINDS, POST_PROJ)
 KEY_ROPE = ("post-rope", "pre-rope")
 KEY_CONVENTIONS = (*KEY_ROPE, "none")  # "none": a vision encoder's store (no keys)
-STORE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4")  # int8, int4: lossy (store.encoding)
+STORE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4", "pca")  # int8, int4, pca: lossy (store.encoding)
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 META_ATTR = "kvpipe"
 
@@ -147,6 +147,10 @@ class Section:
             return check_int(where, name, value, *args)
         if kind == "strs":
             return check_str_list(where, name, value)
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not args[0] <= value <= args[1]:
+                raise _fail(where, name, f"must be a number in [{args[0]}, {args[1]}], not {_show(value)}")
+            return float(value)
         if kind == "newer":  # a name a later kvpipe may add: refused as unknown, not as damage
             check_str(where, name, value)
             if value not in args[0]:
@@ -238,8 +242,9 @@ SHUFFLES = ("byte", "bit", "none")
 class Encoding(Section):
     """The chunk codec (``store.encoding.CODECS``); empty in stores made before the choice
     existed, which were written with Blosc zstd level 3, byte shuffle. A lossy store dtype
-    adds its parameters: ``quant`` (int8 | int4), ``scale`` (absmax: symmetric; minmax: a
-    scale and a zero point per token), ``rotation`` (hadamard | none) and ``rotation_seed``.
+    adds its parameters: ``quant`` (int8 | int4 | pca), ``scale`` (absmax: symmetric; minmax: a
+    scale and a zero point per token; step: pca's one step per chunk), ``rotation`` (hadamard |
+    none) and ``rotation_seed`` (int4), ``step`` (pca's step in units of the chunk's RMS).
     A value this kvpipe does not know (a newer store) is refused with "upgrade kvpipe"."""
 
     codec: str | None = None
@@ -250,11 +255,13 @@ class Encoding(Section):
     scale: str | None = None
     rotation: str | None = None
     rotation_seed: int | None = None
+    step: float | None = None
 
     _SPECS: ClassVar[dict[str, tuple]] = {
         "codec": ("str", ("blosc",)), "cname": ("str", BLOSC_CNAMES), "clevel": ("int", 0, 9),
-        "shuffle": ("str", SHUFFLES), "quant": ("newer", ("int8", "int4")), "scale": ("newer", ("absmax", "minmax")),
-        "rotation": ("newer", ("hadamard", "none")), "rotation_seed": ("int", 0, (1 << 32) - 1)}
+        "shuffle": ("str", SHUFFLES), "quant": ("newer", ("int8", "int4", "pca")), "scale": ("newer", ("absmax", "minmax", "step")),
+        "rotation": ("newer", ("hadamard", "none")), "rotation_seed": ("int", 0, (1 << 32) - 1),
+        "step": ("float", 1e-6, 1e3)}
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

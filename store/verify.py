@@ -109,11 +109,12 @@ def _check_arrays(store: FeatureStore, part: int, report: VerifyReport) -> None:
                 continue
             arr = group[kind]
             data = np.asarray(arr[...])
-            if data.shape[-2] != n_tokens:
-                report.add(part, f"{kind} has {data.shape[-2]} tokens, the manifest says {n_tokens}")
+            dim = store.meta.hidden_size if kind == Kind.POST_PROJ else store.meta.head_dim
+            header = store._header_rows(dim)  # pca's chunks: header rows before the tokens
+            if data.shape[-2] - header != n_tokens:
+                report.add(part, f"{kind} has {data.shape[-2] - header} tokens, the manifest says {n_tokens}")
             elif end > n_tokens:
                 report.add(part, f"the manifest's token ranges end at {end}, past the {n_tokens} tokens of {kind}")
-            dim = store.meta.hidden_size if kind == Kind.POST_PROJ else store.meta.head_dim
             width = stored_dim(dim, store.meta.store_dtype)
             if data.shape[-1] != width:
                 report.add(part, f"{kind} tokens have {data.shape[-1]} columns on disk, the metadata says {dim} "

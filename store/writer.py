@@ -26,7 +26,7 @@ from kvpipe.errors import StoreError
 from kvpipe.store import layout
 from kvpipe.store.checksum import file_crc32c
 from kvpipe.store.chunks import TokenSegments, write_chunks
-from kvpipe.store.encoding import DISK_DTYPE, compressor, compressor_for, encode
+from kvpipe.store.encoding import DISK_DTYPE, compressor, compressor_for, encode, encoding_for
 from kvpipe.store.fs import Location, ObjectLocation, fsync_dir, open_location, sync_tree
 from kvpipe.store.lease import LEASE, WriterLease
 from kvpipe.store.manifest import ImageRow, part_record_bytes, read_part_record_bytes, write_part_record
@@ -283,16 +283,25 @@ class StoreWriter:
             comp = type(comp)(cname="zstd", clevel=3, shuffle="noshuffle", typesize=1)
         else:  # batches from the device come already in the disk dtype; encode() passes them through
             params = self.meta.compressor
-            data = (arr.map(lambda piece: encode(piece, sd, params)) if isinstance(arr, TokenSegments)
-                    else encode(arr, sd, params))
+            if encoding_for(sd, params).chunk_encode is not None:
+                data = arr  # pca: coded a whole chunk at a time, in the chunk's task below
+            else:
+                data = (arr.map(lambda piece: encode(piece, sd, params)) if isinstance(arr, TokenSegments)
+                        else encode(arr, sd, params))
             dtype, comp = DISK_DTYPE[sd], compressor_for(params, sd)
         if data.size == 0:
             return {}  # a part whose images all failed has no tokens
         # [layer, head, token, dim]: one chunk file = one (layer, head) of the part, so reading a
         # head across the store reads one file per part, and chunks compress and write in parallel
         chunks = (1, 1, *data.shape[2:]) if data.ndim == 4 else data.shape
-        group.create_array(name, shape=data.shape, chunks=chunks, dtype=dtype, compressors=comp, fill_value=0)
-        return write_chunks(path / name, data, chunks, comp)
+        coder = encoding_for(sd, self.meta.compressor).chunk_encode if name != "masks" else None
+        shape = data.shape
+        if coder is not None:  # pca: each chunk becomes one record with header rows before its tokens
+            extra = encoding_for(sd, self.meta.compressor).header_rows(shape[-1])
+            shape = (*shape[:-2], shape[-2] + extra, shape[-1])
+        group.create_array(name, shape=shape, chunks=(1, 1, *shape[2:]) if len(shape) == 4 else shape, dtype=dtype,
+                           compressors=comp, fill_value=0)
+        return write_chunks(path / name, data, chunks, comp, coder)
 
     def write_text(self, queries: list[str], token_ids: list[list[int]], arrays: dict[str, np.ndarray]) -> None:
         """Commit the text queries' final-token K/V ([layers, heads, queries, head_dim])."""

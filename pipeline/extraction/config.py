@@ -23,6 +23,7 @@ from kvpipe.pipeline.models.options import check_init, dtype_name
 from kvpipe.pipeline.models.selection import Selection
 from kvpipe.roots import existing_root
 from kvpipe.store.encoding import CODECS, compressor_meta, text_dtype_for
+from kvpipe.store.pca import PCA_STEP
 from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, VIEWS, FeatureSetMeta, ids_fingerprint
 
 if TYPE_CHECKING:  # config is checked before any model code is imported
@@ -52,6 +53,7 @@ class ExtractConfig:
     heads: str = "all"
     kinds: str | None = None  # None: the model's own kinds (MLM: keys,values,post_proj; encoder: hidden)
     store_dtype: str | None = None  # default: the compute dtype
+    pca_step: float | None = None  # --store-dtype pca's step (store.pca.PCA_STEP when None)
     batch_size: int = 4
     part_size: int | None = None  # None: the multiple of batch_size nearest below PART_IMAGES
     codec: str = "zstd"  # store.encoding.CODECS
@@ -167,6 +169,9 @@ def validate(cfg: ExtractConfig) -> None:
         raise UsageError(f"--keys must be one of {', '.join(KEY_ROPE)}, not {cfg.keys!r}")
     if cfg.store_dtype is not None and cfg.store_dtype not in STORE_DTYPES:
         raise UsageError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
+    if cfg.pca_step is not None and (cfg.store_dtype != "pca" or not 0.01 <= cfg.pca_step <= 4):
+        raise UsageError(f"--pca-step {cfg.pca_step} needs --store-dtype pca and a value in [0.01, 4] "
+                         f"(the step in units of a chunk's typical RMS; default {PCA_STEP})")
     validate_views(cfg)
     if cfg.codec not in CODECS:
         raise UsageError(f"--codec must be one of {', '.join(CODECS)}, not {cfg.codec!r}")
@@ -227,7 +232,7 @@ def build_meta(adapter: ModelAdapter, records: list[ImageRecord], dataset_desc: 
         part_size=cfg.part_size, n_images=len(records),
         image_ids_sha256=ids_fingerprint([r.image_id for r in records]),
         text_queries=tuple(queries) if adapter.encodes_queries else (),
-        compressor=compressor_meta(store_dtype, codec=cfg.codec),
+        compressor=compressor_meta(store_dtype, codec=cfg.codec, pca_step=cfg.pca_step),
         text_dtype=text_dtype_for(store_dtype, cfg.dtype) if queries and adapter.encodes_queries else "",
         views={"views": sel.views, "reason": cfg.views_reason or ("--views" if sel.views == "base" else "default")},
         command=cfg.command or " ".join(shlex.quote(a) for a in sys.argv),

@@ -158,7 +158,13 @@ def int4_slice_rows(x: torch.Tensor, device: torch.device) -> int:
     return max(1, min(x.shape[0], budget // max(4 * x[0].numel(), 1)))
 
 
-DEVICE_QUANT = {"int8": quantize_int8, "int4": quantize_int4}  # lossy store dtypes, quantised on the device
+def to_bfloat16(x: torch.Tensor) -> torch.Tensor:
+    """pca's device step: its chunks are coded whole on the host (``store.pca``), from bf16."""
+    return x.to(torch.bfloat16)
+
+
+# lossy store dtypes, quantised on the device (pca: sent as bf16, each chunk coded on the host)
+DEVICE_QUANT = {"int8": quantize_int8, "int4": quantize_int4, "pca": to_bfloat16}
 
 
 def to_store_dtype(x: torch.Tensor, dtype: str) -> torch.Tensor:

@@ -42,7 +42,7 @@ def test_device_decoder_equals_the_host_decoder(store_dtype, params, dim, device
         assert not np.allclose(decoder("int4")(to_device(raw, device), dim).cpu().numpy(), host, atol=1e-3)
 
 
-@pytest.mark.parametrize("store_dtype", ["bfloat16", "int4"])
+@pytest.mark.parametrize("store_dtype", ["bfloat16", "int4", "pca"])
 def test_read_to_a_device_equals_the_host_read(tmp_path, store_dtype):
     extract(ExtractConfig(model="tiny-qwen25vl", dataset="synthetic", out=str(tmp_path / "s"), limit=5,
                           batch_size=2, part_size=2, store_dtype=store_dtype))
@@ -62,7 +62,7 @@ def test_an_unknown_encoding_is_refused_in_one_line():
         decoder("int2")
 
 
-@pytest.mark.parametrize("store_dtype", ["int4", "bfloat16"])
+@pytest.mark.parametrize("store_dtype", ["int4", "bfloat16", "pca"])
 def test_reads_decoded_in_blocks_over_threads_equal_reads_per_part(tmp_path, monkeypatch, store_dtype):
     """Reads decode in tasks of DECODE_TASK tokens over every read thread: tasks that split a
     part's images mid-image give the per-part decoding's values, in any image order."""
