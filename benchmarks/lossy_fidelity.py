@@ -23,6 +23,13 @@ the Gaussian-optimal 4-bit and 3-bit (Lloyd-Max) codebooks after the rotation.
     python -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random --device cpu --dtype bfloat16 \
         --reference-dtype bfloat16 --batch-size 4 --out /tmp/kvpipe-lossy-7b
 
+``--recode`` makes each lossy store from the lossless one (``store.recode``: the same bytes as
+extracting it, tested) instead of running the model once per encoding; ``pca@STEP`` in
+``--encodings`` is pca with that ``--pca-step``:
+
+    python -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random --device cpu --dtype bfloat16 \
+        --reference-dtype bfloat16 --encodings int4,pca@0.35,pca --recode --out /tmp/kvpipe-lossy-7b
+
 ``--resume`` keeps the complete stores of an earlier run in ``--out`` and extracts only the
 missing ones: a run killed while probing redoes its probes (``--tasks``) without the model in
 memory (a 7B model held through the probes of 96 images outgrew 24 GB).
@@ -48,6 +55,7 @@ from kvpipe.pipeline.extraction import ExtractConfig, extract
 from kvpipe.probes import PROBES
 from kvpipe.probes.runner import run_probe
 from kvpipe.store import FeatureStore
+from kvpipe.store.recode import recode
 
 
 SEED_ROW = "seed+1"  # the row of a randomised probe's lossless rerun with the next seed
@@ -163,6 +171,10 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
                                                                     "(default: %(default)s)")
     parser.add_argument("--tasks", default=None, help="probes to compare, comma list (default: every probe the "
                                                       "dataset supports)")
+    parser.add_argument("--recode", action="store_true",
+                        help="make the lossy stores by recoding the lossless one (kvpipe.store.recode: the "
+                             "bytes extraction writes, without running the model again); needs "
+                             "--reference-dtype equal to --dtype")
     parser.add_argument("--resume", action="store_true",
                         help="keep the stores of an earlier run in --out whose parts are all committed "
                              "(same arguments), extract the rest, then probe")
@@ -184,6 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.resume and _complete(stores[name]):
             continue
         dtype, _, step = dtype.partition("@")  # pca@0.35: pca with --pca-step 0.35
+        if args.recode and name != "reference":
+            shutil.rmtree(stores[name], ignore_errors=True)
+            recode(stores["reference"], stores[name], dtype, float(step) if step else None)
+            continue
         extract(ExtractConfig(model=args.model, dataset=args.dataset, out=str(stores[name]), limit=args.images,
                               dataset_options=dataset_options,
                               init=args.init, dtype=args.dtype, device=args.device, store_dtype=dtype,
