@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 SCRIPTS = ("capture_stages", "cli_latency", "codecs", "disk_rewrite", "encoded_reads", "encoder_interference",
+           "encoding_sizes",
            "extract_timeline", "host_buffers", "int4_slices",
            "kv_structure", "linear_probes", "lossy_fidelity", "multi_gpu", "prefill_kernels", "read_checks", "sweep")
 # a tiny MLM on the CPU: 4 images of 56 x 56 (4 image tokens each), batches of 2
@@ -194,6 +195,37 @@ def test_lossy_fidelity_compares_int8_and_int4_with_the_lossless_store(tmp_path,
                      "--resume"])
     assert extracted == ["int8"]
     assert again["tasks"]["input-agnostic"]["int4"] == res["tasks"]["input-agnostic"]["int4"]
+
+
+def test_lossy_fidelity_recodes_the_lossless_store_for_pca_at_a_step(tmp_path, monkeypatch):
+    """--recode: one extraction (the lossless store), each lossy store recoded from it; pca@STEP
+    is pca with that step, its squared error within a uniform quantiser's step^2 / 12."""
+    lf = script("lossy_fidelity")
+    real_extract = lf.extract
+    extracted = []
+    monkeypatch.setattr(lf, "extract", lambda cfg: (extracted.append(cfg.store_dtype), real_extract(cfg)))
+    res = lf.main(["--out", str(tmp_path / "lossy"), "--option", "n_frames=2", "--tasks", "input-agnostic",
+                   "--encodings", "int4,pca@0.3", "--recode"])
+    assert extracted == ["float32"]
+    assert set(res["tasks"]["input-agnostic"]) == {"int4", "pca@0.3"}
+    assert 0.3 * 0.3 ** 2 / 12 < res["features"]["pca@0.3"]["rel_sq_error"] < 1.05 * 0.3 ** 2 / 12
+    from kvpipe.store import FeatureStore
+
+    assert FeatureStore.open(tmp_path / "lossy" / "pca@0.3").meta.compressor.step == 0.3
+
+
+def test_encoding_sizes_recodes_each_encoding_and_compares_it(synthetic_store, tmp_path):
+    out = script("encoding_sizes").main([str(synthetic_store), "--encodings", "int8,int4,pca@0.6",
+                                         "--out", str(tmp_path / "sizes"), "--json", str(tmp_path / "s.json")])
+    rows = out["encodings"]
+    assert set(rows) == {"int8", "int4", "pca@0.6"}
+    assert rows["int8"]["rel_sq_error"] < rows["int4"]["rel_sq_error"] < rows["pca@0.6"]["rel_sq_error"] < 0.6 ** 2 / 12
+    for row in rows.values():  # every lossy encoding is smaller than the lossless store, as counted
+        assert row["ratio"] > 1 and row["kv_bytes_per_image"] * row["ratio"] == pytest.approx(
+            out["lossless"]["kv_bytes_per_image"])
+        assert row["rel_sq_error_min"] <= row["rel_sq_error"] <= row["rel_sq_error_max"]
+    assert json.loads((tmp_path / "s.json").read_text())["images"] == out["images"]
+    assert not (tmp_path / "sizes" / "int4").exists()  # each recoded store is removed after its figures
 
 
 def test_multi_gpu_compares_the_stores_of_both_runs(tmp_path):
