@@ -341,6 +341,22 @@ def verify(store_arg: Optional[str] = STORE_ARG, store: Optional[str] = STORE_OP
 
 
 @app.command()
+def recode(store_arg: Optional[str] = STORE_ARG, store: Optional[str] = STORE_OPT,
+           out: Path = typer.Option(..., help="the new store (a local directory; a killed run resumes)"),
+           store_dtype: str = typer.Option("pca", help="the lossy encoding: pca | int4 | int8"),
+           pca_step: Annotated[Optional[float], typer.Option(help="pca's step (see kvpipe extract)")] = None) -> None:
+    """Write a lossless store (in its compute dtype) again in a lossy encoding, without the model:
+    the bytes kvpipe extract --store-dtype would write."""
+    from kvpipe.cli.progress import recode_progress
+    from kvpipe.store.recode import recodable, recode as recode_store
+
+    recodable(one_store(store_arg, store), store_dtype, pca_step)  # a one-line error before the progress bar
+    with recode_progress(console) as advance:
+        path = recode_store(one_store(store_arg, store), out, store_dtype, pca_step, advance)
+    console.print(f"recoded to {store_dtype} -> {path}")
+
+
+@app.command()
 def status(store_arg: Optional[str] = STORE_ARG, store: Optional[str] = STORE_OPT,
            all_parts: bool = typer.Option(False, "--all", help="list every part, not only failed ones")) -> None:
     """Parts done, pending and failed (with why); rerun the same extract to finish the store."""

@@ -43,3 +43,10 @@ def probe_progress(console: Console, name: str) -> Iterator[Callable[[int, int],
     with _progress(console, "head") as bar:
         task = bar.add_task(name, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@contextmanager
+def recode_progress(console: Console) -> Iterator[Callable[[int, int], None]]:
+    with _progress(console, "part") as bar:
+        task = bar.add_task("recode", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

@@ -185,6 +185,18 @@ ENCODINGS: dict[str, DiskEncoding] = {
 DISK_DTYPE = {name: e.disk_dtype for name, e in ENCODINGS.items()}  # --store-dtype -> numpy dtype on disk
 
 
+def check_store_dtype(store_dtype: str | None, pca_step: float | None = None) -> None:
+    """A one-line UsageError for a ``--store-dtype`` or ``--pca-step`` kvpipe cannot write."""
+    from kvpipe.errors import UsageError
+    from kvpipe.store.schema import STORE_DTYPES
+
+    if store_dtype is not None and store_dtype not in STORE_DTYPES:
+        raise UsageError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}, not {store_dtype!r}")
+    if pca_step is not None and (store_dtype != "pca" or not 0.01 <= pca_step <= 4):
+        raise UsageError(f"--pca-step {pca_step} needs --store-dtype pca and a value in [0.01, 4] "
+                         f"(the step in units of a chunk's typical RMS; default {PCA_STEP})")
+
+
 def text_dtype_for(store_dtype: str, compute_dtype: str) -> str:
     """A store's ``text_dtype``: a lossy store keeps its few text queries lossless, in the compute
     dtype; "" (as the images) otherwise."""

@@ -477,7 +477,7 @@ class FeatureStore:
             "keys": self.meta.keys_rope,
             "dtype": f"{self.meta.store_dtype} on disk (computed in {self.meta.compute_dtype})",
             **({"encoding": ", ".join(f"{k} {v}" for k, v in self.meta.compressor.items()
-                                      if k in ("quant", "scale", "rotation", "rotation_seed"))}
+                                      if k in ("quant", "scale", "rotation", "rotation_seed", "step"))}
                if self.meta.compressor.get("quant") else {}),
             "views": self.meta.stored_views + (" (base view only: crops not stored)"
                                                if self.meta.stored_views == "base" else ""),

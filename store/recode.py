@@ -18,9 +18,9 @@ import numpy as np
 
 from kvpipe.errors import UsageError
 from kvpipe.store import layout
-from kvpipe.store.encoding import decode, lossy_meta
+from kvpipe.store.encoding import check_store_dtype, decode, lossy_meta
 from kvpipe.store.reader import FeatureStore
-from kvpipe.store.schema import STORE_DTYPES, Encoding, FeatureSetMeta, Kind
+from kvpipe.store.schema import Encoding, FeatureSetMeta, Kind
 from kvpipe.store.writer import StoreWriter
 
 LOSSY_KEYS = ("quant", "scale", "rotation", "rotation_seed", "step")
@@ -56,21 +56,30 @@ def _part_arrays(src: FeatureStore, part: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def recode(source: str | Path, out: str | Path, store_dtype: str, pca_step: float | None = None,
-           progress=lambda part, total: None) -> Path:
-    """Write ``out``: the store at ``source`` (lossless, in its compute dtype, complete) in
-    ``store_dtype``. One-line errors for a store that cannot be recoded."""
+def recodable(source: str | Path, store_dtype: str, pca_step: float | None = None) -> FeatureStore:
+    """The store at ``source``, opened, when it can be recoded to ``store_dtype``; otherwise a
+    one-line error saying why (before any work)."""
+    check_store_dtype(store_dtype, pca_step)
     src = FeatureStore.open(source)
     meta = src.meta
-    if store_dtype not in STORE_DTYPES:
-        raise UsageError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}, not {store_dtype!r}")
     if meta.store_dtype != meta.compute_dtype:
         raise UsageError(f"{source} is stored as {meta.store_dtype}, not in its compute dtype "
                          f"{meta.compute_dtype}: only a lossless store in the compute dtype holds what the "
                          f"device sends; re-extract with --store-dtype {store_dtype}")
     if not src.complete:
         raise UsageError(f"{source} is not complete; finish its extraction (kvpipe extract) first")
-    if "://" in str(out) or not isinstance(src.root, Path):
+    if not isinstance(src.root, Path):
+        raise UsageError("recoding reads and writes stores on a local filesystem; copy the store there first")
+    return src
+
+
+def recode(source: str | Path, out: str | Path, store_dtype: str, pca_step: float | None = None,
+           progress=lambda part, total: None) -> Path:
+    """Write ``out``: the store at ``source`` (lossless, in its compute dtype, complete) in
+    ``store_dtype``; ``progress(parts done, parts)`` after each part."""
+    src = recodable(source, store_dtype, pca_step)
+    meta = src.meta
+    if "://" in str(out):
         raise UsageError("recoding reads and writes stores on a local filesystem; copy the store there first")
     dst = Path(out)
     writer = StoreWriter.create_or_resume(dst, recoded_meta(meta, store_dtype, pca_step), src.structure())

@@ -22,8 +22,7 @@ from kvpipe.pipeline.models.catalog import model_source
 from kvpipe.pipeline.models.options import check_init, dtype_name
 from kvpipe.pipeline.models.selection import Selection
 from kvpipe.roots import existing_root
-from kvpipe.store.encoding import CODECS, compressor_meta, text_dtype_for
-from kvpipe.store.pca import PCA_STEP
+from kvpipe.store.encoding import CODECS, check_store_dtype, compressor_meta, text_dtype_for
 from kvpipe.store.schema import ALL_KINDS, KEY_ROPE, STORE_DTYPES, VIEWS, FeatureSetMeta, ids_fingerprint
 
 if TYPE_CHECKING:  # config is checked before any model code is imported
@@ -167,11 +166,7 @@ def validate(cfg: ExtractConfig) -> None:
     """Option combinations that make no sense, caught before any work (imports no model code)."""
     if cfg.keys is not None and cfg.keys not in KEY_ROPE:
         raise UsageError(f"--keys must be one of {', '.join(KEY_ROPE)}, not {cfg.keys!r}")
-    if cfg.store_dtype is not None and cfg.store_dtype not in STORE_DTYPES:
-        raise UsageError(f"--store-dtype must be one of {', '.join(STORE_DTYPES)}")
-    if cfg.pca_step is not None and (cfg.store_dtype != "pca" or not 0.01 <= cfg.pca_step <= 4):
-        raise UsageError(f"--pca-step {cfg.pca_step} needs --store-dtype pca and a value in [0.01, 4] "
-                         f"(the step in units of a chunk's typical RMS; default {PCA_STEP})")
+    check_store_dtype(cfg.store_dtype, cfg.pca_step)
     validate_views(cfg)
     if cfg.codec not in CODECS:
         raise UsageError(f"--codec must be one of {', '.join(CODECS)}, not {cfg.codec!r}")
