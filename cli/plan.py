@@ -18,7 +18,7 @@ from rich.table import Table
 from kvpipe.cli.common import console
 from kvpipe.errors import UsageError
 
-ENCODINGS = ("bfloat16", "int8", "int4")  # the plan's columns: lossless bf16 and the lossy ones
+ENCODINGS = ("bfloat16", "int8", "int4", "pca")  # the plan's columns: lossless bf16 and the lossy ones
 GB = 1e9
 
 
@@ -195,8 +195,10 @@ def print_plan(plans: list[Plan]) -> None:
     console.print(table)
     for p in plans:
         console.print(f"{p.model} / {p.dataset}: {p.source}", soft_wrap=True, highlight=False)
-    console.print("bf16 is lossless (zstd at the ratio measured on 7B K/V); int8, int4 lossy: see docs/BENCHMARKS.md; "
-                  "the totals include the text queries, lossless (bf16) in every encoding",
+    console.print("bf16 is lossless (zstd at the ratio measured on 7B K/V); int8, int4, pca lossy: see "
+                  "docs/BENCHMARKS.md; pca varies with the features (the ratio measured on random-weight "
+                  "Qwen2.5-VL-7B, an upper estimate); the totals include the text queries, lossless (bf16) in "
+                  "every encoding",
                   soft_wrap=True, highlight=False)
 
 

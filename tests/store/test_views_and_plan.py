@@ -12,7 +12,8 @@ from PIL import Image
 from fixtures.cli import invoke as _invoke
 from kvpipe.errors import UsageError
 from kvpipe.pipeline.extraction import ExtractConfig, extract
-from kvpipe.pipeline.models.sizes import SIZES, TokenRule, bytes_per_token, select_best_resolution, unpadded_grid
+from kvpipe.pipeline.models.sizes import (CODEC_RATIO, SIZES, TokenRule, bytes_per_token, select_best_resolution,
+                                         unpadded_grid)
 from kvpipe.probes.base import views_for
 from kvpipe.probes.runner import run_probe
 from kvpipe.store import FeatureStore
@@ -122,6 +123,8 @@ def test_bytes_per_token_by_hand():
     # K/V: 2 kinds x 28 layers x 4 heads x 128 x 2 bytes; post_proj 3584 x 2 bytes; zstd ratio 0.72
     assert bytes_per_token(s, "bfloat16") == pytest.approx((2 * 28 * 4 * 128 * 2 + 3584 * 2) * 0.72)
     assert bytes_per_token(s, "int4") == (2 * 28 * 4 * (64 + 8) + 1792 + 8) * 1.0
+    # pca: one int8 code per value, compressed to CODEC_RATIO["pca"] (its per-part basis included)
+    assert bytes_per_token(s, "pca") == pytest.approx((2 * 28 * 4 * 128 + 3584) * CODEC_RATIO["pca"])
 
 
 def test_plan_command_prints_every_encoding(tmp_path):
@@ -146,7 +149,7 @@ def test_plan_counts_the_text_queries_lossless_in_every_encoding():
     s = SIZES["qwen25vl"]
     plan = make_plan("qwen25vl", "refcoco")
     assert plan.queries == 10834
-    for enc in ("bfloat16", "int8", "int4"):  # a query is one token's K/V and post_proj, in bf16
+    for enc in ("bfloat16", "int8", "int4", "pca"):  # a query is one token's K/V and post_proj, in bf16
         images = plan.images * plan.bytes_per_image[("all", enc)]
         assert plan.total("all", enc) == pytest.approx(images + 10834 * bytes_per_token(s, "bfloat16"))
     assert make_plan("qwen25vl", "spair").queries == 0
