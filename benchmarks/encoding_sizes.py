@@ -5,7 +5,9 @@ by ``store.recode`` from the lossless store STORE (in its compute dtype: the byt
 would write), then compared with it: the stored bytes per image of the K/V chunk files and of
 post_proj, the ratio of the lossless K/V bytes to each encoding's, and the relative squared
 error (squared error over the vectors' energy, all K/V targets together) with its spread over
-targets; also the seconds the recoding took on this machine (encoding and writing every part).
+targets; also the seconds the recoding took on this machine (encoding and writing every part),
+and the host's time per chunk during extraction on one thread (``host_seconds``: Blosc over
+what the device sends, and pca's coding, which runs on the host), beside the lossless store's.
 
     python -m kvpipe.benchmarks.encoding_sizes STORE --encodings int4,pca@0.35,pca --out /tmp/kvpipe-sizes
 """
@@ -54,6 +56,37 @@ def errors(ref: FeatureStore, lossy: FeatureStore) -> tuple[float, list[float]]:
     return sq / max(energy, 1e-30), per_target
 
 
+def host_seconds(ref: FeatureStore, name: str, repeats: int = 5) -> float:
+    """Seconds the host spends on one chunk (the first part's keys of layer 0, head 0) of
+    ``name`` during extraction, on one thread (BLAS too), median of ``repeats``: the store's
+    Blosc over what the device sends (int8 and int4 codes are made on the device, so their
+    quantisation is not the host's), plus pca's whole coding."""
+    from threadpoolctl import threadpool_limits
+
+    from kvpipe.store.chunks import blosc_of
+    from kvpipe.store.encoding import compressor, decode, encode, encoding_for
+
+    dtype, _, step = name.partition("@")
+    params = {"step": float(step)} if step else None
+    raw = decode_first_chunk(ref)  # what the device sends a lossless or pca store: the compute dtype
+    device_coded = encoding_for(dtype).chunk_encode is None and dtype != ref.meta.store_dtype
+    sent = encode(decode(raw, ref.meta.store_dtype), dtype) if device_coded else raw
+    blosc = blosc_of(compressor(dtype))
+    coder = encoding_for(dtype, params).chunk_encode
+    times = []
+    with threadpool_limits(1):
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            blosc.encode(np.ascontiguousarray(sent if coder is None else coder(sent)))
+            times.append(time.perf_counter() - start)
+    return float(np.median(times[1:]))
+
+
+def decode_first_chunk(ref: FeatureStore) -> np.ndarray:
+    """The first part's keys of layer 0, head 0, as the device sends them (the store's raw dtype)."""
+    return np.asarray(ref._raw(ref.committed_parts[0], Kind.KEYS.value, 0, 0))
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(get_args_parser(), argv)
     ref = FeatureStore.open(args.store)
@@ -66,10 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
                                                               "post_proj_bytes_per_image":
                                                               chunk_bytes(args.store, ("post_proj",)) / images},
               "encodings": {}}
+    chunk = decode_first_chunk(ref)
+    base = host_seconds(ref, ref.meta.store_dtype)
+    report["lossless"]["host_s_per_chunk"] = base
     print(f"{ref.meta.model.name}: {images} images, parts of {ref.meta.part_size}; lossless K/V "
-          f"{lossless / images / 1e6:.3f} MB per image")
+          f"{lossless / images / 1e6:.3f} MB per image; the host's Blosc on one chunk of {chunk.shape[0]} tokens: "
+          f"{base * 1e3:.1f} ms on one thread")
     print(f"{'encoding':10s} {'K/V MB/img':>10s} {'x smaller':>9s} {'post_proj MB':>12s} {'rel. sq. error':>14s} "
-          f"{'targets: min-max':>18s} {'recode s':>8s}")
+          f"{'targets: min-max':>18s} {'recode s':>8s} {'host ms/chunk':>13s}")
     for name in comma_list(args.encodings):
         dtype, _, step = name.partition("@")
         out = args.out / name
@@ -81,11 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
         err, per_target = errors(ref, FeatureStore.open(out))
         row = {"kv_bytes_per_image": stored / images, "ratio": lossless / max(stored, 1),
                "post_proj_bytes_per_image": chunk_bytes(out, ("post_proj",)) / images, "rel_sq_error": err,
-               "rel_sq_error_min": min(per_target), "rel_sq_error_max": max(per_target), "recode_s": seconds}
+               "rel_sq_error_min": min(per_target), "rel_sq_error_max": max(per_target), "recode_s": seconds,
+               "host_s_per_chunk": host_seconds(ref, name)}
         report["encodings"][name] = row
         print(f"{name:10s} {row['kv_bytes_per_image'] / 1e6:10.3f} {row['ratio']:9.2f} "
               f"{row['post_proj_bytes_per_image'] / 1e6:12.3f} {err:14.5f} "
-              f"{min(per_target):8.5f}-{max(per_target):.5f} {seconds:8.1f}")
+              f"{min(per_target):8.5f}-{max(per_target):.5f} {seconds:8.1f} {row['host_s_per_chunk'] * 1e3:13.1f}")
         shutil.rmtree(out, ignore_errors=True)
     return finish(args, report)
 

@@ -481,7 +481,8 @@ def get_args_parser(description: str | None = __doc__, parents=(), add_help: boo
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=3584, help="post-proj width")
-    parser.add_argument("--store-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32", "int8", "int4"))
+    parser.add_argument("--store-dtype", default="bfloat16",
+                        choices=("bfloat16", "float16", "float32", "int8", "int4", "pca"))
     parser.add_argument("--pairs", type=int, default=1000, help="semantic-corr: keypoint pairs")
     parser.add_argument("--videos", type=int, default=30, help="temporal-corr: videos (images / videos frames each)")
     parser.add_argument("--mask-size", type=mask_size, default=(854, 480),

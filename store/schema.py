@@ -259,7 +259,8 @@ class Encoding(Section):
 
     _SPECS: ClassVar[dict[str, tuple]] = {
         "codec": ("str", ("blosc",)), "cname": ("str", BLOSC_CNAMES), "clevel": ("int", 0, 9),
-        "shuffle": ("str", SHUFFLES), "quant": ("newer", ("int8", "int4", "pca")), "scale": ("newer", ("absmax", "minmax", "step")),
+        "shuffle": ("str", SHUFFLES), "quant": ("newer", ("int8", "int4", "pca")),
+        "scale": ("newer", ("absmax", "minmax", "step")),
         "rotation": ("newer", ("hadamard", "none")), "rotation_seed": ("int", 0, (1 << 32) - 1),
         "step": ("float", 1e-6, 1e3)}
 

@@ -224,6 +224,8 @@ def test_encoding_sizes_recodes_each_encoding_and_compares_it(synthetic_store, t
         assert row["ratio"] > 1 and row["kv_bytes_per_image"] * row["ratio"] == pytest.approx(
             out["lossless"]["kv_bytes_per_image"])
         assert row["rel_sq_error_min"] <= row["rel_sq_error"] <= row["rel_sq_error_max"]
+        assert row["host_s_per_chunk"] > 0
+    assert out["lossless"]["host_s_per_chunk"] > 0
     assert json.loads((tmp_path / "s.json").read_text())["images"] == out["images"]
     assert not (tmp_path / "sizes" / "int4").exists()  # each recoded store is removed after its figures
 
