@@ -278,13 +278,15 @@ class StoreWriter:
     def _write_array(self, group: zarr.Group, path: Path, name: str, arr: np.ndarray, sd: str) -> dict[str, str]:
         """Zarr writes the array's metadata, ``store.chunks`` its chunk files (same bytes), in
         the encoding ``sd``."""
+        coder, header = None, 0  # pca: each chunk coded whole, as one record with header rows before its tokens
         if name == "masks":
             data, dtype, comp = arr.astype(np.uint8), "uint8", compressor("float16")
             comp = type(comp)(cname="zstd", clevel=3, shuffle="noshuffle", typesize=1)
         else:  # batches from the device come already in the disk dtype; encode() passes them through
             params = self.meta.compressor
-            if encoding_for(sd, params).chunk_encode is not None:
-                data = arr  # pca: coded a whole chunk at a time, in the chunk's task below
+            enc = encoding_for(sd, params)
+            if enc.chunk_encode is not None:
+                data, coder, header = arr, enc.chunk_encode, enc.header_rows(arr.shape[-1])  # coded in the chunk's task
             else:
                 data = (arr.map(lambda piece: encode(piece, sd, params)) if isinstance(arr, TokenSegments)
                         else encode(arr, sd, params))
@@ -294,11 +296,7 @@ class StoreWriter:
         # [layer, head, token, dim]: one chunk file = one (layer, head) of the part, so reading a
         # head across the store reads one file per part, and chunks compress and write in parallel
         chunks = (1, 1, *data.shape[2:]) if data.ndim == 4 else data.shape
-        coder = encoding_for(sd, self.meta.compressor).chunk_encode if name != "masks" else None
-        shape = data.shape
-        if coder is not None:  # pca: each chunk becomes one record with header rows before its tokens
-            extra = encoding_for(sd, self.meta.compressor).header_rows(shape[-1])
-            shape = (*shape[:-2], shape[-2] + extra, shape[-1])
+        shape = (*data.shape[:-2], data.shape[-2] + header, data.shape[-1]) if header else data.shape
         group.create_array(name, shape=shape, chunks=(1, 1, *shape[2:]) if len(shape) == 4 else shape, dtype=dtype,
                            compressors=comp, fill_value=0)
         return write_chunks(path / name, data, chunks, comp, coder)
