@@ -6,6 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from kvpipe.errors import UsageError
 from kvpipe.pipeline.extraction import ExtractConfig, extract
@@ -23,9 +24,15 @@ def _files(root):
     return chunks, manifests
 
 
-@pytest.mark.parametrize("store_dtype,step", [("pca", None), ("pca", 0.3), ("int4", None)])
-def test_recoding_gives_the_store_extraction_writes(tmp_path, store_dtype, step):
-    kw = dict(model="tiny-qwen25vl", dataset="synthetic", limit=5, batch_size=2, part_size=4, dtype="bfloat16")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("store_dtype,step,device", [("pca", None, "cpu"), ("pca", 0.3, "cpu"), ("int4", None, "cpu"),
+                                                     pytest.param("pca", None, "cuda", marks=CUDA)])
+def test_recoding_gives_the_store_extraction_writes(tmp_path, store_dtype, step, device):
+    """On a GPU too: the device sends bf16 for pca, and the host codes it as recoding does."""
+    kw = dict(model="tiny-qwen25vl", dataset="synthetic", limit=5, batch_size=2, part_size=4, dtype="bfloat16",
+              device=device)
     extract(ExtractConfig(out=str(tmp_path / "bf16"), **kw))
     extract(ExtractConfig(out=str(tmp_path / "direct"), store_dtype=store_dtype, pca_step=step, **kw))
     recode(tmp_path / "bf16", tmp_path / "recoded", store_dtype, step)
