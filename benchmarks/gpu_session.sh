@@ -89,7 +89,7 @@ bounded 200 pca-rounds "${kv[@]}" --model qwen25vl --size 448 --images 192 --bat
     --runs kvpipe-int8,kvpipe-pca --rounds 4 --json "$out/pca-rounds.json"
 fi
 if [[ $what == pca-fidelity-* ]]; then
-# pca at one step (pca-fidelity-0.42: the default; 0.35: int4's error) against lossless bf16 on 384
+# pca at one step (pca-fidelity-0.35: the default, int4's error; 0.42: 1.4 x it) against lossless bf16 on 384
 # images; the stores stay, so the next step's run (--resume) reuses the lossless one
 step=${what#pca-fidelity-}
 bounded 570 "$what" python3 -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl --init random \

@@ -99,8 +99,8 @@ def extract(
     codec: str = typer.Option("zstd", help="lossless codec: zstd (smaller) | lz4bit (lz4, bit shuffle: faster to "
                                                "write and read) | lz4 | zstd3"),
     pca_step: Annotated[Optional[float], typer.Option(help="--store-dtype pca's step in units of a chunk's "
-                                                           "typical RMS (default 0.42; smaller: closer to "
-                                                           "lossless, larger store)")] = None,
+                                                           "typical RMS (default 0.35, int4's error; smaller: "
+                                                           "closer to lossless, larger store)")] = None,
     batch_size: int = typer.Option(4, help="images per forward pass"),
     part_size: Optional[int] = typer.Option(None, help="images per store part, the unit of commit and resume "
                                                        "(default: whole batches, up to 32 images)"),

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-PCA_STEP = 0.42  # default step, in units of the chunk's typical RMS per value (docs/BENCHMARKS.md, "pca")
+PCA_STEP = 0.35  # default step in units of the chunk's typical RMS per value: int4's error (docs/BENCHMARKS.md, "pca")
 CODE_MAX = 127
 WIDE = 256  # vectors wider than this are coded in blocks of BLOCK channels
 BLOCK = 128
@@ -59,7 +59,7 @@ def encode_pca(x: np.ndarray, step: float = PCA_STEP) -> np.ndarray:
     """[..., T, D] vectors (leading axes of size 1) -> the [..., T + header_rows(D), D] int8 record.
 
     The covariance and the projection use the uncentred vectors (v'v - T m'm, v B - m B):
-    the same numbers without a centred copy of the chunk."""
+    the same quantities without a centred copy of the chunk."""
     lead = x.shape[:-2]
     v = _as_float32(x).reshape(x.shape[-2:])
     n, dim = v.shape

@@ -137,10 +137,10 @@ SIZES: dict[str, ModelSize] = dict([
 # on 7B models' bf16 K/V (docs/BENCHMARKS.md, end-to-end table): LLaVA-OV-7B 85.2 -> 59.3 MB,
 # Qwen2.5-VL-7B 14.7 -> 11.1 MB; int8 43.9 -> 41.4 MB. int4 codes of rotated vectors are close
 # to uniform noise, so they are counted uncompressed (an upper bound). pca's one byte per code
-# compresses to 0.35 byte on random-weight Qwen2.5-VL-7B's K/V at the default step, its basis per
+# compresses to 0.38 byte on random-weight Qwen2.5-VL-7B's K/V at the default step, its basis per
 # part of 16 images included (docs/BENCHMARKS.md, "pca"); LLaVA-OV-7B's and trained models'
 # features have more structure, so this is an upper estimate.
-CODEC_RATIO = {"bfloat16": 0.72, "float16": 0.72, "float32": 0.85, "int8": 0.94, "int4": 1.0, "pca": 0.35}
+CODEC_RATIO = {"bfloat16": 0.72, "float16": 0.72, "float32": 0.85, "int8": 0.94, "int4": 1.0, "pca": 0.38}
 KV_KINDS = 2  # keys and values
 
 

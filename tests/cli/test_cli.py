@@ -78,7 +78,7 @@ def test_recode_writes_a_lossy_copy_and_refuses_in_one_line(tmp_path, synthetic_
     that is not lossless, or a step without pca, is refused in one line before any work."""
     assert "recoded to pca" in invoke("recode", str(synthetic_store), "--out", str(tmp_path / "pca")).stdout
     assert "3 parts verified" in invoke("verify", str(tmp_path / "pca")).stdout
-    assert "quant pca, scale step, step 0.42" in invoke("info", str(tmp_path / "pca")).stdout
+    assert "quant pca, scale step, step 0.35" in invoke("info", str(tmp_path / "pca")).stdout
     one_line_error(invoke("recode", str(tmp_path / "pca"), "--out", str(tmp_path / "x"), check=False),
                    "stored as pca, not in its compute dtype float32", "re-extract")
     one_line_error(invoke("recode", str(synthetic_store), "--out", str(tmp_path / "y"), "--store-dtype", "int4",
