@@ -91,6 +91,26 @@ def _int4(rotation: str, seed: int) -> Callable:
     return decode
 
 
+def decode_chunks(chunks: list[tuple[Any, list[tuple[int, int, int]]]], tokens: int, dim: int, device: str):
+    """pca's read to a device: each part's opened chunk (``store.pca.PcaChunk``) and its runs of
+    (source token, destination token, tokens); the codes of each run and the chunk's mean and
+    weights are sent as stored (int8 codes: a quarter of float32's bytes) and decoded there,
+    ``PcaChunk.decode_into``'s arithmetic: codes @ (scale x basis) + mean, per block."""
+    import torch
+
+    out = torch.empty(tokens, dim, dtype=torch.float32, device=device)
+    for chunk, runs in chunks:
+        w = torch.from_numpy(chunk.weights()).to(device)  # [blocks, component, channel]
+        mean = torch.from_numpy(np.array(chunk.mean)).to(device)
+        blocks, b = w.shape[0], w.shape[1]
+        for src, dst, n in runs:
+            run = chunk.codes[:, chunk.start + src: chunk.start + src + n]
+            codes = to_device(np.require(run, requirements=("C", "W")), device)  # torch wants writable memory
+            c = codes.to(torch.float32).reshape(blocks, b, n).transpose(1, 2)  # [blocks, tokens, component]
+            out[dst: dst + n] = torch.matmul(c, w).transpose(0, 1).reshape(n, dim) + mean
+    return out
+
+
 def decoder(store_dtype: str, params: Any = None, basis: str = "model") -> Callable:
     """``decode(raw tensor, dim) -> float32 tensor`` for a store's encoding (its Encoding
     metadata gives int4's rotation and seed), in ``basis`` (``encoding.BASES``)."""

@@ -144,7 +144,6 @@ class DiskEncoding:
     chunk_encode: Callable[[np.ndarray], np.ndarray] | None = None
     header_rows: Callable[[int], int] = lambda d: 0
     open_chunk: Callable[[np.ndarray], Any] = lambda raw: raw
-    device_decodes: bool = True  # False: a device read decodes on the host and sends float32
 
 
 def _pca(step: float = PCA_STEP) -> DiskEncoding:
@@ -156,7 +155,7 @@ def _pca(step: float = PCA_STEP) -> DiskEncoding:
 
     return DiskEncoding("int8", lambda d: d, passthrough, dec, lossy=True,
                         chunk_encode=lambda x: encode_pca(x, step), header_rows=pca_header_rows,
-                        open_chunk=PcaChunk, device_decodes=False)
+                        open_chunk=PcaChunk)
 
 
 def _int4(rotation: str = "hadamard", seed: int = ROTATION_SEED, basis: str = "model") -> DiskEncoding:

@@ -19,9 +19,10 @@ Decoding is x = mean + sum_c code_c * scale_c * basis_c (one b x b product per t
 block). The step is ``step`` (recorded in the store's Encoding metadata) times the chunk's
 typical RMS per value (its median token length over sqrt(D): a few far tokens do not coarsen
 every code); a component whose codes would pass +-127 gets a larger step of its own, so no
-code is clipped. Vectors
-wider than 256 (the post-projector's 3,584) are coded in blocks of 128 channels so that the
-basis stays small beside the codes.
+code is clipped. Vectors wider than 256 (the post-projector's 3,584) are coded in blocks of
+128 channels so that the basis stays small beside the codes. A block whose basis would cost
+more bytes than it saves (a part of few tokens) keeps its channels: the identity basis, the
+same record and decoder (``basis_pays``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,22 @@ def block_width(dim: int) -> int:
 def header_rows(dim: int) -> int:
     """Rows of ``dim`` bytes before the codes: mean and scales (8 rows), the basis (b rows)."""
     return block_width(dim) + 8
+
+
+BASIS_BITS = 8  # what an int8 basis entry costs under zstd (they barely compress)
+
+
+def basis_pays(eigenvalues: np.ndarray, channel_variances: np.ndarray, noise: float, tokens: int) -> np.ndarray:
+    """[blocks] bool: whether coding a block in its principal components saves more bits than its
+    b x b int8 basis costs. Each component above the quantisation noise costs about half the log2
+    of its variance per token (and the channels theirs), so the saving per token is half the log2
+    of the channels' variances' product over the components' (each floored at the noise); a few
+    hundred tokens do not pay for a 128 x 128 basis, and then the block keeps its channels (the
+    identity basis, which zstd stores in almost nothing)."""
+    floor = max(noise, 1e-30)
+    saving = 0.5 * (np.log2(np.maximum(channel_variances, floor)).sum(-1)
+                    - np.log2(np.maximum(eigenvalues, floor)).sum(-1))
+    return tokens * saving > BASIS_BITS * eigenvalues.shape[-1] ** 2
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:
@@ -69,14 +86,16 @@ def encode_pca(x: np.ndarray, step: float = PCA_STEP) -> np.ndarray:
     blocks = v.reshape(n, nb, b).transpose(1, 0, 2)  # [blocks, T, b] (a view)
     m = mean.reshape(nb, 1, b)
     cov = np.matmul(blocks.transpose(0, 2, 1), blocks).astype(np.float64) - n * m.transpose(0, 2, 1) * m
-    _, vecs = np.linalg.eigh(cov)
+    vals, vecs = np.linalg.eigh(cov)
     basis = vecs[:, :, ::-1].transpose(0, 2, 1).astype(np.float32)  # [blocks, component, channel], largest first
+    typical = float(np.median(np.linalg.norm(v, axis=1))) / np.sqrt(dim) if n else 0.0  # a far token leaves it
+    keep = basis_pays(vals, np.diagonal(cov, axis1=1, axis2=2), n * (step * typical) ** 2 / 12, n)
+    basis[~keep] = np.eye(b, dtype=np.float32)  # blocks whose basis costs more than it saves: the channels
     row_scale = np.abs(basis).max(-1) / np.float32(CODE_MAX)
     basis8 = np.rint(basis / row_scale[..., None]).astype(np.int8)
     proj = (basis8 * row_scale[..., None]).transpose(0, 2, 1)  # [blocks, channel, component]
     z = np.matmul(blocks, proj)  # [blocks, T, component]
     z -= np.matmul(m.astype(np.float32), proj)
-    typical = float(np.median(np.linalg.norm(v, axis=1))) / np.sqrt(dim) if n else 0.0  # a far token leaves it
     delta = np.maximum(np.float32(step * typical), np.abs(z).max(1) / np.float32(CODE_MAX))  # [blocks, component]
     delta = np.where(delta > 0, delta, np.float32(1)).astype(np.float32)
     z *= (1 / delta)[:, None, :]

@@ -297,8 +297,13 @@ class FeatureStore:
         lengths = np.array([0] + [r.n_tokens for r in rows])
         offsets = np.cumsum(lengths)
         dim = self.meta.hidden_size if kind == Kind.POST_PROJ else self.meta.head_dim
-        as_stored = device is not None and encoding.device_decodes  # pca: decoded here, sent as float32
-        if as_stored:  # the disk dtype and width, decoded on the device below
+        # pca's chunks each carry their own header: sent as stored part by part, decoded on the device
+        per_chunk = device is not None and encoding.chunk_encode is not None
+        held: dict[int, tuple[Any, list[tuple[int, int, int]]]] = {}
+        as_stored = device is not None and not per_chunk
+        if per_chunk:
+            data = None
+        elif as_stored:  # the disk dtype and width, decoded on the device below
             data = np.empty((int(offsets[-1]), stored_dim(dim, self.meta.store_dtype)),
                             np.dtype(DISK_DTYPE[self.meta.store_dtype]))
         else:
@@ -309,7 +314,7 @@ class FeatureStore:
 
         # decoding runs in tasks of DECODE_TASK tokens on every thread, queued as each part's bytes
         # arrive (not one per part: a read of few parts would leave cores idle), beside other reads
-        threads = min(READ_THREADS, len(by_part) + (0 if as_stored else int(offsets[-1]) // DECODE_TASK))
+        threads = min(READ_THREADS, len(by_part) + (0 if device is not None else int(offsets[-1]) // DECODE_TASK))
         pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
         def decode_task(raw: np.ndarray, dst: int, n: int) -> None:
@@ -319,8 +324,11 @@ class FeatureStore:
             """Read one part and copy or decode its runs; on a pool, queue the decoding and return it."""
             raw = encoding.open_chunk(self._raw(part, kind, li, hi))
             queued: list[Future] = []
-            for (src, dst, n) in contiguous_runs([(rows[i].token_offset, int(offsets[i]), rows[i].n_tokens)
-                                                  for i in by_part[part]]):
+            runs = contiguous_runs([(rows[i].token_offset, int(offsets[i]), rows[i].n_tokens) for i in by_part[part]])
+            if per_chunk:
+                held[part] = (raw, runs)
+                return queued
+            for (src, dst, n) in runs:
                 if as_stored:
                     data[dst: dst + n] = raw[src: src + n]
                 elif pool is not None:
@@ -350,10 +358,10 @@ class FeatureStore:
             from kvpipe.store.device_decode import decoder, to_device
 
             data = decoder(self.meta.store_dtype, self.meta.compressor, basis)(to_device(data, device), dim)
-        elif device is not None:
-            from kvpipe.store.device_decode import to_device
+        elif per_chunk:
+            from kvpipe.store.device_decode import decode_chunks
 
-            data = to_device(data, device)
+            data = decode_chunks([held[p] for p in by_part], int(offsets[-1]), dim, device)
         return Features(data, offsets, rows, basis)
 
     def annotation(self, row: ImageRow) -> Annotation:

@@ -42,19 +42,22 @@ def test_device_decoder_equals_the_host_decoder(store_dtype, params, dim, device
         assert not np.allclose(decoder("int4")(to_device(raw, device), dim).cpu().numpy(), host, atol=1e-3)
 
 
-@pytest.mark.parametrize("store_dtype", ["bfloat16", "int4", "pca"])
-def test_read_to_a_device_equals_the_host_read(tmp_path, store_dtype):
+@pytest.mark.parametrize("store_dtype,device", [("bfloat16", "cpu"), ("int4", "cpu"), ("pca", "cpu"),
+                                                 pytest.param("pca", "cuda", marks=pytest.mark.skipif(
+                                                     not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_read_to_a_device_equals_the_host_read(tmp_path, store_dtype, device):
+    """pca's parts each carry their own mean and basis: decoded part by part on the device."""
     extract(ExtractConfig(model="tiny-qwen25vl", dataset="synthetic", out=str(tmp_path / "s"), limit=5,
                           batch_size=2, part_size=2, store_dtype=store_dtype))
     store = FeatureStore.open(tmp_path / "s")
     rows = store.images()[::-1][:4]  # across parts, out of order
     for kind, layer, head in (("keys", 1, 1), ("values", 0, 0), ("post_proj", None, None)):
         host = store.read(kind, layer, head, images=rows)
-        dev = store.read(kind, layer, head, images=rows, device="cpu")
+        dev = store.read(kind, layer, head, images=rows, device=device)
         assert isinstance(dev.data, torch.Tensor) and dev.data.dtype == torch.float32
         np.testing.assert_array_equal(dev.offsets, host.offsets)
         assert [r.image_id for r in dev.rows] == [r.image_id for r in host.rows]
-        np.testing.assert_allclose(dev.data.numpy(), host.data, rtol=1e-5, atol=1e-5 * np.abs(host.data).max())
+        np.testing.assert_allclose(dev.data.cpu().numpy(), host.data, rtol=1e-5, atol=1e-5 * np.abs(host.data).max())
 
 
 def test_an_unknown_encoding_is_refused_in_one_line():
