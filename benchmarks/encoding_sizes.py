@@ -68,7 +68,7 @@ def host_seconds(ref: FeatureStore, name: str, repeats: int = 5) -> float:
 
     dtype, _, step = name.partition("@")
     params = {"step": float(step)} if step else None
-    raw = decode_first_chunk(ref)  # what the device sends a lossless or pca store: the compute dtype
+    raw = first_chunk(ref)  # what the device sends a lossless or pca store: the compute dtype
     device_coded = encoding_for(dtype).chunk_encode is None and dtype != ref.meta.store_dtype
     sent = encode(decode(raw, ref.meta.store_dtype), dtype) if device_coded else raw
     blosc = blosc_of(compressor(dtype))
@@ -82,7 +82,7 @@ def host_seconds(ref: FeatureStore, name: str, repeats: int = 5) -> float:
     return float(np.median(times[1:]))
 
 
-def decode_first_chunk(ref: FeatureStore) -> np.ndarray:
+def first_chunk(ref: FeatureStore) -> np.ndarray:
     """The first part's keys of layer 0, head 0, as the device sends them (the store's raw dtype)."""
     return np.asarray(ref._raw(ref.committed_parts[0], Kind.KEYS.value, 0, 0))
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                               "post_proj_bytes_per_image":
                                                               chunk_bytes(args.store, ("post_proj",)) / images},
               "encodings": {}}
-    chunk = decode_first_chunk(ref)
+    chunk = first_chunk(ref)
     base = host_seconds(ref, ref.meta.store_dtype)
     report["lossless"]["host_s_per_chunk"] = base
     print(f"{ref.meta.model.name}: {images} images, parts of {ref.meta.part_size}; lossless K/V "
