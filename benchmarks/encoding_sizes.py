@@ -56,9 +56,9 @@ def errors(ref: FeatureStore, lossy: FeatureStore) -> tuple[float, list[float]]:
     return sq / max(energy, 1e-30), per_target
 
 
-def host_seconds(ref: FeatureStore, name: str, repeats: int = 5) -> float:
-    """Seconds the host spends on one chunk (the first part's keys of layer 0, head 0) of
-    ``name`` during extraction, on one thread (BLAS too), median of ``repeats``: the store's
+def host_seconds(ref: FeatureStore, raw: np.ndarray, name: str, repeats: int = 5) -> float:
+    """Seconds the host spends on one chunk ``raw`` of the lossless store ``ref`` (``first_chunk``)
+    in the encoding ``name`` during extraction, on one thread (BLAS too), median of ``repeats``: the store's
     Blosc over what the device sends (int8 and int4 codes are made on the device, so their
     quantisation is not the host's), plus pca's whole coding."""
     from threadpoolctl import threadpool_limits
@@ -68,7 +68,7 @@ def host_seconds(ref: FeatureStore, name: str, repeats: int = 5) -> float:
 
     dtype, _, step = name.partition("@")
     params = {"step": float(step)} if step else None
-    raw = first_chunk(ref)  # what the device sends a lossless or pca store: the compute dtype
+    # raw is what the device sends a lossless or pca store: the compute dtype
     device_coded = encoding_for(dtype).chunk_encode is None and dtype != ref.meta.store_dtype
     sent = encode(decode(raw, ref.meta.store_dtype), dtype) if device_coded else raw
     blosc = blosc_of(compressor(dtype))
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                               chunk_bytes(args.store, ("post_proj",)) / images},
               "encodings": {}}
     chunk = first_chunk(ref)
-    base = host_seconds(ref, ref.meta.store_dtype)
+    base = host_seconds(ref, chunk, ref.meta.store_dtype)
     report["lossless"]["host_s_per_chunk"] = base
     print(f"{ref.meta.model.name}: {images} images, parts of {ref.meta.part_size}; lossless K/V "
           f"{lossless / images / 1e6:.3f} MB per image; the host's Blosc on one chunk of {chunk.shape[0]} tokens: "
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         row = {"kv_bytes_per_image": stored / images, "ratio": lossless / max(stored, 1),
                "post_proj_bytes_per_image": chunk_bytes(out, ("post_proj",)) / images, "rel_sq_error": err,
                "rel_sq_error_min": min(per_target), "rel_sq_error_max": max(per_target), "recode_s": seconds,
-               "host_s_per_chunk": host_seconds(ref, name)}
+               "host_s_per_chunk": host_seconds(ref, chunk, name)}
         report["encodings"][name] = row
         print(f"{name:10s} {row['kv_bytes_per_image'] / 1e6:10.3f} {row['ratio']:9.2f} "
               f"{row['post_proj_bytes_per_image'] / 1e6:12.3f} {err:14.5f} "

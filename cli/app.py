@@ -342,7 +342,7 @@ def verify(store_arg: Optional[str] = STORE_ARG, store: Optional[str] = STORE_OP
 
 @app.command()
 def recode(store_arg: Optional[str] = STORE_ARG, store: Optional[str] = STORE_OPT,
-           out: Path = typer.Option(..., help="the new store (a local directory; a killed run resumes)"),
+           out: str = typer.Option(..., help="the new store (a local directory; a killed run resumes)"),
            store_dtype: str = typer.Option("pca", help="the lossy encoding: pca | int4 | int8"),
            pca_step: Annotated[Optional[float], typer.Option(help="pca's step (see kvpipe extract)")] = None) -> None:
     """Write a lossless store (in its compute dtype) again in a lossy encoding, without the model:
@@ -350,9 +350,9 @@ def recode(store_arg: Optional[str] = STORE_ARG, store: Optional[str] = STORE_OP
     from kvpipe.cli.progress import recode_progress
     from kvpipe.store.recode import recodable, recode as recode_store
 
-    recodable(one_store(store_arg, store), store_dtype, pca_step)  # a one-line error before the progress bar
+    src = recodable(one_store(store_arg, store), out, store_dtype, pca_step)  # one-line errors before the bar
     with recode_progress(console) as advance:
-        path = recode_store(one_store(store_arg, store), out, store_dtype, pca_step, advance)
+        path = recode_store(src, out, store_dtype, pca_step, advance)
     console.print(f"recoded to {store_dtype} -> {path}")
 
 

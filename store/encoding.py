@@ -146,16 +146,21 @@ class DiskEncoding:
     open_chunk: Callable[[np.ndarray], Any] = lambda raw: raw
 
 
+def _open_pca(raw: Any) -> PcaChunk:
+    """A pca record, opened (one already opened as it is)."""
+    return raw if isinstance(raw, PcaChunk) else PcaChunk(raw)
+
+
 def _pca(step: float = PCA_STEP) -> DiskEncoding:
     def dec(chunk: Any, out: np.ndarray) -> None:
-        (chunk if isinstance(chunk, PcaChunk) else PcaChunk(chunk)).decode_into(out)
+        _open_pca(chunk).decode_into(out)
 
     def passthrough(x: np.ndarray) -> np.ndarray:  # pieces stay as sent; each chunk is coded whole
         return x
 
     return DiskEncoding("int8", lambda d: d, passthrough, dec, lossy=True,
                         chunk_encode=lambda x: encode_pca(x, step), header_rows=pca_header_rows,
-                        open_chunk=PcaChunk)
+                        open_chunk=_open_pca)
 
 
 def _int4(rotation: str = "hadamard", seed: int = ROTATION_SEED, basis: str = "model") -> DiskEncoding:
@@ -261,7 +266,7 @@ def decode(raw: np.ndarray, store_dtype: str, params: Any = None, dim: int | Non
     a pca chunk's whole record, or one opened with ``open_chunk``)."""
     enc = encoding_for(store_dtype, params, basis)
     if enc.chunk_encode is not None:
-        chunk = raw if isinstance(raw, PcaChunk) else enc.open_chunk(raw)
+        chunk = enc.open_chunk(raw)
         out = np.empty(chunk.shape, np.float32)
         enc.decode_into(chunk, out)
         return out

@@ -56,9 +56,10 @@ def _part_arrays(src: FeatureStore, part: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def recodable(source: str | Path, store_dtype: str, pca_step: float | None = None) -> FeatureStore:
-    """The store at ``source``, opened, when it can be recoded to ``store_dtype``; otherwise a
-    one-line error saying why (before any work)."""
+def recodable(source: str | Path, out: str | Path, store_dtype: str,
+              pca_step: float | None = None) -> FeatureStore:
+    """The store at ``source``, opened, when it can be recoded to ``store_dtype`` at ``out``;
+    otherwise a one-line error saying why (before any work)."""
     check_store_dtype(store_dtype, pca_step)
     src = FeatureStore.open(source)
     meta = src.meta
@@ -68,19 +69,18 @@ def recodable(source: str | Path, store_dtype: str, pca_step: float | None = Non
                          f"device sends; re-extract with --store-dtype {store_dtype}")
     if not src.complete:
         raise UsageError(f"{source} is not complete; finish its extraction (kvpipe extract) first")
-    if not isinstance(src.root, Path):
+    if not isinstance(src.root, Path) or "://" in str(out):
         raise UsageError("recoding reads and writes stores on a local filesystem; copy the store there first")
     return src
 
 
-def recode(source: str | Path, out: str | Path, store_dtype: str, pca_step: float | None = None,
+def recode(source: str | Path | FeatureStore, out: str | Path, store_dtype: str, pca_step: float | None = None,
            progress=lambda part, total: None) -> Path:
     """Write ``out``: the store at ``source`` (lossless, in its compute dtype, complete) in
-    ``store_dtype``; ``progress(parts done, parts)`` after each part."""
-    src = recodable(source, store_dtype, pca_step)
+    ``store_dtype``; ``progress(parts done, parts)`` after each part. ``source`` may be the store
+    ``recodable`` returned (checked and opened once)."""
+    src = source if isinstance(source, FeatureStore) else recodable(source, out, store_dtype, pca_step)
     meta = src.meta
-    if "://" in str(out):
-        raise UsageError("recoding reads and writes stores on a local filesystem; copy the store there first")
     dst = Path(out)
     writer = StoreWriter.create_or_resume(dst, recoded_meta(meta, store_dtype, pca_step), src.structure())
     try:

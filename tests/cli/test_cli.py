@@ -83,6 +83,8 @@ def test_recode_writes_a_lossy_copy_and_refuses_in_one_line(tmp_path, synthetic_
                    "stored as pca, not in its compute dtype float32", "re-extract")
     one_line_error(invoke("recode", str(synthetic_store), "--out", str(tmp_path / "y"), "--store-dtype", "int4",
                           "--pca-step", "0.3", check=False), "--pca-step 0.3 needs --store-dtype pca")
+    one_line_error(invoke("recode", str(synthetic_store), "--out", "s3://bucket/pca", check=False),
+                   "on a local filesystem")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
