@@ -75,8 +75,8 @@ def _as_float32(x: np.ndarray) -> np.ndarray:
 def encode_pca(x: np.ndarray, step: float = PCA_STEP) -> np.ndarray:
     """[..., T, D] vectors (leading axes of size 1) -> the [..., T + header_rows(D), D] int8 record.
 
-    The covariance and the projection use the uncentred vectors (v'v - T m'm, v B - m B):
-    the same quantities without a centred copy of the chunk."""
+    The covariance and the projection use the uncentred vectors (v'v - T m'm; B v' - B m',
+    component-major as stored): the same quantities without a centred copy of the chunk."""
     lead = x.shape[:-2]
     v = _as_float32(x).reshape(x.shape[-2:])
     n, dim = v.shape
@@ -88,25 +88,26 @@ def encode_pca(x: np.ndarray, step: float = PCA_STEP) -> np.ndarray:
     cov = np.matmul(blocks.transpose(0, 2, 1), blocks).astype(np.float64) - n * m.transpose(0, 2, 1) * m
     vals, vecs = np.linalg.eigh(cov)
     basis = vecs[:, :, ::-1].transpose(0, 2, 1).astype(np.float32)  # [blocks, component, channel], largest first
-    typical = float(np.median(np.linalg.norm(v, axis=1))) / np.sqrt(dim) if n else 0.0  # a far token leaves it
+    lengths = np.sqrt(np.einsum("td,td->t", v, v))
+    typical = float(np.median(lengths)) / np.sqrt(dim) if n else 0.0  # a far token leaves it
     keep = basis_pays(vals, np.diagonal(cov, axis1=1, axis2=2), n * (step * typical) ** 2 / 12, n)
     basis[~keep] = np.eye(b, dtype=np.float32)  # blocks whose basis costs more than it saves: the channels
     row_scale = np.abs(basis).max(-1) / np.float32(CODE_MAX)
     basis8 = np.rint(basis / row_scale[..., None]).astype(np.int8)
-    proj = (basis8 * row_scale[..., None]).transpose(0, 2, 1)  # [blocks, channel, component]
-    z = np.matmul(blocks, proj)  # [blocks, T, component]
-    z -= np.matmul(m.astype(np.float32), proj)
-    delta = np.maximum(np.float32(step * typical), np.abs(z).max(1) / np.float32(CODE_MAX))  # [blocks, component]
+    proj = basis8 * row_scale[..., None]  # [blocks, component, channel]
+    z = np.matmul(proj, blocks.transpose(0, 2, 1))  # [blocks, component, T]: component-major, as stored
+    z -= np.matmul(proj, m.astype(np.float32).transpose(0, 2, 1))
+    largest = np.maximum(z.max(2), -z.min(2))  # [blocks, component]
+    delta = np.maximum(np.float32(step * typical), largest / np.float32(CODE_MAX))
     delta = np.where(delta > 0, delta, np.float32(1)).astype(np.float32)
-    z *= (1 / delta)[:, None, :]
-    np.rint(z, out=z)
-    np.clip(z, -CODE_MAX, CODE_MAX, out=z)
+    z *= (1 / delta)[:, :, None]
+    np.rint(z, out=z)  # within +-127: each component's step is at least its largest value / 127
     record = np.empty(((n + header_rows(dim)) * dim,), np.int8)
     head = 4 * dim
     record[:head] = mean.astype(np.float32).view(np.int8)
     record[head: 2 * head] = (delta * row_scale).reshape(-1).view(np.int8)
     record[2 * head: 2 * head + b * dim] = basis8.reshape(-1)
-    record[2 * head + b * dim:].reshape(nb, b, n)[...] = z.transpose(0, 2, 1)  # component-major, cast to int8
+    np.copyto(record[2 * head + b * dim:].reshape(nb, b, n), z, casting="unsafe")
     return record.reshape(*lead, n + header_rows(dim), dim)
 
 
