@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from itertools import product
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import numcodecs
 import numpy as np
 from zarr.codecs import BloscCodec
 
+from kvpipe.store.blas import one_blas_thread
 from kvpipe.store.checksum import bytes_crc32c
 from kvpipe.store.fs import start_writeback
 
@@ -147,8 +149,10 @@ def write_chunks(array_dir: Path, data: np.ndarray | TokenSegments, chunks: tupl
     """Encode and write every chunk of ``data`` under ``array_dir``; returns each chunk file's
     CRC32C keyed by its path relative to ``array_dir``. Waits for all of them; making them
     durable is the caller's (``store.fs.sync_tree``, once per part). ``transform``: a coder of
-    a whole chunk (pca's), run in the chunk's task before Blosc."""
+    a whole chunk (pca's), run in the chunk's task before Blosc, with numpy's BLAS on one thread
+    (``store.blas``: a pool of coders each starting a BLAS thread per core runs many times slower)."""
     blosc = blosc_of(codec)
-    jobs = [(key, pool().submit(_write_one, array_dir / key, data, sel, blosc, transform))
-            for key, sel in chunk_keys(data.shape, chunks)]
-    return {key: fut.result() for key, fut in jobs}
+    with one_blas_thread() if transform is not None else nullcontext():
+        jobs = [(key, pool().submit(_write_one, array_dir / key, data, sel, blosc, transform))
+                for key, sel in chunk_keys(data.shape, chunks)]
+        return {key: fut.result() for key, fut in jobs}

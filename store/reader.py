@@ -7,18 +7,17 @@ reader lists committed parts from the manifest only, so it never sees a part bei
 
 from __future__ import annotations
 
-import functools
 import io
 import itertools
 import json
 import os
 import threading
 from collections import OrderedDict, deque
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -27,6 +26,7 @@ from numcodecs import Blosc
 
 from kvpipe.errors import StoreError
 from kvpipe.store import layout
+from kvpipe.store.blas import one_blas_thread
 from kvpipe.store.encoding import DISK_DTYPE, decode, encoding_for, stored_dim, to_stored_basis
 from kvpipe.store.fs import Location, open_location
 from kvpipe.store.checksum import bytes_crc32c
@@ -345,7 +345,7 @@ class FeatureStore:
             # at most READ_AHEAD parts per thread read ahead of their decoding: the raw bytes held
             # stay a few parts' worth, not the whole read's (which could be half the float32 output
             # again); one per thread left the disk idle while the threads decoded (5% slower)
-            blas = (single_threaded_blas() if encoding.rotation == "hadamard" or encoding.chunk_encode is not None
+            blas = (one_blas_thread() if encoding.rotation == "hadamard" or encoding.chunk_encode is not None
                     else nullcontext())
             parts = iter(by_part)
             with blas, pool:
@@ -522,21 +522,6 @@ def check_crc(payload: bytes, expected: str, what: str, root: Any) -> None:
     if got != expected:
         raise StoreError(f"{what} fails its CRC32C check (recorded {expected}, read {got}); "
                          f"run kvpipe verify {root}, then kvpipe extract --repair")
-
-
-@contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """numpy's BLAS on one thread while the read threads decode (threadpoolctl), as before after."""
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        yield
-
-
-@functools.lru_cache(maxsize=1)
-def _blas_controller() -> Any:
-    """The process's thread pools, found once (finding them costs 1.5 ms, limiting 0.02 ms)."""
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
 
 
 def contiguous_runs(spans: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:

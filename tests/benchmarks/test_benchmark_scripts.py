@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 SCRIPTS = ("capture_stages", "cli_latency", "codecs", "disk_rewrite", "encoded_reads", "encoder_interference",
-           "encoding_sizes",
+           "encoder_pool", "encoding_sizes",
            "extract_timeline", "host_buffers", "int4_slices",
            "kv_structure", "linear_probes", "lossy_fidelity", "multi_gpu", "prefill_kernels", "read_checks", "sweep")
 # a tiny MLM on the CPU: 4 images of 56 x 56 (4 image tokens each), batches of 2
@@ -228,6 +228,23 @@ def test_encoding_sizes_recodes_each_encoding_and_compares_it(synthetic_store, t
     assert out["lossless"]["host_s_per_chunk"] > 0
     assert json.loads((tmp_path / "s.json").read_text())["images"] == out["images"]
     assert not (tmp_path / "sizes" / "int4").exists()  # each recoded store is removed after its figures
+
+
+def test_encoder_pool_times_each_encoding_and_pca_with_blas_free(synthetic_store, tmp_path):
+    from kvpipe.store import chunks
+
+    threads = chunks.THREADS
+    try:
+        out = script("encoder_pool").main([str(synthetic_store), "--rounds", "2", "--threads", "2",
+                                           "--out", str(tmp_path / "pool"), "--json", str(tmp_path / "p.json")])
+    finally:
+        chunks.set_threads(threads)
+    assert list(out["rows"]) == ["lossless", "int8", "int4", "pca", "pca, BLAS free"]
+    assert out["threads"] == 2 and out["images"] > 0
+    for row in out["rows"].values():
+        assert row["images_per_s"] == pytest.approx(out["images"] / row["seconds"])
+    assert not (tmp_path / "pool").exists()  # the chunk files are removed after the timings
+    assert json.loads((tmp_path / "p.json").read_text())["rows"].keys() == out["rows"].keys()
 
 
 def test_multi_gpu_compares_the_stores_of_both_runs(tmp_path):
