@@ -14,14 +14,14 @@
 # images of Qwen2.5-VL-7B's shape (fidelity-96), and on 192 and 384 (fidelity-192, fidelity-384);
 # what structure int4 leaves uncoded in lossless stores of both 7B shapes (structure);
 # the pca encoding beside the others, bytes and write speed, then int8 against pca in alternating
-# rounds (pca-write); pca's fidelity at one step on 384 images of Qwen2.5-VL-7B's shape, then the host's
-# encoder pool on its lossless store (pca-fidelity-STEP);
+# rounds (pca-write); pca's fidelity at one step on 384 images of Qwen2.5-VL-7B's shape (pca-fidelity-STEP);
+# the host's encoder pool on a part of each 7B shape, every encoding and pca with BLAS free (encoder-pool);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure|pca-write|pca-fidelity-STEP]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure|pca-write|pca-fidelity-STEP|encoder-pool]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure|pca-write|pca-fidelity-STEP]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure|pca-write|pca-fidelity-STEP|encoder-pool]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -97,10 +97,20 @@ bounded 570 "$what" python3 -m kvpipe.benchmarks.lossy_fidelity --model qwen25vl
     --device cuda --dtype bfloat16 --reference-dtype bfloat16 --option n_videos=64 --batch-size 16 \
     --part-size 16 --encodings pca@$step --tasks temporal-corr,fg-seg,semantic-seg,refexp-seg,semantic-corr \
     --out "$stores/pca-384" --resume --json "$out/$what.json"
-# the host's encoder pool on one part of the lossless store: every encoding's images/s, pca's with
-# numpy's BLAS on one thread against BLAS free (16 cores)
-bounded 150 encoder-pool python3 -m kvpipe.benchmarks.encoder_pool "$stores/pca-384/reference" --rounds 5 \
-    --json "$out/encoder-pool.json"
+fi
+if [[ $what == encoder-pool ]]; then
+# the host's encoder pool (16 cores) on one part of a lossless store of each 7B shape: every encoding's
+# images/s, pca's with numpy's BLAS on one thread against BLAS free
+bounded 150 pool-extract-qwen25vl python3 -m kvpipe.cli extract --model qwen25vl --init random --dataset synthetic \
+    --limit 32 --part-size 32 --image-size 448x448 --dtype bfloat16 --out "$stores/pool-qwen25vl"
+bounded 100 encoder-pool-qwen25vl python3 -m kvpipe.benchmarks.encoder_pool "$stores/pool-qwen25vl" --rounds 5 \
+    --json "$out/encoder-pool-qwen25vl.json"
+rm -rf "$stores/pool-qwen25vl"
+bounded 150 pool-extract-llava-ov python3 -m kvpipe.cli extract --model llava-ov --init random --dataset synthetic \
+    --limit 16 --part-size 16 --image-size 384x384 --views base --dtype bfloat16 --out "$stores/pool-llava-ov"
+bounded 100 encoder-pool-llava-ov python3 -m kvpipe.benchmarks.encoder_pool "$stores/pool-llava-ov" --rounds 5 \
+    --json "$out/encoder-pool-llava-ov.json"
+rm -rf "$stores/pool-llava-ov"
 fi
 if [[ $what == int4-write ]]; then
 # int8 against int4 extraction alone, same process and images (the encodings mode has them too)
