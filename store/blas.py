@@ -9,9 +9,10 @@ The limit is process-wide (OpenBLAS's pthreads build has one thread pool per pro
 overlapping users (two parts written at once, a read beside a write) share one: the first to
 enter sets it, the last to leave restores what was there before, from whichever thread each runs
 in. threadpoolctl (3.8) lets only one "controlling" thread change OpenBLAS's limit and silently
-ignores the others; a limit that is not a ``with`` block keeps that thread in control for good.
-So each change here takes control for itself and gives it back at once: a pool's writer thread
-or a probe's prefetch thread sets and restores the limit as well as the main thread does.
+ignores the others (a limit per writer thread would let the first part to finish restore BLAS
+free under the other part's coders), so each change here takes control for itself and gives it
+back at once: extraction's writer threads and a probe's prefetch thread set and restore the
+limit as well as the main thread does.
 """
 
 from __future__ import annotations
