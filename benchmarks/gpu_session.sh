@@ -16,12 +16,13 @@
 # the pca encoding beside the others, bytes and write speed, then int8 against pca in alternating
 # rounds (pca-write); pca's fidelity at one step on 384 images of Qwen2.5-VL-7B's shape (pca-fidelity-STEP);
 # the host's encoder pool on a part of each 7B shape, every encoding and pca with BLAS free (encoder-pool);
+# pca's reads beside int4's and the raw read, on the host's cores and to the GPU (pca-reads);
 # every command
 # is bounded so a slow one cannot starve the rest.
-# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure|pca-write|pca-fidelity-STEP|encoder-pool]
+# Usage: bash benchmarks/gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure|pca-write|pca-fidelity-STEP|encoder-pool|pca-reads]
 #        (kvpipe importable, a CUDA device)
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure|pca-write|pca-fidelity-STEP|encoder-pool]}
+out=${1:?usage: gpu_session.sh OUT_DIR [all|encodings|probes|probes-rest|fidelity|profile|profile-rest|temporal|reads|stages|per-target|int4-write|int4-write-post-proj|int4-rounds|solver|full-sweep|fidelity-96|fidelity-192|fidelity-384|structure|pca-write|pca-fidelity-STEP|encoder-pool|pca-reads]}
 what=${2:-all}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1
@@ -183,6 +184,14 @@ bounded 100 reads-all python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/
 rm -rf "$stores/reads"
 bounded 200 reads-768 python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/reads" --images 768 --repeats 5 \
     --json "$out/reads-768.json"
+rm -rf "$stores/reads"
+fi
+if [[ $what == pca-reads ]]; then
+# pca's reads beside int4's and the raw read of the lossless files, on this host's cores and to the GPU
+bounded 150 pca-reads python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/reads" --images 192 --repeats 5 \
+    --encodings int4,pca --device cuda --json "$out/pca-reads.json"
+bounded 100 pca-reads-all python3 -m kvpipe.benchmarks.encoded_reads --out "$stores/reads" --images 192 --repeats 5 \
+    --encodings int4,pca --cold-mode all --json "$out/pca-reads-all.json"
 rm -rf "$stores/reads"
 fi
 if [[ $what == structure ]]; then
