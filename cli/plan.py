@@ -7,6 +7,7 @@ the size is said up front, per encoding and view choice, from the processor's ru
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -131,6 +132,20 @@ def nearest_existing(path: str) -> Path:
     return p
 
 
+def written_bytes(root: Path) -> int:
+    """Bytes of the files under ``root``. Another run may be writing there (its staging folders
+    renamed or removed while this walks): what vanishes is not counted, instead of a traceback;
+    that run's lease then refuses this one in one line."""
+    total = 0
+    for folder, _, files in os.walk(root):  # os.walk skips a folder that vanished
+        for name in files:
+            try:
+                total += os.stat(os.path.join(folder, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
+
+
 def check_disk(cfg, views: str) -> None:
     """A one-line UsageError when --out's disk cannot hold the planned store (``--force`` skips)."""
     if cfg.force or "://" in cfg.out or "://" in (cfg.data_root or ""):
@@ -140,7 +155,7 @@ def check_disk(cfg, views: str) -> None:
         return
     out = Path(cfg.out).expanduser()
     if out.is_dir():  # a resumed store: what is already written counts
-        need -= sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        need -= written_bytes(out)
     free = shutil.disk_usage(nearest_existing(cfg.out)).free
     if need > free:
         raise UsageError(f"--out {cfg.out}: the store needs about {need / GB:.1f} GB (kvpipe plan), the disk has "

@@ -179,3 +179,29 @@ def test_extract_refuses_a_disk_too_small(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6, 0))
     res = invoke(args)
     assert res.exit_code == 0 and "0 new parts, 1 already committed" in res.output, res.output
+
+
+def test_written_bytes_skips_what_another_run_removes_during_the_walk(tmp_path, monkeypatch):
+    """The disk check sums a resumed store's files while another run may be renaming or removing
+    its staging folders: a folder listed but gone before it is read is not counted (the other
+    run's lease then refuses this one in one line), where rglob raised FileNotFoundError."""
+    import os
+    import shutil
+
+    from kvpipe.cli import plan
+
+    sizes = {"x": 100, "y": 7}
+    for top, size in sizes.items():
+        (tmp_path / top / "sub").mkdir(parents=True)
+        (tmp_path / top / "sub" / "chunk").write_bytes(b"x" * size)
+    assert plan.written_bytes(tmp_path) == 107
+    real_stat, seen = os.stat, []
+
+    def stat_while_the_other_run_removes_a_folder(path, *args, **kwargs):
+        if not seen and str(path).endswith("chunk"):  # the first file read: the other top folder goes
+            seen.append(os.path.relpath(path, tmp_path).split(os.sep)[0])
+            shutil.rmtree(tmp_path / ("y" if seen[0] == "x" else "x"))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_while_the_other_run_removes_a_folder)
+    assert plan.written_bytes(tmp_path) == sizes[seen[0]]
