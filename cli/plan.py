@@ -7,7 +7,6 @@ the size is said up front, per encoding and view choice, from the processor's ru
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ from rich.table import Table
 
 from kvpipe.cli.common import console
 from kvpipe.errors import UsageError
+from kvpipe.store.fs import LocalLocation
 
 ENCODINGS = ("bfloat16", "int8", "int4", "pca")  # the plan's columns: lossless bf16 and the lossy ones
 GB = 1e9
@@ -132,20 +132,6 @@ def nearest_existing(path: str) -> Path:
     return p
 
 
-def written_bytes(root: Path) -> int:
-    """Bytes of the files under ``root``. Another run may be writing there (its staging folders
-    renamed or removed while this walks): what vanishes is not counted, instead of a traceback;
-    that run's lease then refuses this one in one line."""
-    total = 0
-    for folder, _, files in os.walk(root):  # os.walk skips a folder that vanished
-        for name in files:
-            try:
-                total += os.stat(os.path.join(folder, name)).st_size
-            except FileNotFoundError:
-                pass
-    return total
-
-
 def check_disk(cfg, views: str) -> None:
     """A one-line UsageError when --out's disk cannot hold the planned store (``--force`` skips)."""
     if cfg.force or "://" in cfg.out or "://" in (cfg.data_root or ""):
@@ -154,8 +140,8 @@ def check_disk(cfg, views: str) -> None:
     if need is None:
         return
     out = Path(cfg.out).expanduser()
-    if out.is_dir():  # a resumed store: what is already written counts
-        need -= written_bytes(out)
+    if out.is_dir():  # a resumed store: what is already written counts (another run may be writing it)
+        need -= LocalLocation(out).size()
     free = shutil.disk_usage(nearest_existing(cfg.out)).free
     if need > free:
         raise UsageError(f"--out {cfg.out}: the store needs about {need / GB:.1f} GB (kvpipe plan), the disk has "

@@ -145,7 +145,17 @@ class LocalLocation(Location):
         return zarr.storage.LocalStore(self.path(rel), read_only=read_only)
 
     def size(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        """Bytes of the files under the root. Another run may be writing there (its staging
+        folders renamed or removed during the walk): what vanishes is not counted, where a walk
+        that listed it first would raise FileNotFoundError."""
+        total = 0
+        for folder, _, names in os.walk(self.root):  # os.walk skips a folder that vanished
+            for name in names:
+                try:
+                    total += os.stat(os.path.join(folder, name)).st_size
+                except FileNotFoundError:
+                    pass
+        return total
 
 
 class ObjectLocation(Location):

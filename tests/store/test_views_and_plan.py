@@ -181,20 +181,21 @@ def test_extract_refuses_a_disk_too_small(tmp_path, monkeypatch):
     assert res.exit_code == 0 and "0 new parts, 1 already committed" in res.output, res.output
 
 
-def test_written_bytes_skips_what_another_run_removes_during_the_walk(tmp_path, monkeypatch):
-    """The disk check sums a resumed store's files while another run may be renaming or removing
-    its staging folders: a folder listed but gone before it is read is not counted (the other
-    run's lease then refuses this one in one line), where rglob raised FileNotFoundError."""
+def test_store_size_skips_what_another_run_removes_during_the_walk(tmp_path, monkeypatch):
+    """extract's disk check and `kvpipe info` sum a store's files while another run may be
+    renaming or removing its staging folders: a folder listed but gone before it is read is not
+    counted (the other run's lease then refuses this extraction in one line), where rglob raised
+    FileNotFoundError."""
     import os
     import shutil
 
-    from kvpipe.cli import plan
+    from kvpipe.store.fs import LocalLocation
 
     sizes = {"x": 100, "y": 7}
     for top, size in sizes.items():
         (tmp_path / top / "sub").mkdir(parents=True)
         (tmp_path / top / "sub" / "chunk").write_bytes(b"x" * size)
-    assert plan.written_bytes(tmp_path) == 107
+    assert LocalLocation(tmp_path).size() == 107
     real_stat, seen = os.stat, []
 
     def stat_while_the_other_run_removes_a_folder(path, *args, **kwargs):
@@ -204,4 +205,4 @@ def test_written_bytes_skips_what_another_run_removes_during_the_walk(tmp_path, 
         return real_stat(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "stat", stat_while_the_other_run_removes_a_folder)
-    assert plan.written_bytes(tmp_path) == sizes[seen[0]]
+    assert LocalLocation(tmp_path).size() == sizes[seen[0]]
